@@ -1,0 +1,87 @@
+"""daman: share Python objects through one bucket, with a size-capped local cache.
+
+>>> import daman as dm
+>>> dm.push(obj, "team/data/v1", meta={"source": "..."})
+>>> obj, meta = dm.pull("team/data/v1")
+"""
+
+from __future__ import annotations
+
+from .api import (
+    config_path,
+    configure,
+    current_config,
+    delete,
+    exists,
+    get_manager,
+    info,
+    ls,
+    pull,
+    push,
+    reset,
+    set_persist,
+    usage,
+)
+from .config import Config, format_size, parse_size
+from .errors import (
+    ConfigError,
+    CredentialsError,
+    DamanError,
+    DamanWarning,
+    DeserializationError,
+    IntegrityError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    KeyExistsError,
+    KeyNotFoundError,
+    NotCachedWarning,
+    NotConfiguredError,
+    OfflineWarning,
+    SerializationError,
+    StorageNotFoundError,
+    StoreUnavailableError,
+    VersionMismatchWarning,
+)
+from .manager import KeyListing, Manager, ObjectDetails, Usage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "CredentialsError",
+    "DamanError",
+    "DamanWarning",
+    "DeserializationError",
+    "IntegrityError",
+    "InvalidArgumentError",
+    "InvalidKeyError",
+    "KeyExistsError",
+    "KeyListing",
+    "KeyNotFoundError",
+    "Manager",
+    "NotCachedWarning",
+    "NotConfiguredError",
+    "ObjectDetails",
+    "OfflineWarning",
+    "SerializationError",
+    "StorageNotFoundError",
+    "StoreUnavailableError",
+    "Usage",
+    "VersionMismatchWarning",
+    "config_path",
+    "configure",
+    "current_config",
+    "delete",
+    "exists",
+    "format_size",
+    "get_manager",
+    "info",
+    "ls",
+    "parse_size",
+    "pull",
+    "push",
+    "reset",
+    "set_persist",
+    "usage",
+]

@@ -1,0 +1,143 @@
+"""Module-level functions (``dm.push``, ``dm.pull``, ...) on a default manager built from the
+saved configuration. ``dm.configure`` saves a configuration and rebuilds that manager."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from .config import Config, config_path, load_config, save_config
+from .errors import ConfigError, NotConfiguredError
+from .manager import KeyListing, Manager, ObjectDetails, Usage
+
+_default: Manager | None = None
+_lock = threading.Lock()
+_UNSET: Any = object()
+
+
+def get_manager() -> Manager:
+    """The default manager, built on first use from the saved configuration."""
+    global _default
+    with _lock:
+        if _default is None:
+            _default = Manager(load_config())
+        return _default
+
+
+def reset() -> None:
+    """Forget the default manager (the next call re-reads the configuration)."""
+    global _default
+    with _lock:
+        if _default is not None:
+            _default.close()
+        _default = None
+
+
+def configure(
+    storage_name: str = _UNSET,
+    service: str = _UNSET,
+    local_dir: str | Path | None = _UNSET,
+    allocated_space: int | str | None = _UNSET,
+    *,
+    check: bool = True,
+    **fields: Any,
+) -> Config:
+    """Save the configuration and use it from now on; fields not given keep their saved
+    value (or their default on first use). With ``check``, the store must be reachable.
+
+    ``service="local"`` makes the ``storage_name`` folder if it does not exist yet."""
+    given = {
+        name: value
+        for name, value in dict(
+            storage_name=storage_name,
+            service=service,
+            local_dir=local_dir,
+            allocated_space=allocated_space,
+            **fields,
+        ).items()
+        if value is not _UNSET
+    }
+    if isinstance(given.get("local_dir"), Path):
+        given["local_dir"] = str(given["local_dir"])
+    try:
+        base = load_config().to_dict()
+    except (NotConfiguredError, ConfigError):
+        base = {}
+    if "storage_name" not in given and "storage_name" not in base:
+        raise ConfigError(
+            "storage_name is required the first time: a bucket (service='aws') or a folder "
+            "(service='local')."
+        )
+    config = Config.from_dict({**base, **given})
+    if config.service == "local":
+        config = config.replace(storage_name=str(Path(config.storage_name).expanduser().absolute()))
+        if check:
+            Path(config.storage_name).mkdir(parents=True, exist_ok=True)
+    if check:
+        manager = Manager(config)
+        try:
+            manager.store.check()
+        finally:
+            manager.close()
+    save_config(config)
+    reset()
+    return config
+
+
+def current_config() -> Config:
+    return load_config()
+
+
+def push(obj: Any, key: str, meta: Any = None, force: bool = False, persist: bool = False) -> None:
+    """Store ``obj`` (and optional ``meta``) under ``key``; see :meth:`Manager.push`."""
+    get_manager().push(obj, key, meta=meta, force=force, persist=persist)
+
+
+def pull(
+    key: str, force: bool = False, persist: bool = False, memory_only: bool = False
+) -> tuple[Any, Any]:
+    """``obj, meta = dm.pull(key)``; see :meth:`Manager.pull`."""
+    return get_manager().pull(key, force=force, persist=persist, memory_only=memory_only)
+
+
+def delete(key: str, local: bool = True, remote: bool = False) -> None:
+    """Remove the cached copy and/or the stored object; see :meth:`Manager.delete`."""
+    get_manager().delete(key, local=local, remote=remote)
+
+
+def ls(prefix: str = "") -> list[KeyListing]:
+    return get_manager().ls(prefix)
+
+
+def info(key: str) -> ObjectDetails:
+    return get_manager().info(key)
+
+
+def exists(key: str) -> bool:
+    return get_manager().exists(key)
+
+
+def usage() -> Usage:
+    return get_manager().usage()
+
+
+def set_persist(key: str, persist: bool) -> None:
+    get_manager().set_persist(key, persist)
+
+
+__all__ = [
+    "config_path",
+    "configure",
+    "current_config",
+    "delete",
+    "exists",
+    "get_manager",
+    "info",
+    "ls",
+    "pull",
+    "push",
+    "reset",
+    "set_persist",
+    "usage",
+]

@@ -1,0 +1,178 @@
+"""Where daman keeps its settings, what they are, and how sizes are written.
+
+The configuration is one small JSON file, ``$DAMAN_HOME/config.json`` (``~/.daman`` unless
+``DAMAN_HOME`` says otherwise). It is written atomically and readable only by its owner,
+because it may later hold a signing secret.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError, NotConfiguredError
+
+SERVICES = ("aws", "local")
+Service = Literal["aws", "local"]
+CHECKSUM_MODES = ("when_supported", "when_required")
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+    "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def daman_home() -> Path:
+    """The folder holding daman's configuration (``DAMAN_HOME`` or ``~/.daman``)."""
+    return Path(os.environ.get("DAMAN_HOME") or Path.home() / ".daman").expanduser()
+
+
+def config_path() -> Path:
+    return daman_home() / "config.json"
+
+
+def parse_size(value: int | float | str | None) -> int | None:
+    """Bytes from ``1000``, ``"500MB"``, ``"2GiB"`` or ``"1.5GB"``; ``None``/``"none"`` = no limit."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(
+            f"invalid size {value!r}: give bytes or a size such as '500MB' or '2GiB'."
+        )
+    if isinstance(value, (int, float)):
+        if value < 0 or not math.isfinite(value):
+            raise ConfigError(f"invalid size {value!r}: a size must be a finite number >= 0.")
+        return int(value)
+    if isinstance(value, str):
+        if value.strip().lower() in ("none", "unlimited", "inf", ""):
+            return None
+        match = _SIZE.match(value)
+        if match and match.group(2).lower() in _UNITS:
+            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    raise ConfigError(
+        f"invalid size {value!r}: give bytes or a size such as '500MB', '2GiB' or '1.5GB'."
+    )
+
+
+def format_size(n: int | None) -> str:
+    """``1288490189`` -> ``'1.2 GiB'``; ``None`` -> ``'no limit'``."""
+    if n is None:
+        return "no limit"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a :class:`~daman.manager.Manager` needs to know.
+
+    ``storage_name`` is a bucket, optionally followed by ``/prefix`` (``service="aws"``), or a
+    folder (``service="local"``).
+    """
+
+    storage_name: str
+    service: Service = "local"
+    local_dir: str | None = None
+    allocated_space: int | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+    check_current: bool = True
+    """Ask the store (one HEAD) whether a cached copy is current before using it."""
+    checksums: str = "when_supported"
+    """boto3 request checksums; ``"when_required"`` for S3-compatible stores that reject them."""
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_attempts: int = 5
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.storage_name, str) or not self.storage_name.strip():
+            raise ConfigError("storage_name is required: a bucket name (aws) or a folder (local).")
+        if self.service not in SERVICES:
+            raise ConfigError(
+                f"unknown service {self.service!r}: choose one of {', '.join(SERVICES)}."
+            )
+        if self.checksums not in CHECKSUM_MODES:
+            raise ConfigError(
+                f"unknown checksums mode {self.checksums!r}: choose one of "
+                f"{', '.join(CHECKSUM_MODES)}."
+            )
+        object.__setattr__(self, "allocated_space", parse_size(self.allocated_space))
+        if self.connect_timeout <= 0 or self.read_timeout <= 0 or self.max_attempts < 1:
+            raise ConfigError("timeouts must be > 0 seconds and max_attempts >= 1.")
+
+    @property
+    def cache_dir(self) -> Path:
+        """The local cache folder (``local_dir``, default ``$DAMAN_HOME/data``)."""
+        if self.local_dir:
+            return Path(self.local_dir).expanduser().absolute()
+        return daman_home() / "data"
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown configuration field(s): {', '.join(unknown)}.")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a required field is missing
+            raise ConfigError(f"incomplete configuration: {exc}") from None
+
+
+def save_config(config: Config, path: Path | None = None) -> Path:
+    """Write ``config`` atomically, mode 0600, and return where it went."""
+    path = path or config_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_config(path: Path | None = None) -> Config:
+    """The saved configuration, or :class:`NotConfiguredError` saying how to make one."""
+    path = path or config_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NotConfiguredError(
+            f"daman is not configured ({path} does not exist). Run "
+            "`dm_configure --storage_name NAME --service {aws,local}` or call dm.configure(...)."
+        ) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not valid JSON ({exc}). Fix it or run dm_configure again."
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a configuration. Run dm_configure again.")
+    return Config.from_dict(data)

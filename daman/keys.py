@@ -1,0 +1,65 @@
+"""Key validation and the mapping from keys to names on disc.
+
+A key is a '/'-separated name such as ``team/dataset/v1``. It is used verbatim as the object
+name in the store (after the configured prefix) and, for the local-folder store, as a relative
+path. The local cache never uses a key as a path: it names files by a hash of the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from .errors import InvalidKeyError
+
+MAX_KEY_BYTES = 1024  # S3's limit on an object name
+MAX_SEGMENT_BYTES = 200  # leaves room under the usual 255-byte file-name limit
+_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\\]")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def validate_key(key: object) -> str:
+    """Return ``key`` unchanged if it is a safe key, else raise :class:`InvalidKeyError`."""
+    if not isinstance(key, str):
+        raise InvalidKeyError(key, f"a key must be a str, not {type(key).__name__}")
+    if not key:
+        raise InvalidKeyError(key, "a key cannot be empty")
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise InvalidKeyError(key, f"a key is at most {MAX_KEY_BYTES} bytes long")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidKeyError(key, "a key must be valid unicode text") from None
+    if _FORBIDDEN.search(key):
+        raise InvalidKeyError(key, "backslashes and control characters are not allowed")
+    if key.startswith("/"):
+        raise InvalidKeyError(key, "a key cannot start with '/'")
+    if _DRIVE.match(key):
+        raise InvalidKeyError(key, "a key cannot start with a drive letter")
+    for segment in key.split("/"):
+        if segment == "":
+            raise InvalidKeyError(key, "a key cannot contain empty parts ('//' or a trailing '/')")
+        if segment in (".", ".."):
+            raise InvalidKeyError(key, "'.' and '..' are not allowed as parts of a key")
+        if segment != segment.strip():
+            raise InvalidKeyError(key, "parts of a key cannot start or end with whitespace")
+        if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+            raise InvalidKeyError(
+                key, f"each '/'-part of a key is at most {MAX_SEGMENT_BYTES} bytes"
+            )
+    return key
+
+
+def validate_prefix(prefix: object) -> str:
+    """A listing prefix: empty, or a key-like string that may end with '/'."""
+    if prefix == "":
+        return ""
+    if not isinstance(prefix, str):
+        raise InvalidKeyError(prefix, f"a prefix must be a str, not {type(prefix).__name__}")
+    validate_key(prefix[:-1] if prefix.endswith("/") and len(prefix) > 1 else prefix)
+    return prefix
+
+
+def key_digest(key: str) -> str:
+    """A fixed-length, filesystem-safe name for ``key`` (hex sha256)."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()

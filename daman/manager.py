@@ -1,0 +1,430 @@
+"""The manager: push, pull, delete and friends, tying store, cache and serialization together.
+
+Every front-end (module functions, CLI, magics, panel) calls a :class:`Manager`; none of them
+holds logic of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import errno
+import threading
+import warnings
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from .cache import Cache, CacheEntry
+from .config import Config, format_size, load_config
+from .errors import (
+    DamanError,
+    IntegrityError,
+    InvalidArgumentError,
+    KeyNotFoundError,
+    NotCachedWarning,
+    OfflineWarning,
+    StoreUnavailableError,
+)
+from .keys import validate_key, validate_prefix
+from .serialize import (
+    TAIL_GUESS,
+    Footer,
+    dumps_meta,
+    file_reader,
+    footer_of,
+    load_meta,
+    load_object,
+    read_footer,
+    verify_file,
+    warn_if_versions_differ,
+    write_object,
+)
+from .store import ObjectInfo, Progress, Store, open_store
+
+PROGRESS_MIN_BYTES = 8 * 1024 * 1024
+_WRITE_BUFFER = 1024 * 1024
+
+
+class Remote(enum.Enum):
+    """What the store said about a key, when it was not an ETag."""
+
+    UNCHECKED = "unchecked"
+    UNREACHABLE = "unreachable"
+    MISSING = "missing"
+
+
+class PullAction(enum.Enum):
+    USE_CACHE = "use cache"
+    USE_CACHE_OFFLINE = "use cache, warn offline"
+    USE_CACHE_DELETED = "use cache, warn deleted from the store"
+    DOWNLOAD = "download"
+
+
+def decide_pull(*, cached_etag: str | None, remote: str | Remote, force: bool) -> PullAction:
+    """What a pull does, given the cached copy's ETag (None if not cached) and what the store
+    said: its ETag, or that it was not asked, not reachable, or has no such key."""
+    if force or cached_etag is None:
+        return PullAction.DOWNLOAD
+    if remote is Remote.UNCHECKED or remote == cached_etag:
+        return PullAction.USE_CACHE
+    if remote is Remote.UNREACHABLE:
+        return PullAction.USE_CACHE_OFFLINE
+    if remote is Remote.MISSING:
+        return PullAction.USE_CACHE_DELETED
+    return PullAction.DOWNLOAD
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyListing:
+    """One key as ``ls`` shows it."""
+
+    key: str
+    size: int
+    last_modified: datetime | None
+    cached: bool
+    persist: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectDetails:
+    """What ``info`` tells about a stored object without downloading it."""
+
+    key: str
+    size: int
+    etag: str
+    last_modified: datetime | None
+    sha256: str
+    pushed_by: str
+    pushed_at: str
+    python: str
+    cloudpickle: str
+    meta: Any
+    cached: bool
+    persist: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """Local disc use against the allocation."""
+
+    used: int
+    allocated: int | None
+    entries: list[CacheEntry]
+
+    @property
+    def free(self) -> int | None:
+        return None if self.allocated is None else max(0, self.allocated - self.used)
+
+    def __str__(self) -> str:
+        return (
+            f"{format_size(self.used)} used of {format_size(self.allocated)} "
+            f"({len(self.entries)} entries, {sum(e.persist for e in self.entries)} persisted)"
+        )
+
+
+@contextlib.contextmanager
+def _disc_errors(where: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DamanError(
+                f"no space left on the device holding {where}. Free some space, or lower "
+                "allocated_space / move local_dir with dm_configure."
+            ) from exc
+        raise
+
+
+class Manager:
+    """One store plus one local cache. Several managers may live in one process."""
+
+    def __init__(
+        self, config: Config, *, store: Store | None = None, cache: Cache | None = None
+    ) -> None:
+        self.config = config
+        self.store = store or open_store(config)
+        self.cache = cache or Cache(config.cache_dir, config.allocated_space)
+
+    @classmethod
+    def from_saved_config(cls) -> Manager:
+        return cls(load_config())
+
+    def close(self) -> None:
+        self.store.close()
+        self.cache.close()
+
+    def __enter__(self) -> Manager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _progress(self, total: int, desc: str) -> Iterator[Progress]:
+        if not self.config.progress or total < PROGRESS_MIN_BYTES:
+            yield lambda n: None
+            return
+        from tqdm.auto import tqdm
+
+        lock = threading.Lock()
+        with tqdm(
+            total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False
+        ) as bar:
+
+            def advance(n: int) -> None:
+                with lock:
+                    bar.update(n)
+
+            yield advance
+
+    def _keep(self, key: str, tmp: Path, etag: str, sha256: str, persist: bool, verb: str) -> None:
+        if self.cache.add(key, tmp, etag=etag, sha256=sha256, persist=persist) is None:
+            usage = self.cache.usage()
+            warnings.warn(
+                f"{key!r} ({format_size(tmp.stat().st_size)}) was {verb} but not kept in the "
+                f"local cache: it does not fit in allocated_space "
+                f"({format_size(usage.allocated)}, {format_size(usage.used)} used, persisted "
+                "entries cannot be evicted). Raise allocated_space or unpersist entries.",
+                NotCachedWarning,
+                stacklevel=3,
+            )
+
+    def _load(self, f: IO[bytes], footer: Footer, key: str) -> tuple[Any, Any]:
+        warn_if_versions_differ(footer, key)
+        obj = load_object(f, footer)
+        meta = load_meta(file_reader(f), footer)
+        return obj, meta
+
+    # -- the API -------------------------------------------------------------------------
+
+    def push(
+        self, obj: Any, key: str, meta: Any = None, force: bool = False, persist: bool = False
+    ) -> None:
+        """Store ``obj`` (and ``meta``) under ``key`` and keep it in the local cache.
+
+        Raises ``KeyExistsError`` if the key exists and ``force`` is false, also when another
+        machine creates it at the same moment; nothing is uploaded if pickling fails."""
+        validate_key(key)
+        meta_bytes = dumps_meta(meta)
+        tmp = self.cache.new_temp_path()
+        try:
+            with _disc_errors(self.cache.root):
+                with open(tmp, "xb", buffering=_WRITE_BUFFER) as f:
+                    footer = write_object(obj, meta_bytes, f)
+                size = tmp.stat().st_size
+            with self._progress(size, f"push {key}") as progress:
+                info = self.store.put(key, tmp, overwrite=force, progress=progress)
+            self._keep(key, tmp, info.etag, footer.sha256, persist, "pushed")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def pull(
+        self, key: str, force: bool = False, persist: bool = False, memory_only: bool = False
+    ) -> tuple[Any, Any]:
+        """``(obj, meta)`` for ``key``, from the local cache when it is there and current."""
+        validate_key(key)
+        if memory_only and persist:
+            raise InvalidArgumentError(
+                "persist=True pins a local copy; memory_only=True keeps none."
+            )
+        entry = None if force else self.cache.get(key)
+        remote: str | Remote = Remote.UNCHECKED
+        remote_info: ObjectInfo | None = None
+        offline_reason: Exception | None = None
+        if entry is not None and self.config.check_current:
+            try:
+                remote_info = self.store.head(key)
+                remote = remote_info.etag
+            except StoreUnavailableError as exc:
+                remote, offline_reason = Remote.UNREACHABLE, exc
+            except KeyNotFoundError:
+                remote = Remote.MISSING
+        action = decide_pull(cached_etag=entry and entry.etag, remote=remote, force=force)
+        if action is PullAction.USE_CACHE_OFFLINE:
+            warnings.warn(
+                f"the store is unreachable ({offline_reason}); using the cached copy of {key!r}, "
+                "which may be out of date.",
+                OfflineWarning,
+                stacklevel=2,
+            )
+        elif action is PullAction.USE_CACHE_DELETED:
+            warnings.warn(
+                f"{key!r} is no longer in the store; using the local cached copy. "
+                "Delete it with dm.delete(key) if it should be gone.",
+                OfflineWarning,
+                stacklevel=2,
+            )
+        if action is not PullAction.DOWNLOAD:
+            assert entry is not None
+            loaded = self._load_cached(entry, persist)
+            if loaded is not None:
+                return loaded
+        return self._download_and_load(key, entry, remote_info, force, persist, memory_only)
+
+    def _load_cached(self, entry: CacheEntry, persist: bool) -> tuple[Any, Any] | None:
+        """Load a cache hit; None if the file vanished (evicted meanwhile) or is damaged."""
+        try:
+            f = open(entry.path, "rb")  # noqa: SIM115 - closed below; the fd outlives an eviction
+        except FileNotFoundError:
+            return None
+        with f:
+            try:
+                footer = footer_of(f)
+            except IntegrityError:
+                self.cache.remove(entry.key)
+                return None
+            self.cache.touch(entry.key)
+            if persist and not entry.persist:
+                self.cache.set_persist(entry.key, True)
+            return self._load(f, footer, entry.key)
+
+    def _download_and_load(
+        self,
+        key: str,
+        stale: CacheEntry | None,
+        remote_info: ObjectInfo | None,
+        force: bool,
+        persist: bool,
+        memory_only: bool,
+    ) -> tuple[Any, Any]:
+        with self.cache.key_lock(key):  # one download of a key at a time on this machine
+            if not force:
+                fresh = self.cache.get(key)
+                if fresh is not None and fresh.etag != (stale and stale.etag):
+                    loaded = self._load_cached(fresh, persist)  # fetched while we waited
+                    if loaded is not None:
+                        return loaded
+            size = (remote_info or self.store.head(key)).size
+            tmp = self.cache.new_temp_path()
+            try:
+                for attempt in (1, 2):
+                    with (
+                        _disc_errors(self.cache.root),
+                        self._progress(size, f"pull {key}") as progress,
+                    ):
+                        info = self.store.get(key, tmp, progress=progress)
+                    with open(tmp, "rb") as f:
+                        try:
+                            footer = verify_file(f)
+                            break
+                        except IntegrityError:
+                            if attempt == 2:
+                                raise
+                with open(tmp, "rb") as f:
+                    keep = not memory_only or stale is not None
+                    if keep:
+                        self._keep(key, tmp, info.etag, footer.sha256, persist, "pulled")
+                    return self._load(f, footer, key)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    def delete(self, key: str, local: bool = True, remote: bool = False) -> None:
+        """Remove the cached copy (``local``) and/or the stored object (``remote``)."""
+        validate_key(key)
+        if not (local or remote):
+            raise InvalidArgumentError("nothing to delete: pass local=True and/or remote=True.")
+        found = False
+        if remote:
+            with contextlib.suppress(KeyNotFoundError):
+                self.store.delete(key)
+                found = True
+        if local:
+            found = self.cache.remove(key) or found
+        if not found:
+            where = " or ".join(
+                w for w, asked in (("the local cache", local), (self.store.describe(), remote))
+                if asked
+            )  # fmt: skip
+            raise KeyNotFoundError(key, where)
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` is in the store (one HEAD)."""
+        try:
+            self.store.head(key)
+        except KeyNotFoundError:
+            return False
+        return True
+
+    def info(self, key: str) -> ObjectDetails:
+        """Size, times, hash, writer and meta of ``key`` from one ranged read of its tail."""
+        validate_key(key)
+        try:
+            tail, remote = self.store.read_tail(key, TAIL_GUESS)
+
+            def read_at(offset: int, length: int) -> bytes:
+                return self.store.read_range(key, offset, length)
+
+            footer = read_footer(read_at, remote.size, tail)
+            meta = load_meta(read_at, footer, tail, remote.size)
+        except StoreUnavailableError as exc:
+            entry = self.cache.get(key)
+            if entry is None:
+                raise
+            warnings.warn(
+                f"the store is unreachable ({exc}); showing the cached copy of {key!r}.",
+                OfflineWarning,
+                stacklevel=2,
+            )
+            with open(entry.path, "rb") as f:
+                footer = footer_of(f)
+                meta = load_meta(file_reader(f), footer)
+            remote = ObjectInfo(key, entry.size, entry.etag, None)
+        states = self.cache.states([key])
+        return ObjectDetails(
+            key=key,
+            size=remote.size,
+            etag=remote.etag,
+            last_modified=remote.last_modified,
+            sha256=footer.sha256,
+            pushed_by=footer.pushed_by,
+            pushed_at=footer.pushed_at,
+            python=footer.python,
+            cloudpickle=footer.cloudpickle,
+            meta=meta,
+            cached=key in states,
+            persist=states.get(key, False),
+        )
+
+    def ls(self, prefix: str = "") -> list[KeyListing]:
+        """Keys in the store under ``prefix``, each with whether it is cached / persisted."""
+        validate_prefix(prefix)
+        listing: list[KeyListing] = []
+        page: list[ObjectInfo] = []
+
+        def flush() -> None:
+            states = self.cache.states([info.key for info in page])
+            listing.extend(
+                KeyListing(
+                    i.key, i.size, i.last_modified, i.key in states, states.get(i.key, False)
+                )
+                for i in page
+            )
+            page.clear()
+
+        for info in self.store.list(prefix):
+            page.append(info)
+            if len(page) == 1000:
+                flush()
+        flush()
+        return listing
+
+    def usage(self) -> Usage:
+        entries = self.cache.entries()
+        return Usage(
+            used=sum(e.size for e in entries),
+            allocated=self.cache.allocated_space,
+            entries=entries,
+        )
+
+    def set_persist(self, key: str, persist: bool) -> None:
+        """Pin (or unpin) a cached entry so that eviction leaves it alone."""
+        validate_key(key)
+        if not self.cache.set_persist(key, persist):
+            raise KeyNotFoundError(
+                key, "the local cache (pull it first, e.g. dm.pull(key, persist=True))"
+            )

@@ -1,0 +1,312 @@
+"""The one file format daman stores, in the bucket and in the cache alike.
+
+::
+
+    [pickle stream, protocol 5][pad][buffer 0][pad][buffer 1]...[pickled meta][footer][trailer]
+    footer  = UTF-8 JSON: format, writer's Python and cloudpickle versions, offsets and lengths
+              of the stream, each buffer and the meta, sha256 of every byte before the footer,
+              who pushed and when
+    trailer = 16 bytes: MAGIC + footer length (little-endian u64)
+
+Large buffers (numpy arrays, ``PickleBuffer``) are written out-of-band, each at an offset
+aligned to 64 bytes, so a reader can hand ``mmap`` slices of the file to ``pickle.loads``
+without copying. Everything needed by ``dm.info`` (meta, sizes, hash, who/when) sits at the
+end of the file, so one ranged read of the tail answers it without downloading the object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import hashlib
+import io
+import json
+import os
+import pickle
+import socket
+import struct
+import sys
+import warnings
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import IO, Any
+
+import cloudpickle
+
+from .errors import (
+    DeserializationError,
+    IntegrityError,
+    SerializationError,
+    VersionMismatchWarning,
+)
+
+FORMAT_VERSION = 1
+MAGIC = b"DAMAN\x00v1"
+TRAILER = struct.Struct("<8sQ")
+ALIGN = 64
+PROTOCOL = 5
+TAIL_GUESS = 64 * 1024  # one ranged read of this many bytes usually holds meta + footer
+_PAD = bytes(ALIGN)
+_HASH_CHUNK = 8 * 1024 * 1024
+
+ReadAt = Callable[[int, int], bytes]
+"""``read_at(offset, length) -> bytes``: how the reader reaches a file, local or remote."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Footer:
+    format: int
+    python: str
+    cloudpickle: str
+    stream: tuple[int, int]
+    buffers: tuple[tuple[int, int], ...]
+    meta: tuple[int, int]
+    payload_size: int
+    sha256: str
+    pushed_by: str
+    pushed_at: str
+
+    @property
+    def file_size(self) -> int:
+        return self.payload_size + len(self.encode()) + TRAILER.size
+
+    def encode(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode("utf-8")
+
+
+def _writer_identity() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name in some containers
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+class _HashingWriter:
+    """Counts and hashes every byte on its way to the file (no second copy in memory)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.pos = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._f.write(view)
+        self.sha.update(view)
+        self.pos += view.nbytes
+        return view.nbytes
+
+    def pad_to(self, align: int) -> None:
+        gap = -self.pos % align
+        if gap:
+            self.write(_PAD[:gap])
+
+
+def dumps_meta(meta: Any) -> bytes:
+    """Pickle meta up front, so an unpicklable meta fails before any work is done."""
+    try:
+        return cloudpickle.dumps(meta, protocol=PROTOCOL)
+    except Exception as exc:
+        raise SerializationError(
+            f"the meta cannot be pickled ({type(exc).__name__}: {exc}). "
+            "Pass plain data (dict, str, numbers) as meta."
+        ) from exc
+
+
+def write_object(obj: Any, meta_bytes: bytes, f: IO[bytes]) -> Footer:
+    """Write ``obj`` and pickled meta to the binary file ``f``; return the footer written."""
+    out = _HashingWriter(f)
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        cloudpickle.dump(obj, out, protocol=PROTOCOL, buffer_callback=buffers.append)
+    except Exception as exc:
+        raise SerializationError(
+            f"the object cannot be pickled ({type(exc).__name__}: {exc}). "
+            "daman stores what cloudpickle can pickle; convert or drop the offending part."
+        ) from exc
+    stream = (0, out.pos)
+    spans = []
+    for buf in buffers:
+        raw = buf.raw()
+        out.pad_to(ALIGN)
+        spans.append((out.pos, raw.nbytes))
+        out.write(raw)
+        raw.release()
+    buffers.clear()
+    meta_span = (out.pos, len(meta_bytes))
+    out.write(meta_bytes)
+    footer = Footer(
+        format=FORMAT_VERSION,
+        python=".".join(map(str, sys.version_info[:3])),
+        cloudpickle=cloudpickle.__version__,
+        stream=stream,
+        buffers=tuple(spans),
+        meta=meta_span,
+        payload_size=out.pos,
+        sha256=out.sha.hexdigest(),
+        pushed_by=_writer_identity(),
+        pushed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    encoded = footer.encode()
+    f.write(encoded)
+    f.write(TRAILER.pack(MAGIC, len(encoded)))
+    return footer
+
+
+def parse_footer(tail: bytes, file_size: int) -> Footer | int:
+    """The footer from the last bytes of a file, or how many tail bytes are needed for it."""
+    if file_size < TRAILER.size or len(tail) < TRAILER.size:
+        raise IntegrityError("not a daman object: the file is too short. Push it again.")
+    magic, footer_len = TRAILER.unpack(tail[-TRAILER.size :])
+    if magic != MAGIC:
+        raise IntegrityError("not a daman object (no daman trailer): it may be truncated.")
+    if footer_len + TRAILER.size > file_size:
+        raise IntegrityError("corrupt daman object: the footer length is out of range.")
+    if footer_len + TRAILER.size > len(tail):
+        return footer_len + TRAILER.size
+    raw = tail[-TRAILER.size - footer_len : -TRAILER.size]
+    try:
+        data = json.loads(raw)
+        footer = Footer(
+            **{
+                **data,
+                "stream": tuple(data["stream"]),
+                "buffers": tuple(tuple(b) for b in data["buffers"]),
+                "meta": tuple(data["meta"]),
+            }
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise IntegrityError(f"corrupt daman object: unreadable footer ({exc}).") from None
+    spans = [footer.stream, footer.meta, *footer.buffers]
+    if footer.payload_size + footer_len + TRAILER.size != file_size or any(
+        off < 0 or length < 0 or off + length > footer.payload_size for off, length in spans
+    ):
+        raise IntegrityError("corrupt daman object: the footer does not match the file size.")
+    if footer.format > FORMAT_VERSION:
+        raise DeserializationError(
+            f"this object uses daman format {footer.format}; upgrade daman to read it."
+        )
+    return footer
+
+
+def read_footer(read_at: ReadAt, file_size: int, tail: bytes = b"") -> Footer:
+    """Read the footer through ``read_at``, reusing ``tail`` (the file's last bytes) if given."""
+    if len(tail) < min(file_size, TRAILER.size):
+        tail = read_at(max(0, file_size - TAIL_GUESS), min(file_size, TAIL_GUESS))
+    parsed = parse_footer(tail, file_size)
+    if isinstance(parsed, int):
+        tail = read_at(file_size - parsed, parsed)
+        parsed = parse_footer(tail, file_size)
+        assert isinstance(parsed, Footer)
+    return parsed
+
+
+def file_reader(f: IO[bytes]) -> ReadAt:
+    fd = f.fileno()
+
+    def read_at(offset: int, length: int) -> bytes:
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise IntegrityError("the file is shorter than its footer says: it was truncated.")
+        return data
+
+    return read_at
+
+
+def footer_of(f: IO[bytes]) -> Footer:
+    return read_footer(file_reader(f), os.fstat(f.fileno()).st_size)
+
+
+def verify_file(f: IO[bytes], footer: Footer | None = None) -> Footer:
+    """Check the sha256 of everything before the footer; raise :class:`IntegrityError` if wrong."""
+    footer = footer or footer_of(f)
+    sha = hashlib.sha256()
+    fd, offset, remaining = f.fileno(), 0, footer.payload_size
+    while remaining:
+        chunk = os.pread(fd, min(_HASH_CHUNK, remaining), offset)
+        if not chunk:
+            break
+        sha.update(chunk)
+        offset += len(chunk)
+        remaining -= len(chunk)
+    if remaining or sha.hexdigest() != footer.sha256:
+        raise IntegrityError(
+            "checksum mismatch: the object's bytes differ from what was written "
+            "(corrupted in storage or in transit). Pull it again with force=True."
+        )
+    return footer
+
+
+def load_meta(read_at: ReadAt, footer: Footer, tail: bytes = b"", file_size: int = 0) -> Any:
+    """Unpickle the meta, taking its bytes from ``tail`` when they are already there."""
+    offset, length = footer.meta
+    tail_start = file_size - len(tail)
+    if tail and offset >= tail_start:
+        data = tail[offset - tail_start : offset - tail_start + length]
+    else:
+        data = read_at(offset, length)
+    return _unpickle(lambda: pickle.loads(data), footer)
+
+
+def load_object(f: IO[bytes], footer: Footer) -> Any:
+    """Unpickle the object from an open file, reading each out-of-band buffer into its own
+    writable bytearray (one copy from disc into the object, none more)."""
+    fd = f.fileno()
+    stream = os.pread(fd, footer.stream[1], footer.stream[0])
+    buffers = []
+    for offset, length in footer.buffers:
+        buf = bytearray(length)
+        got = os.preadv(fd, [buf], offset) if length else 0
+        if got != length:
+            raise IntegrityError("the file is shorter than its footer says: it was truncated.")
+        buffers.append(buf)
+    if len(stream) != footer.stream[1]:
+        raise IntegrityError("the file is shorter than its footer says: it was truncated.")
+    return _unpickle(lambda: pickle.loads(stream, buffers=buffers), footer)
+
+
+def version_problem(footer: Footer) -> str | None:
+    """A sentence describing a writer/reader version gap that can break loading, or None."""
+    here_py = ".".join(map(str, sys.version_info[:2]))
+    there_py = ".".join(footer.python.split(".")[:2])
+    here_cp = ".".join(cloudpickle.__version__.split(".")[:2])
+    there_cp = ".".join(footer.cloudpickle.split(".")[:2])
+    gaps = []
+    if here_py != there_py:
+        gaps.append(f"Python {footer.python} (here {sys.version.split()[0]})")
+    if here_cp != there_cp:
+        gaps.append(f"cloudpickle {footer.cloudpickle} (here {cloudpickle.__version__})")
+    if not gaps:
+        return None
+    return "written with " + " and ".join(gaps)
+
+
+def warn_if_versions_differ(footer: Footer, key: str) -> None:
+    problem = version_problem(footer)
+    if problem:
+        warnings.warn(
+            f"{key!r} was {problem}; functions and classes pickled by value may not load or "
+            "may behave differently. Match the writer's versions if loading fails.",
+            VersionMismatchWarning,
+            stacklevel=3,
+        )
+
+
+def _unpickle(load: Callable[[], Any], footer: Footer) -> Any:
+    try:
+        return load()
+    except Exception as exc:
+        problem = version_problem(footer)
+        hint = f" It was {problem}." if problem else ""
+        raise DeserializationError(
+            f"the object could not be unpickled ({type(exc).__name__}: {exc}).{hint} "
+            "Install the modules it needs in the versions that wrote it."
+        ) from exc
+
+
+def dump_to_bytes(obj: Any, meta: Any = None) -> bytes:
+    """Whole object file in memory (small objects and tests)."""
+    buf = io.BytesIO()
+    write_object(obj, dumps_meta(meta), buf)
+    return buf.getvalue()

@@ -1,0 +1,18 @@
+"""Store backends: where objects are shared. ``open_store`` picks one from a configuration."""
+
+from __future__ import annotations
+
+from ..config import Config
+from .base import ObjectInfo, Progress, Store
+
+__all__ = ["ObjectInfo", "Progress", "Store", "open_store"]
+
+
+def open_store(config: Config) -> Store:
+    if config.service == "local":
+        from .local import LocalStore
+
+        return LocalStore(config.storage_name)
+    from .s3 import S3Store
+
+    return S3Store.from_config(config)

@@ -1,0 +1,78 @@
+"""The small interface every store backend implements.
+
+A store holds whole daman object files under keys. It never sees Python objects: the manager
+hands it finished files and asks for files back, so a backend is only about moving bytes
+safely. Both backends promise the same things:
+
+- ``put(..., overwrite=False)`` creates the key atomically or raises ``KeyExistsError``,
+  even when another machine creates it at the same moment;
+- a reader never sees a partly written object;
+- expected failures surface as daman errors, never as backend tracebacks.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+Progress = Callable[[int], object]
+"""Called with a number of bytes just transferred."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    """Changes whenever the stored bytes change; compared, never interpreted."""
+    last_modified: datetime | None = None
+
+
+def _no_progress(_: int) -> None:
+    return None
+
+
+class Store(abc.ABC):
+    """Where objects are shared. ``describe()`` names it in messages."""
+
+    @abc.abstractmethod
+    def describe(self) -> str: ...
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raise a daman error unless the store is reachable and usable."""
+
+    @abc.abstractmethod
+    def head(self, key: str) -> ObjectInfo:
+        """Size and version of ``key``; ``KeyNotFoundError`` if absent."""
+
+    @abc.abstractmethod
+    def put(
+        self, key: str, path: Path, *, overwrite: bool, progress: Progress = _no_progress
+    ) -> ObjectInfo:
+        """Store the file at ``path`` under ``key``."""
+
+    @abc.abstractmethod
+    def get(self, key: str, dest: Path, *, progress: Progress = _no_progress) -> ObjectInfo:
+        """Write the object's bytes to ``dest`` (a new file) and say which version they are."""
+
+    @abc.abstractmethod
+    def read_tail(self, key: str, length: int) -> tuple[bytes, ObjectInfo]:
+        """The last ``length`` bytes (or fewer, for a smaller object) and the object's info."""
+
+    @abc.abstractmethod
+    def read_range(self, key: str, offset: int, length: int) -> bytes: ...
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; ``KeyNotFoundError`` if absent."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every key starting with ``prefix``, in lexicographic order."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

@@ -1,0 +1,163 @@
+"""A folder as the store: try daman with no cloud account, or share through a network drive.
+
+Layout: the object for key ``team/data/v1`` is the file ``<root>/team/data/v1.daman``. The
+suffix keeps file names and folder names apart, so ``a`` and ``a/b`` can both be keys.
+
+New keys are created with ``os.link(tmp, final)``, which fails if the name already exists:
+atomic on local filesystems and the classic safe create on NFS, so of two concurrent pushes
+exactly one wins. Overwrites use ``os.replace``. Readers therefore only ever see whole files.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import InvalidKeyError, KeyExistsError, KeyNotFoundError, StorageNotFoundError
+from ..keys import validate_key, validate_prefix
+from .base import ObjectInfo, Progress, Store, _no_progress
+
+SUFFIX = ".daman"
+_CHUNK = 8 * 1024 * 1024
+
+
+def _info(key: str, st: os.stat_result) -> ObjectInfo:
+    # Inode + mtime + size change on every replace; good enough to tell versions apart.
+    etag = f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
+    modified = datetime.fromtimestamp(st.st_mtime, tz=timezone.utc)
+    return ObjectInfo(key=key, size=st.st_size, etag=etag, last_modified=modified)
+
+
+def _copy(src, dst, progress: Progress) -> None:
+    while chunk := src.read(_CHUNK):
+        dst.write(chunk)
+        progress(len(chunk))
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().absolute()
+
+    def describe(self) -> str:
+        return f"local folder {self.root}"
+
+    def _require_root(self) -> None:
+        if not self.root.is_dir():
+            raise StorageNotFoundError(
+                f"the store folder {self.root} does not exist. Create it, or run "
+                "`dm_configure --service local --storage_name FOLDER` with an existing folder."
+            )
+
+    def _path(self, key: str) -> Path:
+        validate_key(key)
+        parts = key.split("/")
+        if any(part.endswith(SUFFIX) for part in parts[:-1]):
+            raise InvalidKeyError(key, f"in a local store only the last part may end in {SUFFIX!r}")
+        return self.root.joinpath(*parts[:-1], parts[-1] + SUFFIX)
+
+    def _open(self, key: str):
+        path = self._path(key)
+        try:
+            return open(path, "rb")
+        except (FileNotFoundError, NotADirectoryError):
+            self._require_root()
+            raise KeyNotFoundError(key, self.describe()) from None
+
+    def check(self) -> None:
+        self._require_root()
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageNotFoundError(f"the store folder {self.root} is not writable by you.")
+
+    def head(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        try:
+            return _info(key, path.stat())
+        except (FileNotFoundError, NotADirectoryError):
+            self._require_root()
+            raise KeyNotFoundError(key, self.describe()) from None
+
+    def put(
+        self, key: str, path: Path, *, overwrite: bool, progress: Progress = _no_progress
+    ) -> ObjectInfo:
+        dest = self._path(key)
+        self._require_root()
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.incomplete")
+        for attempt in range(3):  # a concurrent delete may prune the folder we just made
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                out = open(tmp, "xb")
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        try:
+            with out, open(path, "rb") as src:
+                _copy(src, out, progress)
+                out.flush()
+                os.fsync(out.fileno())
+            if overwrite:
+                os.replace(tmp, dest)
+            else:
+                try:
+                    os.link(tmp, dest)
+                except FileExistsError:
+                    raise KeyExistsError(key) from None
+            return _info(key, dest.stat())
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def get(self, key: str, dest: Path, *, progress: Progress = _no_progress) -> ObjectInfo:
+        # The open file keeps its version even if the key is replaced while we copy.
+        with self._open(key) as src, open(dest, "wb") as out:
+            info = _info(key, os.fstat(src.fileno()))
+            _copy(src, out, progress)
+        return info
+
+    def read_tail(self, key: str, length: int) -> tuple[bytes, ObjectInfo]:
+        with self._open(key) as f:
+            info = _info(key, os.fstat(f.fileno()))
+            start = max(0, info.size - length)
+            return os.pread(f.fileno(), info.size - start, start), info
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        with self._open(key) as f:
+            return os.pread(f.fileno(), length, offset)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            self._require_root()
+            raise KeyNotFoundError(key, self.describe()) from None
+        parent = path.parent
+        while parent != self.root:  # prune folders the key left empty
+            try:
+                parent.rmdir()
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    break
+                raise
+            parent = parent.parent
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        validate_prefix(prefix)
+        self._require_root()
+        base = self.root.joinpath(*prefix.split("/")[:-1]) if "/" in prefix else self.root
+        found = []
+        for folder, _dirs, files in os.walk(base):
+            rel = Path(folder).relative_to(self.root).as_posix()
+            for name in files:
+                if not name.endswith(SUFFIX) or name.endswith(".incomplete"):
+                    continue
+                key = (name if rel == "." else f"{rel}/{name}")[: -len(SUFFIX)]
+                if key.startswith(prefix):
+                    try:
+                        found.append(_info(key, os.stat(os.path.join(folder, name))))
+                    except FileNotFoundError:  # deleted while we listed
+                        continue
+        return iter(sorted(found, key=lambda info: info.key))

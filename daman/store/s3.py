@@ -1,0 +1,375 @@
+"""S3 (and S3-compatible: MinIO, Ceph, R2, ...) as the store, through boto3.
+
+Credentials, region, profile and ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` come from the
+standard AWS configuration; ``endpoint_url`` in daman's configuration overrides the endpoint.
+
+Writes of new keys are conditional (``IfNoneMatch="*"``), for single uploads and for our own
+parallel multipart uploads alike (boto3's managed transfer cannot send the condition), so of
+two machines pushing the same new key at once exactly one wins. Large downloads fetch ranges
+in parallel, each pinned to the first response's ETag (``IfMatch``), so a download never
+mixes two versions of an object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    EndpointConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+
+from ..config import Config
+from ..errors import (
+    CredentialsError,
+    DamanError,
+    KeyExistsError,
+    KeyNotFoundError,
+    StorageNotFoundError,
+    StoreUnavailableError,
+)
+from ..keys import validate_key, validate_prefix
+from .base import ObjectInfo, Progress, Store, _no_progress
+
+MULTIPART_THRESHOLD = 8 * 1024 * 1024
+MIN_PART_SIZE = 8 * 1024 * 1024
+MAX_PARTS = 10_000
+TRANSFER_THREADS = 8
+_STREAM_CHUNK = 1024 * 1024
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+_CREDENTIAL_CODES = {
+    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+    "InvalidToken", "TokenRefreshRequired", "403", "AllAccessDisabled",
+}  # fmt: skip
+_TRANSIENT_READ_ERRORS = (
+    IncompleteReadError,
+    ReadTimeoutError,
+    ConnectionClosedError,
+    ResponseStreamingError,
+)
+
+
+class ObjectChangedError(DamanError):
+    """The object was replaced while we read it in parts; the download restarts."""
+
+
+def part_size_for(size: int) -> int:
+    """Parts of at least 8 MiB, few enough for S3's 10,000-part limit, in whole MiB."""
+    mib = 1024 * 1024
+    return max(MIN_PART_SIZE, math.ceil(size / MAX_PARTS / mib) * mib)
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+class S3Store(Store):
+    def __init__(self, client: Any, storage_name: str, max_attempts: int = 5) -> None:
+        bucket, _, prefix = storage_name.strip("/").partition("/")
+        self.client = client
+        self.bucket = bucket
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.max_attempts = max_attempts
+
+    @classmethod
+    def from_config(cls, config: Config) -> S3Store:
+        boto_config = BotoConfig(
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            retries={"max_attempts": config.max_attempts, "mode": "standard"},
+            max_pool_connections=TRANSFER_THREADS * 2,
+            request_checksum_calculation=config.checksums,
+            response_checksum_validation="when_required",
+        )
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=config.endpoint_url or None,
+            region_name=config.region or None,
+            config=boto_config,
+        )
+        return cls(client, config.storage_name, config.max_attempts)
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def _name(self, key: str) -> str:
+        return self.prefix + validate_key(key)
+
+    # -- errors --------------------------------------------------------------------------
+
+    def _translate(self, exc: Exception, key: str | None) -> DamanError:
+        where = self.describe()
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return CredentialsError(
+                "no AWS credentials found. Run `dm_aws --access_key_id ID "
+                "--secret_access_key SECRET`, or set AWS_PROFILE / AWS_ACCESS_KEY_ID."
+            )
+        if isinstance(exc, ClientError):
+            code = _error_code(exc)
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            message = exc.response.get("Error", {}).get("Message", "") or code
+            if code == "NoSuchBucket":
+                return StorageNotFoundError(
+                    f"the bucket {self.bucket!r} does not exist (or is not visible with these "
+                    "credentials). Create it, or run `dm_configure --storage_name BUCKET "
+                    "--service aws` with an existing bucket."
+                )
+            if code in ("NoSuchKey", "404", "NotFound") and key is not None:
+                return KeyNotFoundError(key, where)
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict") and key:
+                return KeyExistsError(key)
+            if code in _CREDENTIAL_CODES or status == 403:
+                return CredentialsError(
+                    f"{where} refused the request ({code}: {message}). Check the credentials "
+                    "with `dm_aws` and that they may read and write this bucket."
+                )
+            if status is not None and status >= 500:
+                return StoreUnavailableError(
+                    f"{where} kept failing ({code}: {message}) after {self.max_attempts} "
+                    "attempts. Try again later."
+                )
+            return DamanError(f"{where} refused the request ({code}: {message}).")
+        if isinstance(exc, (EndpointConnectionError, HTTPClientError, *_TRANSIENT_READ_ERRORS)):
+            return StoreUnavailableError(
+                f"cannot reach {where} ({exc}). Check the network and the endpoint; a cached "
+                "copy is still used by pull when there is one."
+            )
+        if isinstance(exc, BotoCoreError):
+            return DamanError(f"{where}: {exc}")
+        raise exc
+
+    @contextlib.contextmanager
+    def _errors(self, key: str | None = None) -> Iterator[None]:
+        try:
+            yield
+        except (ClientError, BotoCoreError) as exc:
+            error = self._translate(exc, key)
+            if isinstance(error, KeyNotFoundError):
+                self._raise_if_bucket_missing()
+            raise error from None
+
+    def _raise_if_bucket_missing(self) -> None:
+        # A HEAD of a missing key and of a key in a missing bucket both answer a bare 404.
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if _error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
+                raise StorageNotFoundError(
+                    f"the bucket {self.bucket!r} does not exist. Create it, or run "
+                    "`dm_configure --storage_name BUCKET --service aws` with an existing bucket."
+                ) from None
+        except BotoCoreError:
+            pass
+
+    # -- Store interface -----------------------------------------------------------------
+
+    def check(self) -> None:
+        with self._errors():
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if _error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
+                    self._raise_if_bucket_missing()
+                raise
+
+    def head(self, key: str) -> ObjectInfo:
+        with self._errors(key):
+            r = self.client.head_object(Bucket=self.bucket, Key=self._name(key))
+        return ObjectInfo(key, r["ContentLength"], r["ETag"], r.get("LastModified"))
+
+    def put(
+        self, key: str, path: Path, *, overwrite: bool, progress: Progress = _no_progress
+    ) -> ObjectInfo:
+        name = self._name(key)
+        size = os.path.getsize(path)
+        condition = {} if overwrite else {"IfNoneMatch": "*"}
+        if size <= MULTIPART_THRESHOLD:
+            with self._errors(key), open(path, "rb") as body:
+                r = self.client.put_object(Bucket=self.bucket, Key=name, Body=body, **condition)
+            progress(size)
+            return ObjectInfo(key, size, r["ETag"])
+        if not overwrite:  # fail before sending gigabytes; the condition below settles races
+            with contextlib.suppress(KeyNotFoundError):
+                self.head(key)
+                raise KeyExistsError(key)
+        return self._put_multipart(key, name, path, size, condition, progress)
+
+    def _put_multipart(
+        self,
+        key: str,
+        name: str,
+        path: Path,
+        size: int,
+        condition: dict[str, str],
+        progress: Progress,
+    ) -> ObjectInfo:
+        part = part_size_for(size)
+        with self._errors(key):
+            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=name)[
+                "UploadId"
+            ]
+        completed = False
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+
+                def send(number: int) -> dict[str, Any]:
+                    offset = (number - 1) * part
+                    body = os.pread(fd, min(part, size - offset), offset)
+                    with self._errors(key):
+                        r = self.client.upload_part(
+                            Bucket=self.bucket,
+                            Key=name,
+                            UploadId=upload_id,
+                            PartNumber=number,
+                            Body=body,
+                        )
+                    progress(len(body))
+                    return {"PartNumber": number, "ETag": r["ETag"]}
+
+                with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
+                    parts = list(pool.map(send, range(1, math.ceil(size / part) + 1)))
+            finally:
+                os.close(fd)
+            with self._errors(key):
+                r = self.client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=name,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                    **condition,
+                )
+            completed = True
+            return ObjectInfo(key, size, r["ETag"])
+        finally:
+            if not completed:  # never leave a half-upload behind (it costs money on S3)
+                with contextlib.suppress(ClientError, BotoCoreError):
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=name, UploadId=upload_id
+                    )
+
+    def _get_range(
+        self, key: str, start: int, end: int | None, etag: str | None
+    ) -> tuple[dict[str, Any], Iterator[bytes]]:
+        """GET bytes ``start..end`` (inclusive; ``end=None``: ``start`` is a suffix length)."""
+        byte_range = f"bytes=-{start}" if end is None else f"bytes={start}-{end}"
+        extra = {"IfMatch": etag} if etag else {}
+        try:
+            with self._errors(key):
+                r = self.client.get_object(
+                    Bucket=self.bucket, Key=self._name(key), Range=byte_range, **extra
+                )
+        except KeyExistsError:  # 412 on a read: the IfMatch failed
+            raise ObjectChangedError(f"{key!r} changed while it was being read") from None
+        return r, r["Body"].iter_chunks(_STREAM_CHUNK)
+
+    def _fetch_part(
+        self, key: str, fd: int, start: int, end: int, etag: str, progress: Progress
+    ) -> None:
+        """Fetch one range into ``fd``, retrying a stream that breaks mid-body."""
+        for attempt in range(1, self.max_attempts + 1):
+            offset = start
+            try:
+                _, chunks = self._get_range(key, start, end, etag)
+                with self._errors(key):
+                    for chunk in chunks:
+                        os.pwrite(fd, chunk, offset)
+                        offset += len(chunk)
+                if offset != end + 1:
+                    raise StoreUnavailableError(f"short read of {key!r} from {self.describe()}")
+                progress(offset - start)
+                return
+            except StoreUnavailableError:
+                if attempt == self.max_attempts:
+                    raise
+                time.sleep(min(2.0, 0.1 * 2**attempt) * random.random())
+
+    def get(self, key: str, dest: Path, *, progress: Progress = _no_progress) -> ObjectInfo:
+        for attempt in range(3):
+            try:
+                return self._get_once(key, dest, progress)
+            except ObjectChangedError:
+                if attempt == 2:
+                    raise StoreUnavailableError(
+                        f"{key!r} kept changing while it was downloaded. Try again."
+                    ) from None
+        raise AssertionError("unreachable")
+
+    def _get_once(self, key: str, dest: Path, progress: Progress) -> ObjectInfo:
+        first_end = MULTIPART_THRESHOLD - 1
+        r, chunks = self._get_range(key, 0, first_end, None)
+        total = int(_CONTENT_RANGE.match(r["ContentRange"]).group(3))  # type: ignore[union-attr]
+        info = ObjectInfo(key, total, r["ETag"], r.get("LastModified"))
+        with open(dest, "wb") as out:
+            fd = out.fileno()
+            offset = 0
+            with contextlib.suppress(StoreUnavailableError), self._errors(key):
+                for chunk in chunks:
+                    out.write(chunk)
+                    offset += len(chunk)
+            out.flush()
+            if offset != min(total, first_end + 1):
+                # The first stream broke: fetch the head range again with retries.
+                self._fetch_part(key, fd, 0, min(total, first_end + 1) - 1, info.etag, progress)
+            else:
+                progress(offset)
+            if total > first_end + 1:
+                part = part_size_for(total)
+                ranges = [(s, min(s + part, total) - 1) for s in range(first_end + 1, total, part)]
+                with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
+                    futures = [
+                        pool.submit(self._fetch_part, key, fd, s, e, info.etag, progress)
+                        for s, e in ranges
+                    ]
+                    for future in futures:
+                        future.result()
+        return info
+
+    def read_tail(self, key: str, length: int) -> tuple[bytes, ObjectInfo]:
+        r, chunks = self._get_range(key, length, None, None)
+        with self._errors(key):
+            data = b"".join(chunks)
+        match = _CONTENT_RANGE.match(r.get("ContentRange", ""))
+        total = int(match.group(3)) if match else len(data)
+        return data, ObjectInfo(key, total, r["ETag"], r.get("LastModified"))
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        _, chunks = self._get_range(key, offset, offset + length - 1, None)
+        with self._errors(key):
+            return b"".join(chunks)
+
+    def delete(self, key: str) -> None:
+        self.head(key)  # S3 deletes of missing keys succeed silently; we must say so
+        with self._errors(key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._name(key))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        validate_prefix(prefix)
+        paginator = self.client.get_paginator("list_objects_v2")
+        with self._errors():
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for item in page.get("Contents", []):
+                    key = item["Key"][len(self.prefix) :]
+                    yield ObjectInfo(key, item["Size"], item["ETag"], item.get("LastModified"))
+
+    def close(self) -> None:
+        self.client.close()

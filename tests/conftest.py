@@ -1,0 +1,145 @@
+"""Fixtures: one real resource each.
+
+- ``s3_endpoint``: moto's S3 server on 127.0.0.1 (port 0) for the whole session, its requests
+  serialised (moto checks conditional writes without a lock; real S3 is atomic). Set
+  ``DAMAN_TEST_S3_ENDPOINT`` (plus ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` and
+  optionally ``DAMAN_TEST_S3_BUCKET``) to run every test against another S3-compatible
+  endpoint instead.
+- ``daman_home``: ``DAMAN_HOME``, ``HOME`` and the AWS config files point into a temp folder,
+  so no test touches the real ``~/.daman`` or ``~/.aws``.
+- ``config`` / ``manager``: parametrised over both backends (``local`` and ``s3``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+
+import daman
+from daman import Config, Manager
+
+TEST_ENDPOINT = os.environ.get("DAMAN_TEST_S3_ENDPOINT")
+TEST_BUCKET = os.environ.get("DAMAN_TEST_S3_BUCKET")
+
+
+class _SerializedApp:
+    """WSGI middleware: one request at a time, making moto's check-then-store atomic."""
+
+    def __init__(self, app: object) -> None:
+        self.app = app
+        self.lock = threading.Lock()
+
+    def __call__(self, environ: dict, start_response: object) -> object:
+        with self.lock:
+            # Drain the body inside the lock so the response is complete before the next one.
+            return list(self.app(environ, start_response))  # type: ignore[operator]
+
+
+def _start_moto() -> tuple[object, str]:
+    from moto.moto_server import threaded_moto_server as tms
+    from werkzeug.serving import make_server
+
+    class LockedMotoServer(tms.ThreadedMotoServer):
+        def _server_entry(self) -> None:
+            app = _SerializedApp(tms.DomainDispatcherApplication(tms.create_backend_app))
+            self._server = make_server(
+                self._ip_address, self._port, app, True, request_handler=tms.MotoRequestHandler
+            )
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    server = LockedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    return server, f"http://{host}:{port}"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    if TEST_ENDPOINT:
+        yield TEST_ENDPOINT
+        return
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    server, url = _start_moto()
+    try:
+        yield url
+    finally:
+        server.stop()  # type: ignore[attr-defined]
+
+
+def s3_client(endpoint: str):  # noqa: ANN201 - a boto3 client, for test set-up only
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> str:
+    """A fresh bucket per test (or a fresh prefix in the given bucket on a real endpoint)."""
+    if TEST_BUCKET:
+        return f"{TEST_BUCKET}/daman-test-{uuid.uuid4().hex[:10]}"
+    name = f"daman-test-{uuid.uuid4().hex[:12]}"
+    s3_client(s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(autouse=True)
+def daman_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("DAMAN_HOME", str(home / ".daman"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / ".aws" / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(home / ".aws" / "config"))
+    daman.reset()
+    yield home / ".daman"
+    daman.reset()
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, backend: str, request: pytest.FixtureRequest):  # noqa: ANN201
+    """Build a Config on the parametrised backend; keyword arguments override fields."""
+
+    def make(**fields: object) -> Config:
+        if backend == "s3":
+            endpoint = request.getfixturevalue("s3_endpoint")
+            base = dict(
+                service="aws",
+                storage_name=request.getfixturevalue("bucket"),
+                endpoint_url=endpoint,
+                region="us-east-1",
+                connect_timeout=5,
+                read_timeout=30,
+                max_attempts=3,
+            )
+        else:
+            store = tmp_path / "store"
+            store.mkdir(exist_ok=True)
+            base = dict(service="local", storage_name=str(store))
+        base.update(local_dir=str(tmp_path / "cache"), progress=False)
+        base.update(fields)
+        return Config(**base)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def config(make_config) -> Config:  # noqa: ANN001
+    return make_config()
+
+
+@pytest.fixture
+def manager(config: Config) -> Iterator[Manager]:
+    with Manager(config) as m:
+        yield m
