@@ -40,7 +40,7 @@ def config_path() -> Path:
 
 
 def parse_size(value: int | float | str | None) -> int | None:
-    """Bytes from ``1000``, ``"500MB"``, ``"2GiB"`` or ``"1.5GB"``; ``None``/``"none"`` = no limit."""
+    """Bytes from ``1000``, ``"500MB"``, ``"2GiB"`` or ``"1.5GB"``; None or "none": no limit."""
     if value is None:
         return None
     if isinstance(value, bool):

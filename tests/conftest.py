@@ -75,7 +75,7 @@ def s3_endpoint() -> Iterator[str]:
         server.stop()  # type: ignore[attr-defined]
 
 
-def s3_client(endpoint: str):  # noqa: ANN201 - a boto3 client, for test set-up only
+def s3_client(endpoint: str):
     return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
 
 
@@ -108,7 +108,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def make_config(tmp_path: Path, backend: str, request: pytest.FixtureRequest):  # noqa: ANN201
+def make_config(tmp_path: Path, backend: str, request: pytest.FixtureRequest):
     """Build a Config on the parametrised backend; keyword arguments override fields."""
 
     def make(**fields: object) -> Config:
@@ -135,7 +135,7 @@ def make_config(tmp_path: Path, backend: str, request: pytest.FixtureRequest):  
 
 
 @pytest.fixture
-def config(make_config) -> Config:  # noqa: ANN001
+def config(make_config) -> Config:
     return make_config()
 
 

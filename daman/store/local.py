@@ -89,7 +89,7 @@ class LocalStore(Store):
         for attempt in range(3):  # a concurrent delete may prune the folder we just made
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
-                out = open(tmp, "xb")
+                out = open(tmp, "xb")  # noqa: SIM115 - closed by the with-block below
                 break
             except FileNotFoundError:
                 if attempt == 2:

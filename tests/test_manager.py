@@ -1,0 +1,491 @@
+"""The manager's promises, on both backends (local folder and S3 over HTTP to moto)."""
+
+from __future__ import annotations
+
+import collections
+import socket
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import daman.serialize as ser
+from daman import (
+    Config,
+    DamanError,
+    IntegrityError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    KeyExistsError,
+    KeyNotFoundError,
+    Manager,
+    NotCachedWarning,
+    OfflineWarning,
+    SerializationError,
+    StoreUnavailableError,
+    VersionMismatchWarning,
+)
+from daman.manager import PullAction, Remote, decide_pull
+from daman.store import Store, open_store
+
+
+class CountingStore(Store):
+    """A real store, with every call counted (to prove what an operation asks the store)."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def _call(self, name: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        self.calls[name] += 1
+        return getattr(self.inner, name)(*args, **kwargs)
+
+    def describe(self):  # noqa: ANN201
+        return self.inner.describe()
+
+    def check(self):  # noqa: ANN201
+        return self._call("check")
+
+    def head(self, key):  # noqa: ANN001, ANN201
+        return self._call("head", key)
+
+    def put(self, key, path, **kw):  # noqa: ANN001, ANN003, ANN201
+        return self._call("put", key, path, **kw)
+
+    def get(self, key, dest, **kw):  # noqa: ANN001, ANN003, ANN201
+        return self._call("get", key, dest, **kw)
+
+    def read_tail(self, key, length):  # noqa: ANN001, ANN201
+        return self._call("read_tail", key, length)
+
+    def read_range(self, key, offset, length):  # noqa: ANN001, ANN201
+        return self._call("read_range", key, offset, length)
+
+    def delete(self, key):  # noqa: ANN001, ANN201
+        return self._call("delete", key)
+
+    def list(self, prefix=""):  # noqa: ANN001, ANN201
+        return self._call("list", prefix)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.fixture
+def counting(config: Config):  # noqa: ANN201
+    store = CountingStore(open_store(config))
+    with Manager(config, store=store) as m:
+        yield m, store
+
+
+def other_machine(config: Config, tmp_path: Path, name: str = "other", **fields) -> Manager:  # noqa: ANN003
+    """A second manager on the same store with its own local cache."""
+    return Manager(config.replace(local_dir=str(tmp_path / name), **fields))
+
+
+def temp_files(manager: Manager) -> list[Path]:
+    return list(manager.cache.tmp_dir.iterdir())
+
+
+# -- the pull decision -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cached_etag", "remote", "force", "action"),
+    [
+        (None, Remote.UNCHECKED, False, PullAction.DOWNLOAD),
+        (None, Remote.UNCHECKED, True, PullAction.DOWNLOAD),
+        ("e1", Remote.UNCHECKED, False, PullAction.USE_CACHE),
+        ("e1", "e1", False, PullAction.USE_CACHE),
+        ("e1", "e2", False, PullAction.DOWNLOAD),
+        ("e1", "e1", True, PullAction.DOWNLOAD),
+        ("e1", Remote.UNREACHABLE, False, PullAction.USE_CACHE_OFFLINE),
+        ("e1", Remote.MISSING, False, PullAction.USE_CACHE_DELETED),
+        ("e1", Remote.UNREACHABLE, True, PullAction.DOWNLOAD),
+    ],
+)
+def test_decide_pull(cached_etag, remote, force, action) -> None:  # noqa: ANN001
+    assert decide_pull(cached_etag=cached_etag, remote=remote, force=force) is action
+
+
+# -- push / pull -------------------------------------------------------------------------------
+
+
+def test_round_trip_with_meta(manager: Manager) -> None:
+    obj = {"a": np.arange(100_000), "s": "text", "f": lambda x: 2 * x}
+    manager.push(obj, "team/data/v1", meta={"source": "unit test"})
+    back, meta = manager.pull("team/data/v1")
+    np.testing.assert_array_equal(back["a"], obj["a"])
+    assert back["f"](2) == 4 and meta == {"source": "unit test"}
+    assert temp_files(manager) == []
+
+
+def test_multipart_sized_round_trip_through_a_fresh_cache(config: Config, tmp_path: Path):
+    array = np.random.default_rng(1).random(3_000_000)  # 24 MB: multipart on S3
+    with Manager(config) as first:
+        first.push(array, "big", meta={"n": array.size})
+    with other_machine(config, tmp_path) as second:
+        back, meta = second.pull("big")
+        np.testing.assert_array_equal(back, array)
+        assert meta == {"n": array.size}
+        assert second.cache.get("big") is not None
+
+
+def test_push_keeps_a_cached_copy_and_pull_serves_it_with_one_head(counting) -> None:  # noqa: ANN001
+    manager, store = counting
+    manager.push([1, 2, 3], "k")
+    assert manager.cache.get("k") is not None
+    store.calls.clear()
+    assert manager.pull("k") == ([1, 2, 3], None)
+    assert store.calls == {"head": 1}
+
+
+def test_check_current_off_serves_the_cache_without_asking_the_store(config: Config) -> None:
+    store = CountingStore(open_store(config))
+    with Manager(config.replace(check_current=False), store=store) as manager:
+        manager.push("x", "k")
+        store.calls.clear()
+        assert manager.pull("k") == ("x", None)
+        assert store.calls == {}
+
+
+def test_pull_refreshes_a_copy_another_machine_replaced(config: Config, tmp_path: Path) -> None:
+    with Manager(config) as alice, other_machine(config, tmp_path) as bob:
+        alice.push("v1", "k")
+        assert bob.pull("k")[0] == "v1"
+        alice.push("v2", "k", meta="new", force=True)
+        assert bob.pull("k") == ("v2", "new")
+        assert bob.cache.get("k").etag == alice.cache.get("k").etag
+
+
+def test_force_downloads_again(counting) -> None:  # noqa: ANN001
+    manager, store = counting
+    manager.push("x", "k")
+    store.calls.clear()
+    assert manager.pull("k", force=True)[0] == "x"
+    assert store.calls["get"] == 1
+
+
+def test_push_existing_key_without_force_raises_and_keeps_the_original(manager: Manager) -> None:
+    manager.push("original", "k")
+    with pytest.raises(KeyExistsError, match="force=True"):
+        manager.push("other", "k")
+    assert manager.pull("k", force=True)[0] == "original"
+    manager.push("other", "k", force=True)
+    assert manager.pull("k")[0] == "other"
+
+
+def test_pull_of_a_missing_key(manager: Manager) -> None:
+    with pytest.raises(KeyNotFoundError) as info:
+        manager.pull("nope")
+    assert isinstance(info.value, KeyError) and "'nope'" in str(info.value)
+    assert temp_files(manager) == []
+
+
+@pytest.mark.parametrize("key", ["", "../x", "/etc/passwd", "a/../../x", "C:\\x"])
+def test_invalid_keys_are_refused_everywhere(manager: Manager, key: str) -> None:
+    for call in (
+        lambda: manager.push(1, key),
+        lambda: manager.pull(key),
+        lambda: manager.delete(key),
+        lambda: manager.info(key),
+        lambda: manager.set_persist(key, True),
+    ):
+        with pytest.raises(InvalidKeyError):
+            call()
+
+
+def test_unpicklable_object_uploads_nothing(manager: Manager) -> None:
+    with pytest.raises(SerializationError):
+        manager.push([np.zeros(10_000), threading.Lock()], "k")
+    assert not manager.exists("k")
+    assert manager.cache.get("k") is None and temp_files(manager) == []
+
+
+def test_unpicklable_meta_uploads_nothing(manager: Manager) -> None:
+    with pytest.raises(SerializationError, match="meta"):
+        manager.push(1, "k", meta=threading.Lock())
+    assert not manager.exists("k") and temp_files(manager) == []
+
+
+def test_two_machines_pushing_the_same_new_key_exactly_one_wins(config: Config, tmp_path: Path):
+    for trial in range(5):
+        key = f"race/{trial}"
+        managers = [other_machine(config, tmp_path, f"m{i}") for i in range(2)]
+        barrier = threading.Barrier(2)
+        outcome: dict[int, str] = {}
+
+        def push(i: int, managers=managers, key=key, barrier=barrier, outcome=outcome) -> None:  # noqa: ANN001
+            barrier.wait()
+            try:
+                managers[i].push(f"from {i}", key)
+                outcome[i] = "won"
+            except KeyExistsError:
+                outcome[i] = "lost"
+
+        threads = [threading.Thread(target=push, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(outcome.values()) == ["lost", "won"]
+        winner = next(i for i, v in outcome.items() if v == "won")
+        assert managers[1 - winner].pull(key)[0] == f"from {winner}"
+        for m in managers:
+            m.close()
+
+
+# -- persist, memory_only, allocation -----------------------------------------------------------
+
+
+def test_persist_pins_an_entry_against_eviction(make_config) -> None:  # noqa: ANN001
+    with Manager(make_config(allocated_space=300_000)) as manager:
+        manager.push(np.zeros(10_000), "pinned", persist=True)  # 80 KB
+        for i in range(6):
+            manager.push(np.zeros(10_000), f"other/{i}")
+            assert manager.usage().used <= 300_000
+        assert manager.cache.get("pinned").persist
+        assert manager.cache.get("other/0") is None  # least recently used, evicted
+        assert manager.cache.get("other/5") is not None
+
+
+def test_lru_order_follows_pulls(make_config) -> None:  # noqa: ANN001
+    with Manager(make_config(allocated_space=200_000)) as manager:  # room for two
+        manager.push(np.zeros(10_000), "a")
+        manager.push(np.zeros(10_000), "b")
+        manager.pull("a")  # a is now more recent than b
+        manager.push(np.zeros(10_000), "c")
+        assert manager.cache.get("b") is None
+        assert manager.cache.get("a") is not None and manager.cache.get("c") is not None
+
+
+def test_pull_persist_pins_and_set_persist_unpins(manager: Manager) -> None:
+    manager.push(1, "k")
+    manager.pull("k", persist=True)
+    assert manager.cache.get("k").persist
+    assert [e.persist for e in manager.usage().entries] == [True]
+    manager.set_persist("k", False)
+    assert not manager.cache.get("k").persist
+    with pytest.raises(KeyNotFoundError, match="local cache"):
+        manager.set_persist("never-pulled", True)
+
+
+def test_object_bigger_than_the_allocation_is_returned_but_not_cached(
+    make_config, tmp_path: Path  # noqa: ANN001
+) -> None:
+    config = make_config(allocated_space="100KB")
+    big = np.arange(50_000.0)  # 400 KB
+    with Manager(config) as manager:
+        with pytest.warns(NotCachedWarning, match="allocated_space"):
+            manager.push(big, "big")
+        assert manager.exists("big") and manager.cache.get("big") is None
+    with other_machine(config, tmp_path) as other:
+        with pytest.warns(NotCachedWarning):
+            back, _ = other.pull("big")
+        np.testing.assert_array_equal(back, big)
+        assert other.usage().used == 0 and temp_files(other) == []
+
+
+def test_persisted_entries_filling_the_allocation_block_caching_not_pulls(make_config):  # noqa: ANN001
+    with Manager(make_config(allocated_space=200_000)) as manager:
+        manager.push(np.zeros(20_000), "pinned", persist=True)  # 160 KB
+        with pytest.warns(NotCachedWarning):
+            manager.push(np.zeros(10_000), "x")
+        with pytest.warns(NotCachedWarning):
+            assert manager.pull("x", force=True)[0].shape == (10_000,)
+        assert manager.cache.get("pinned") is not None
+        assert manager.usage().used <= 200_000
+
+
+def test_memory_only_keeps_no_copy_unless_one_exists(config: Config, tmp_path: Path) -> None:
+    with Manager(config) as alice, other_machine(config, tmp_path) as bob:
+        alice.push("v", "k")
+        assert bob.pull("k", memory_only=True) == ("v", None)
+        assert bob.cache.get("k") is None and temp_files(bob) == []
+        bob.pull("k")
+        assert bob.pull("k", memory_only=True) == ("v", None)
+        assert bob.cache.get("k") is not None
+        with pytest.raises(InvalidArgumentError):
+            bob.pull("k", memory_only=True, persist=True)
+
+
+# -- damaged data, offline ------------------------------------------------------------------------
+
+
+def test_truncated_cache_file_is_fetched_again(manager: Manager) -> None:
+    manager.push(np.arange(1000), "k")
+    path = manager.cache.get("k").path
+    path.write_bytes(path.read_bytes()[:-100])
+    back, _ = manager.pull("k")
+    np.testing.assert_array_equal(back, np.arange(1000))
+    assert manager.cache.get("k").path.stat().st_size == manager.cache.get("k").size
+
+
+def corrupt_stored_object(manager: Manager, key: str) -> None:
+    """Replace the stored bytes with a copy that has one bit flipped in the payload."""
+    data = bytearray(ser.dump_to_bytes(np.arange(1000)))
+    data[300] ^= 0x01
+    src = manager.cache.tmp_dir / "corrupt.bin"
+    src.write_bytes(bytes(data))
+    manager.store.put(key, src, overwrite=True)
+    src.unlink()
+
+
+def test_corrupted_stored_object_is_never_unpickled_or_cached(manager: Manager) -> None:
+    manager.push(np.arange(1000), "k")
+    good = manager.cache.get("k")
+    corrupt_stored_object(manager, "k")
+    with pytest.raises(IntegrityError, match="checksum"):
+        manager.pull("k")  # the cached copy is stale: the pull downloads, checks, refuses
+    assert manager.cache.get("k") == good  # the good old copy is neither replaced nor lost
+    manager.delete("k")
+    with pytest.raises(IntegrityError, match="checksum"):
+        manager.pull("k")
+    assert manager.cache.get("k") is None
+    assert temp_files(manager) == []
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def unreachable(config: Config) -> Config:
+    if config.service != "aws":
+        pytest.skip("an unreachable network store needs the S3 backend")
+    return config.replace(
+        endpoint_url=f"http://127.0.0.1:{_closed_port()}", connect_timeout=1, max_attempts=1
+    )
+
+
+@pytest.mark.timeout(60)
+def test_offline_pull_serves_the_cache_with_a_warning(config: Config, unreachable: Config) -> None:
+    with Manager(config) as manager:
+        manager.push({"a": 1}, "k")
+    with Manager(unreachable) as offline:
+        with pytest.warns(OfflineWarning, match="unreachable"):
+            assert offline.pull("k") == ({"a": 1}, None)
+        with pytest.raises(StoreUnavailableError):
+            offline.pull("not-cached")
+        with pytest.raises(StoreUnavailableError):
+            offline.push(1, "new")
+        assert temp_files(offline) == []
+        with pytest.warns(OfflineWarning):
+            assert offline.info("k").sha256 == offline.cache.get("k").sha256
+
+
+def test_key_deleted_remotely_still_served_from_cache_with_a_warning(manager: Manager) -> None:
+    manager.push(1, "k")
+    manager.store.delete("k")
+    with pytest.warns(OfflineWarning, match="no longer in the store"):
+        assert manager.pull("k") == (1, None)
+
+
+def test_version_mismatch_warns_on_pull(manager: Manager, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(ser.cloudpickle, "__version__", "0.1.0")
+    manager.push(1, "k")
+    monkeypatch.undo()
+    with pytest.warns(VersionMismatchWarning, match="cloudpickle 0.1.0"):
+        assert manager.pull("k", force=True) == (1, None)
+
+
+# -- delete, info, ls, exists, usage -------------------------------------------------------------
+
+
+def test_delete_local_remote_and_missing(manager: Manager) -> None:
+    manager.push(1, "k")
+    manager.delete("k")  # local only
+    assert manager.cache.get("k") is None and manager.exists("k")
+    manager.pull("k")
+    manager.delete("k", remote=True)
+    assert manager.cache.get("k") is None and not manager.exists("k")
+    with pytest.raises(KeyNotFoundError):
+        manager.delete("k", remote=True)
+    with pytest.raises(KeyNotFoundError, match="local cache"):
+        manager.delete("k")
+    with pytest.raises(InvalidArgumentError):
+        manager.delete("k", local=False, remote=False)
+
+
+def test_delete_remote_only_keeps_the_local_copy(manager: Manager) -> None:
+    manager.push(1, "k")
+    manager.delete("k", local=False, remote=True)
+    assert manager.cache.get("k") is not None and not manager.exists("k")
+
+
+def test_info_reads_only_the_tail(counting) -> None:  # noqa: ANN001
+    manager, store = counting
+    manager.push(np.zeros(1_000_000), "k", meta={"rows": 5})
+    store.calls.clear()
+    details = manager.info("k")
+    assert store.calls == {"read_tail": 1}
+    entry = manager.cache.get("k")
+    assert details.meta == {"rows": 5}
+    assert details.size == entry.size and details.sha256 == entry.sha256
+    assert details.cached and not details.persist and "@" in details.pushed_by
+    with pytest.raises(KeyNotFoundError):
+        manager.info("missing")
+
+
+def test_info_with_meta_larger_than_one_tail_read(manager: Manager) -> None:
+    meta = {"blob": "m" * 200_000}
+    manager.push(1, "k", meta=meta)
+    assert manager.info("k").meta == meta
+
+
+def test_ls_shows_sizes_and_cache_state(config: Config, tmp_path: Path) -> None:
+    with Manager(config) as manager, other_machine(config, tmp_path) as other:
+        manager.push(1, "a/x")
+        manager.push(2, "a/y", persist=True)
+        manager.push(3, "b")
+        listing = manager.ls()
+        assert [item.key for item in listing] == ["a/x", "a/y", "b"]
+        assert [(i.cached, i.persist) for i in listing] == [(True, False), (True, True)] + [
+            (True, False)
+        ]
+        assert all(i.size > 0 for i in listing)
+        assert [i.key for i in manager.ls("a/")] == ["a/x", "a/y"]
+        assert [(i.key, i.cached) for i in other.ls("b")] == [("b", False)]
+        assert manager.ls("zzz") == []
+
+
+def test_exists(manager: Manager) -> None:
+    assert not manager.exists("k")
+    manager.push(1, "k")
+    assert manager.exists("k")
+
+
+def test_usage_matches_the_files_on_disc(make_config) -> None:  # noqa: ANN001
+    with Manager(make_config(allocated_space="1MB")) as manager:
+        for i in range(5):
+            manager.push(np.zeros(i * 1000), f"k{i}")
+        usage = manager.usage()
+        on_disc = sum(p.stat().st_size for p in manager.cache.objects_dir.iterdir())
+        assert usage.used == on_disc == manager.cache.usage().used
+        assert usage.allocated == 1_000_000 and usage.free == 1_000_000 - on_disc
+        assert "used of" in str(usage)
+
+
+def test_no_space_left_is_a_daman_error(manager: Manager, monkeypatch) -> None:  # noqa: ANN001
+    import errno
+
+    def full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ser, "write_object", full)
+    monkeypatch.setattr("daman.manager.write_object", full)
+    with pytest.raises(DamanError, match="no space left"):
+        manager.push(1, "k")
+    assert temp_files(manager) == [] and not manager.exists("k")
+
+
+def test_no_unexpected_warnings_on_the_happy_path(manager: Manager) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        manager.push(1, "k")
+        manager.pull("k")
+        manager.pull("k", force=True)

@@ -1,0 +1,217 @@
+from __future__ import annotations
+
+import dataclasses
+import io
+import mmap
+import pickle
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daman import serialize as ser
+from daman.errors import (
+    DeserializationError,
+    IntegrityError,
+    SerializationError,
+    VersionMismatchWarning,
+)
+
+
+def write(path: Path, obj: object, meta: object = None) -> ser.Footer:
+    with open(path, "wb") as f:
+        return ser.write_object(obj, ser.dumps_meta(meta), f)
+
+
+def read(path: Path) -> tuple[object, object]:
+    with open(path, "rb") as f:
+        footer = ser.verify_file(f)
+        return ser.load_object(f, footer), ser.load_meta(ser.file_reader(f), footer)
+
+
+def test_round_trip_of_mixed_objects(tmp_path: Path) -> None:
+    obj = {
+        "ints": np.arange(1000, dtype=np.int64),
+        "floats": np.random.default_rng(0).random((30, 7)),
+        "fortran": np.asfortranarray(np.ones((5, 3))),
+        "bytes": b"\x00" * 100,
+        "fn": lambda x: x + 1,
+        "text": "héllo",
+    }
+    footer = write(tmp_path / "o", obj, meta={"source": "test", "n": 3})
+    back, meta = read(tmp_path / "o")
+    assert meta == {"source": "test", "n": 3}
+    assert back["fn"](1) == 2
+    for name in ("ints", "floats", "fortran"):
+        np.testing.assert_array_equal(back[name], obj[name])
+        assert back[name].flags.writeable
+    assert back["bytes"] == obj["bytes"] and back["text"] == "héllo"
+    assert footer.file_size == (tmp_path / "o").stat().st_size
+    assert footer.python == ".".join(map(str, sys.version_info[:3]))
+    assert "@" in footer.pushed_by
+
+
+def test_buffers_are_out_of_band_and_aligned(tmp_path: Path) -> None:
+    arrays = [np.arange(n, dtype=np.float64) for n in (1, 7, 100, 4096)]
+    footer = write(tmp_path / "o", arrays)
+    assert len(footer.buffers) == len(arrays)
+    for (offset, length), array in zip(footer.buffers, arrays):
+        assert offset % ser.ALIGN == 0
+        assert length == array.nbytes
+    # The stream holds no array data: it is small even though the arrays are not.
+    assert footer.stream[1] < 1000
+
+
+def test_zero_copy_read_through_mmap(tmp_path: Path) -> None:
+    """The layout lets a reader hand mmap slices to pickle: arrays then live in the file."""
+    array = np.arange(10_000, dtype=np.float32)
+    footer = write(tmp_path / "o", array)
+    with open(tmp_path / "o", "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        view = memoryview(mapped)
+        stream = view[footer.stream[0] : footer.stream[0] + footer.stream[1]]
+        buffers = [view[o : o + n] for o, n in footer.buffers]
+        back = pickle.loads(stream, buffers=buffers)
+        np.testing.assert_array_equal(back, array)
+        assert not back.flags.writeable and not back.flags.owndata
+        del back, stream, buffers, view
+        mapped.close()
+
+
+def test_meta_is_readable_from_the_tail_alone(tmp_path: Path) -> None:
+    write(tmp_path / "o", np.zeros(100_000), meta={"k": "v"})
+    data = (tmp_path / "o").read_bytes()
+    tail = data[-ser.TAIL_GUESS :]
+    reads: list[tuple[int, int]] = []
+
+    def read_at(offset: int, length: int) -> bytes:
+        reads.append((offset, length))
+        return data[offset : offset + length]
+
+    footer = ser.read_footer(read_at, len(data), tail)
+    assert ser.load_meta(read_at, footer, tail, len(data)) == {"k": "v"}
+    assert reads == []  # everything came from the one tail read
+
+
+def test_large_meta_needs_a_second_read(tmp_path: Path) -> None:
+    big_meta = {"blob": "x" * (ser.TAIL_GUESS * 2)}
+    write(tmp_path / "o", [1, 2, 3], meta=big_meta)
+    data = (tmp_path / "o").read_bytes()
+    footer = ser.read_footer(lambda o, n: data[o : o + n], len(data))
+    tail = data[-ser.TAIL_GUESS :]
+    assert ser.load_meta(lambda o, n: data[o : o + n], footer, tail, len(data)) == big_meta
+
+
+class Unpicklable:
+    def __reduce__(self):  # noqa: ANN204
+        raise RuntimeError("no pickling for me")
+
+
+def test_unpicklable_object_raises_serialization_error(tmp_path: Path) -> None:
+    # Fails part-way: the big array before it has already been streamed to the file.
+    with pytest.raises(SerializationError, match="cannot be pickled"):
+        write(tmp_path / "o", [np.zeros(100_000), Unpicklable()])
+
+
+def test_unpicklable_meta_raises_before_anything_is_written() -> None:
+    import threading
+
+    with pytest.raises(SerializationError, match="meta cannot be pickled"):
+        ser.dumps_meta({"lock": threading.Lock()})
+
+
+def corrupt(path: Path, offset: int, value: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(value)
+
+
+def test_bit_flip_in_payload_is_detected(tmp_path: Path) -> None:
+    footer = write(tmp_path / "o", np.arange(1000))
+    offset = footer.buffers[0][0] + 10
+    data = (tmp_path / "o").read_bytes()
+    corrupt(tmp_path / "o", offset, bytes([data[offset] ^ 0x01]))
+    with pytest.raises(IntegrityError, match="checksum mismatch"):
+        read(tmp_path / "o")
+
+
+@pytest.mark.parametrize("keep", [0, 5, 100, -1, -17])
+def test_truncated_files_are_detected(tmp_path: Path, keep: int) -> None:
+    write(tmp_path / "o", np.arange(1000))
+    data = (tmp_path / "o").read_bytes()
+    (tmp_path / "o").write_bytes(data[:keep])
+    with pytest.raises(IntegrityError):
+        read(tmp_path / "o")
+
+
+def test_garbage_footer_is_detected(tmp_path: Path) -> None:
+    footer = write(tmp_path / "o", [1])
+    encoded = footer.encode()
+    corrupt(tmp_path / "o", footer.payload_size, b"{" + b" " * (len(encoded) - 1))
+    with pytest.raises(IntegrityError, match="footer"):
+        read(tmp_path / "o")
+
+
+def test_not_a_daman_file(tmp_path: Path) -> None:
+    (tmp_path / "o").write_bytes(pickle.dumps([1, 2, 3]) * 10)
+    with pytest.raises(IntegrityError, match="not a daman object"):
+        read(tmp_path / "o")
+
+
+def test_newer_format_asks_for_an_upgrade() -> None:
+    footer = ser.Footer(**{**dataclasses.asdict(_footer()), "format": ser.FORMAT_VERSION + 1})
+    tail = _tail(footer)
+    with pytest.raises(DeserializationError, match="upgrade daman"):
+        ser.parse_footer(tail, len(tail))
+
+
+def _footer() -> ser.Footer:
+    return ser.Footer(
+        format=1, python="3.11.7", cloudpickle="3.1.3", stream=(0, 0), buffers=(), meta=(0, 0),
+        payload_size=0, sha256="", pushed_by="u@h", pushed_at="2026-01-01T00:00:00+00:00",
+    )  # fmt: skip
+
+
+def _tail(footer: ser.Footer) -> bytes:
+    encoded = footer.encode()
+    return encoded + ser.TRAILER.pack(ser.MAGIC, len(encoded))
+
+
+@pytest.mark.parametrize(
+    ("python", "cloudpickle_version", "warns"),
+    [
+        (None, None, False),
+        ("2.7.18", None, True),
+        ("3.99.0", None, True),
+        (None, "0.1.0", True),
+    ],
+)
+def test_version_mismatch_warns(python: str | None, cloudpickle_version: str | None, warns: bool):
+    import cloudpickle
+
+    footer = dataclasses.replace(
+        _footer(),
+        python=python or ".".join(map(str, sys.version_info[:3])),
+        cloudpickle=cloudpickle_version or cloudpickle.__version__,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ser.warn_if_versions_differ(footer, "k")
+    assert bool([w for w in caught if issubclass(w.category, VersionMismatchWarning)]) == warns
+
+
+def test_missing_module_gives_deserialization_error(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    module = tmp_path / "vanishing_module_xyz.py"
+    module.write_text("class Thing:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import vanishing_module_xyz  # type: ignore[import-not-found]
+
+    buf = io.BytesIO()
+    ser.write_object(vanishing_module_xyz.Thing(), ser.dumps_meta(None), buf)
+    monkeypatch.delitem(sys.modules, "vanishing_module_xyz")
+    module.unlink()
+    (tmp_path / "o").write_bytes(buf.getvalue())
+    with pytest.raises(DeserializationError, match="could not be unpickled"):
+        read(tmp_path / "o")
