@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from .cache import CacheEntry
 from .config import Config, config_path, load_config, save_config
 from .errors import ConfigError, NotConfiguredError
 from .manager import KeyListing, Manager, ObjectDetails, Usage
@@ -101,6 +102,11 @@ def pull(
     return get_manager().pull(key, force=force, persist=persist, memory_only=memory_only)
 
 
+def fetch(key: str, force: bool = False, persist: bool = False) -> CacheEntry:
+    """Bring ``key`` into the local cache without unpickling it; see :meth:`Manager.fetch`."""
+    return get_manager().fetch(key, force=force, persist=persist)
+
+
 def delete(key: str, local: bool = True, remote: bool = False) -> None:
     """Remove the cached copy and/or the stored object; see :meth:`Manager.delete`."""
     get_manager().delete(key, local=local, remote=remote)
@@ -132,6 +138,7 @@ __all__ = [
     "current_config",
     "delete",
     "exists",
+    "fetch",
     "get_manager",
     "info",
     "ls",

@@ -138,22 +138,26 @@ class Config:
             raise ConfigError(f"incomplete configuration: {exc}") from None
 
 
-def save_config(config: Config, path: Path | None = None) -> Path:
-    """Write ``config`` atomically, mode 0600, and return where it went."""
-    path = path or config_path()
+def write_private_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically (temp file in the same folder, then rename), mode 0600, in a
+    folder made 0700 if it is new: for files that hold settings or secrets."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def save_config(config: Config, path: Path | None = None) -> Path:
+    """Write ``config`` (mode 0600) and return where it went."""
+    path = path or config_path()
+    write_private_text(path, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
     return path
 
 

@@ -82,6 +82,10 @@ class IntegrityError(DamanError):
     """A stored or cached file is not what was written: truncated, corrupted or not daman's."""
 
 
+class NotCachedError(DamanError):
+    """An explicit request to cache a key that cannot fit in the allocation."""
+
+
 class DamanWarning(UserWarning):
     """Base of daman's warnings."""
 

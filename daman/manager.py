@@ -24,6 +24,7 @@ from .errors import (
     IntegrityError,
     InvalidArgumentError,
     KeyNotFoundError,
+    NotCachedError,
     NotCachedWarning,
     OfflineWarning,
     StoreUnavailableError,
@@ -194,12 +195,6 @@ class Manager:
                 stacklevel=3,
             )
 
-    def _load(self, f: IO[bytes], footer: Footer, key: str) -> tuple[Any, Any]:
-        warn_if_versions_differ(footer, key)
-        obj = load_object(f, footer)
-        meta = load_meta(file_reader(f), footer)
-        return obj, meta
-
     # -- the API -------------------------------------------------------------------------
 
     def push(
@@ -226,12 +221,39 @@ class Manager:
     def pull(
         self, key: str, force: bool = False, persist: bool = False, memory_only: bool = False
     ) -> tuple[Any, Any]:
-        """``(obj, meta)`` for ``key``, from the local cache when it is there and current."""
-        validate_key(key)
+        """``(obj, meta)`` for ``key``, from the local cache when it is there and current.
+
+        Never fails because of the allocation: an object that cannot be cached is returned
+        with a :class:`NotCachedWarning`."""
         if memory_only and persist:
             raise InvalidArgumentError(
                 "persist=True pins a local copy; memory_only=True keeps none."
             )
+        opened = self._open_current(key, force=force, persist=persist, keep=not memory_only)
+        with opened as (f, footer):
+            warn_if_versions_differ(footer, key)
+            return load_object(f, footer), load_meta(file_reader(f), footer)
+
+    def fetch(self, key: str, force: bool = False, persist: bool = False) -> CacheEntry:
+        """Bring the current version of ``key`` into the local cache without unpickling it."""
+        with self._open_current(key, force=force, persist=persist, keep=True):
+            pass
+        entry = self.cache.get(key)
+        if entry is None:
+            raise NotCachedError(
+                f"{key!r} does not fit in the local cache (allocated_space "
+                f"{format_size(self.cache.allocated_space)}, persisted entries cannot be "
+                "evicted). Raise allocated_space or unpersist entries."
+            )
+        return entry
+
+    @contextlib.contextmanager
+    def _open_current(
+        self, key: str, *, force: bool, persist: bool, keep: bool
+    ) -> Iterator[tuple[IO[bytes], Footer]]:
+        """An open, verified file holding the current version of ``key``: the cached copy
+        when it is current, else a fresh download (kept in the cache when ``keep``)."""
+        validate_key(key)
         entry = None if force else self.cache.get(key)
         remote: str | Remote = Remote.UNCHECKED
         remote_info: ObjectInfo | None = None
@@ -250,55 +272,62 @@ class Manager:
                 f"the store is unreachable ({offline_reason}); using the cached copy of {key!r}, "
                 "which may be out of date.",
                 OfflineWarning,
-                stacklevel=2,
+                stacklevel=4,
             )
         elif action is PullAction.USE_CACHE_DELETED:
             warnings.warn(
                 f"{key!r} is no longer in the store; using the local cached copy. "
                 "Delete it with dm.delete(key) if it should be gone.",
                 OfflineWarning,
-                stacklevel=2,
+                stacklevel=4,
             )
         if action is not PullAction.DOWNLOAD:
             assert entry is not None
-            loaded = self._load_cached(entry, persist)
-            if loaded is not None:
-                return loaded
-        return self._download_and_load(key, entry, remote_info, force, persist, memory_only)
+            opened = self._open_cached(entry, persist)
+            if opened is not None:
+                with opened[0]:
+                    yield opened
+                return
+        with self._download(key, entry, remote_info, force, persist, keep) as opened:
+            yield opened
 
-    def _load_cached(self, entry: CacheEntry, persist: bool) -> tuple[Any, Any] | None:
-        """Load a cache hit; None if the file vanished (evicted meanwhile) or is damaged."""
+    def _open_cached(self, entry: CacheEntry, persist: bool) -> tuple[IO[bytes], Footer] | None:
+        """Open a cache hit; None if the file vanished (evicted meanwhile) or is damaged.
+        The open file stays readable even if another process evicts the entry."""
         try:
-            f = open(entry.path, "rb")  # noqa: SIM115 - closed below; the fd outlives an eviction
+            f = open(entry.path, "rb")  # noqa: SIM115 - the caller closes it
         except FileNotFoundError:
             return None
-        with f:
-            try:
-                footer = footer_of(f)
-            except IntegrityError:
-                self.cache.remove(entry.key)
-                return None
-            self.cache.touch(entry.key)
-            if persist and not entry.persist:
-                self.cache.set_persist(entry.key, True)
-            return self._load(f, footer, entry.key)
+        try:
+            footer = footer_of(f)
+        except IntegrityError:
+            f.close()
+            self.cache.remove(entry.key)
+            return None
+        self.cache.touch(entry.key)
+        if persist and not entry.persist:
+            self.cache.set_persist(entry.key, True)
+        return f, footer
 
-    def _download_and_load(
+    @contextlib.contextmanager
+    def _download(
         self,
         key: str,
         stale: CacheEntry | None,
         remote_info: ObjectInfo | None,
         force: bool,
         persist: bool,
-        memory_only: bool,
-    ) -> tuple[Any, Any]:
+        keep: bool,
+    ) -> Iterator[tuple[IO[bytes], Footer]]:
         with self.cache.key_lock(key):  # one download of a key at a time on this machine
             if not force:
                 fresh = self.cache.get(key)
                 if fresh is not None and fresh.etag != (stale and stale.etag):
-                    loaded = self._load_cached(fresh, persist)  # fetched while we waited
-                    if loaded is not None:
-                        return loaded
+                    opened = self._open_cached(fresh, persist)  # fetched while we waited
+                    if opened is not None:
+                        with opened[0]:
+                            yield opened
+                        return
             size = (remote_info or self.store.head(key)).size
             tmp = self.cache.new_temp_path()
             try:
@@ -316,10 +345,9 @@ class Manager:
                             if attempt == 2:
                                 raise
                 with open(tmp, "rb") as f:
-                    keep = not memory_only or stale is not None
-                    if keep:
+                    if keep or stale is not None:
                         self._keep(key, tmp, info.etag, footer.sha256, persist, "pulled")
-                    return self._load(f, footer, key)
+                    yield f, footer
             finally:
                 tmp.unlink(missing_ok=True)
 

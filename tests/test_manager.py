@@ -38,35 +38,35 @@ class CountingStore(Store):
         self.inner = inner
         self.calls: collections.Counter[str] = collections.Counter()
 
-    def _call(self, name: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def _call(self, name: str, *args, **kwargs):
         self.calls[name] += 1
         return getattr(self.inner, name)(*args, **kwargs)
 
-    def describe(self):  # noqa: ANN201
+    def describe(self):
         return self.inner.describe()
 
-    def check(self):  # noqa: ANN201
+    def check(self):
         return self._call("check")
 
-    def head(self, key):  # noqa: ANN001, ANN201
+    def head(self, key):
         return self._call("head", key)
 
-    def put(self, key, path, **kw):  # noqa: ANN001, ANN003, ANN201
+    def put(self, key, path, **kw):
         return self._call("put", key, path, **kw)
 
-    def get(self, key, dest, **kw):  # noqa: ANN001, ANN003, ANN201
+    def get(self, key, dest, **kw):
         return self._call("get", key, dest, **kw)
 
-    def read_tail(self, key, length):  # noqa: ANN001, ANN201
+    def read_tail(self, key, length):
         return self._call("read_tail", key, length)
 
-    def read_range(self, key, offset, length):  # noqa: ANN001, ANN201
+    def read_range(self, key, offset, length):
         return self._call("read_range", key, offset, length)
 
-    def delete(self, key):  # noqa: ANN001, ANN201
+    def delete(self, key):
         return self._call("delete", key)
 
-    def list(self, prefix=""):  # noqa: ANN001, ANN201
+    def list(self, prefix=""):
         return self._call("list", prefix)
 
     def close(self) -> None:
@@ -74,13 +74,13 @@ class CountingStore(Store):
 
 
 @pytest.fixture
-def counting(config: Config):  # noqa: ANN201
+def counting(config: Config):
     store = CountingStore(open_store(config))
     with Manager(config, store=store) as m:
         yield m, store
 
 
-def other_machine(config: Config, tmp_path: Path, name: str = "other", **fields) -> Manager:  # noqa: ANN003
+def other_machine(config: Config, tmp_path: Path, name: str = "other", **fields) -> Manager:
     """A second manager on the same store with its own local cache."""
     return Manager(config.replace(local_dir=str(tmp_path / name), **fields))
 
@@ -106,7 +106,7 @@ def temp_files(manager: Manager) -> list[Path]:
         ("e1", Remote.UNREACHABLE, True, PullAction.DOWNLOAD),
     ],
 )
-def test_decide_pull(cached_etag, remote, force, action) -> None:  # noqa: ANN001
+def test_decide_pull(cached_etag, remote, force, action) -> None:
     assert decide_pull(cached_etag=cached_etag, remote=remote, force=force) is action
 
 
@@ -133,7 +133,7 @@ def test_multipart_sized_round_trip_through_a_fresh_cache(config: Config, tmp_pa
         assert second.cache.get("big") is not None
 
 
-def test_push_keeps_a_cached_copy_and_pull_serves_it_with_one_head(counting) -> None:  # noqa: ANN001
+def test_push_keeps_a_cached_copy_and_pull_serves_it_with_one_head(counting) -> None:
     manager, store = counting
     manager.push([1, 2, 3], "k")
     assert manager.cache.get("k") is not None
@@ -160,7 +160,7 @@ def test_pull_refreshes_a_copy_another_machine_replaced(config: Config, tmp_path
         assert bob.cache.get("k").etag == alice.cache.get("k").etag
 
 
-def test_force_downloads_again(counting) -> None:  # noqa: ANN001
+def test_force_downloads_again(counting) -> None:
     manager, store = counting
     manager.push("x", "k")
     store.calls.clear()
@@ -217,7 +217,7 @@ def test_two_machines_pushing_the_same_new_key_exactly_one_wins(config: Config, 
         barrier = threading.Barrier(2)
         outcome: dict[int, str] = {}
 
-        def push(i: int, managers=managers, key=key, barrier=barrier, outcome=outcome) -> None:  # noqa: ANN001
+        def push(i: int, managers=managers, key=key, barrier=barrier, outcome=outcome) -> None:
             barrier.wait()
             try:
                 managers[i].push(f"from {i}", key)
@@ -240,7 +240,7 @@ def test_two_machines_pushing_the_same_new_key_exactly_one_wins(config: Config, 
 # -- persist, memory_only, allocation -----------------------------------------------------------
 
 
-def test_persist_pins_an_entry_against_eviction(make_config) -> None:  # noqa: ANN001
+def test_persist_pins_an_entry_against_eviction(make_config) -> None:
     with Manager(make_config(allocated_space=300_000)) as manager:
         manager.push(np.zeros(10_000), "pinned", persist=True)  # 80 KB
         for i in range(6):
@@ -251,7 +251,7 @@ def test_persist_pins_an_entry_against_eviction(make_config) -> None:  # noqa: A
         assert manager.cache.get("other/5") is not None
 
 
-def test_lru_order_follows_pulls(make_config) -> None:  # noqa: ANN001
+def test_lru_order_follows_pulls(make_config) -> None:
     with Manager(make_config(allocated_space=200_000)) as manager:  # room for two
         manager.push(np.zeros(10_000), "a")
         manager.push(np.zeros(10_000), "b")
@@ -273,7 +273,7 @@ def test_pull_persist_pins_and_set_persist_unpins(manager: Manager) -> None:
 
 
 def test_object_bigger_than_the_allocation_is_returned_but_not_cached(
-    make_config, tmp_path: Path  # noqa: ANN001
+    make_config, tmp_path: Path
 ) -> None:
     config = make_config(allocated_space="100KB")
     big = np.arange(50_000.0)  # 400 KB
@@ -288,7 +288,7 @@ def test_object_bigger_than_the_allocation_is_returned_but_not_cached(
         assert other.usage().used == 0 and temp_files(other) == []
 
 
-def test_persisted_entries_filling_the_allocation_block_caching_not_pulls(make_config):  # noqa: ANN001
+def test_persisted_entries_filling_the_allocation_block_caching_not_pulls(make_config):
     with Manager(make_config(allocated_space=200_000)) as manager:
         manager.push(np.zeros(20_000), "pinned", persist=True)  # 160 KB
         with pytest.warns(NotCachedWarning):
@@ -385,7 +385,7 @@ def test_key_deleted_remotely_still_served_from_cache_with_a_warning(manager: Ma
         assert manager.pull("k") == (1, None)
 
 
-def test_version_mismatch_warns_on_pull(manager: Manager, monkeypatch) -> None:  # noqa: ANN001
+def test_version_mismatch_warns_on_pull(manager: Manager, monkeypatch) -> None:
     monkeypatch.setattr(ser.cloudpickle, "__version__", "0.1.0")
     manager.push(1, "k")
     monkeypatch.undo()
@@ -417,7 +417,7 @@ def test_delete_remote_only_keeps_the_local_copy(manager: Manager) -> None:
     assert manager.cache.get("k") is not None and not manager.exists("k")
 
 
-def test_info_reads_only_the_tail(counting) -> None:  # noqa: ANN001
+def test_info_reads_only_the_tail(counting) -> None:
     manager, store = counting
     manager.push(np.zeros(1_000_000), "k", meta={"rows": 5})
     store.calls.clear()
@@ -444,8 +444,10 @@ def test_ls_shows_sizes_and_cache_state(config: Config, tmp_path: Path) -> None:
         manager.push(3, "b")
         listing = manager.ls()
         assert [item.key for item in listing] == ["a/x", "a/y", "b"]
-        assert [(i.cached, i.persist) for i in listing] == [(True, False), (True, True)] + [
-            (True, False)
+        assert [(i.cached, i.persist) for i in listing] == [
+            (True, False),
+            (True, True),
+            (True, False),
         ]
         assert all(i.size > 0 for i in listing)
         assert [i.key for i in manager.ls("a/")] == ["a/x", "a/y"]
@@ -459,7 +461,7 @@ def test_exists(manager: Manager) -> None:
     assert manager.exists("k")
 
 
-def test_usage_matches_the_files_on_disc(make_config) -> None:  # noqa: ANN001
+def test_usage_matches_the_files_on_disc(make_config) -> None:
     with Manager(make_config(allocated_space="1MB")) as manager:
         for i in range(5):
             manager.push(np.zeros(i * 1000), f"k{i}")
@@ -470,10 +472,10 @@ def test_usage_matches_the_files_on_disc(make_config) -> None:  # noqa: ANN001
         assert "used of" in str(usage)
 
 
-def test_no_space_left_is_a_daman_error(manager: Manager, monkeypatch) -> None:  # noqa: ANN001
+def test_no_space_left_is_a_daman_error(manager: Manager, monkeypatch) -> None:
     import errno
 
-    def full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ser, "write_object", full)
@@ -489,3 +491,24 @@ def test_no_unexpected_warnings_on_the_happy_path(manager: Manager) -> None:
         manager.push(1, "k")
         manager.pull("k")
         manager.pull("k", force=True)
+
+
+def test_fetch_caches_without_unpickling(config: Config, tmp_path: Path) -> None:
+    with Manager(config) as alice, other_machine(config, tmp_path) as bob:
+        alice.push(np.arange(10), "k", meta="m")
+        entry = bob.fetch("k", persist=True)
+        assert entry.persist and entry.path.exists()
+        assert entry.sha256 == alice.cache.get("k").sha256
+        assert bob.fetch("k") == bob.cache.get("k")
+        with pytest.raises(KeyNotFoundError):
+            bob.fetch("missing")
+
+
+def test_fetch_of_an_object_that_cannot_fit_raises(make_config) -> None:
+    from daman import NotCachedError
+
+    with Manager(make_config(allocated_space=1000)) as manager:
+        with pytest.warns(NotCachedWarning):
+            manager.push(np.zeros(1000), "big")
+        with pytest.warns(NotCachedWarning), pytest.raises(NotCachedError, match="does not fit"):
+            manager.fetch("big")

@@ -1,0 +1,123 @@
+"""The module-level API (``import daman as dm``) and ``dm.configure``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import daman as dm
+
+
+def configure_local(tmp_path: Path, **fields) -> dm.Config:  # noqa: ANN003
+    return dm.configure(
+        storage_name=str(tmp_path / "store"),
+        service="local",
+        local_dir=str(tmp_path / "cache"),
+        progress=False,
+        **fields,
+    )
+
+
+def test_using_daman_before_configuring_says_what_to_run() -> None:
+    for call in (lambda: dm.push(1, "k"), lambda: dm.pull("k"), dm.usage, lambda: dm.ls()):
+        with pytest.raises(dm.NotConfiguredError, match="dm_configure"):
+            call()
+
+
+def test_configure_saves_and_the_module_functions_use_it(tmp_path: Path, daman_home: Path):
+    config = configure_local(tmp_path, allocated_space="10MB")
+    saved = json.loads((daman_home / "config.json").read_text())
+    assert saved["storage_name"] == str(tmp_path / "store") and saved["allocated_space"] == 10**7
+    assert (tmp_path / "store").is_dir()  # the local store folder is created on configure
+    assert dm.current_config() == config
+
+    dm.push(np.arange(5), "team/a", meta={"m": 1})
+    obj, meta = dm.pull("team/a")
+    np.testing.assert_array_equal(obj, np.arange(5))
+    assert meta == {"m": 1}
+    assert dm.exists("team/a") and not dm.exists("team/b")
+    assert [item.key for item in dm.ls("team/")] == ["team/a"]
+    assert dm.info("team/a").meta == {"m": 1}
+    assert dm.usage().allocated == 10**7 and len(dm.usage().entries) == 1
+    dm.set_persist("team/a", True)
+    assert dm.usage().entries[0].persist
+    assert dm.fetch("team/a").persist
+    dm.delete("team/a", remote=True)
+    assert not dm.exists("team/a") and dm.usage().entries == []
+
+
+def test_configure_updates_only_the_fields_given(tmp_path: Path) -> None:
+    configure_local(tmp_path)
+    config = dm.configure(allocated_space="1GiB")
+    assert config.allocated_space == 2**30 and config.service == "local"
+    assert dm.get_manager().cache.allocated_space == 2**30  # the default manager was rebuilt
+
+
+def test_configure_needs_a_storage_name_the_first_time() -> None:
+    with pytest.raises(dm.ConfigError, match="storage_name is required"):
+        dm.configure(service="local")
+
+
+def test_configure_rejects_bad_values_and_saves_nothing(tmp_path: Path, daman_home: Path):
+    with pytest.raises(dm.ConfigError, match="invalid size"):
+        configure_local(tmp_path, allocated_space="a lot")
+    with pytest.raises(dm.ConfigError, match="unknown service"):
+        dm.configure(storage_name="b", service="dropbox")
+    assert not (daman_home / "config.json").exists()
+
+
+def test_configure_checks_that_the_bucket_exists(s3_endpoint: str, daman_home: Path) -> None:
+    with pytest.raises(dm.StorageNotFoundError, match="does not exist"):
+        dm.configure(storage_name="no-such-bucket-xyz", service="aws", endpoint_url=s3_endpoint)
+    assert not (daman_home / "config.json").exists()
+    config = dm.configure(
+        storage_name="no-such-bucket-xyz", service="aws", endpoint_url=s3_endpoint, check=False
+    )
+    assert config.storage_name == "no-such-bucket-xyz"
+    with pytest.raises(dm.StorageNotFoundError, match="dm_configure"):
+        dm.push(1, "k")
+
+
+def test_s3_round_trip_through_the_module_api(s3_endpoint: str, bucket: str, tmp_path: Path):
+    dm.configure(
+        storage_name=bucket, service="aws", endpoint_url=s3_endpoint, local_dir=str(tmp_path / "c")
+    )
+    dm.push({"x": 1}, "a/b")
+    assert dm.pull("a/b", force=True) == ({"x": 1}, None)
+
+
+@pytest.mark.parametrize("mode", ["when_required", "when_supported"])
+def test_checksum_modes_work_against_the_server(
+    s3_endpoint: str, bucket: str, tmp_path: Path, mode: str
+) -> None:
+    config = dm.configure(
+        storage_name=bucket,
+        service="aws",
+        endpoint_url=s3_endpoint,
+        local_dir=str(tmp_path / "c"),
+        checksums=mode,
+        progress=False,
+    )
+    manager = dm.get_manager()
+    assert manager.store.client.meta.config.request_checksum_calculation == mode
+    big = np.random.default_rng(0).random(1_500_000)  # 12 MB: the multipart path too
+    dm.push(big, "big")
+    dm.push("small", "small")
+    manager.cache.clear()
+    np.testing.assert_array_equal(dm.pull("big")[0], big)
+    assert dm.pull("small")[0] == "small"
+    assert config.checksums == mode
+
+
+def test_missing_credentials_give_a_clear_error(
+    s3_endpoint: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(dm.CredentialsError, match="dm_aws") as info:
+        dm.configure(storage_name=bucket, service="aws", endpoint_url=s3_endpoint)
+    assert "\n" not in str(info.value)
