@@ -11,7 +11,7 @@ import pytest
 import daman as dm
 
 
-def configure_local(tmp_path: Path, **fields) -> dm.Config:  # noqa: ANN003
+def configure_local(tmp_path: Path, **fields) -> dm.Config:
     return dm.configure(
         storage_name=str(tmp_path / "store"),
         service="local",

@@ -16,7 +16,7 @@ from daman import Config, Manager
 BIN = Path(sys.executable).parent
 
 
-def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess:  # noqa: A002
+def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
     command = args[0]
     exe = shutil.which(command, path=str(BIN))
     assert exe, f"{command} is not installed next to {sys.executable}"
