@@ -145,10 +145,11 @@ class Cache:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # also when COMMIT itself failed (disc full, I/O error)
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     @contextlib.contextmanager
     def key_lock(self, key: str, blocking: bool = True) -> Iterator[bool]:

@@ -512,3 +512,15 @@ def test_fetch_of_an_object_that_cannot_fit_raises(make_config) -> None:
             manager.push(np.zeros(1000), "big")
         with pytest.warns(NotCachedWarning), pytest.raises(NotCachedError, match="does not fit"):
             manager.fetch("big")
+
+
+def test_progress_bars_on_large_transfers_only(make_config, capsys) -> None:  # noqa: ANN001
+    with Manager(make_config(progress=True)) as manager:
+        manager.push(np.zeros(2_000_000), "big")  # 16 MB
+        manager.push(1, "small")
+        manager.pull("big", force=True)
+    err = capsys.readouterr().err
+    assert "push big" in err and "pull big" in err and "small" not in err
+    with Manager(make_config(progress=False)) as manager:
+        manager.pull("big", force=True)
+    assert capsys.readouterr().err == ""

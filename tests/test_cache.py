@@ -1,0 +1,995 @@
+"""The local cache (``daman.cache.Cache``) on its own: no store, just folders under tmp_path.
+
+Every test ends, where it makes sense, with ``assert_consistent``: the files in ``objects/`` are
+exactly those the rows name, with the rows' sizes, the totals add up, and neither the journal
+nor ``tmp/`` holds anything once no operation runs. Crashes are real SIGKILLs of child
+processes, either at chosen points inside an operation or at random moments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+import daman.cache as cache_module
+from daman.cache import Cache, CacheEntry, CacheUsage
+from daman.keys import key_digest
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def make_file(cache: Cache, nbytes: int) -> Path:
+    """A finished download: ``nbytes`` random bytes at a fresh ``cache.new_temp_path()``."""
+    path = cache.new_temp_path()
+    path.write_bytes(os.urandom(nbytes))
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def put(cache: Cache, key: str, nbytes: int, *, persist: bool = False) -> CacheEntry:
+    """Add ``nbytes`` under ``key``, which must succeed."""
+    tmp = make_file(cache, nbytes)
+    entry = cache.add(key, tmp, etag=f"etag-{key}-{nbytes}", sha256=sha256_of(tmp), persist=persist)
+    assert entry is not None, f"adding {key!r} ({nbytes} bytes) unexpectedly did not fit"
+    return entry
+
+
+def journal(cache: Cache) -> list[tuple[str, str]]:
+    return sorted(cache._db().execute("SELECT file, key FROM journal").fetchall())
+
+
+def add_journal_row(cache: Cache, file: str, key: str) -> None:
+    db = cache._db()
+    db.execute("INSERT INTO journal (file, key) VALUES (?, ?)", (file, key))
+
+
+def files_on_disc(cache: Cache) -> dict[str, int]:
+    return {path.name: path.stat().st_size for path in cache.objects_dir.iterdir()}
+
+
+def sizes(cache: Cache) -> dict[str, int]:
+    return {entry.key: entry.size for entry in cache.entries()}
+
+
+def snapshot(cache: Cache) -> dict[str, object]:
+    """Everything an operation that "changes nothing" must leave as it was."""
+    return {
+        "entries": sorted(cache.entries(), key=lambda entry: entry.key),
+        "files": files_on_disc(cache),
+        "usage": cache.usage(),
+        "journal": journal(cache),
+        "tmp": sorted(path.name for path in cache.tmp_dir.iterdir()),
+    }
+
+
+def assert_consistent(cache: Cache) -> None:
+    """The invariants the module docstring promises, at rest."""
+    entries = cache.entries()
+    referenced = {entry.path.name: entry.size for entry in entries}
+    assert len(referenced) == len(entries), "two rows share one file"
+    assert files_on_disc(cache) == referenced
+    for entry in entries:
+        assert entry.path.parent == cache.objects_dir
+        assert entry.path.name.startswith(key_digest(entry.key) + ".")
+    assert cache.usage().used == sum(entry.size for entry in entries)
+    assert cache.usage().count == len(entries)
+    assert list(cache.tmp_dir.glob("*.incomplete")) == []
+    assert journal(cache) == []
+
+
+def run_python(code: str, *args: object, stdin: int | None = None) -> subprocess.Popen[str]:
+    """Start ``code`` in a fresh interpreter (argv[1:] = args), stdout piped as text."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 60) -> str:
+    """Wait for ``proc`` to exit 0; its stdout."""
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"child failed ({proc.returncode}):\n{err}"
+    return out
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def key_on_stripe(key: str, same: bool) -> str:
+    """Another key whose lock stripe (first two hex digits of its digest) is / is not ``key``'s."""
+    stripe = key_digest(key)[:2]
+    for i in itertools.count():
+        other = f"{key}-other-{i}"
+        if (key_digest(other)[:2] == stripe) == same:
+            return other
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A strictly increasing ``time.time()`` for the cache, so LRU order never has ties."""
+    ticks = itertools.count(1_000_000)
+    fake = types.SimpleNamespace(time=lambda: float(next(ticks)))
+    monkeypatch.setattr(cache_module, "time", fake)
+
+
+# -- add / get ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 4096, 300_000])
+@pytest.mark.parametrize("persist", [False, True])
+def test_add_get_round_trip(root: Path, nbytes: int, persist: bool) -> None:
+    cache = Cache(root)
+    tmp = make_file(cache, nbytes)
+    data = tmp.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+
+    entry = cache.add("team/data/v1", tmp, etag='"abc"', sha256=digest, persist=persist)
+
+    assert entry is not None
+    assert not tmp.exists()
+    assert entry.path.read_bytes() == data
+    assert (entry.key, entry.size, entry.etag, entry.sha256, entry.persist) == (
+        "team/data/v1", nbytes, '"abc"', digest, persist,
+    )  # fmt: skip
+    assert entry.created == entry.accessed
+    assert cache.get("team/data/v1") == entry
+    assert cache.usage() == CacheUsage(used=nbytes, allocated=None, count=1)
+    assert cache.states(["team/data/v1"]) == {"team/data/v1": persist}
+    assert_consistent(cache)
+
+
+@pytest.mark.parametrize("key", ["a", "x/y/z", "ünïcödé/ключ/鍵", "long/" + "s" * 200 + "/end"])
+def test_cache_files_are_named_by_the_key_digest_not_the_key(root: Path, key: str) -> None:
+    cache = Cache(root)
+    entry = put(cache, key, 10)
+    assert entry.path.parent == cache.objects_dir
+    assert entry.path.name.split(".")[0] == key_digest(key)
+    assert cache.get(key) == entry
+    assert_consistent(cache)
+
+
+def test_get_of_unknown_keys_is_none(root: Path) -> None:
+    cache = Cache(root)
+    assert cache.get("nothing") is None
+    put(cache, "a", 10)
+    assert cache.get("b") is None
+    assert cache.get("a/") is None and cache.get("A") is None
+    assert_consistent(cache)
+
+
+def test_entries_survive_reopening(root: Path) -> None:
+    cache = Cache(root, 1000)
+    entry = put(cache, "k", 123, persist=True)
+    cache.close()
+    again = Cache(root, 1000)
+    assert again.get("k") == entry
+    assert again.usage() == CacheUsage(used=123, allocated=1000, count=1)
+    assert_consistent(again)
+
+
+def test_add_of_a_missing_temp_file_raises_and_changes_nothing(root: Path) -> None:
+    cache = Cache(root, 1000)
+    put(cache, "a", 100)
+    before = snapshot(cache)
+    with pytest.raises(FileNotFoundError):
+        cache.add("b", cache.tmp_dir / "missing.incomplete", etag="e", sha256="s")
+    assert snapshot(cache) == before
+    assert_consistent(cache)
+
+
+# -- replacing an entry ---------------------------------------------------------------------------
+
+
+def test_replacing_a_key_removes_the_old_file_and_updates_the_totals(root: Path) -> None:
+    cache = Cache(root, 1000)
+    put(cache, "other", 50)
+    old = put(cache, "k", 300)
+    new = put(cache, "k", 120)
+
+    assert not old.path.exists()
+    assert new.path != old.path and new.path.exists()
+    assert cache.get("k") == new
+    assert new.etag != old.etag and new.sha256 == sha256_of(new.path)
+    assert cache.usage() == CacheUsage(used=170, allocated=1000, count=2)
+    assert_consistent(cache)
+
+
+@pytest.mark.parametrize(
+    ("old_persist", "new_persist", "expected"),
+    [(False, False, False), (False, True, True), (True, False, True), (True, True, True)],
+)
+def test_replacing_keeps_a_persisted_entry_persisted(
+    root: Path, old_persist: bool, new_persist: bool, expected: bool
+) -> None:
+    cache = Cache(root)
+    put(cache, "k", 10, persist=old_persist)
+    entry = put(cache, "k", 20, persist=new_persist)
+    assert entry.persist is expected
+    assert cache.get("k").persist is expected
+    assert cache.states(["k"]) == {"k": expected}
+    assert_consistent(cache)
+
+
+def test_replacing_counts_the_old_size_as_freed(root: Path) -> None:
+    cache = Cache(root, 100)
+    put(cache, "k", 100, persist=True)  # the allocation is full of a pinned entry ...
+    entry = put(cache, "k", 100)  # ... which can still be replaced by one of the same size
+    assert cache.get("k") == entry
+    assert cache.usage().used == 100
+    assert_consistent(cache)
+
+
+def test_growing_replacement_evicts_others_but_never_its_own_old_file(
+    root: Path, clock: None
+) -> None:
+    cache = Cache(root, 100)
+    put(cache, "k", 40)  # the least recently used entry, yet not the one to evict
+    put(cache, "a", 40)
+    put(cache, "b", 20)
+    put(cache, "k", 60)  # needs 20 more bytes: evicts a (the LRU of the others) only
+    assert sizes(cache) == {"k": 60, "b": 20}
+    assert_consistent(cache)
+
+
+# -- allocation and eviction ----------------------------------------------------------------------
+
+
+def test_usage_never_exceeds_the_allocation(root: Path) -> None:
+    rng = random.Random(1234)
+    cache = Cache(root, 10_000)
+    for i in range(150):
+        key = f"k/{rng.randrange(40)}"
+        entry = put(cache, key, rng.randrange(0, 3000), persist=rng.random() < 0.02)
+        assert cache.get(key) == entry  # the newest entry is never the one evicted
+        assert cache.usage().used <= 10_000, f"over the allocation after add #{i}"
+        if rng.random() < 0.1:
+            for pinned in cache.entries():
+                cache.set_persist(pinned.key, False)
+    assert_consistent(cache)
+
+
+def test_eviction_is_least_recently_used_first_and_touch_refreshes(root: Path, clock: None) -> None:
+    cache = Cache(root, 300)
+    for key in "abc":
+        put(cache, key, 100)
+    cache.touch("a")  # order, oldest first: b, c, a
+    put(cache, "d", 100)  # evicts b only
+    assert sorted(sizes(cache)) == ["a", "c", "d"]
+    assert [entry.key for entry in cache.entries()] == ["d", "a", "c"]  # most recent first
+
+    put(cache, "e", 150)  # needs 150: evicts c then a, and stops as soon as e fits
+    assert sizes(cache) == {"d": 100, "e": 150}
+    cache.touch("not-cached")  # a no-op, no error
+    assert_consistent(cache)
+
+
+def test_persisted_entries_are_never_evicted(root: Path, clock: None) -> None:
+    cache = Cache(root, 300)
+    put(cache, "pinned", 100, persist=True)  # the oldest entry throughout
+    put(cache, "later-pinned", 50)
+    assert cache.set_persist("later-pinned", True)
+    for i in range(20):
+        put(cache, f"churn/{i}", 60 + i)
+        assert cache.get("pinned") is not None and cache.get("later-pinned") is not None
+        assert cache.usage().used <= 300
+    assert cache.set_persist("later-pinned", False)
+    put(cache, "big", 200)  # room only if the now unpinned entry goes
+    assert sizes(cache) == {"pinned": 100, "big": 200}
+    assert_consistent(cache)
+
+
+@pytest.mark.parametrize(
+    ("existing", "key", "nbytes"),
+    [
+        pytest.param([], "new", 101, id="bigger-than-allocation-empty-cache"),
+        pytest.param([("a", 30, False)], "new", 101, id="bigger-than-allocation"),
+        pytest.param([("p", 100, True)], "new", 1, id="pinned-entries-fill-it"),
+        pytest.param(
+            [("p", 60, True), ("a", 20, False), ("b", 10, False)], "new", 50,
+            id="evicting-all-unpinned-is-not-enough",
+        ),
+        pytest.param(
+            [("p", 49, True), ("k", 50, False), ("a", 1, False)], "k", 60,
+            id="replacement-next-to-pinned-entries",
+        ),
+    ],
+)  # fmt: skip
+def test_an_object_that_cannot_fit_is_refused_and_nothing_changes(
+    root: Path, clock: None, existing: list[tuple[str, int, bool]], key: str, nbytes: int
+) -> None:
+    cache = Cache(root, 100)
+    for name, size, persist in existing:
+        put(cache, name, size, persist=persist)
+    tmp = make_file(cache, nbytes)
+    data = tmp.read_bytes()
+    before = snapshot(cache)
+
+    assert cache.add(key, tmp, etag="e", sha256="s") is None
+
+    assert tmp.read_bytes() == data  # the caller keeps its file
+    assert snapshot(cache) == before  # evictions it tried were rolled back
+    tmp.unlink()
+    assert_consistent(cache)
+
+
+@pytest.mark.parametrize("replacing", [False, True], ids=["new-key", "replacement"])
+def test_a_failure_after_the_rename_rolls_everything_back(root: Path, replacing: bool) -> None:
+    cache = Cache(root, 100)
+    put(cache, "a", 60)  # must be evicted for the add below, then restored by the rollback
+    put(cache, "b", 20)
+    if replacing:
+        put(cache, "boom", 10)
+    cache._db().executescript(
+        """
+        CREATE TRIGGER fail_insert BEFORE INSERT ON entries WHEN NEW.key = 'boom'
+        BEGIN SELECT RAISE(ABORT, 'injected failure'); END;
+        CREATE TRIGGER fail_update BEFORE UPDATE ON entries WHEN NEW.key = 'boom'
+        BEGIN SELECT RAISE(ABORT, 'injected failure'); END;
+        """
+    )
+    tmp = make_file(cache, 50)
+    data = tmp.read_bytes()
+    before = snapshot(cache)
+
+    with pytest.raises(sqlite3.IntegrityError, match="injected failure"):
+        cache.add("boom", tmp, etag="e", sha256="s")
+
+    assert tmp.read_bytes() == data  # moved back out of objects/
+    assert snapshot(cache) == before
+    cache._db().executescript("DROP TRIGGER fail_insert; DROP TRIGGER fail_update;")
+    assert cache.add("boom", tmp, etag="e", sha256="s") is not None
+    assert sizes(cache) == {"b": 20, "boom": 50}
+    assert_consistent(cache)
+
+
+def test_a_failing_rename_raises_and_rolls_back(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = Cache(root, 100)
+    put(cache, "a", 60)  # would have been evicted for the add below
+    tmp = make_file(cache, 50)
+    before = snapshot(cache)
+
+    def cross_device(src: object, dst: object) -> None:
+        raise OSError(18, "Invalid cross-device link")
+
+    # Only the cache module's view of ``os`` changes, not the real module.
+    fake_os = types.SimpleNamespace(**{**vars(os), "replace": cross_device})
+    with monkeypatch.context() as patch, pytest.raises(OSError, match="cross-device"):
+        patch.setattr(cache_module, "os", fake_os)
+        cache.add("new", tmp, etag="e", sha256="s")
+
+    assert tmp.exists()
+    assert snapshot(cache) == before
+    tmp.unlink()
+    assert_consistent(cache)
+
+
+def test_no_allocation_means_no_limit(root: Path) -> None:
+    cache = Cache(root, None)
+    for i in range(5):
+        put(cache, f"k{i}", 200_000)
+    assert cache.usage() == CacheUsage(used=1_000_000, allocated=None, count=5)
+    assert cache.evict_until_fits(10**12) == 0
+    assert cache.usage().count == 5
+    assert_consistent(cache)
+
+
+# -- damaged files --------------------------------------------------------------------------------
+
+
+def _delete(path: Path) -> None:
+    path.unlink()
+
+
+def _truncate(path: Path) -> None:
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size - 1)
+
+
+def _extend(path: Path) -> None:
+    with path.open("ab") as f:
+        f.write(b"x")
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage", [_delete, _truncate, _extend, _empty])
+@pytest.mark.parametrize("persist", [False, True])
+def test_get_of_a_damaged_file_is_none_and_drops_the_row(root: Path, damage, persist: bool) -> None:
+    cache = Cache(root, 10_000)
+    keep = put(cache, "keep", 100)
+    entry = put(cache, "k", 500, persist=persist)
+    damage(entry.path)
+
+    assert cache.get("k") is None
+
+    assert cache.states(["k", "keep"]) == {"keep": False}
+    assert not entry.path.exists()
+    assert cache.usage() == CacheUsage(used=100, allocated=10_000, count=1)
+    assert cache.get("keep") == keep
+    assert cache.get("k") is None
+    assert_consistent(cache)
+
+
+# -- remove, set_persist, clear, evict_until_fits, states, entries -------------------------------
+
+
+@pytest.mark.parametrize("persist", [False, True])
+def test_remove(root: Path, persist: bool) -> None:
+    cache = Cache(root)
+    put(cache, "keep", 10)
+    entry = put(cache, "k", 30, persist=persist)
+
+    assert cache.remove("k") is True
+
+    assert not entry.path.exists()
+    assert cache.get("k") is None
+    assert cache.usage() == CacheUsage(used=10, allocated=None, count=1)
+    assert cache.remove("k") is False
+    assert cache.remove("never-cached") is False
+    assert_consistent(cache)
+
+
+def test_remove_of_an_entry_whose_file_is_already_gone(root: Path) -> None:
+    cache = Cache(root)
+    put(cache, "k", 30).path.unlink()
+    assert cache.remove("k") is True
+    assert cache.usage().count == 0
+    assert_consistent(cache)
+
+
+def test_set_persist(root: Path) -> None:
+    cache = Cache(root)
+    put(cache, "k", 10)
+    assert cache.set_persist("k", True) is True
+    assert cache.get("k").persist and cache.states(["k"]) == {"k": True}
+    assert cache.set_persist("k", True) is True  # already pinned: still cached
+    assert cache.set_persist("k", False) is True
+    assert not cache.get("k").persist
+    assert cache.set_persist("missing", True) is False
+    assert cache.set_persist("missing", False) is False
+    assert cache.get("missing") is None and cache.usage().count == 1
+    assert_consistent(cache)
+
+
+def test_clear_frees_only_unpinned_entries(root: Path) -> None:
+    cache = Cache(root, 1000)
+    pinned = put(cache, "pinned", 100, persist=True)
+    gone = [put(cache, "a", 20), put(cache, "b", 30)]
+
+    assert cache.clear() == 50
+
+    assert all(not entry.path.exists() for entry in gone)
+    assert cache.get("pinned") == pinned
+    assert cache.usage() == CacheUsage(used=100, allocated=1000, count=1)
+    assert cache.clear() == 0
+    assert_consistent(cache)
+
+
+def test_reopening_with_a_smaller_allocation_evicts_lru_entries(root: Path, clock: None) -> None:
+    cache = Cache(root, 1000)
+    put(cache, "pinned", 200, persist=True)
+    for key in "abcd":
+        put(cache, key, 200)
+    cache.touch("a")  # LRU order of the unpinned: b, c, d, a
+    cache.close()
+
+    smaller = Cache(root, 500)
+    assert sizes(smaller) == {"pinned": 200, "a": 200}
+    assert smaller.usage().used == 400
+    assert_consistent(smaller)
+    smaller.close()
+
+    tiny = Cache(root, 100)  # below the pinned bytes: what can go goes, the pin stays
+    assert sizes(tiny) == {"pinned": 200}
+    assert_consistent(tiny)
+
+
+def test_evict_until_fits_returns_the_bytes_freed(root: Path, clock: None) -> None:
+    cache = Cache(root, 1000)
+    for key in "abcd":
+        put(cache, key, 200)
+    assert cache.evict_until_fits() == 0
+    assert cache.evict_until_fits(200) == 0
+    assert cache.evict_until_fits(500) == 400  # 800 + 500 > 1000: a and b go
+    assert sorted(sizes(cache)) == ["c", "d"]
+    assert_consistent(cache)
+
+
+def test_states_of_many_keys(root: Path) -> None:
+    cache = Cache(root)
+    cached = [f"k/{i}" for i in range(0, 1560, 3)]  # 520 keys, spread over all chunks
+    expected = {}
+    for i, key in enumerate(cached):
+        put(cache, key, 1, persist=i % 7 == 0)
+        expected[key] = i % 7 == 0
+    asked = [f"k/{i}" for i in range(1560)] + ["missing/a", "missing/b"]
+    random.Random(5).shuffle(asked)
+
+    assert cache.states(asked) == expected
+    assert cache.states(asked[:3] * 400) == {k: expected[k] for k in asked[:3] if k in expected}
+    assert cache.states([]) == {}
+    assert cache.states(["missing/a"]) == {}
+
+
+def test_entries(root: Path, clock: None) -> None:
+    cache = Cache(root)
+    assert cache.entries() == []
+    added = {key: put(cache, key, n, persist=key == "b") for key, n in [("a", 1), ("b", 2)]}
+    put(cache, "c", 3)
+    cache.remove("c")
+    cache.touch("a")
+
+    entries = cache.entries()
+    assert [entry.key for entry in entries] == ["a", "b"]  # most recently used first
+    assert entries[1] == added["b"] == cache.get("b")
+    assert entries[0] == cache.get("a")
+    assert entries[0].accessed > added["a"].accessed == entries[0].created
+
+
+# -- crash recovery -------------------------------------------------------------------------------
+
+
+def test_recovery_unlinks_journaled_files_no_row_refers_to(root: Path) -> None:
+    cache = Cache(root)
+    kept = put(cache, "kept", 10)
+    orphan = f"{key_digest('k')}.0123456789ab"  # renamed into place, then the crash
+    (cache.objects_dir / orphan).write_bytes(b"partial")
+    add_journal_row(cache, orphan, "k")
+    add_journal_row(cache, f"{key_digest('k2')}.ba9876543210", "k2")  # crashed before the rename
+    cache.close()
+
+    again = Cache(root)
+    assert not (again.objects_dir / orphan).exists()
+    assert again.get("kept") == kept
+    assert_consistent(again)
+
+
+def test_recovery_keeps_journaled_files_that_a_row_refers_to(root: Path) -> None:
+    cache = Cache(root)
+    entry = put(cache, "k", 10)
+    add_journal_row(cache, entry.path.name, "k")
+    cache.close()
+
+    again = Cache(root)
+    assert again.get("k") == entry
+    assert entry.path.exists()
+    assert_consistent(again)
+
+
+def test_recovery_removes_temp_files_of_dead_processes_only(root: Path) -> None:
+    cache = Cache(root)
+    live_child = run_python("import sys; sys.stdin.readline()", stdin=subprocess.PIPE)
+    try:
+        names = {
+            "dead": f"{dead_pid()}-{'0' * 32}.incomplete",
+            "mine": cache.new_temp_path().name,
+            "live-child": f"{live_child.pid}-{'1' * 32}.incomplete",
+            "not-a-pid": "abc-123.incomplete",
+            "other-suffix": f"{dead_pid()}-{'2' * 32}.partial",
+        }
+        for name in names.values():
+            (cache.tmp_dir / name).write_bytes(b"x")
+        cache.close()
+
+        Cache(root)
+        left = {path.name for path in cache.tmp_dir.iterdir()}
+        assert left == set(names.values()) - {names["dead"]}
+    finally:
+        live_child.communicate("\n", timeout=30)
+
+
+HOLD_LOCK = """
+    import sys
+    from daman.cache import Cache
+
+    cache = Cache(sys.argv[1])
+    with cache.key_lock(sys.argv[2]):
+        print("locked", flush=True)
+        sys.stdin.readline()
+"""
+
+TRY_LOCK = """
+    import sys
+    from daman.cache import Cache
+
+    cache = Cache(sys.argv[1])
+    with cache.key_lock(sys.argv[2], blocking=False) as got:
+        print(got)
+"""
+
+
+def test_recovery_leaves_journaled_files_of_a_running_add_alone(root: Path) -> None:
+    """A journaled file whose key's lock is held may belong to an add still in progress."""
+    Cache(root).close()
+    holder = run_python(HOLD_LOCK, root, "k", stdin=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        cache = Cache(root)
+        in_flight = f"{key_digest('k')}.0123456789ab"
+        (cache.objects_dir / in_flight).write_bytes(b"being added")
+        add_journal_row(cache, in_flight, "k")
+
+        Cache(root).close()  # another process opens the folder meanwhile
+        assert (cache.objects_dir / in_flight).exists()
+        assert journal(cache) == [(in_flight, "k")]
+    finally:
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+    finish(holder)
+
+    cache.recover()  # the lock is free: now it is an orphan
+    assert not (cache.objects_dir / in_flight).exists()
+    assert_consistent(cache)
+
+
+CRASH_AT = """
+    import os, signal, sys
+    from daman.cache import Cache
+
+    root, op, point = sys.argv[1], sys.argv[2], sys.argv[3]
+    cache = Cache(root, 400)
+
+    def die(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    real_replace = os.replace
+    if point == "before-rename":
+        os.replace = die
+    elif point == "after-rename":
+        os.replace = lambda src, dst: (real_replace(src, dst), die())
+    elif point == "after-commit":
+        Cache._unlink_journaled = die
+    elif point == "mid-unlink":
+        def unlink_one_then_die(self, files):
+            (self.objects_dir / files[0]).unlink()
+            die()
+        Cache._unlink_journaled = unlink_one_then_die
+
+    def add(key, nbytes):
+        tmp = cache.new_temp_path()
+        tmp.write_bytes(os.urandom(nbytes))
+        cache.add(key, tmp, etag="child", sha256="s")
+
+    if op == "add":
+        add("d", 100)  # evicts a, the least recently used unpinned entry
+    elif op == "replace":
+        add("b", 50)
+    elif op == "remove":
+        cache.remove("b")
+    elif op == "clear":
+        cache.clear()
+    sys.exit(3)  # the crash point was never reached
+"""
+
+BEFORE = {"p": 100, "a": 100, "b": 100, "c": 100}
+
+
+CRASH_CASES = [
+    ("add", "before-rename", BEFORE),
+    ("add", "after-rename", BEFORE),
+    ("add", "after-commit", {"p": 100, "b": 100, "c": 100, "d": 100}),
+    ("add", "mid-unlink", {"p": 100, "b": 100, "c": 100, "d": 100}),
+    ("replace", "before-rename", BEFORE),
+    ("replace", "after-rename", BEFORE),
+    ("replace", "after-commit", {**BEFORE, "b": 50}),
+    ("remove", "after-commit", {"p": 100, "a": 100, "c": 100}),
+    ("clear", "after-commit", {"p": 100}),
+    ("clear", "mid-unlink", {"p": 100}),
+]
+
+
+@pytest.mark.parametrize(
+    ("op", "point", "after"), CRASH_CASES, ids=[f"{op}-{point}" for op, point, _ in CRASH_CASES]
+)
+def test_sigkill_at_each_step_is_recovered_on_open(
+    root: Path, clock: None, op: str, point: str, after: dict[str, int]
+) -> None:
+    cache = Cache(root, 400)
+    put(cache, "p", 100, persist=True)
+    for key in "abc":
+        put(cache, key, 100)
+    before = snapshot(cache)
+    cache.close()
+
+    child = run_python(CRASH_AT, root, op, point)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL, err
+
+    again = Cache(root, 400)
+    assert sizes(again) == after
+    if point in ("before-rename", "after-rename"):  # never committed: not a byte changed
+        assert snapshot(again) == before
+    assert_consistent(again)
+
+
+CRASH_LOOP = """
+    import os, random, sys
+    from daman.cache import Cache
+
+    root, allocation, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    rng = random.Random(seed)
+    cache = Cache(root, allocation)
+    print("ready", flush=True)
+    while True:
+        key = f"k/{rng.randrange(12)}"
+        action = rng.random()
+        if action < 0.7:
+            tmp = cache.new_temp_path()
+            tmp.write_bytes(os.urandom(rng.randrange(1, 4000)))
+            if cache.add(key, tmp, etag="e", sha256="s", persist=rng.random() < 0.05) is None:
+                tmp.unlink()
+        elif action < 0.8:
+            cache.remove(key)
+        elif action < 0.9:
+            cache.get(key)
+        elif action < 0.97:
+            cache.set_persist(key, False)
+        else:
+            cache.clear()
+"""
+
+
+def test_random_sigkills_leave_a_folder_that_opens_consistent(root: Path) -> None:
+    rng = random.Random(20240601)
+    allocation = 10_000
+    seen_entries = 0
+    for round_ in range(20):
+        child = run_python(CRASH_LOOP, root, allocation, round_)
+        try:
+            assert child.stdout.readline() == "ready\n", child.stderr.read()
+            time.sleep(rng.uniform(0.0, 0.08))  # let it run for a random while
+        finally:
+            child.kill()
+            child.communicate(timeout=60)
+        assert child.returncode == -signal.SIGKILL, f"round {round_}: the loop stopped by itself"
+
+        cache = Cache(root, allocation)  # plain open: recovery alone restores the invariants
+        assert_consistent(cache)
+        assert cache.usage().used <= allocation
+        seen_entries += cache.usage().count
+        cache.close()
+    assert seen_entries > 0  # the children did add entries before being killed
+
+
+# -- reconcile ------------------------------------------------------------------------------------
+
+
+def test_reconcile_repairs_missing_files_and_orphans(root: Path) -> None:
+    cache = Cache(root)
+    put(cache, "missing", 10).path.unlink()
+    _truncate(put(cache, "truncated", 10).path)
+    intact = put(cache, "intact", 10)
+    for name in ("stray-file", f"{key_digest('x')}.0123456789ab"):
+        (cache.objects_dir / name).write_bytes(b"nobody's")
+    journaled = f"{key_digest('j')}.ba9876543210"
+    (cache.objects_dir / journaled).write_bytes(b"journaled")
+    add_journal_row(cache, journaled, "j")  # recovery's to unlink, not counted as an orphan
+
+    assert cache.reconcile() == {"dropped_rows": 2, "orphan_files": 2}
+
+    assert sizes(cache) == {"intact": 10}
+    assert cache.get("intact") == intact
+    assert_consistent(cache)
+    assert cache.reconcile() == {"dropped_rows": 0, "orphan_files": 0}
+
+
+def test_reconcile_of_a_healthy_cache_changes_nothing(root: Path) -> None:
+    cache = Cache(root, 1000)
+    put(cache, "a", 10)
+    put(cache, "b", 20, persist=True)
+    before = snapshot(cache)
+    assert cache.reconcile() == {"dropped_rows": 0, "orphan_files": 0}
+    assert snapshot(cache) == before
+
+
+# -- key_lock -------------------------------------------------------------------------------------
+
+
+def test_key_lock_is_reentrant_in_one_thread(root: Path) -> None:
+    cache = Cache(root)
+    sibling = key_on_stripe("k", same=True)
+    with cache.key_lock("k") as outer:
+        with cache.key_lock("k") as inner, cache.key_lock("k", blocking=False) as again:
+            assert (outer, inner, again) == (True, True, True)
+        with cache.key_lock(sibling, blocking=False) as same_stripe:
+            assert same_stripe is True
+        entry = put(cache, "k", 10)  # add takes the lock it already holds
+        assert cache.remove("k")
+    assert not entry.path.exists()
+    assert_consistent(cache)
+
+
+def test_key_lock_excludes_other_processes(root: Path) -> None:
+    cache = Cache(root)
+    with cache.key_lock("k"):
+        assert finish(run_python(TRY_LOCK, root, "k")) == "False\n"
+        assert finish(run_python(TRY_LOCK, root, key_on_stripe("k", same=True))) == "False\n"
+        assert finish(run_python(TRY_LOCK, root, key_on_stripe("k", same=False))) == "True\n"
+    assert finish(run_python(TRY_LOCK, root, "k")) == "True\n"  # released on exit
+
+
+def test_key_lock_non_blocking_is_false_while_another_process_holds_it(root: Path) -> None:
+    cache = Cache(root)
+    holder = run_python(HOLD_LOCK, root, "k", stdin=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with cache.key_lock("k", blocking=False) as got:
+            assert got is False
+        with cache.key_lock(key_on_stripe("k", same=False), blocking=False) as other:
+            assert other is True
+    finally:
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+    finish(holder)
+    with cache.key_lock("k", blocking=False) as got:
+        assert got is True
+
+
+def test_key_lock_excludes_other_threads(root: Path) -> None:
+    cache = Cache(root)
+    events: list[str] = []
+    holding, release = threading.Event(), threading.Event()
+    results: dict[str, bool] = {}
+
+    def holder() -> None:
+        with cache.key_lock("k"):
+            holding.set()
+            release.wait(30)
+            events.append("released")
+
+    def waiter() -> None:
+        with cache.key_lock("k") as got:
+            events.append("acquired")
+            results["blocking"] = got
+
+    first = threading.Thread(target=holder)
+    first.start()
+    assert holding.wait(30)
+    with cache.key_lock("k", blocking=False) as got:
+        assert got is False
+    second = threading.Thread(target=waiter)
+    second.start()
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert events == ["released", "acquired"]
+    assert results == {"blocking": True}
+
+
+# -- several processes and threads ----------------------------------------------------------------
+
+
+WORKER = """
+    import hashlib, os, random, sys, time
+    from pathlib import Path
+    from daman.cache import Cache
+
+    root, go = sys.argv[1], Path(sys.argv[5])
+    allocation, seed, iterations = map(int, sys.argv[2:5])
+    print("ready", flush=True)
+    while not go.exists():
+        time.sleep(0.002)
+    cache = Cache(root, allocation)  # the folder may not exist yet: opened concurrently
+    rng = random.Random(seed)
+    added = verified = 0
+    for _ in range(iterations):
+        key = f"shared/{rng.randrange(10)}"
+        action = rng.random()
+        if action < 0.5:
+            data = os.urandom(rng.randrange(1, 6000))
+            tmp = cache.new_temp_path()
+            tmp.write_bytes(data)
+            digest = hashlib.sha256(data).hexdigest()
+            entry = cache.add(key, tmp, etag=str(seed), sha256=digest, persist=rng.random() < 0.1)
+            if entry is None:
+                tmp.unlink()
+            else:
+                added += 1
+        elif action < 0.65:
+            cache.remove(key)
+        elif action < 0.75:
+            cache.set_persist(key, False)
+        else:
+            with cache.key_lock(key):  # no add or remove of this key meanwhile
+                entry = cache.get(key)
+                if entry is not None:
+                    try:
+                        data = entry.path.read_bytes()
+                    except FileNotFoundError:
+                        data = None  # evicted by another process's add: allowed
+                    if data is not None:
+                        assert len(data) == entry.size, (len(data), entry)
+                        assert hashlib.sha256(data).hexdigest() == entry.sha256, entry
+                        verified += 1
+        used = cache.usage().used
+        assert used <= allocation, (used, allocation)
+    print(added, verified, flush=True)
+"""
+
+
+def test_processes_sharing_one_folder(tmp_path: Path, root: Path) -> None:
+    allocation, go = 20_000, tmp_path / "go"
+    workers = [run_python(WORKER, root, allocation, seed, 150, go) for seed in range(4)]
+    try:
+        for worker in workers:
+            assert worker.stdout.readline() == "ready\n", worker.stderr.read()
+        go.touch()
+        counts = [tuple(map(int, finish(worker).split())) for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate()
+    assert sum(added for added, _ in counts) > 100
+    assert sum(verified for _, verified in counts) > 0
+
+    cache = Cache(root, allocation)
+    assert_consistent(cache)
+    assert cache.usage().used <= allocation
+    for entry in cache.entries():
+        assert sha256_of(entry.path) == entry.sha256
+
+
+def test_threads_sharing_one_cache(root: Path) -> None:
+    cache = Cache(root, 8_000)
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(80):
+                key = f"t/{rng.randrange(8)}"
+                action = rng.random()
+                if action < 0.6:
+                    tmp = make_file(cache, rng.randrange(1, 3000))
+                    if cache.add(key, tmp, etag="e", sha256=sha256_of(tmp)) is None:
+                        tmp.unlink()
+                elif action < 0.75:
+                    cache.remove(key)
+                else:
+                    cache.get(key)
+                assert cache.usage().used <= 8_000
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert cache.usage().count > 0
+    assert_consistent(cache)
