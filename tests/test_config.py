@@ -102,7 +102,9 @@ def test_missing_config_says_which_command_fixes_it() -> None:
         (json.dumps({"service": "aws"}), "incomplete configuration"),
     ],
 )
-def test_broken_config_files_give_clear_errors(daman_home: Path, content: str, message: str) -> None:
+def test_broken_config_files_give_clear_errors(
+    daman_home: Path, content: str, message: str
+) -> None:
     daman_home.mkdir(parents=True, exist_ok=True)
     (daman_home / "config.json").write_text(content)
     with pytest.raises(ConfigError, match=message):

@@ -57,7 +57,7 @@ def test_buffers_are_out_of_band_and_aligned(tmp_path: Path) -> None:
     arrays = [np.arange(n, dtype=np.float64) for n in (1, 7, 100, 4096)]
     footer = write(tmp_path / "o", arrays)
     assert len(footer.buffers) == len(arrays)
-    for (offset, length), array in zip(footer.buffers, arrays):
+    for (offset, length), array in zip(footer.buffers, arrays, strict=True):
         assert offset % ser.ALIGN == 0
         assert length == array.nbytes
     # The stream holds no array data: it is small even though the arrays are not.
@@ -105,7 +105,7 @@ def test_large_meta_needs_a_second_read(tmp_path: Path) -> None:
 
 
 class Unpicklable:
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         raise RuntimeError("no pickling for me")
 
 
@@ -202,7 +202,7 @@ def test_version_mismatch_warns(python: str | None, cloudpickle_version: str | N
     assert bool([w for w in caught if issubclass(w.category, VersionMismatchWarning)]) == warns
 
 
-def test_missing_module_gives_deserialization_error(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_missing_module_gives_deserialization_error(tmp_path: Path, monkeypatch) -> None:
     module = tmp_path / "vanishing_module_xyz.py"
     module.write_text("class Thing:\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))

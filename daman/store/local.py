@@ -152,7 +152,7 @@ class LocalStore(Store):
         for folder, _dirs, files in os.walk(base):
             rel = Path(folder).relative_to(self.root).as_posix()
             for name in files:
-                if not name.endswith(SUFFIX) or name.endswith(".incomplete"):
+                if not name.endswith(SUFFIX):  # temp files end in .incomplete
                     continue
                 key = (name if rel == "." else f"{rel}/{name}")[: -len(SUFFIX)]
                 if key.startswith(prefix):

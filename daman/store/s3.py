@@ -42,6 +42,7 @@ from ..config import Config
 from ..errors import (
     CredentialsError,
     DamanError,
+    InvalidKeyError,
     KeyExistsError,
     KeyNotFoundError,
     StorageNotFoundError,
@@ -72,6 +73,17 @@ class ObjectChangedError(DamanError):
     """The object was replaced while we read it in parts; the download restarts."""
 
 
+class _RangeNotSatisfiable(DamanError):
+    """A ranged GET beyond the object's end (or of an empty object)."""
+
+
+def _credentials_error() -> CredentialsError:
+    return CredentialsError(
+        "no (complete) AWS credentials found. Run `dm_aws --access_key_id ID "
+        "--secret_access_key SECRET`, or set AWS_PROFILE / AWS_ACCESS_KEY_ID."
+    )
+
+
 def part_size_for(size: int) -> int:
     """Parts of at least 8 MiB, few enough for S3's 10,000-part limit, in whole MiB."""
     mib = 1024 * 1024
@@ -100,12 +112,15 @@ class S3Store(Store):
             request_checksum_calculation=config.checksums,
             response_checksum_validation="when_required",
         )
-        client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=config.endpoint_url or None,
-            region_name=config.region or None,
-            config=boto_config,
-        )
+        try:
+            client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=config.endpoint_url or None,
+                region_name=config.region or None,
+                config=boto_config,
+            )
+        except (NoCredentialsError, PartialCredentialsError):  # checked when the client is made
+            raise _credentials_error() from None
         return cls(client, config.storage_name, config.max_attempts)
 
     def describe(self) -> str:
@@ -119,10 +134,7 @@ class S3Store(Store):
     def _translate(self, exc: Exception, key: str | None) -> DamanError:
         where = self.describe()
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-            return CredentialsError(
-                "no AWS credentials found. Run `dm_aws --access_key_id ID "
-                "--secret_access_key SECRET`, or set AWS_PROFILE / AWS_ACCESS_KEY_ID."
-            )
+            return _credentials_error()
         if isinstance(exc, ClientError):
             code = _error_code(exc)
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -133,6 +145,8 @@ class S3Store(Store):
                     "credentials). Create it, or run `dm_configure --storage_name BUCKET "
                     "--service aws` with an existing bucket."
                 )
+            if code == "InvalidRange":
+                return _RangeNotSatisfiable(message)
             if code in ("NoSuchKey", "404", "NotFound") and key is not None:
                 return KeyNotFoundError(key, where)
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict") and key:
@@ -316,7 +330,14 @@ class S3Store(Store):
 
     def _get_once(self, key: str, dest: Path, progress: Progress) -> ObjectInfo:
         first_end = MULTIPART_THRESHOLD - 1
-        r, chunks = self._get_range(key, 0, first_end, None)
+        try:
+            r, chunks = self._get_range(key, 0, first_end, None)
+        except _RangeNotSatisfiable:  # an empty object has no byte 0
+            info = self.head(key)
+            if info.size:
+                raise
+            dest.write_bytes(b"")
+            return info
         total = int(_CONTENT_RANGE.match(r["ContentRange"]).group(3))  # type: ignore[union-attr]
         info = ObjectInfo(key, total, r["ETag"], r.get("LastModified"))
         with open(dest, "wb") as out:
@@ -345,7 +366,12 @@ class S3Store(Store):
         return info
 
     def read_tail(self, key: str, length: int) -> tuple[bytes, ObjectInfo]:
-        r, chunks = self._get_range(key, length, None, None)
+        try:
+            if length <= 0:
+                raise _RangeNotSatisfiable("empty range")
+            r, chunks = self._get_range(key, length, None, None)
+        except _RangeNotSatisfiable:
+            return b"", self.head(key)
         with self._errors(key):
             data = b"".join(chunks)
         match = _CONTENT_RANGE.match(r.get("ContentRange", ""))
@@ -353,7 +379,13 @@ class S3Store(Store):
         return data, ObjectInfo(key, total, r["ETag"], r.get("LastModified"))
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
-        _, chunks = self._get_range(key, offset, offset + length - 1, None)
+        if length <= 0:
+            self.head(key)  # still a KeyNotFoundError for a missing key
+            return b""
+        try:
+            _, chunks = self._get_range(key, offset, offset + length - 1, None)
+        except _RangeNotSatisfiable:  # starts past the end, as reading a file there would
+            return b""
         with self._errors(key):
             return b"".join(chunks)
 
@@ -369,6 +401,10 @@ class S3Store(Store):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for item in page.get("Contents", []):
                     key = item["Key"][len(self.prefix) :]
+                    try:
+                        validate_key(key)
+                    except InvalidKeyError:  # e.g. "folder/" markers made by other S3 tools
+                        continue
                     yield ObjectInfo(key, item["Size"], item["ETag"], item.get("LastModified"))
 
     def close(self) -> None:
