@@ -514,7 +514,7 @@ def test_fetch_of_an_object_that_cannot_fit_raises(make_config) -> None:
             manager.fetch("big")
 
 
-def test_progress_bars_on_large_transfers_only(make_config, capsys) -> None:  # noqa: ANN001
+def test_progress_bars_on_large_transfers_only(make_config, capsys) -> None:
     with Manager(make_config(progress=True)) as manager:
         manager.push(np.zeros(2_000_000), "big")  # 16 MB
         manager.push(1, "small")
