@@ -26,6 +26,7 @@ import pickle
 import socket
 import struct
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -48,6 +49,7 @@ PROTOCOL = 5
 TAIL_GUESS = 64 * 1024  # one ranged read of this many bytes usually holds meta + footer
 _PAD = bytes(ALIGN)
 _HASH_CHUNK = 8 * 1024 * 1024
+_PARALLEL_HASH_BYTES = 4 * 1024 * 1024
 
 ReadAt = Callable[[int, int], bytes]
 """``read_at(offset, length) -> bytes``: how the reader reaches a file, local or remote."""
@@ -92,8 +94,18 @@ class _HashingWriter:
 
     def write(self, data: Any) -> int:
         view = memoryview(data)
-        self._f.write(view)
-        self.sha.update(view)
+        if view.nbytes >= _PARALLEL_HASH_BYTES:
+            # hashlib and file writes both release the GIL: hash a large buffer on a second
+            # core while the first copies it to the file.
+            hasher = threading.Thread(target=self.sha.update, args=(view,))
+            hasher.start()
+            try:
+                self._f.write(view)
+            finally:
+                hasher.join()
+        else:
+            self._f.write(view)
+            self.sha.update(view)
         self.pos += view.nbytes
         return view.nbytes
 

@@ -237,10 +237,17 @@ class S3Store(Store):
         progress: Progress,
     ) -> ObjectInfo:
         part = part_size_for(size)
+        # As boto3's managed transfer does: name the part checksum up front and list each
+        # part's checksum on completion, so the store checks every part end to end.
+        checksum = (
+            {"ChecksumAlgorithm": "CRC32"}
+            if self.client.meta.config.request_checksum_calculation == "when_supported"
+            else {}
+        )
         with self._errors(key):
-            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=name)[
-                "UploadId"
-            ]
+            upload_id = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=name, **checksum
+            )["UploadId"]
         completed = False
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -256,9 +263,13 @@ class S3Store(Store):
                             UploadId=upload_id,
                             PartNumber=number,
                             Body=body,
+                            **checksum,
                         )
                     progress(len(body))
-                    return {"PartNumber": number, "ETag": r["ETag"]}
+                    done = {"PartNumber": number, "ETag": r["ETag"]}
+                    if "ChecksumCRC32" in r:
+                        done["ChecksumCRC32"] = r["ChecksumCRC32"]
+                    return done
 
                 with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
                     parts = list(pool.map(send, range(1, math.ceil(size / part) + 1)))
