@@ -121,3 +121,15 @@ def test_missing_credentials_give_a_clear_error(
     with pytest.raises(dm.CredentialsError, match="dm_aws") as info:
         dm.configure(storage_name=bucket, service="aws", endpoint_url=s3_endpoint)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"])
+def test_standard_endpoint_variables_are_honoured(
+    s3_endpoint: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    monkeypatch.setenv(variable, s3_endpoint)
+    config = dm.configure(storage_name=bucket, service="aws", local_dir=str(tmp_path / "c"))
+    assert config.endpoint_url is None
+    dm.push([1], "via-env")
+    assert dm.get_manager().store.client.meta.endpoint_url == s3_endpoint
+    assert dm.pull("via-env", force=True) == ([1], None)
