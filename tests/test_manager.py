@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import socket
 import threading
 import warnings
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from counting_store import CountingStore
 
 import daman.serialize as ser
 from daman import (
@@ -28,49 +28,7 @@ from daman import (
     VersionMismatchWarning,
 )
 from daman.manager import PullAction, Remote, decide_pull
-from daman.store import Store, open_store
-
-
-class CountingStore(Store):
-    """A real store, with every call counted (to prove what an operation asks the store)."""
-
-    def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.calls: collections.Counter[str] = collections.Counter()
-
-    def _call(self, name: str, *args, **kwargs):
-        self.calls[name] += 1
-        return getattr(self.inner, name)(*args, **kwargs)
-
-    def describe(self):
-        return self.inner.describe()
-
-    def check(self):
-        return self._call("check")
-
-    def head(self, key):
-        return self._call("head", key)
-
-    def put(self, key, path, **kw):
-        return self._call("put", key, path, **kw)
-
-    def get(self, key, dest, **kw):
-        return self._call("get", key, dest, **kw)
-
-    def read_tail(self, key, length):
-        return self._call("read_tail", key, length)
-
-    def read_range(self, key, offset, length):
-        return self._call("read_range", key, offset, length)
-
-    def delete(self, key):
-        return self._call("delete", key)
-
-    def list(self, prefix=""):
-        return self._call("list", prefix)
-
-    def close(self) -> None:
-        self.inner.close()
+from daman.store import open_store
 
 
 @pytest.fixture
