@@ -5,7 +5,8 @@
     local_dir/
       index.sqlite3            entries (one row per cached key), journal, totals
       objects/<sha256(key)>.<random>      one file per cached version of a key
-      tmp/<pid>-<random>.incomplete       files being written (downloads, pushes)
+      tmp/<pid>-<random>.incomplete       files being written (downloads, pushes), each
+                                          flock-ed by its writer while in use
       locks/ab.lock            256 lock stripes; a key's stripe is ab = sha256(key)[:2]
 
 Invariants, restored on open after any crash:
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import sqlite3
 import threading
@@ -70,6 +72,7 @@ CREATE TRIGGER IF NOT EXISTS entries_resize AFTER UPDATE OF size ON entries BEGI
 END;
 """
 _EVICT_BATCH = 64
+_TEMP_GRACE_SECONDS = 10
 _LOCK_STRIPES_HEX = 2  # 256 stripes
 
 
@@ -90,6 +93,26 @@ class CacheUsage:
     used: int
     allocated: int | None
     count: int
+
+
+def _remove_if_abandoned(tmp: Path) -> None:
+    """Unlink a temp file nobody holds a lock on. A file whose owner may still be between
+    creating and locking it (a live pid here, or a foreign pid namespace) gets 10 s grace."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # in use
+    else:
+        pid = tmp.name.split("-", 1)[0]
+        owner_gone = pid.isdigit() and not _pid_alive(int(pid))
+        if owner_gone or time.time() - os.fstat(fd).st_mtime > _TEMP_GRACE_SECONDS:
+            tmp.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -131,9 +154,18 @@ class Cache:
                 self.root / "index.sqlite3", timeout=60, isolation_level=None,
                 check_same_thread=False,
             )  # fmt: skip
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=60000")
+            for attempt in range(600):
+                try:
+                    # Switching a new database to WAL takes a lock that SQLite does not wait
+                    # for: processes opening a fresh local_dir together retry here.
+                    db.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or attempt == 599:
+                        raise
+                    time.sleep(0.05)
+            db.execute("PRAGMA synchronous=NORMAL")
             self._local.db = db
         return db
 
@@ -180,9 +212,19 @@ class Cache:
             del held[stripe]
             lock.release()
 
-    def new_temp_path(self) -> Path:
-        """A fresh name in ``tmp/``; the pid in it lets a later open clean up after a crash."""
-        return self.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.incomplete"
+    @contextlib.contextmanager
+    def temp_file(self) -> Iterator[Path]:
+        """A new empty file in ``tmp/`` for a download or a push, removed afterwards unless
+        ``add`` moved it into the cache. It is flock-ed while in use, so that recovery in
+        another process (or container) never deletes it; a crashed owner's lock is gone."""
+        path = self.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.incomplete"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+            os.close(fd)
 
     def _entry(self, row: tuple) -> CacheEntry:
         key, file, size, etag, sha256, created, accessed, persist = row
@@ -276,6 +318,7 @@ class Cache:
         persisted stays persisted when it is replaced."""
         size = tmp_path.stat().st_size
         if self.allocated_space is not None and size > self.allocated_space:
+            self.remove(key)  # superseded by the version that does not fit (see below)
             return None
         file = f"{key_digest(key)}.{uuid.uuid4().hex[:12]}"
         final = self.objects_dir / file
@@ -313,6 +356,9 @@ class Cache:
                 with self._write() as db:
                     db.execute("DELETE FROM journal WHERE file = ?", (file,))
                 if isinstance(exc, _DoesNotFit):
+                    # The cached version (if any) is superseded by the one that did not fit:
+                    # keeping it would let a pull without the current-check serve stale data.
+                    self.remove(key)
                     return None
                 raise
         self._unlink_journaled(evicted)
@@ -422,9 +468,7 @@ class Cache:
                 else:
                     self._unlink_journaled([file])
         for tmp in self.tmp_dir.glob("*.incomplete"):
-            pid = tmp.name.split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                tmp.unlink(missing_ok=True)
+            _remove_if_abandoned(tmp)
 
     def reconcile(self) -> dict[str, int]:
         """Full check (a scan of the index and the folder): drop rows whose file is missing

@@ -90,26 +90,32 @@ def configure_main(argv: Sequence[str] | None = None) -> int:
         "--storage_name", required=True, help="bucket[/prefix] (aws) or a folder (local)"
     )
     parser.add_argument("--service", required=True, choices=["aws", "local"], help="store type")
-    parser.add_argument("--local_dir", help="local cache folder (default ~/.daman/data)")
+    # Optional settings left out keep their saved value (or their default the first time).
+    parser.add_argument(
+        "--local_dir", default=argparse.SUPPRESS, help="local cache folder (default ~/.daman/data)"
+    )
     parser.add_argument(
         "--allocated_space",
-        help="most disc the cache may use: bytes or a size such as 500MB, 2GiB (default: no limit)",
+        default=argparse.SUPPRESS,
+        help="most disc the cache may use: bytes or a size such as 500MB, 2GiB, or 'none' "
+        "(default: no limit)",
     )
-    parser.add_argument("--endpoint_url", help="S3-compatible endpoint (MinIO, Ceph, R2, ...)")
+    parser.add_argument(
+        "--endpoint_url",
+        default=argparse.SUPPRESS,
+        help="S3-compatible endpoint (MinIO, Ceph, R2, ...); 'none' to clear it",
+    )
     parser.add_argument(
         "--no-check", action="store_true", help="save without checking the store is reachable"
     )
     args = parser.parse_args(argv)
 
     def action() -> None:
-        config = api.configure(
-            storage_name=args.storage_name,
-            service=args.service,
-            local_dir=args.local_dir,
-            allocated_space=args.allocated_space,
-            endpoint_url=args.endpoint_url,
-            check=not args.no_check,
-        )
+        fields = vars(args).copy()
+        check = not fields.pop("no_check")
+        if str(fields.get("endpoint_url", "")).lower() == "none":
+            fields["endpoint_url"] = None
+        config = api.configure(**fields, check=check)
         print(f"saved to {api.config_path()}:\n{_describe(config)}")
 
     return _run("dm_configure", action)

@@ -110,6 +110,11 @@ class Config:
                 f"{', '.join(CHECKSUM_MODES)}."
             )
         object.__setattr__(self, "allocated_space", parse_size(self.allocated_space))
+        if self.endpoint_url and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
+            raise ConfigError(
+                f"invalid endpoint_url {self.endpoint_url!r}: give a full URL such as "
+                "https://minio.example.com:9000."
+            )
         if self.connect_timeout <= 0 or self.read_timeout <= 0 or self.max_attempts < 1:
             raise ConfigError("timeouts must be > 0 seconds and max_attempts >= 1.")
 

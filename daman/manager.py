@@ -27,6 +27,7 @@ from .errors import (
     NotCachedError,
     NotCachedWarning,
     OfflineWarning,
+    StorageNotFoundError,
     StoreUnavailableError,
 )
 from .keys import validate_key, validate_prefix
@@ -206,17 +207,14 @@ class Manager:
         machine creates it at the same moment; nothing is uploaded if pickling fails."""
         validate_key(key)
         meta_bytes = dumps_meta(meta)
-        tmp = self.cache.new_temp_path()
-        try:
+        with self.cache.temp_file() as tmp:
             with _disc_errors(self.cache.root):
-                with open(tmp, "xb", buffering=_WRITE_BUFFER) as f:
+                with open(tmp, "wb", buffering=_WRITE_BUFFER) as f:
                     footer = write_object(obj, meta_bytes, f)
                 size = tmp.stat().st_size
             with self._progress(size, f"push {key}") as progress:
                 info = self.store.put(key, tmp, overwrite=force, progress=progress)
             self._keep(key, tmp, info.etag, footer.sha256, persist, "pushed")
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def pull(
         self, key: str, force: bool = False, persist: bool = False, memory_only: bool = False
@@ -262,7 +260,7 @@ class Manager:
             try:
                 remote_info = self.store.head(key)
                 remote = remote_info.etag
-            except StoreUnavailableError as exc:
+            except (StoreUnavailableError, StorageNotFoundError) as exc:
                 remote, offline_reason = Remote.UNREACHABLE, exc
             except KeyNotFoundError:
                 remote = Remote.MISSING
@@ -319,37 +317,47 @@ class Manager:
         persist: bool,
         keep: bool,
     ) -> Iterator[tuple[IO[bytes], Footer]]:
-        with self.cache.key_lock(key):  # one download of a key at a time on this machine
-            if not force:
-                fresh = self.cache.get(key)
-                if fresh is not None and fresh.etag != (stale and stale.etag):
-                    opened = self._open_cached(fresh, persist)  # fetched while we waited
-                    if opened is not None:
-                        with opened[0]:
-                            yield opened
-                        return
-            size = (remote_info or self.store.head(key)).size
-            tmp = self.cache.new_temp_path()
-            try:
-                for attempt in (1, 2):
-                    with (
-                        _disc_errors(self.cache.root),
-                        self._progress(size, f"pull {key}") as progress,
-                    ):
-                        info = self.store.get(key, tmp, progress=progress)
-                    with open(tmp, "rb") as f:
-                        try:
-                            footer = verify_file(f)
-                            break
-                        except IntegrityError:
-                            if attempt == 2:
-                                raise
-                with open(tmp, "rb") as f:
+        with self.cache.temp_file() as tmp:
+            # The key's lock covers fetching and caching, not the caller's unpickling: one
+            # download of a key at a time on this machine, nobody waits on someone's load.
+            with self.cache.key_lock(key):
+                opened = None
+                if not force:
+                    fresh = self.cache.get(key)
+                    if fresh is not None and fresh.etag != (stale and stale.etag):
+                        opened = self._open_cached(fresh, persist)  # fetched while we waited
+                if opened is None:
+                    f, footer, info = self._fetch_verified(key, tmp, remote_info)
+                    opened = (f, footer)
                     if keep or stale is not None:
-                        self._keep(key, tmp, info.etag, footer.sha256, persist, "pulled")
-                    yield f, footer
-            finally:
-                tmp.unlink(missing_ok=True)
+                        try:
+                            self._keep(key, tmp, info.etag, footer.sha256, persist, "pulled")
+                        except BaseException:
+                            f.close()
+                            raise
+            with opened[0]:
+                yield opened
+
+    def _fetch_verified(
+        self, key: str, tmp: Path, remote_info: ObjectInfo | None
+    ) -> tuple[IO[bytes], Footer, ObjectInfo]:
+        """Download ``key`` into ``tmp`` and check its sha256 before anything unpickles it (a
+        corrupted transfer is tried once more). Returns the file open, its footer, its version."""
+        size = (remote_info or self.store.head(key)).size
+        for attempt in (1, 2):
+            with _disc_errors(self.cache.root), self._progress(size, f"pull {key}") as progress:
+                info = self.store.get(key, tmp, progress=progress)
+            f = open(tmp, "rb")  # noqa: SIM115 - returned open, or closed below
+            try:
+                return f, verify_file(f), info
+            except IntegrityError:
+                f.close()
+                if attempt == 2:
+                    raise
+            except BaseException:
+                f.close()
+                raise
+        raise AssertionError("unreachable")
 
     def delete(self, key: str, local: bool = True, remote: bool = False) -> None:
         """Remove the cached copy (``local``) and/or the stored object (``remote``)."""
@@ -363,12 +371,13 @@ class Manager:
                 found = True
         if local:
             found = self.cache.remove(key) or found
+        if not found and not remote:
+            # Nothing cached: only an error if the key exists nowhere (one HEAD decides).
+            with contextlib.suppress(StoreUnavailableError, StorageNotFoundError):
+                found = self.exists(key)
         if not found:
-            where = " or ".join(
-                w for w, asked in (("the local cache", local), (self.store.describe(), remote))
-                if asked
-            )  # fmt: skip
-            raise KeyNotFoundError(key, where)
+            where = self.store.describe()
+            raise KeyNotFoundError(key, f"the local cache or {where}" if local else where)
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` is in the store (one HEAD)."""
@@ -389,7 +398,7 @@ class Manager:
 
             footer = read_footer(read_at, remote.size, tail)
             meta = load_meta(read_at, footer, tail, remote.size)
-        except StoreUnavailableError as exc:
+        except (StoreUnavailableError, StorageNotFoundError) as exc:
             entry = self.cache.get(key)
             if entry is None:
                 raise

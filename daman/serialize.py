@@ -8,10 +8,12 @@
               who pushed and when
     trailer = 16 bytes: MAGIC + footer length (little-endian u64)
 
-Large buffers (numpy arrays, ``PickleBuffer``) are written out-of-band, each at an offset
-aligned to 64 bytes, so a reader can hand ``mmap`` slices of the file to ``pickle.loads``
-without copying. Everything needed by ``dm.info`` (meta, sizes, hash, who/when) sits at the
-end of the file, so one ranged read of the tail answers it without downloading the object.
+Large buffers (numpy arrays, and anything else whose protocol-5 reduction hands pickle a
+``PickleBuffer``) are written out-of-band, each at an offset aligned to 64 bytes, so a reader
+can hand ``mmap`` slices of the file to ``pickle.loads`` without copying. ``bytes`` and
+``bytearray`` stay in the stream: pickle's C implementation saves them before any hook runs.
+Everything needed by ``dm.info`` (meta, sizes, hash, who/when) sits at the end of the file,
+so one ranged read of the tail answers it without downloading the object.
 """
 
 from __future__ import annotations
@@ -132,6 +134,12 @@ def write_object(obj: Any, meta_bytes: bytes, f: IO[bytes]) -> Footer:
     buffers: list[pickle.PickleBuffer] = []
     try:
         cloudpickle.dump(obj, out, protocol=PROTOCOL, buffer_callback=buffers.append)
+    except OSError as exc:
+        if exc.errno is not None:  # the file, not the object: disc full, I/O error
+            raise
+        raise SerializationError(
+            f"the object cannot be pickled ({type(exc).__name__}: {exc})."
+        ) from exc
     except Exception as exc:
         raise SerializationError(
             f"the object cannot be pickled ({type(exc).__name__}: {exc}). "
@@ -180,12 +188,22 @@ def parse_footer(tail: bytes, file_size: int) -> Footer | int:
     raw = tail[-TRAILER.size - footer_len : -TRAILER.size]
     try:
         data = json.loads(raw)
+        version = int(data["format"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise IntegrityError(f"corrupt daman object: unreadable footer ({exc}).") from None
+    if version > FORMAT_VERSION:
+        raise DeserializationError(
+            f"this object uses daman format {version}; upgrade daman to read it."
+        )
+    try:
+        # Fields a later daman adds (within the same format) are ignored, not fatal.
+        known = {field.name: data[field.name] for field in dataclasses.fields(Footer)}
         footer = Footer(
             **{
-                **data,
-                "stream": tuple(data["stream"]),
-                "buffers": tuple(tuple(b) for b in data["buffers"]),
-                "meta": tuple(data["meta"]),
+                **known,
+                "stream": tuple(known["stream"]),
+                "buffers": tuple(tuple(b) for b in known["buffers"]),
+                "meta": tuple(known["meta"]),
             }
         )
     except (ValueError, TypeError, KeyError) as exc:
@@ -195,10 +213,6 @@ def parse_footer(tail: bytes, file_size: int) -> Footer | int:
         off < 0 or length < 0 or off + length > footer.payload_size for off, length in spans
     ):
         raise IntegrityError("corrupt daman object: the footer does not match the file size.")
-    if footer.format > FORMAT_VERSION:
-        raise DeserializationError(
-            f"this object uses daman format {footer.format}; upgrade daman to read it."
-        )
     return footer
 
 
@@ -214,14 +228,24 @@ def read_footer(read_at: ReadAt, file_size: int, tail: bytes = b"") -> Footer:
     return parsed
 
 
+def _read_into(fd: int, buf: bytearray, offset: int) -> None:
+    """Fill ``buf`` from ``offset``; one read(2) returns at most ~2 GiB on Linux, so loop."""
+    view = memoryview(buf)
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise IntegrityError("the file is shorter than its footer says: it was truncated.")
+        done += got
+
+
 def file_reader(f: IO[bytes]) -> ReadAt:
     fd = f.fileno()
 
     def read_at(offset: int, length: int) -> bytes:
-        data = os.pread(fd, length, offset)
-        if len(data) != length:
-            raise IntegrityError("the file is shorter than its footer says: it was truncated.")
-        return data
+        buf = bytearray(length)
+        _read_into(fd, buf, offset)
+        return bytes(buf)
 
     return read_at
 
@@ -265,16 +289,13 @@ def load_object(f: IO[bytes], footer: Footer) -> Any:
     """Unpickle the object from an open file, reading each out-of-band buffer into its own
     writable bytearray (one copy from disc into the object, none more)."""
     fd = f.fileno()
-    stream = os.pread(fd, footer.stream[1], footer.stream[0])
+    stream = bytearray(footer.stream[1])
+    _read_into(fd, stream, footer.stream[0])
     buffers = []
     for offset, length in footer.buffers:
         buf = bytearray(length)
-        got = os.preadv(fd, [buf], offset) if length else 0
-        if got != length:
-            raise IntegrityError("the file is shorter than its footer says: it was truncated.")
+        _read_into(fd, buf, offset)
         buffers.append(buf)
-    if len(stream) != footer.stream[1]:
-        raise IntegrityError("the file is shorter than its footer says: it was truncated.")
     return _unpickle(lambda: pickle.loads(stream, buffers=buffers), footer)
 
 

@@ -133,3 +133,17 @@ def test_standard_endpoint_variables_are_honoured(
     dm.push([1], "via-env")
     assert dm.get_manager().store.client.meta.endpoint_url == s3_endpoint
     assert dm.pull("via-env", force=True) == ([1], None)
+
+
+def test_unknown_aws_profile_is_a_credentials_error(
+    s3_endpoint: str, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    with pytest.raises(dm.CredentialsError, match="dm_aws --profile"):
+        dm.configure(storage_name=bucket, service="aws", endpoint_url=s3_endpoint)
+
+
+@pytest.mark.parametrize("url", ["localhost:9000", "ftp://host", "minio"])
+def test_malformed_endpoint_url_is_a_config_error(url: str) -> None:
+    with pytest.raises(dm.ConfigError, match="endpoint_url"):
+        dm.configure(storage_name="bucket", service="aws", endpoint_url=url)

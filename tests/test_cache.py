@@ -31,9 +31,14 @@ from daman.keys import key_digest
 # -- helpers --------------------------------------------------------------------------------------
 
 
+def temp_path(cache: Cache) -> Path:
+    """A fresh name in ``tmp/`` as ``Cache.temp_file`` makes them (this process's pid)."""
+    return cache.tmp_dir / f"{os.getpid()}-{os.urandom(16).hex()}.incomplete"
+
+
 def make_file(cache: Cache, nbytes: int) -> Path:
-    """A finished download: ``nbytes`` random bytes at a fresh ``cache.new_temp_path()``."""
-    path = cache.new_temp_path()
+    """A finished download: ``nbytes`` random bytes at a fresh temp path."""
+    path = temp_path(cache)
     path.write_bytes(os.urandom(nbytes))
     return path
 
@@ -323,7 +328,7 @@ def test_persisted_entries_are_never_evicted(root: Path, clock: None) -> None:
         ),
     ],
 )  # fmt: skip
-def test_an_object_that_cannot_fit_is_refused_and_nothing_changes(
+def test_an_object_that_cannot_fit_is_refused_and_changes_nothing_else(
     root: Path, clock: None, existing: list[tuple[str, int, bool]], key: str, nbytes: int
 ) -> None:
     cache = Cache(root, 100)
@@ -336,7 +341,14 @@ def test_an_object_that_cannot_fit_is_refused_and_nothing_changes(
     assert cache.add(key, tmp, etag="e", sha256="s") is None
 
     assert tmp.read_bytes() == data  # the caller keeps its file
-    assert snapshot(cache) == before  # evictions it tried were rolled back
+    after = snapshot(cache)
+    if any(name == key for name, _, _ in existing):
+        # The version it would have replaced is superseded: dropped, and nothing else.
+        assert cache.get(key) is None
+        assert after["entries"] == [e for e in before["entries"] if e.key != key]
+        assert after["usage"].used == sum(e.size for e in after["entries"])
+    else:
+        assert after == before  # evictions it tried were rolled back
     tmp.unlink()
     assert_consistent(cache)
 
@@ -589,26 +601,47 @@ def test_recovery_keeps_journaled_files_that_a_row_refers_to(root: Path) -> None
     assert_consistent(again)
 
 
-def test_recovery_removes_temp_files_of_dead_processes_only(root: Path) -> None:
+LOCK_FILE = """
+    import fcntl, os, sys
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_recovery_removes_only_abandoned_temp_files(root: Path) -> None:
+    """A temp file is abandoned when nobody holds its lock and its owner is gone (or it is
+    older than the grace period, for owners in another pid namespace)."""
     cache = Cache(root)
     live_child = run_python("import sys; sys.stdin.readline()", stdin=subprocess.PIPE)
+    names = {
+        "dead": f"{dead_pid()}-{'0' * 32}.incomplete",
+        "fresh-live-pid": f"{live_child.pid}-{'1' * 32}.incomplete",
+        "fresh-not-a-pid": "abc-123.incomplete",
+        "old-live-pid": f"{live_child.pid}-{'3' * 32}.incomplete",
+        "locked-dead-pid": f"{dead_pid()}-{'4' * 32}.incomplete",
+        "other-suffix": f"{dead_pid()}-{'2' * 32}.partial",
+    }
+    for name in names.values():
+        (cache.tmp_dir / name).write_bytes(b"x")
+    hour_ago = time.time() - 3600
+    os.utime(cache.tmp_dir / names["old-live-pid"], (hour_ago, hour_ago))
+    # A writer in another pid namespace: its pid means nothing here, but it holds the lock.
+    locker = run_python(LOCK_FILE, cache.tmp_dir / names["locked-dead-pid"], stdin=subprocess.PIPE)
     try:
-        names = {
-            "dead": f"{dead_pid()}-{'0' * 32}.incomplete",
-            "mine": cache.new_temp_path().name,
-            "live-child": f"{live_child.pid}-{'1' * 32}.incomplete",
-            "not-a-pid": "abc-123.incomplete",
-            "other-suffix": f"{dead_pid()}-{'2' * 32}.partial",
-        }
-        for name in names.values():
-            (cache.tmp_dir / name).write_bytes(b"x")
-        cache.close()
-
-        Cache(root)
-        left = {path.name for path in cache.tmp_dir.iterdir()}
-        assert left == set(names.values()) - {names["dead"]}
+        assert locker.stdout.readline() == "locked\n"
+        with cache.temp_file() as mine:
+            os.utime(mine, (hour_ago, hour_ago))
+            cache.close()
+            Cache(root)
+            left = {path.name for path in cache.tmp_dir.iterdir()}
+        expected = set(names.values()) - {names["dead"], names["old-live-pid"]} | {mine.name}
+        assert left == expected
     finally:
         live_child.communicate("\n", timeout=30)
+        locker.communicate("\n", timeout=30)
+    assert not mine.exists()  # temp_file removes its file when done
 
 
 HOLD_LOCK = """
@@ -679,7 +712,7 @@ CRASH_AT = """
         Cache._unlink_journaled = unlink_one_then_die
 
     def add(key, nbytes):
-        tmp = cache.new_temp_path()
+        tmp = cache.tmp_dir / f"{os.getpid()}-{os.urandom(16).hex()}.incomplete"
         tmp.write_bytes(os.urandom(nbytes))
         cache.add(key, tmp, etag="child", sha256="s")
 
@@ -747,7 +780,7 @@ CRASH_LOOP = """
         key = f"k/{rng.randrange(12)}"
         action = rng.random()
         if action < 0.7:
-            tmp = cache.new_temp_path()
+            tmp = cache.tmp_dir / f"{os.getpid()}-{os.urandom(16).hex()}.incomplete"
             tmp.write_bytes(os.urandom(rng.randrange(1, 4000)))
             if cache.add(key, tmp, etag="e", sha256="s", persist=rng.random() < 0.05) is None:
                 tmp.unlink()
@@ -910,7 +943,7 @@ WORKER = """
         action = rng.random()
         if action < 0.5:
             data = os.urandom(rng.randrange(1, 6000))
-            tmp = cache.new_temp_path()
+            tmp = cache.tmp_dir / f"{os.getpid()}-{os.urandom(16).hex()}.incomplete"
             tmp.write_bytes(data)
             digest = hashlib.sha256(data).hexdigest()
             entry = cache.add(key, tmp, etag=str(seed), sha256=digest, persist=rng.random() < 0.1)

@@ -124,3 +124,16 @@ def test_python_dash_m_daman() -> None:
     assert result.returncode == 0 and "dm_pull" in result.stdout
     result = subprocess.run([sys.executable, "-m", "daman", "frobnicate"], capture_output=True)
     assert result.returncode == 2
+
+
+def test_configure_keeps_the_settings_it_is_not_given(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    common = ["--storage_name", str(store), "--service", "local"]
+    result = run("dm_configure", *common, "--allocated_space", "2GiB",
+                 "--local_dir", str(tmp_path / "cache"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    result = run("dm_configure", *common)
+    assert result.returncode == 0, result.stderr
+    assert "2.0 GiB" in result.stdout and str(tmp_path / "cache") in result.stdout
+    result = run("dm_configure", *common, "--allocated_space", "none")
+    assert "no limit" in result.stdout

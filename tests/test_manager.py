@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import warnings
@@ -24,6 +25,7 @@ from daman import (
     NotCachedWarning,
     OfflineWarning,
     SerializationError,
+    StorageNotFoundError,
     StoreUnavailableError,
     VersionMismatchWarning,
 )
@@ -282,8 +284,8 @@ def test_truncated_cache_file_is_fetched_again(manager: Manager) -> None:
 
 
 def corrupt_stored_object(manager: Manager, key: str) -> None:
-    """Replace the stored bytes with a copy that has one bit flipped in the payload."""
-    data = bytearray(ser.dump_to_bytes(np.arange(1000)))
+    """Replace the stored object by a new version with one bit flipped in its payload."""
+    data = bytearray(ser.dump_to_bytes(np.arange(2000)))
     data[300] ^= 0x01
     src = manager.cache.tmp_dir / "corrupt.bin"
     src.write_bytes(bytes(data))
@@ -312,25 +314,26 @@ def _closed_port() -> int:
 
 
 @pytest.fixture
-def unreachable(config: Config) -> Config:
-    """The same S3 store and cache, seen through an endpoint where nothing listens."""
-    assert config.service == "aws"
+def unreachable(config: Config, tmp_path: Path) -> Config:
+    """The same store and cache, seen through an endpoint where nothing listens (S3) or with
+    the store folder gone, as when a network drive is not mounted (local)."""
+    if config.service == "local":
+        return config.replace(storage_name=str(tmp_path / "unmounted-drive"))
     return config.replace(
         endpoint_url=f"http://127.0.0.1:{_closed_port()}", connect_timeout=1, max_attempts=1
     )
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("backend", ["s3"])  # a folder store has no network to lose
 def test_offline_pull_serves_the_cache_with_a_warning(config: Config, unreachable: Config) -> None:
     with Manager(config) as manager:
         manager.push({"a": 1}, "k")
     with Manager(unreachable) as offline:
         with pytest.warns(OfflineWarning, match="unreachable"):
             assert offline.pull("k") == ({"a": 1}, None)
-        with pytest.raises(StoreUnavailableError):
+        with pytest.raises((StoreUnavailableError, StorageNotFoundError), match=r"unmounted|reach"):
             offline.pull("not-cached")
-        with pytest.raises(StoreUnavailableError):
+        with pytest.raises((StoreUnavailableError, StorageNotFoundError)):
             offline.push(1, "new")
         assert temp_files(offline) == []
         with pytest.warns(OfflineWarning):
@@ -368,6 +371,15 @@ def test_delete_local_remote_and_missing(manager: Manager) -> None:
         manager.delete("k")
     with pytest.raises(InvalidArgumentError):
         manager.delete("k", local=False, remote=False)
+
+
+def test_delete_local_of_an_uncached_stored_key_is_not_an_error(manager: Manager) -> None:
+    manager.push(1, "k")
+    manager.delete("k")
+    manager.delete("k")  # nothing cached, but the key exists: nothing to do, no error
+    assert manager.exists("k")
+    with pytest.raises(KeyNotFoundError, match="local cache or"):
+        manager.delete("never-existed")
 
 
 def test_delete_remote_only_keeps_the_local_copy(manager: Manager) -> None:
@@ -431,17 +443,33 @@ def test_usage_matches_the_files_on_disc(make_config) -> None:
         assert "used of" in str(usage)
 
 
-def test_no_space_left_is_a_daman_error(manager: Manager, monkeypatch) -> None:
-    import errno
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disc_while_pickling_is_a_daman_error(
+    manager: Manager, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The temp file is /dev/full (every write fails with ENOSPC), reached through a link."""
+    full = tmp_path / "full-disc"
+    full.symlink_to("/dev/full")
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    @contextlib.contextmanager
+    def temp_on_a_full_disc():
+        yield full
 
-    monkeypatch.setattr(ser, "write_object", full)
-    monkeypatch.setattr("daman.manager.write_object", full)
-    with pytest.raises(DamanError, match="no space left"):
-        manager.push(1, "k")
-    assert temp_files(manager) == [] and not manager.exists("k")
+    monkeypatch.setattr(manager.cache, "temp_file", temp_on_a_full_disc)
+    with pytest.raises(DamanError, match="no space left") as info:
+        manager.push(np.zeros(1_000_000), "k")
+    assert not isinstance(info.value, SerializationError)
+    assert not manager.exists("k") and manager.cache.get("k") is None
+
+
+def test_a_new_version_that_does_not_fit_drops_the_old_cached_one(make_config) -> None:
+    with Manager(make_config(allocated_space=100_000, check_current=False)) as manager:
+        manager.push(np.zeros(1000), "k")  # fits
+        with pytest.warns(NotCachedWarning):
+            manager.push(np.ones(50_000), "k", force=True)  # 400 KB: does not
+        assert manager.cache.get("k") is None
+        with pytest.warns(NotCachedWarning):
+            assert manager.pull("k")[0].sum() == 50_000  # the new version, not a stale copy
 
 
 def test_no_unexpected_warnings_on_the_happy_path(manager: Manager) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import mmap
+import os
 import pickle
 import sys
 import warnings
@@ -215,3 +216,36 @@ def test_missing_module_gives_deserialization_error(tmp_path: Path, monkeypatch)
     (tmp_path / "o").write_bytes(buf.getvalue())
     with pytest.raises(DeserializationError, match="could not be unpickled"):
         read(tmp_path / "o")
+
+
+def test_unknown_footer_fields_are_ignored(tmp_path: Path) -> None:
+    """A later daman may add fields (e.g. a signature) without breaking older readers."""
+    footer = dataclasses.asdict(write(tmp_path / "o", [1, 2]))
+    data = (tmp_path / "o").read_bytes()
+    encoded = ser.json.dumps({**footer, "hmac_sha256": "ab" * 32}).encode()
+    payload = data[: footer["payload_size"]]
+    (tmp_path / "o").write_bytes(payload + encoded + ser.TRAILER.pack(ser.MAGIC, len(encoded)))
+    assert read(tmp_path / "o") == ([1, 2], None)
+
+
+@pytest.mark.slow
+def test_buffers_larger_than_one_read_call(tmp_path: Path) -> None:
+    """Linux returns at most ~2 GiB per read(2): a bigger buffer needs several."""
+    big = np.ones(2**31 + 4096, dtype=np.uint8)
+    big[-1] = 7
+    write(tmp_path / "o", big)
+    del big
+    back, _ = read(tmp_path / "o")
+    assert back.size == 2**31 + 4096 and back[-1] == 7 and back[0] == 1
+
+
+def test_picklebuffers_are_out_of_band_bytes_stay_in_the_stream(tmp_path: Path) -> None:
+    """pickle's C implementation saves bytes and bytearray before any hook can see them, so
+    only objects that reduce to a PickleBuffer (numpy arrays, PickleBuffer itself) go out of
+    band. This pins that documented behaviour."""
+    blob = os.urandom(200_000)
+    footer = write(tmp_path / "o", {"raw": blob, "wrapped": pickle.PickleBuffer(bytearray(blob))})
+    assert [length for _, length in footer.buffers] == [200_000]
+    assert footer.stream[1] > 200_000  # the bytes object itself is in the stream
+    back, _ = read(tmp_path / "o")
+    assert back["raw"] == blob and bytes(back["wrapped"]) == blob

@@ -9,6 +9,7 @@ uploads, credentials, unreachable endpoints, checksum settings and bucket prefix
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import socket
@@ -931,3 +932,40 @@ def test_listing_yields_only_usable_keys(
     finally:
         store.close()
         _empty_bucket(s3_raw, raw_bucket, outer)
+
+
+def test_local_version_follows_the_content_not_the_inode_or_mtime(tmp_path: Path) -> None:
+    """Shares with coarse mtimes and reused inodes must still tell two versions apart."""
+    from daman.serialize import dump_to_bytes
+
+    store = LocalStore(tmp_path / "store")
+    (tmp_path / "store").mkdir()
+    first, second = tmp_path / "v1", tmp_path / "v2"
+    first.write_bytes(dump_to_bytes(b"a" * 100))
+    second.write_bytes(dump_to_bytes(b"b" * 100))
+    assert first.stat().st_size == second.stat().st_size
+    v1 = store.put("k", first, overwrite=False)
+    stored = store._path("k")
+    when = stored.stat().st_mtime_ns
+    stored.write_bytes(second.read_bytes())  # same inode, same size
+    os.utime(stored, ns=(when, when))  # same mtime
+    assert store.head("k").etag != v1.etag
+    assert store.head("k").etag == store.head("k").etag
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        (errno.ENOSPC, "DamanError"),
+        (errno.EACCES, "CredentialsError"),
+        (errno.EROFS, "CredentialsError"),
+        (errno.ESTALE, "StoreUnavailableError"),
+        (errno.EIO, "StoreUnavailableError"),
+    ],
+)
+def test_local_store_maps_os_errors_to_daman_errors(tmp_path: Path, code: int, error: str):
+    import daman.errors
+
+    store = LocalStore(tmp_path)
+    with pytest.raises(getattr(daman.errors, error), match=str(tmp_path)), store._os_errors():
+        raise OSError(code, os.strerror(code), str(tmp_path / "x"))

@@ -10,32 +10,67 @@ exactly one wins. Overwrites use ``os.replace``. Readers therefore only ever see
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import IO, Any, TypeVar
 
-from ..errors import InvalidKeyError, KeyExistsError, KeyNotFoundError, StorageNotFoundError
+from ..errors import (
+    CredentialsError,
+    DamanError,
+    IntegrityError,
+    InvalidKeyError,
+    KeyExistsError,
+    KeyNotFoundError,
+    StorageNotFoundError,
+    StoreUnavailableError,
+)
 from ..keys import validate_key, validate_prefix
+from ..serialize import footer_of
 from .base import ObjectInfo, Progress, Store, _no_progress
 
 SUFFIX = ".daman"
 _CHUNK = 8 * 1024 * 1024
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+_UNREACHABLE = {errno.ESTALE, errno.EIO, errno.ENOTCONN, errno.EHOSTDOWN, errno.EHOSTUNREACH,
+                errno.ETIMEDOUT}  # fmt: skip
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _info(key: str, st: os.stat_result) -> ObjectInfo:
-    # Inode + mtime + size change on every replace; good enough to tell versions apart.
-    etag = f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
+def _info(key: str, f: IO[bytes]) -> ObjectInfo:
+    """Size and version of an open object file.
+
+    The version is the payload's sha256 from the footer, so it changes exactly when the
+    content does, even on shares whose mtimes are coarse and whose inodes are reused. Files
+    daman did not write fall back to inode, mtime and size."""
+    st = os.fstat(f.fileno())
+    try:
+        etag = f"{footer_of(f).sha256}-{st.st_size:x}"
+    except IntegrityError:
+        etag = f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
     modified = datetime.fromtimestamp(st.st_mtime, tz=timezone.utc)
     return ObjectInfo(key=key, size=st.st_size, etag=etag, last_modified=modified)
 
 
-def _copy(src, dst, progress: Progress) -> None:
+def _copy(src: IO[bytes], dst: IO[bytes], progress: Progress) -> None:
     while chunk := src.read(_CHUNK):
         dst.write(chunk)
         progress(len(chunk))
+
+
+def _mapped(method: _F) -> _F:
+    @functools.wraps(method)
+    def wrapper(self: LocalStore, *args: Any, **kwargs: Any) -> Any:
+        with self._os_errors():
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class LocalStore(Store):
@@ -45,11 +80,32 @@ class LocalStore(Store):
     def describe(self) -> str:
         return f"local folder {self.root}"
 
+    @contextlib.contextmanager
+    def _os_errors(self) -> Iterator[None]:
+        """Disc and network-share failures as daman errors (not-found is handled per call)."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in _FULL:
+                raise DamanError(f"the store folder {self.root} is full ({exc.strerror}).") from exc
+            if exc.errno in _DENIED:
+                raise CredentialsError(
+                    f"no permission to use the store folder {self.root} ({exc.strerror}: "
+                    f"{exc.filename}). Ask its owner for access."
+                ) from exc
+            if exc.errno in _UNREACHABLE:
+                raise StoreUnavailableError(
+                    f"cannot reach the store folder {self.root} ({exc.strerror}). Is the "
+                    "network drive mounted?"
+                ) from exc
+            raise
+
     def _require_root(self) -> None:
         if not self.root.is_dir():
             raise StorageNotFoundError(
-                f"the store folder {self.root} does not exist. Create it, or run "
-                "`dm_configure --service local --storage_name FOLDER` with an existing folder."
+                f"the store folder {self.root} does not exist (a network drive not mounted?). "
+                "Create it, or run `dm_configure --service local --storage_name FOLDER` with "
+                "an existing folder."
             )
 
     def _path(self, key: str) -> Path:
@@ -59,7 +115,7 @@ class LocalStore(Store):
             raise InvalidKeyError(key, f"in a local store only the last part may end in {SUFFIX!r}")
         return self.root.joinpath(*parts[:-1], parts[-1] + SUFFIX)
 
-    def _open(self, key: str):
+    def _open(self, key: str) -> IO[bytes]:
         path = self._path(key)
         try:
             return open(path, "rb")
@@ -67,19 +123,18 @@ class LocalStore(Store):
             self._require_root()
             raise KeyNotFoundError(key, self.describe()) from None
 
+    @_mapped
     def check(self) -> None:
         self._require_root()
         if not os.access(self.root, os.W_OK | os.X_OK):
-            raise StorageNotFoundError(f"the store folder {self.root} is not writable by you.")
+            raise CredentialsError(f"the store folder {self.root} is not writable by you.")
 
+    @_mapped
     def head(self, key: str) -> ObjectInfo:
-        path = self._path(key)
-        try:
-            return _info(key, path.stat())
-        except (FileNotFoundError, NotADirectoryError):
-            self._require_root()
-            raise KeyNotFoundError(key, self.describe()) from None
+        with self._open(key) as f:
+            return _info(key, f)
 
+    @_mapped
     def put(
         self, key: str, path: Path, *, overwrite: bool, progress: Progress = _no_progress
     ) -> ObjectInfo:
@@ -89,7 +144,7 @@ class LocalStore(Store):
         for attempt in range(3):  # a concurrent delete may prune the folder we just made
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
-                out = open(tmp, "xb")  # noqa: SIM115 - closed by the with-block below
+                out = open(tmp, "x+b")  # noqa: SIM115 - closed by the with-block below
                 break
             except FileNotFoundError:
                 if attempt == 2:
@@ -99,6 +154,7 @@ class LocalStore(Store):
                 _copy(src, out, progress)
                 out.flush()
                 os.fsync(out.fileno())
+                info = _info(key, out)  # the same inode becomes the key below
             if overwrite:
                 os.replace(tmp, dest)
             else:
@@ -106,27 +162,31 @@ class LocalStore(Store):
                     os.link(tmp, dest)
                 except FileExistsError:
                     raise KeyExistsError(key) from None
-            return _info(key, dest.stat())
+            return info
         finally:
             tmp.unlink(missing_ok=True)
 
+    @_mapped
     def get(self, key: str, dest: Path, *, progress: Progress = _no_progress) -> ObjectInfo:
         # The open file keeps its version even if the key is replaced while we copy.
         with self._open(key) as src, open(dest, "wb") as out:
-            info = _info(key, os.fstat(src.fileno()))
+            info = _info(key, src)
             _copy(src, out, progress)
         return info
 
+    @_mapped
     def read_tail(self, key: str, length: int) -> tuple[bytes, ObjectInfo]:
         with self._open(key) as f:
-            info = _info(key, os.fstat(f.fileno()))
-            start = max(0, info.size - length)
+            info = _info(key, f)
+            start = max(0, info.size - max(length, 0))
             return os.pread(f.fileno(), info.size - start, start), info
 
+    @_mapped
     def read_range(self, key: str, offset: int, length: int) -> bytes:
         with self._open(key) as f:
-            return os.pread(f.fileno(), length, offset)
+            return os.pread(f.fileno(), max(length, 0), offset)
 
+    @_mapped
     def delete(self, key: str) -> None:
         path = self._path(key)
         try:
@@ -144,6 +204,7 @@ class LocalStore(Store):
                 raise
             parent = parent.parent
 
+    @_mapped
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         validate_prefix(prefix)
         self._require_root()
@@ -157,7 +218,8 @@ class LocalStore(Store):
                 key = (name if rel == "." else f"{rel}/{name}")[: -len(SUFFIX)]
                 if key.startswith(prefix):
                     try:
-                        found.append(_info(key, os.stat(os.path.join(folder, name))))
+                        with open(os.path.join(folder, name), "rb") as f:
+                            found.append(_info(key, f))
                     except FileNotFoundError:  # deleted while we listed
                         continue
         return iter(sorted(found, key=lambda info: info.key))

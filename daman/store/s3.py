@@ -13,15 +13,17 @@ mixes two versions of an object.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import random
 import re
+import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
 from botocore.config import Config as BotoConfig
@@ -34,12 +36,14 @@ from botocore.exceptions import (
     IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
+    ProfileNotFound,
     ReadTimeoutError,
     ResponseStreamingError,
 )
 
 from ..config import Config
 from ..errors import (
+    ConfigError,
     CredentialsError,
     DamanError,
     InvalidKeyError,
@@ -56,6 +60,7 @@ MIN_PART_SIZE = 8 * 1024 * 1024
 MAX_PARTS = 10_000
 TRANSFER_THREADS = 8
 _STREAM_CHUNK = 1024 * 1024
+T = TypeVar("T")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 _CREDENTIAL_CODES = {
     "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
@@ -84,10 +89,43 @@ def _credentials_error() -> CredentialsError:
     )
 
 
+class _Stopped(Exception):
+    """Another part failed (or the user pressed Ctrl-C): this part stops early."""
+
+
+def _run_parallel(tasks: list[Callable[[threading.Event], T]]) -> list[T]:
+    """Run ``tasks`` on TRANSFER_THREADS threads and return their results in order. On the
+    first failure, or Ctrl-C, parts not yet started are cancelled and running ones are told
+    to stop, so an error surfaces at once rather than after the whole transfer."""
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(TRANSFER_THREADS)
+    futures = [pool.submit(task, stop) for task in tasks]
+    try:
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in done:
+            if future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
+        return [future.result() for future in futures]
+    except BaseException:
+        stop.set()
+        for future in futures:
+            future.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
 def part_size_for(size: int) -> int:
     """Parts of at least 8 MiB, few enough for S3's 10,000-part limit, in whole MiB."""
     mib = 1024 * 1024
     return max(MIN_PART_SIZE, math.ceil(size / MAX_PARTS / mib) * mib)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def _error_code(exc: ClientError) -> str:
@@ -121,6 +159,15 @@ class S3Store(Store):
             )
         except (NoCredentialsError, PartialCredentialsError):  # checked when the client is made
             raise _credentials_error() from None
+        except ProfileNotFound as exc:
+            raise CredentialsError(
+                f"{exc}. Create it with `dm_aws --profile NAME ...` or unset AWS_PROFILE."
+            ) from None
+        except ValueError as exc:  # botocore's word for a malformed endpoint URL
+            raise ConfigError(
+                f"cannot use endpoint_url {config.endpoint_url!r}: {exc}. Give a full URL "
+                "such as https://minio.example.com:9000."
+            ) from None
         return cls(client, config.storage_name, config.max_attempts)
 
     def describe(self) -> str:
@@ -253,7 +300,9 @@ class S3Store(Store):
             fd = os.open(path, os.O_RDONLY)
             try:
 
-                def send(number: int) -> dict[str, Any]:
+                def send(number: int, stop: threading.Event) -> dict[str, Any]:
+                    if stop.is_set():
+                        raise _Stopped
                     offset = (number - 1) * part
                     body = os.pread(fd, min(part, size - offset), offset)
                     with self._errors(key):
@@ -271,8 +320,9 @@ class S3Store(Store):
                         done["ChecksumCRC32"] = r["ChecksumCRC32"]
                     return done
 
-                with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
-                    parts = list(pool.map(send, range(1, math.ceil(size / part) + 1)))
+                parts = _run_parallel(
+                    [functools.partial(send, n) for n in range(1, math.ceil(size / part) + 1)]
+                )
             finally:
                 os.close(fd)
             with self._errors(key):
@@ -308,7 +358,14 @@ class S3Store(Store):
         return r, r["Body"].iter_chunks(_STREAM_CHUNK)
 
     def _fetch_part(
-        self, key: str, fd: int, start: int, end: int, etag: str, progress: Progress
+        self,
+        key: str,
+        fd: int,
+        start: int,
+        end: int,
+        etag: str,
+        progress: Progress,
+        stop: threading.Event | None = None,
     ) -> None:
         """Fetch one range into ``fd``, retrying a stream that breaks mid-body."""
         for attempt in range(1, self.max_attempts + 1):
@@ -317,7 +374,9 @@ class S3Store(Store):
                 _, chunks = self._get_range(key, start, end, etag)
                 with self._errors(key):
                     for chunk in chunks:
-                        os.pwrite(fd, chunk, offset)
+                        if stop is not None and stop.is_set():
+                            raise _Stopped
+                        _pwrite_all(fd, chunk, offset)
                         offset += len(chunk)
                 if offset != end + 1:
                     raise StoreUnavailableError(f"short read of {key!r} from {self.describe()}")
@@ -367,13 +426,12 @@ class S3Store(Store):
             if total > first_end + 1:
                 part = part_size_for(total)
                 ranges = [(s, min(s + part, total) - 1) for s in range(first_end + 1, total, part)]
-                with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
-                    futures = [
-                        pool.submit(self._fetch_part, key, fd, s, e, info.etag, progress)
+                _run_parallel(
+                    [
+                        functools.partial(self._fetch_part, key, fd, s, e, info.etag, progress)
                         for s, e in ranges
                     ]
-                    for future in futures:
-                        future.result()
+                )
         return info
 
     def read_tail(self, key: str, length: int) -> tuple[bytes, ObjectInfo]:
