@@ -10,6 +10,7 @@ uploads, credentials, unreachable endpoints, checksum settings and bucket prefix
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import os
 import socket
@@ -969,3 +970,26 @@ def test_local_store_maps_os_errors_to_daman_errors(tmp_path: Path, code: int, e
     store = LocalStore(tmp_path)
     with pytest.raises(getattr(daman.errors, error), match=str(tmp_path)), store._os_errors():
         raise OSError(code, os.strerror(code), str(tmp_path / "x"))
+
+
+def test_parallel_transfer_stops_at_the_first_failing_part() -> None:
+    """A failing part cancels the parts not yet started and tells running ones to stop."""
+    import daman.store.s3 as s3
+
+    started: list[int] = []
+    told_to_stop: list[bool] = []
+    lock = threading.Lock()
+
+    def part(number: int, stop: threading.Event) -> int:
+        with lock:
+            started.append(number)
+        if number == 0:
+            raise OSError("part 0 failed")
+        told_to_stop.append(stop.wait(10))  # a running part, busy until told to stop
+        raise s3._Stopped
+
+    tasks = [functools.partial(part, n) for n in range(200)]
+    with pytest.raises(OSError, match="part 0 failed"):
+        s3._run_parallel(tasks)
+    assert len(started) <= s3.TRANSFER_THREADS + 1  # the rest were cancelled, never started
+    assert told_to_stop and all(told_to_stop)
