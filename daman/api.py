@@ -3,14 +3,17 @@ saved configuration. ``dm.configure`` saves a configuration and rebuilds that ma
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 from pathlib import Path
 from typing import Any
 
 from .cache import CacheEntry
 from .config import Config, config_path, load_config, save_config
-from .errors import ConfigError, NotConfiguredError
+from .errors import ConfigError, NotConfiguredError, StorageNotFoundError
 from .manager import KeyListing, Manager, ObjectDetails, Usage
+from .store import open_store
 
 _default: Manager | None = None
 _lock = threading.Lock()
@@ -59,12 +62,9 @@ def configure(
         ).items()
         if value is not _UNSET
     }
-    if isinstance(given.get("local_dir"), Path):
-        given["local_dir"] = str(given["local_dir"])
-    try:
-        base = load_config().to_dict()
-    except (NotConfiguredError, ConfigError):
-        base = {}
+    if given.get("local_dir"):  # saved absolute: it must not depend on where daman runs
+        given["local_dir"] = str(Path(given["local_dir"]).expanduser().absolute())
+    base = _saved_fields()
     if "storage_name" not in given and "storage_name" not in base:
         raise ConfigError(
             "storage_name is required the first time: a bucket (service='aws') or a folder "
@@ -74,16 +74,38 @@ def configure(
     if config.service == "local":
         config = config.replace(storage_name=str(Path(config.storage_name).expanduser().absolute()))
         if check:
-            Path(config.storage_name).mkdir(parents=True, exist_ok=True)
-    if check:
-        manager = Manager(config)
+            try:
+                Path(config.storage_name).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StorageNotFoundError(
+                    f"cannot create the store folder {config.storage_name} ({exc.strerror}). "
+                    "Choose a folder you can write to."
+                ) from None
+    if check:  # the store only: opening the cache would evict to an allocation not yet saved
+        store = open_store(config)
         try:
-            manager.store.check()
+            store.check()
         finally:
-            manager.close()
+            store.close()
     save_config(config)
     reset()
     return config
+
+
+def _saved_fields() -> dict[str, Any]:
+    """The saved settings to build on: all of them when the file is valid, else those that
+    are known fields (a newer daman's extra field or one bad value must not lose the rest)."""
+    try:
+        return load_config().to_dict()
+    except NotConfiguredError:
+        return {}
+    except ConfigError:
+        try:
+            raw = json.loads(config_path().read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        known = {field.name for field in dataclasses.fields(Config)}
+        return {k: v for k, v in raw.items() if k in known} if isinstance(raw, dict) else {}
 
 
 def current_config() -> Config:

@@ -6,7 +6,7 @@
       index.sqlite3            entries (one row per cached key), journal, totals
       objects/<sha256(key)>.<random>      one file per cached version of a key
       tmp/<pid>-<random>.incomplete       files being written (downloads, pushes), each
-                                          flock-ed by its writer while in use
+                                          flock-ed by its writer from birth to removal
       locks/ab.lock            256 lock stripes; a key's stripe is ab = sha256(key)[:2]
 
 Invariants, restored on open after any crash:
@@ -95,34 +95,23 @@ class CacheUsage:
     count: int
 
 
-def _remove_if_abandoned(tmp: Path) -> None:
-    """Unlink a temp file nobody holds a lock on. A file whose owner may still be between
-    creating and locking it (a live pid here, or a foreign pid namespace) gets 10 s grace."""
+def _remove_if_abandoned(tmp: Path, grace: float = 0.0) -> None:
+    """Unlink a temp file that nobody holds a lock on (its writer finished or died). A
+    ``grace`` spares files younger than that, whose writer may not have locked them yet."""
     try:
         fd = os.open(tmp, os.O_RDONLY)
     except FileNotFoundError:
         return
     try:
+        if grace and time.time() - os.fstat(fd).st_mtime < grace:
+            return
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return  # in use
     else:
-        pid = tmp.name.split("-", 1)[0]
-        owner_gone = pid.isdigit() and not _pid_alive(int(pid))
-        if owner_gone or time.time() - os.fstat(fd).st_mtime > _TEMP_GRACE_SECONDS:
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     finally:
         os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _DoesNotFit(Exception):
@@ -217,12 +206,18 @@ class Cache:
         """A new empty file in ``tmp/`` for a download or a push, removed afterwards unless
         ``add`` moved it into the cache. It is flock-ed while in use, so that recovery in
         another process (or container) never deletes it; a crashed owner's lock is gone."""
-        path = self.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.incomplete"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        name = f"{os.getpid()}-{uuid.uuid4().hex}"
+        path = self.tmp_dir / f"{name}.incomplete"
+        born = self.tmp_dir / f"{name}.new"
+        # Created and locked under a name recovery does not look at, then renamed: a file
+        # named *.incomplete is locked from birth, so an unlocked one is abandoned.
+        fd = os.open(born, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.rename(born, path)
             yield path
         finally:
+            born.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
             os.close(fd)
 
@@ -318,7 +313,7 @@ class Cache:
         persisted stays persisted when it is replaced."""
         size = tmp_path.stat().st_size
         if self.allocated_space is not None and size > self.allocated_space:
-            self.remove(key)  # superseded by the version that does not fit (see below)
+            self.remove(key, unless_etag=etag)  # superseded by the version that does not fit
             return None
         file = f"{key_digest(key)}.{uuid.uuid4().hex[:12]}"
         final = self.objects_dir / file
@@ -356,9 +351,9 @@ class Cache:
                 with self._write() as db:
                     db.execute("DELETE FROM journal WHERE file = ?", (file,))
                 if isinstance(exc, _DoesNotFit):
-                    # The cached version (if any) is superseded by the one that did not fit:
+                    # A cached older version is superseded by the one that did not fit:
                     # keeping it would let a pull without the current-check serve stale data.
-                    self.remove(key)
+                    self.remove(key, unless_etag=etag)
                     return None
                 raise
         self._unlink_journaled(evicted)
@@ -389,10 +384,13 @@ class Cache:
                     break
         return evicted
 
-    def remove(self, key: str) -> bool:
-        """Delete ``key``'s entry and file (persisted or not); False if it was not cached."""
+    def remove(self, key: str, *, unless_etag: str | None = None) -> bool:
+        """Delete ``key``'s entry and file (persisted or not); False if it was not cached.
+        With ``unless_etag``, only an entry holding another version is deleted."""
         with self.key_lock(key), self._write() as db:
-            row = db.execute("SELECT file FROM entries WHERE key = ?", (key,)).fetchone()
+            row = db.execute(
+                "SELECT file FROM entries WHERE key = ? AND etag != ?", (key, unless_etag or "")
+            ).fetchone()
             if row is None:
                 return False
             db.execute("DELETE FROM entries WHERE key = ?", (key,))
@@ -453,7 +451,7 @@ class Cache:
     def recover(self) -> None:
         """Finish what crashed processes left: journaled files without a row are unlinked
         (unless their key's lock is held: that add may still be in progress), and temp files
-        of processes that no longer run are removed. Cheap: no scan of the cache."""
+        no writer holds a lock on are removed. Cheap: no scan of the cache."""
         pending = self._db().execute("SELECT file, key FROM journal").fetchall()
         for file, key in pending:
             with self.key_lock(key, blocking=False) as locked:
@@ -469,6 +467,8 @@ class Cache:
                     self._unlink_journaled([file])
         for tmp in self.tmp_dir.glob("*.incomplete"):
             _remove_if_abandoned(tmp)
+        for born in self.tmp_dir.glob("*.new"):  # crashed between creating and renaming
+            _remove_if_abandoned(born, grace=_TEMP_GRACE_SECONDS)
 
     def reconcile(self) -> dict[str, int]:
         """Full check (a scan of the index and the folder): drop rows whose file is missing

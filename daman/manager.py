@@ -373,8 +373,12 @@ class Manager:
             found = self.cache.remove(key) or found
         if not found and not remote:
             # Nothing cached: only an error if the key exists nowhere (one HEAD decides).
-            with contextlib.suppress(StoreUnavailableError, StorageNotFoundError):
+            try:
                 found = self.exists(key)
+            except (StoreUnavailableError, StorageNotFoundError) as exc:
+                raise KeyNotFoundError(
+                    key, f"the local cache (the store could not be checked: {exc})"
+                ) from None
         if not found:
             where = self.store.describe()
             raise KeyNotFoundError(key, f"the local cache or {where}" if local else where)

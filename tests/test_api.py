@@ -147,3 +147,44 @@ def test_unknown_aws_profile_is_a_credentials_error(
 def test_malformed_endpoint_url_is_a_config_error(url: str) -> None:
     with pytest.raises(dm.ConfigError, match="endpoint_url"):
         dm.configure(storage_name="bucket", service="aws", endpoint_url=url)
+
+
+def test_relative_local_dir_is_saved_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    config = dm.configure(storage_name=str(tmp_path / "store"), service="local", local_dir="c")
+    assert config.local_dir == str(tmp_path / "c")
+    monkeypatch.chdir("/")
+    assert dm.current_config().cache_dir == tmp_path / "c"
+
+
+def test_repairing_an_invalid_saved_config_keeps_its_other_fields(
+    tmp_path: Path, daman_home: Path
+) -> None:
+    configure_local(tmp_path, allocated_space="5MB", checksums="when_required", check=False)
+    path = daman_home / "config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "endpoint_url": "bad", "from_the_future": 1}))
+    with pytest.raises(dm.ConfigError):
+        dm.current_config()
+    config = dm.configure(endpoint_url=None)
+    assert config.allocated_space == 5 * 10**6 and config.checksums == "when_required"
+    assert config.local_dir == str(tmp_path / "cache")
+
+
+def test_a_failed_store_check_leaves_the_cache_alone(tmp_path: Path, s3_endpoint: str) -> None:
+    configure_local(tmp_path, allocated_space="10MB")
+    dm.push(np.zeros(100_000), "a")
+    dm.push(np.zeros(100_000), "b")
+    with pytest.raises(dm.StorageNotFoundError):
+        dm.configure(
+            service="aws", storage_name="no-such-bucket-xyz", endpoint_url=s3_endpoint,
+            allocated_space=1,
+        )  # fmt: skip
+    assert dm.current_config().service == "local"
+    assert len(dm.usage().entries) == 2  # nothing was evicted to the unsaved allocation
+
+
+def test_a_local_store_folder_that_cannot_be_made_is_a_daman_error(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(dm.StorageNotFoundError, match="cannot create"):
+        dm.configure(storage_name=str(tmp_path / "a-file" / "store"), service="local")

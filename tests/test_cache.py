@@ -32,8 +32,9 @@ from daman.keys import key_digest
 
 
 def temp_path(cache: Cache) -> Path:
-    """A fresh name in ``tmp/`` as ``Cache.temp_file`` makes them (this process's pid)."""
-    return cache.tmp_dir / f"{os.getpid()}-{os.urandom(16).hex()}.incomplete"
+    """A fresh name in ``tmp/`` that recovery leaves alone (it removes only unlocked
+    *.incomplete files; these tests hold no lock on theirs)."""
+    return cache.tmp_dir / f"{os.getpid()}-{os.urandom(16).hex()}.download"
 
 
 def make_file(cache: Cache, nbytes: int) -> Path:
@@ -611,23 +612,23 @@ LOCK_FILE = """
 
 
 def test_recovery_removes_only_abandoned_temp_files(root: Path) -> None:
-    """A temp file is abandoned when nobody holds its lock and its owner is gone (or it is
-    older than the grace period, for owners in another pid namespace)."""
+    """A writer locks its temp file from birth to removal (``Cache.temp_file``), so an unlocked
+    *.incomplete file is abandoned whatever pid its name carries, and a locked one is in use,
+    even when its pid means nothing here (a writer in another pid namespace)."""
     cache = Cache(root)
-    live_child = run_python("import sys; sys.stdin.readline()", stdin=subprocess.PIPE)
     names = {
-        "dead": f"{dead_pid()}-{'0' * 32}.incomplete",
-        "fresh-live-pid": f"{live_child.pid}-{'1' * 32}.incomplete",
-        "fresh-not-a-pid": "abc-123.incomplete",
-        "old-live-pid": f"{live_child.pid}-{'3' * 32}.incomplete",
+        "dead-pid": f"{dead_pid()}-{'0' * 32}.incomplete",
+        "live-pid": f"{os.getpid()}-{'1' * 32}.incomplete",
+        "not-a-pid": "abc-123.incomplete",
         "locked-dead-pid": f"{dead_pid()}-{'4' * 32}.incomplete",
+        "fresh-unborn": f"{dead_pid()}-{'5' * 32}.new",
+        "old-unborn": f"{dead_pid()}-{'6' * 32}.new",
         "other-suffix": f"{dead_pid()}-{'2' * 32}.partial",
     }
     for name in names.values():
         (cache.tmp_dir / name).write_bytes(b"x")
     hour_ago = time.time() - 3600
-    os.utime(cache.tmp_dir / names["old-live-pid"], (hour_ago, hour_ago))
-    # A writer in another pid namespace: its pid means nothing here, but it holds the lock.
+    os.utime(cache.tmp_dir / names["old-unborn"], (hour_ago, hour_ago))
     locker = run_python(LOCK_FILE, cache.tmp_dir / names["locked-dead-pid"], stdin=subprocess.PIPE)
     try:
         assert locker.stdout.readline() == "locked\n"
@@ -636,12 +637,37 @@ def test_recovery_removes_only_abandoned_temp_files(root: Path) -> None:
             cache.close()
             Cache(root)
             left = {path.name for path in cache.tmp_dir.iterdir()}
-        expected = set(names.values()) - {names["dead"], names["old-live-pid"]} | {mine.name}
-        assert left == expected
+        kept = ("locked-dead-pid", "fresh-unborn", "other-suffix")
+        assert left == {names[k] for k in kept} | {mine.name}
     finally:
-        live_child.communicate("\n", timeout=30)
         locker.communicate("\n", timeout=30)
-    assert not mine.exists()  # temp_file removes its file when done
+    assert not mine.exists() and not list(cache.tmp_dir.glob("*.new"))[1:]
+
+
+def test_temp_files_are_locked_from_birth(root: Path) -> None:
+    """Recovery running in other processes while temp files are made never deletes one in use
+    and never makes the writer fail."""
+    cache = Cache(root)
+    stop = threading.Event()
+
+    def recover_in_a_loop() -> None:
+        other = Cache(root)
+        while not stop.is_set():
+            other.recover()
+
+    threads = [threading.Thread(target=recover_in_a_loop) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(300):
+            with cache.temp_file() as tmp:
+                tmp.write_bytes(b"data")
+                assert tmp.read_bytes() == b"data"
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert list(cache.tmp_dir.iterdir()) == []
 
 
 HOLD_LOCK = """
@@ -712,9 +738,9 @@ CRASH_AT = """
         Cache._unlink_journaled = unlink_one_then_die
 
     def add(key, nbytes):
-        tmp = cache.tmp_dir / f"{os.getpid()}-{os.urandom(16).hex()}.incomplete"
-        tmp.write_bytes(os.urandom(nbytes))
-        cache.add(key, tmp, etag="child", sha256="s")
+        with cache.temp_file() as tmp:
+            tmp.write_bytes(os.urandom(nbytes))
+            cache.add(key, tmp, etag="child", sha256="s")
 
     if op == "add":
         add("d", 100)  # evicts a, the least recently used unpinned entry
@@ -780,10 +806,9 @@ CRASH_LOOP = """
         key = f"k/{rng.randrange(12)}"
         action = rng.random()
         if action < 0.7:
-            tmp = cache.tmp_dir / f"{os.getpid()}-{os.urandom(16).hex()}.incomplete"
-            tmp.write_bytes(os.urandom(rng.randrange(1, 4000)))
-            if cache.add(key, tmp, etag="e", sha256="s", persist=rng.random() < 0.05) is None:
-                tmp.unlink()
+            with cache.temp_file() as tmp:
+                tmp.write_bytes(os.urandom(rng.randrange(1, 4000)))
+                cache.add(key, tmp, etag="e", sha256="s", persist=rng.random() < 0.05)
         elif action < 0.8:
             cache.remove(key)
         elif action < 0.9:
@@ -943,13 +968,13 @@ WORKER = """
         action = rng.random()
         if action < 0.5:
             data = os.urandom(rng.randrange(1, 6000))
-            tmp = cache.tmp_dir / f"{os.getpid()}-{os.urandom(16).hex()}.incomplete"
-            tmp.write_bytes(data)
-            digest = hashlib.sha256(data).hexdigest()
-            entry = cache.add(key, tmp, etag=str(seed), sha256=digest, persist=rng.random() < 0.1)
-            if entry is None:
-                tmp.unlink()
-            else:
+            with cache.temp_file() as tmp:
+                tmp.write_bytes(data)
+                digest = hashlib.sha256(data).hexdigest()
+                entry = cache.add(
+                    key, tmp, etag=str(seed), sha256=digest, persist=rng.random() < 0.1
+                )
+            if entry is not None:
                 added += 1
         elif action < 0.65:
             cache.remove(key)

@@ -511,3 +511,26 @@ def test_progress_bars_on_large_transfers_only(make_config, capsys) -> None:
     with Manager(make_config(progress=False)) as manager:
         manager.pull("big", force=True)
     assert capsys.readouterr().err == ""
+
+
+def test_local_delete_of_an_uncached_key_while_offline_does_not_claim_it_is_gone(
+    config: Config, unreachable: Config
+) -> None:
+    with Manager(config) as manager:
+        manager.push(1, "k")
+        manager.delete("k")
+    with Manager(unreachable) as offline, pytest.raises(KeyNotFoundError, match="not be checked"):
+        offline.delete("k")
+
+
+def test_a_pinned_copy_of_the_same_version_survives_a_forced_pull_that_does_not_fit(
+    make_config, tmp_path: Path
+) -> None:
+    big = np.zeros(25_000)  # 200 KB
+    with Manager(make_config(allocated_space=300_000)) as manager:
+        manager.push(big, "k", persist=True)
+    with Manager(make_config(allocated_space=100_000)) as smaller:  # the pin outlives it
+        assert smaller.cache.get("k").persist
+        with pytest.warns(NotCachedWarning):
+            smaller.pull("k", force=True)
+        assert smaller.cache.get("k") is not None and smaller.cache.get("k").persist

@@ -993,3 +993,35 @@ def test_parallel_transfer_stops_at_the_first_failing_part() -> None:
         s3._run_parallel(tasks)
     assert len(started) <= s3.TRANSFER_THREADS + 1  # the rest were cancelled, never started
     assert told_to_stop and all(told_to_stop)
+
+
+def test_local_listing_survives_files_it_cannot_read_the_footer_of(tmp_path: Path) -> None:
+    """A file from a newer daman (or not daman's) still lists and heads, by inode version."""
+    import json as json_module
+
+    from daman.serialize import MAGIC, TRAILER
+
+    root = tmp_path / "store"
+    root.mkdir()
+    store = LocalStore(root)
+    footer = json_module.dumps({"format": 99}).encode()
+    (root / "future.daman").write_bytes(b"payload" + footer + TRAILER.pack(MAGIC, len(footer)))
+    (root / "tiny.daman").write_bytes(b"x")
+    assert _keys(store) == ["future", "tiny"]
+    assert store.head("future").size == (root / "future.daman").stat().st_size
+
+
+def test_local_head_reads_only_the_trailer_and_footer(tmp_path: Path) -> None:
+    from daman.serialize import dump_to_bytes
+
+    def bytes_read() -> int:
+        line = next(x for x in Path("/proc/self/io").read_text().splitlines() if "rchar" in x)
+        return int(line.split()[1])
+
+    root = tmp_path / "store"
+    root.mkdir()
+    store = LocalStore(root)
+    store.put("k", _write(tmp_path / "src", dump_to_bytes(os.urandom(1_000_000))), overwrite=False)
+    before = bytes_read()
+    store.head("k")
+    assert bytes_read() - before < 16 * 1024  # not the 64 KiB tail, not the object

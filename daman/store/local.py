@@ -23,7 +23,6 @@ from typing import IO, Any, TypeVar
 from ..errors import (
     CredentialsError,
     DamanError,
-    IntegrityError,
     InvalidKeyError,
     KeyExistsError,
     KeyNotFoundError,
@@ -31,7 +30,7 @@ from ..errors import (
     StoreUnavailableError,
 )
 from ..keys import validate_key, validate_prefix
-from ..serialize import footer_of
+from ..serialize import TRAILER, file_reader, read_footer
 from .base import ObjectInfo, Progress, Store, _no_progress
 
 SUFFIX = ".daman"
@@ -43,19 +42,27 @@ _UNREACHABLE = {errno.ESTALE, errno.EIO, errno.ENOTCONN, errno.EHOSTDOWN, errno.
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+def _stat_info(key: str, st: os.stat_result, etag: str | None = None) -> ObjectInfo:
+    modified = datetime.fromtimestamp(st.st_mtime, tz=timezone.utc)
+    etag = etag or f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
+    return ObjectInfo(key=key, size=st.st_size, etag=etag, last_modified=modified)
+
+
 def _info(key: str, f: IO[bytes]) -> ObjectInfo:
     """Size and version of an open object file.
 
-    The version is the payload's sha256 from the footer, so it changes exactly when the
-    content does, even on shares whose mtimes are coarse and whose inodes are reused. Files
-    daman did not write fall back to inode, mtime and size."""
+    The version is the payload's sha256 from the footer (two small reads: the trailer, then
+    the footer), so it changes exactly when the content does, even on shares whose mtimes are
+    coarse and whose inodes are reused. Files daman cannot read the footer of (not daman's,
+    damaged, or from a newer daman) fall back to inode, mtime and size."""
     st = os.fstat(f.fileno())
-    try:
-        etag = f"{footer_of(f).sha256}-{st.st_size:x}"
-    except IntegrityError:
-        etag = f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
-    modified = datetime.fromtimestamp(st.st_mtime, tz=timezone.utc)
-    return ObjectInfo(key=key, size=st.st_size, etag=etag, last_modified=modified)
+    read_at = file_reader(f)
+    etag = None
+    if st.st_size >= TRAILER.size:
+        with contextlib.suppress(DamanError):
+            trailer = read_at(st.st_size - TRAILER.size, TRAILER.size)
+            etag = f"{read_footer(read_at, st.st_size, trailer).sha256}-{st.st_size:x}"
+    return _stat_info(key, st, etag)
 
 
 def _copy(src: IO[bytes], dst: IO[bytes], progress: Progress) -> None:
@@ -217,9 +224,12 @@ class LocalStore(Store):
                     continue
                 key = (name if rel == "." else f"{rel}/{name}")[: -len(SUFFIX)]
                 if key.startswith(prefix):
+                    path = os.path.join(folder, name)
                     try:
-                        with open(os.path.join(folder, name), "rb") as f:
+                        with open(path, "rb") as f:
                             found.append(_info(key, f))
                     except FileNotFoundError:  # deleted while we listed
                         continue
+                    except PermissionError:  # listed all the same; reading it will say why
+                        found.append(_stat_info(key, os.stat(path)))
         return iter(sorted(found, key=lambda info: info.key))

@@ -99,8 +99,9 @@ def _run_parallel(tasks: list[Callable[[threading.Event], T]]) -> list[T]:
     to stop, so an error surfaces at once rather than after the whole transfer."""
     stop = threading.Event()
     pool = ThreadPoolExecutor(TRANSFER_THREADS)
-    futures = [pool.submit(task, stop) for task in tasks]
+    futures = []
     try:
+        futures.extend(pool.submit(task, stop) for task in tasks)
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         for future in done:
             if future.exception() is not None:
@@ -369,6 +370,8 @@ class S3Store(Store):
     ) -> None:
         """Fetch one range into ``fd``, retrying a stream that breaks mid-body."""
         for attempt in range(1, self.max_attempts + 1):
+            if stop is not None and stop.is_set():
+                raise _Stopped
             offset = start
             try:
                 _, chunks = self._get_range(key, start, end, etag)
@@ -385,7 +388,11 @@ class S3Store(Store):
             except StoreUnavailableError:
                 if attempt == self.max_attempts:
                     raise
-                time.sleep(min(2.0, 0.1 * 2**attempt) * random.random())
+                delay = min(2.0, 0.1 * 2**attempt) * random.random()
+                if stop is not None:
+                    stop.wait(delay)  # wakes at once if another part failed
+                else:
+                    time.sleep(delay)
 
     def get(self, key: str, dest: Path, *, progress: Progress = _no_progress) -> ObjectInfo:
         for attempt in range(3):
