@@ -415,7 +415,10 @@ class S3Store(Store):
                 raise
             dest.write_bytes(b"")
             return info
-        total = int(_CONTENT_RANGE.match(r["ContentRange"]).group(3))  # type: ignore[union-attr]
+        match = _CONTENT_RANGE.match(r.get("ContentRange") or "")
+        # A server that ignores Range sends the whole object (no Content-Range): take it all.
+        total = int(match.group(3)) if match else r["ContentLength"]
+        first_len = min(total, first_end + 1) if match else total
         info = ObjectInfo(key, total, r["ETag"], r.get("LastModified"))
         with open(dest, "wb") as out:
             fd = out.fileno()
@@ -425,12 +428,12 @@ class S3Store(Store):
                     out.write(chunk)
                     offset += len(chunk)
             out.flush()
-            if offset != min(total, first_end + 1):
-                # The first stream broke: fetch the head range again with retries.
-                self._fetch_part(key, fd, 0, min(total, first_end + 1) - 1, info.etag, progress)
+            if offset != first_len:
+                # The first stream broke: fetch that range again with retries.
+                self._fetch_part(key, fd, 0, first_len - 1, info.etag, progress)
             else:
                 progress(offset)
-            if total > first_end + 1:
+            if total > first_len:
                 part = part_size_for(total)
                 ranges = [(s, min(s + part, total) - 1) for s in range(first_end + 1, total, part)]
                 _run_parallel(
