@@ -1025,3 +1025,35 @@ def test_local_head_reads_only_the_trailer_and_footer(tmp_path: Path) -> None:
     before = bytes_read()
     store.head("k")
     assert bytes_read() - before < 16 * 1024  # not the 64 KiB tail, not the object
+
+
+def test_download_from_a_server_that_ignores_range(bucket: str, tmp_path: Path) -> None:
+    """Some S3-compatible servers answer a ranged GET with the whole object (200, no
+    Content-Range). A second HTTP front on the same in-process moto data drops the Range
+    header to play one."""
+    if os.environ.get("DAMAN_TEST_S3_ENDPOINT"):
+        pytest.skip("needs the in-process moto server's data")
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    moto_app = DomainDispatcherApplication(create_backend_app)
+
+    def ignore_range(environ: dict, start_response: Any) -> Any:
+        environ.pop("HTTP_RANGE", None)
+        return moto_app(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, ignore_range, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_port}"
+        store = S3Store.from_config(
+            Config(service="aws", storage_name=bucket, endpoint_url=endpoint, region="us-east-1")
+        )
+        data = os.urandom(MULTIPART_THRESHOLD * 2 + 123)
+        store.put("whole", _write(tmp_path / "src", data), overwrite=False)
+        info = store.get("whole", tmp_path / "dest")
+        assert (tmp_path / "dest").read_bytes() == data and info.size == len(data)
+    finally:
+        server.shutdown()
+        thread.join()
