@@ -71,6 +71,7 @@ CREATE TRIGGER IF NOT EXISTS entries_resize AFTER UPDATE OF size ON entries BEGI
     UPDATE totals SET size = size - OLD.size + NEW.size;
 END;
 """
+_COLUMNS = "key, file, size, etag, sha256, created, accessed, persist"
 _EVICT_BATCH = 64
 _TEMP_GRACE_SECONDS = 10
 _LOCK_STRIPES_HEX = 2  # 256 stripes
@@ -239,15 +240,7 @@ class Cache:
     def get(self, key: str) -> CacheEntry | None:
         """The entry for ``key`` if its file is whole (size check on every hit), else None;
         a row whose file is missing or the wrong size is dropped on the way."""
-        row = (
-            self._db()
-            .execute(
-                "SELECT key, file, size, etag, sha256, created, accessed, persist "
-                "FROM entries WHERE key = ?",
-                (key,),
-            )
-            .fetchone()
-        )
+        row = self._db().execute(f"SELECT {_COLUMNS} FROM entries WHERE key = ?", (key,)).fetchone()
         if row is None:
             return None
         entry = self._entry(row)
@@ -261,17 +254,20 @@ class Cache:
         return entry
 
     def _drop_if_unchanged(self, entry: CacheEntry) -> None:
+        """Forget ``entry`` unless its key has moved on to another file meanwhile (a file
+        name is unique to one version, so journaling it is safe either way)."""
         with self._write() as db:
-            gone = db.execute(
-                "DELETE FROM entries WHERE key = ? AND file = ?", (entry.key, entry.path.name)
-            ).rowcount
-            if gone:
-                db.execute(
-                    "INSERT OR IGNORE INTO journal (file, key) VALUES (?, ?)",
-                    (entry.path.name, entry.key),
-                )
-        if gone:
-            self._unlink_journaled([entry.path.name])
+            files = self._forget(db, [(entry.key, entry.path.name)])
+        self._unlink_journaled(files)
+
+    def _forget(self, db: sqlite3.Connection, rows: list[tuple[str, str]]) -> list[str]:
+        """Delete these ``(key, file)`` entries inside the open transaction; their files are
+        journaled, for unlinking after the commit. Returns the files."""
+        db.executemany("DELETE FROM entries WHERE key = ? AND file = ?", rows)
+        db.executemany(
+            "INSERT OR IGNORE INTO journal (file, key) VALUES (?, ?)", [(f, k) for k, f in rows]
+        )
+        return [file for _, file in rows]
 
     def states(self, keys: list[str]) -> dict[str, bool]:
         """``{key: persist}`` for those of ``keys`` that are cached (one query per 500)."""
@@ -287,10 +283,7 @@ class Cache:
         return found
 
     def entries(self) -> list[CacheEntry]:
-        rows = self._db().execute(
-            "SELECT key, file, size, etag, sha256, created, accessed, persist "
-            "FROM entries ORDER BY accessed DESC"
-        )
+        rows = self._db().execute(f"SELECT {_COLUMNS} FROM entries ORDER BY accessed DESC")
         return [self._entry(row) for row in rows]
 
     def usage(self) -> CacheUsage:
@@ -359,9 +352,13 @@ class Cache:
         self._unlink_journaled(evicted)
         return CacheEntry(key, final, size, etag, sha256, now, now, persist)
 
-    def _evict(self, db: sqlite3.Connection, need: int, exclude: str) -> list[str]:
-        """Delete LRU rows until ``need`` more bytes fit; their files are journaled for
-        unlinking after commit. Raises ``_DoesNotFit`` if even evicting all is not enough."""
+    def _evict(
+        self, db: sqlite3.Connection, need: int, exclude: str, *, best_effort: bool = False
+    ) -> list[str]:
+        """Forget LRU non-persisted entries (not ``exclude``) until ``need`` more bytes fit,
+        in batches; returns their files, journaled for unlinking after commit. When even
+        that is not enough: stop (``best_effort``) or raise ``_DoesNotFit``, which rolls the
+        transaction back."""
         if self.allocated_space is None:
             return []
         (used,) = db.execute("SELECT size FROM totals").fetchone()
@@ -374,14 +371,16 @@ class Cache:
                 (exclude, _EVICT_BATCH),
             ).fetchall()
             if not rows:
-                raise _DoesNotFit  # rolls the transaction (and these deletions) back
+                if best_effort:
+                    break
+                raise _DoesNotFit
+            chosen = []
             for key, file, size in rows:
-                db.execute("DELETE FROM entries WHERE key = ?", (key,))
-                db.execute("INSERT OR IGNORE INTO journal (file, key) VALUES (?, ?)", (file, key))
-                evicted.append(file)
+                chosen.append((key, file))
                 over -= size
                 if over <= 0:
                     break
+            evicted += self._forget(db, chosen)
         return evicted
 
     def remove(self, key: str, *, unless_etag: str | None = None) -> bool:
@@ -393,9 +392,8 @@ class Cache:
             ).fetchone()
             if row is None:
                 return False
-            db.execute("DELETE FROM entries WHERE key = ?", (key,))
-            db.execute("INSERT OR IGNORE INTO journal (file, key) VALUES (?, ?)", (row[0], key))
-        self._unlink_journaled([row[0]])
+            files = self._forget(db, [(key, row[0])])
+        self._unlink_journaled(files)
         return True
 
     def set_persist(self, key: str, persist: bool) -> bool:
@@ -413,37 +411,19 @@ class Cache:
         (persisted entries are only removed by an explicit delete)."""
         if self.allocated_space is None:
             return 0
-        freed_files: list[str] = []
-        freed = 0
         with self._write() as db:
-            (used,) = db.execute("SELECT size FROM totals").fetchone()
-            while used + extra > self.allocated_space:
-                row = db.execute(
-                    "SELECT key, file, size FROM entries WHERE persist = 0 "
-                    "ORDER BY accessed LIMIT 1"
-                ).fetchone()
-                if row is None:
-                    break
-                db.execute("DELETE FROM entries WHERE key = ?", (row[0],))
-                db.execute(
-                    "INSERT OR IGNORE INTO journal (file, key) VALUES (?, ?)", (row[1], row[0])
-                )
-                freed_files.append(row[1])
-                used -= row[2]
-                freed += row[2]
-        self._unlink_journaled(freed_files)
-        return freed
+            (before,) = db.execute("SELECT size FROM totals").fetchone()
+            files = self._evict(db, extra, exclude="", best_effort=True)
+            (after,) = db.execute("SELECT size FROM totals").fetchone()
+        self._unlink_journaled(files)
+        return before - after
 
     def clear(self) -> int:
         """Evict every entry that is not persisted; bytes freed."""
         with self._write() as db:
             rows = db.execute("SELECT key, file, size FROM entries WHERE persist = 0").fetchall()
-            db.execute("DELETE FROM entries WHERE persist = 0")
-            db.executemany(
-                "INSERT OR IGNORE INTO journal (file, key) VALUES (?, ?)",
-                [(file, key) for key, file, _ in rows],
-            )
-        self._unlink_journaled([file for _, file, _ in rows])
+            files = self._forget(db, [(key, file) for key, file, _ in rows])
+        self._unlink_journaled(files)
         return sum(size for _, _, size in rows)
 
     # -- recovery ------------------------------------------------------------------------
