@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .cache import Cache, CacheEntry
-from .config import Config, format_size, load_config
+from .config import Config, format_size
 from .errors import (
     DamanError,
     IntegrityError,
@@ -44,7 +44,7 @@ from .serialize import (
     warn_if_versions_differ,
     write_object,
 )
-from .store import ObjectInfo, Progress, Store, open_store
+from .store import ObjectInfo, Store, open_store
 
 PROGRESS_MIN_BYTES = 8 * 1024 * 1024
 _WRITE_BUFFER = 1024 * 1024
@@ -140,6 +140,36 @@ def _disc_errors(where: Path) -> Iterator[None]:
         raise
 
 
+class _ProgressBar:
+    """One transfer's progress: a ``tqdm.auto`` bar drawn once the size is known, and only
+    for transfers of at least PROGRESS_MIN_BYTES. Parts move in parallel, hence the lock."""
+
+    def __init__(self, desc: str, enabled: bool) -> None:
+        self.desc = desc
+        self.enabled = enabled
+        self.bar: Any = None
+        self.lock = threading.Lock()
+
+    def start(self, total: int) -> None:
+        if self.enabled and self.bar is None and total >= PROGRESS_MIN_BYTES:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=total, desc=self.desc, unit="B", unit_scale=True, unit_divisor=1024,
+                leave=False,
+            )  # fmt: skip
+
+    def __call__(self, n: int) -> None:
+        if self.bar is not None:
+            with self.lock:
+                self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class Manager:
     """One store plus one local cache. Several managers may live in one process."""
 
@@ -149,10 +179,6 @@ class Manager:
         self.config = config
         self.store = store or open_store(config)
         self.cache = cache or Cache(config.cache_dir, config.allocated_space)
-
-    @classmethod
-    def from_saved_config(cls) -> Manager:
-        return cls(load_config())
 
     def close(self) -> None:
         self.store.close()
@@ -167,22 +193,12 @@ class Manager:
     # -- helpers -------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _progress(self, total: int, desc: str) -> Iterator[Progress]:
-        if not self.config.progress or total < PROGRESS_MIN_BYTES:
-            yield lambda n: None
-            return
-        from tqdm.auto import tqdm
-
-        lock = threading.Lock()
-        with tqdm(
-            total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False
-        ) as bar:
-
-            def advance(n: int) -> None:
-                with lock:
-                    bar.update(n)
-
-            yield advance
+    def _progress(self, desc: str) -> Iterator[_ProgressBar]:
+        bar = _ProgressBar(desc, enabled=self.config.progress)
+        try:
+            yield bar
+        finally:
+            bar.close()
 
     def _keep(self, key: str, tmp: Path, etag: str, sha256: str, persist: bool, verb: str) -> None:
         if self.cache.add(key, tmp, etag=etag, sha256=sha256, persist=persist) is None:
@@ -212,7 +228,8 @@ class Manager:
                 with open(tmp, "wb", buffering=_WRITE_BUFFER) as f:
                     footer = write_object(obj, meta_bytes, f)
                 size = tmp.stat().st_size
-            with self._progress(size, f"push {key}") as progress:
+            with self._progress(f"push {key}") as progress:
+                progress.start(size)
                 info = self.store.put(key, tmp, overwrite=force, progress=progress)
             self._keep(key, tmp, info.etag, footer.sha256, persist, "pushed")
 
@@ -254,12 +271,10 @@ class Manager:
         validate_key(key)
         entry = None if force else self.cache.get(key)
         remote: str | Remote = Remote.UNCHECKED
-        remote_info: ObjectInfo | None = None
         offline_reason: Exception | None = None
         if entry is not None and self.config.check_current:
             try:
-                remote_info = self.store.head(key)
-                remote = remote_info.etag
+                remote = self.store.head(key).etag
             except (StoreUnavailableError, StorageNotFoundError) as exc:
                 remote, offline_reason = Remote.UNREACHABLE, exc
             except KeyNotFoundError:
@@ -286,7 +301,7 @@ class Manager:
                 with opened[0]:
                     yield opened
                 return
-        with self._download(key, entry, remote_info, force, persist, keep) as opened:
+        with self._download(key, entry, force, persist, keep) as opened:
             yield opened
 
     def _open_cached(self, entry: CacheEntry, persist: bool) -> tuple[IO[bytes], Footer] | None:
@@ -312,7 +327,6 @@ class Manager:
         self,
         key: str,
         stale: CacheEntry | None,
-        remote_info: ObjectInfo | None,
         force: bool,
         persist: bool,
         keep: bool,
@@ -327,7 +341,7 @@ class Manager:
                     if fresh is not None and fresh.etag != (stale and stale.etag):
                         opened = self._open_cached(fresh, persist)  # fetched while we waited
                 if opened is None:
-                    f, footer, info = self._fetch_verified(key, tmp, remote_info)
+                    f, footer, info = self._fetch_verified(key, tmp)
                     opened = (f, footer)
                     if keep or stale is not None:
                         try:
@@ -338,15 +352,12 @@ class Manager:
             with opened[0]:
                 yield opened
 
-    def _fetch_verified(
-        self, key: str, tmp: Path, remote_info: ObjectInfo | None
-    ) -> tuple[IO[bytes], Footer, ObjectInfo]:
+    def _fetch_verified(self, key: str, tmp: Path) -> tuple[IO[bytes], Footer, ObjectInfo]:
         """Download ``key`` into ``tmp`` and check its sha256 before anything unpickles it (a
         corrupted transfer is tried once more). Returns the file open, its footer, its version."""
-        size = (remote_info or self.store.head(key)).size
         for attempt in (1, 2):
-            with _disc_errors(self.cache.root), self._progress(size, f"pull {key}") as progress:
-                info = self.store.get(key, tmp, progress=progress)
+            with _disc_errors(self.cache.root), self._progress(f"pull {key}") as progress:
+                info = self.store.get(key, tmp, progress=progress, on_size=progress.start)
             f = open(tmp, "rb")  # noqa: SIM115 - returned open, or closed below
             try:
                 return f, verify_file(f), info

@@ -534,3 +534,13 @@ def test_a_pinned_copy_of_the_same_version_survives_a_forced_pull_that_does_not_
         with pytest.warns(NotCachedWarning):
             smaller.pull("k", force=True)
         assert smaller.cache.get("k") is not None and smaller.cache.get("k").persist
+
+
+def test_an_uncached_pull_asks_the_store_once(config: Config, tmp_path: Path) -> None:
+    with Manager(config) as alice:
+        alice.push(np.zeros(2_000_000), "k")  # 16 MB: a progress bar wants its size first
+    store = CountingStore(open_store(config))
+    other = config.replace(local_dir=str(tmp_path / "other"), progress=True)
+    with Manager(other, store=store) as bob:
+        bob.pull("k")
+    assert store.calls == {"get": 1}  # the size comes with the download, not from a HEAD

@@ -56,8 +56,16 @@ class Store(abc.ABC):
         """Store the file at ``path`` under ``key``."""
 
     @abc.abstractmethod
-    def get(self, key: str, dest: Path, *, progress: Progress = _no_progress) -> ObjectInfo:
-        """Write the object's bytes to ``dest`` (a new file) and say which version they are."""
+    def get(
+        self,
+        key: str,
+        dest: Path,
+        *,
+        progress: Progress = _no_progress,
+        on_size: Progress = _no_progress,
+    ) -> ObjectInfo:
+        """Write the object's bytes to ``dest`` and say which version they are. ``on_size``
+        hears the object's size before its bytes arrive (for a progress bar's total)."""
 
     @abc.abstractmethod
     def read_tail(self, key: str, length: int) -> tuple[bytes, ObjectInfo]:

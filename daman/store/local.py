@@ -174,10 +174,18 @@ class LocalStore(Store):
             tmp.unlink(missing_ok=True)
 
     @_mapped
-    def get(self, key: str, dest: Path, *, progress: Progress = _no_progress) -> ObjectInfo:
+    def get(
+        self,
+        key: str,
+        dest: Path,
+        *,
+        progress: Progress = _no_progress,
+        on_size: Progress = _no_progress,
+    ) -> ObjectInfo:
         # The open file keeps its version even if the key is replaced while we copy.
         with self._open(key) as src, open(dest, "wb") as out:
             info = _info(key, src)
+            on_size(info.size)
             _copy(src, out, progress)
         return info
 

@@ -394,10 +394,17 @@ class S3Store(Store):
                 else:
                     time.sleep(delay)
 
-    def get(self, key: str, dest: Path, *, progress: Progress = _no_progress) -> ObjectInfo:
+    def get(
+        self,
+        key: str,
+        dest: Path,
+        *,
+        progress: Progress = _no_progress,
+        on_size: Progress = _no_progress,
+    ) -> ObjectInfo:
         for attempt in range(3):
             try:
-                return self._get_once(key, dest, progress)
+                return self._get_once(key, dest, progress, on_size)
             except ObjectChangedError:
                 if attempt == 2:
                     raise StoreUnavailableError(
@@ -405,7 +412,7 @@ class S3Store(Store):
                     ) from None
         raise AssertionError("unreachable")
 
-    def _get_once(self, key: str, dest: Path, progress: Progress) -> ObjectInfo:
+    def _get_once(self, key: str, dest: Path, progress: Progress, on_size: Progress) -> ObjectInfo:
         first_end = MULTIPART_THRESHOLD - 1
         try:
             r, chunks = self._get_range(key, 0, first_end, None)
@@ -420,6 +427,7 @@ class S3Store(Store):
         total = int(match.group(3)) if match else r["ContentLength"]
         first_len = min(total, first_end + 1) if match else total
         info = ObjectInfo(key, total, r["ETag"], r.get("LastModified"))
+        on_size(total)
         with open(dest, "wb") as out:
             fd = out.fileno()
             offset = 0
