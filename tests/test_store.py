@@ -1057,3 +1057,17 @@ def test_download_from_a_server_that_ignores_range(bucket: str, tmp_path: Path) 
     finally:
         server.shutdown()
         thread.join()
+
+
+def test_s3_asks_about_the_bucket_only_on_its_first_404(bucket: str, s3_endpoint: str) -> None:
+    """A HEAD 404 is ambiguous (missing key or missing bucket): one head_bucket settles it,
+    once per store, so later misses cost one request each."""
+    store = S3Store.from_config(_s3_config(bucket, s3_endpoint))
+    sent: list[str] = []
+    store.client.meta.events.register(
+        "before-send.s3", lambda request, **_: sent.append(request.method)
+    )
+    for _ in range(3):
+        with pytest.raises(KeyNotFoundError):
+            store.head("missing")
+    assert sent == ["HEAD", "HEAD", "HEAD", "HEAD"]  # 3 object HEADs + 1 bucket HEAD

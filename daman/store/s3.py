@@ -140,6 +140,7 @@ class S3Store(Store):
         self.bucket = bucket
         self.prefix = f"{prefix}/" if prefix else ""
         self.max_attempts = max_attempts
+        self._bucket_exists = False  # once seen, a bare 404 can only mean a missing key
 
     @classmethod
     def from_config(cls, config: Config) -> S3Store:
@@ -188,11 +189,7 @@ class S3Store(Store):
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             message = exc.response.get("Error", {}).get("Message", "") or code
             if code == "NoSuchBucket":
-                return StorageNotFoundError(
-                    f"the bucket {self.bucket!r} does not exist (or is not visible with these "
-                    "credentials). Create it, or run `dm_configure --storage_name BUCKET "
-                    "--service aws` with an existing bucket."
-                )
+                return self._bucket_missing()
             if code == "InvalidRange":
                 return _RangeNotSatisfiable(message)
             if code in ("NoSuchKey", "404", "NotFound") and key is not None:
@@ -229,29 +226,34 @@ class S3Store(Store):
                 self._raise_if_bucket_missing()
             raise error from None
 
-    def _raise_if_bucket_missing(self) -> None:
-        # A HEAD of a missing key and of a key in a missing bucket both answer a bare 404.
+    def _bucket_missing(self) -> StorageNotFoundError:
+        return StorageNotFoundError(
+            f"the bucket {self.bucket!r} does not exist (or is not visible with these "
+            "credentials). Create it, or run `dm_configure --storage_name BUCKET --service aws` "
+            "with an existing bucket."
+        )
+
+    def _head_bucket(self) -> None:
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
             if _error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
-                raise StorageNotFoundError(
-                    f"the bucket {self.bucket!r} does not exist. Create it, or run "
-                    "`dm_configure --storage_name BUCKET --service aws` with an existing bucket."
-                ) from None
-        except BotoCoreError:
-            pass
+                raise self._bucket_missing() from None
+            raise
+        self._bucket_exists = True
+
+    def _raise_if_bucket_missing(self) -> None:
+        # A HEAD of a missing key and of a key in a missing bucket both answer a bare 404;
+        # ask the bucket once per store, on the first 404 only.
+        if not self._bucket_exists:
+            with contextlib.suppress(ClientError, BotoCoreError):
+                self._head_bucket()
 
     # -- Store interface -----------------------------------------------------------------
 
     def check(self) -> None:
         with self._errors():
-            try:
-                self.client.head_bucket(Bucket=self.bucket)
-            except ClientError as exc:
-                if _error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
-                    self._raise_if_bucket_missing()
-                raise
+            self._head_bucket()
 
     def head(self, key: str) -> ObjectInfo:
         with self._errors(key):
