@@ -351,13 +351,15 @@ class S3Store(Store):
         """GET bytes ``start..end`` (inclusive; ``end=None``: ``start`` is a suffix length)."""
         byte_range = f"bytes=-{start}" if end is None else f"bytes={start}-{end}"
         extra = {"IfMatch": etag} if etag else {}
-        try:
-            with self._errors(key):
+        with self._errors(key):
+            try:
                 r = self.client.get_object(
                     Bucket=self.bucket, Key=self._name(key), Range=byte_range, **extra
                 )
-        except KeyExistsError:  # 412 on a read: the IfMatch failed
-            raise ObjectChangedError(f"{key!r} changed while it was being read") from None
+            except ClientError as exc:  # a 412 on a read: the IfMatch failed
+                if etag and _error_code(exc) in ("PreconditionFailed", "412"):
+                    raise ObjectChangedError(f"{key!r} changed while it was being read") from None
+                raise
         return r, r["Body"].iter_chunks(_STREAM_CHUNK)
 
     def _fetch_part(
