@@ -544,3 +544,16 @@ def test_an_uncached_pull_asks_the_store_once(config: Config, tmp_path: Path) ->
     with Manager(other, store=store) as bob:
         bob.pull("k")
     assert store.calls == {"get": 1}  # the size comes with the download, not from a HEAD
+
+
+@pytest.mark.parametrize("backend", ["s3"])
+def test_requests_sent_by_a_small_push_and_a_cached_pull(manager: Manager) -> None:
+    sent: list[str] = []
+    manager.store.client.meta.events.register(
+        "before-send.s3", lambda request, **_: sent.append(request.method)
+    )
+    manager.push({"small": 1}, "k")
+    assert sent == ["PUT"]  # one conditional PUT
+    sent.clear()
+    manager.pull("k")
+    assert sent == ["HEAD"]  # the current-check, nothing else
