@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from .api import (
+    clear,
     config_path,
     configure,
     current_config,
@@ -19,6 +20,7 @@ from .api import (
     ls,
     pull,
     push,
+    push_file,
     reset,
     set_persist,
     usage,
@@ -72,6 +74,7 @@ __all__ = [
     "StoreUnavailableError",
     "Usage",
     "VersionMismatchWarning",
+    "clear",
     "config_path",
     "configure",
     "current_config",
@@ -85,6 +88,7 @@ __all__ = [
     "parse_size",
     "pull",
     "push",
+    "push_file",
     "reset",
     "set_persist",
     "usage",

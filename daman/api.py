@@ -154,7 +154,20 @@ def set_persist(key: str, persist: bool) -> None:
     get_manager().set_persist(key, persist)
 
 
+def clear() -> int:
+    """Evict every cached entry that is not persisted; returns the bytes freed."""
+    return get_manager().clear()
+
+
+def push_file(
+    path: str | Path, key: str, meta: Any = None, force: bool = False, persist: bool = False
+) -> None:
+    """Push a file's bytes under ``key``; ``dm.pull(key)`` returns them as ``bytes``."""
+    get_manager().push_file(path, key, meta=meta, force=force, persist=persist)
+
+
 __all__ = [
+    "clear",
     "config_path",
     "configure",
     "current_config",
@@ -166,6 +179,7 @@ __all__ = [
     "ls",
     "pull",
     "push",
+    "push_file",
     "reset",
     "set_persist",
     "usage",

@@ -10,6 +10,8 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import mmap
+import os
 import threading
 import warnings
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ from .errors import (
 from .keys import validate_key, validate_prefix
 from .serialize import (
     TAIL_GUESS,
+    FileBytes,
     Footer,
     dumps_meta,
     file_reader,
@@ -115,6 +118,12 @@ class Usage:
     used: int
     allocated: int | None
     entries: list[CacheEntry]
+    store: str = ""
+    """The store in use, as messages name it."""
+
+    @property
+    def persisted(self) -> list[CacheEntry]:
+        return [entry for entry in self.entries if entry.persist]
 
     @property
     def free(self) -> int | None:
@@ -232,6 +241,26 @@ class Manager:
                 progress.start(size)
                 info = self.store.put(key, tmp, overwrite=force, progress=progress)
             self._keep(key, tmp, info.etag, footer.sha256, persist, "pushed")
+
+    def push_file(
+        self,
+        path: str | os.PathLike[str],
+        key: str,
+        meta: Any = None,
+        force: bool = False,
+        persist: bool = False,
+    ) -> None:
+        """Push a file's bytes (pulled back as ``bytes``), streamed from disc, not loaded."""
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise InvalidArgumentError(f"cannot read {path}: {exc.strerror or exc}.") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return self.push(b"", key, meta=meta, force=force, persist=persist)
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                self.push(FileBytes(mapped), key, meta=meta, force=force, persist=persist)
 
     def pull(
         self, key: str, force: bool = False, persist: bool = False, memory_only: bool = False
@@ -466,12 +495,19 @@ class Manager:
         return listing
 
     def usage(self) -> Usage:
+        """Local disc use against the allocation, every cached entry (most recently used
+        first) and the store in use; asks nothing of the store."""
         entries = self.cache.entries()
         return Usage(
             used=sum(e.size for e in entries),
             allocated=self.cache.allocated_space,
             entries=entries,
+            store=self.store.describe(),
         )
+
+    def clear(self) -> int:
+        """Evict every entry that is not persisted; returns the bytes freed."""
+        return self.cache.clear()
 
     def set_persist(self, key: str, persist: bool) -> None:
         """Pin (or unpin) a cached entry so that eviction leaves it alone."""

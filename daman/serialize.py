@@ -117,6 +117,17 @@ class _HashingWriter:
             self.write(_PAD[:gap])
 
 
+class FileBytes:
+    """A file's contents that pickle as ``bytes`` written out-of-band: pushing a file does
+    not hold it in memory, and any Python reads it back as plain ``bytes``."""
+
+    def __init__(self, buffer: Any) -> None:
+        self.buffer = buffer
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return bytes, (pickle.PickleBuffer(self.buffer),)
+
+
 def dumps_meta(meta: Any) -> bytes:
     """Pickle meta up front, so an unpicklable meta fails before any work is done."""
     try:

@@ -557,3 +557,42 @@ def test_requests_sent_by_a_small_push_and_a_cached_pull(manager: Manager) -> No
     sent.clear()
     manager.pull("k")
     assert sent == ["HEAD"]  # the current-check, nothing else
+
+
+def test_push_file_round_trips_its_bytes_out_of_band(manager: Manager, tmp_path: Path) -> None:
+    data = bytes(range(256)) * 40_000  # 10 MB: stored as an out-of-band buffer
+    src = tmp_path / "blob.bin"
+    src.write_bytes(data)
+    manager.push_file(src, "files/blob", meta={"name": "blob.bin"})
+    entry = manager.cache.get("files/blob")
+    assert entry is not None and entry.size < len(data) + 4096  # the bytes once, not twice
+    with open(entry.path, "rb") as f:
+        footer = ser.footer_of(f)
+        assert len(footer.buffers) == 1 and footer.buffers[0][1] == len(data)
+        f.seek(0)
+        stream = f.read(footer.stream[1])
+    assert b"daman" not in stream  # plain bytes when loaded: readable without daman
+    obj, meta = manager.pull("files/blob", force=True)
+    assert type(obj) is bytes and obj == data and meta == {"name": "blob.bin"}
+
+
+def test_push_file_of_an_empty_file_and_of_a_missing_one(manager: Manager, tmp_path: Path):
+    (tmp_path / "empty").write_bytes(b"")
+    manager.push_file(tmp_path / "empty", "files/empty")
+    assert manager.pull("files/empty", force=True) == (b"", None)
+    with pytest.raises(InvalidArgumentError, match="cannot read"):
+        manager.push_file(tmp_path / "nope", "files/nope")
+    assert not manager.exists("files/nope")
+
+
+def test_clear_frees_everything_but_persisted_entries(manager: Manager) -> None:
+    manager.push(b"a" * 1000, "c/a")
+    manager.push(b"b" * 2000, "c/b", persist=True)
+    manager.push(b"c" * 3000, "c/c")
+    before = manager.usage()
+    freed = manager.clear()
+    after = manager.usage()
+    assert freed == before.used - after.used > 4000
+    assert [e.key for e in after.entries] == ["c/b"] and after.persisted == after.entries
+    assert after.store == manager.store.describe() and after.store
+    assert manager.clear() == 0
