@@ -19,6 +19,7 @@ from .api import (
     info,
     ls,
     pull,
+    pull_file,
     push,
     push_file,
     reset,
@@ -49,6 +50,21 @@ from .errors import (
 from .manager import KeyListing, Manager, ObjectDetails, Usage
 
 __version__ = "0.1.0"
+
+
+def load_ipython_extension(ipython: object) -> None:
+    """``%load_ext daman``: the ``%dm_`` magics (imported only now, not by ``import daman``)."""
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: object) -> None:
+    """``%unload_ext daman``."""
+    from .magics import unload_ipython_extension as unload
+
+    unload(ipython)
+
 
 __all__ = [
     "Config",
@@ -87,6 +103,7 @@ __all__ = [
     "ls",
     "parse_size",
     "pull",
+    "pull_file",
     "push",
     "push_file",
     "reset",

@@ -166,6 +166,11 @@ def push_file(
     get_manager().push_file(path, key, meta=meta, force=force, persist=persist)
 
 
+def pull_file(key: str, dest: str | Path, force: bool = False, persist: bool = False) -> int:
+    """Write the bytes stored under ``key`` to the file ``dest``; returns the bytes written."""
+    return get_manager().pull_file(key, dest, force=force, persist=persist)
+
+
 __all__ = [
     "clear",
     "config_path",
@@ -178,6 +183,7 @@ __all__ = [
     "info",
     "ls",
     "pull",
+    "pull_file",
     "push",
     "push_file",
     "reset",

@@ -7,8 +7,12 @@ Progress bars go to stderr, and are off with ``--quiet`` or when stdout is not a
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
 
 from . import api
 from .config import Config, format_size, load_config
@@ -16,16 +20,26 @@ from .credentials import write_aws_credentials
 from .errors import DamanError
 from .manager import Manager
 
+Main = Callable[[Sequence[str] | None], int]
+COMMANDS: dict[str, Main] = {}
+
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bars (also off when not on a terminal)"
+    )
     return parser
 
 
-def _add_quiet(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+def _add_key(parser: argparse.ArgumentParser, help: str = "the key, e.g. team/dataset/v1") -> None:
+    parser.add_argument("--key", required=True, help=help)
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
 
 
 def _manager(quiet: bool) -> Manager:
@@ -37,21 +51,59 @@ def _manager(quiet: bool) -> Manager:
 def _run(prog: str, action: Callable[[], None]) -> int:
     try:
         action()
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handlers below
     except DamanError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `dm_ls | head`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     return 0
 
 
+def _command(name: str) -> Callable[[Main], Main]:
+    """Register ``dm_<name>``, also reachable as ``python -m daman <name>``."""
+
+    def register(main: Main) -> Main:
+        COMMANDS[name] = main
+        return main
+
+    return register
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M") if moment else "-"
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=repr))
+
+
+# -- setup ---------------------------------------------------------------------------------
+
+
+@_command("aws")
 def aws_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser(
         "dm_aws",
         "Save an AWS access key in the shared credentials file (~/.aws/credentials, or\n"
         "AWS_SHARED_CREDENTIALS_FILE), which boto3 and so daman read. Other profiles and\n"
-        "comments in the file are kept; the file is private to you (mode 0600).",
+        "comments in the file are kept; the file is private to you (mode 0600, folder 0700).\n"
+        "The secret is never printed.\n\n"
+        "example:\n"
+        "  dm_aws --access_key_id AKIA... --secret_access_key ...",
     )
     parser.add_argument("--access_key_id", required=True, help="the access key id")
     parser.add_argument("--secret_access_key", required=True, help="the secret (never printed)")
@@ -77,14 +129,18 @@ def _describe(config: Config) -> str:
     return "\n".join(lines)
 
 
+@_command("configure")
 def configure_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser(
         "dm_configure",
         "Choose where daman shares objects and how much local disc its cache may use.\n"
-        "The settings are saved in $DAMAN_HOME/config.json (default ~/.daman/config.json).\n\n"
+        "The settings are saved in $DAMAN_HOME/config.json (default ~/.daman/config.json);\n"
+        "the store is checked to be reachable first. Settings left out keep their saved value.\n"
+        "Lowering --allocated_space evicts least recently used entries on next use.\n\n"
         "examples:\n"
         "  dm_configure --service local --storage_name ~/shared/daman-store\n"
-        "  dm_configure --service aws --storage_name my-bucket/team-a --allocated_space 20GiB",
+        "  dm_configure --service aws --storage_name my-bucket/team-a --allocated_space 20GiB\n"
+        "  dm_configure --service aws --storage_name data --endpoint_url http://minio:9000",
     )
     parser.add_argument(
         "--storage_name", required=True, help="bucket[/prefix] (aws) or a folder (local)"
@@ -113,6 +169,7 @@ def configure_main(argv: Sequence[str] | None = None) -> int:
     def action() -> None:
         fields = vars(args).copy()
         check = not fields.pop("no_check")
+        fields.pop("quiet")
         if str(fields.get("endpoint_url", "")).lower() == "none":
             fields["endpoint_url"] = None
         config = api.configure(**fields, check=check)
@@ -121,36 +178,98 @@ def configure_main(argv: Sequence[str] | None = None) -> int:
     return _run("dm_configure", action)
 
 
-def pull_main(argv: Sequence[str] | None = None) -> int:
+# -- moving objects --------------------------------------------------------------------------
+
+
+@_command("push")
+def push_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser(
-        "dm_pull",
-        "Bring a key into the local cache (without loading it) and print where it lives.\n"
-        "A cached copy that is still current is not downloaded again.",
+        "dm_push",
+        "Share a file's bytes under a key, so that scripts outside Python can share data\n"
+        "too. In Python, dm.pull(KEY) returns them as bytes; dm_pull --key KEY --output FILE\n"
+        "writes them back to a file. The file is streamed, not loaded into memory.\n\n"
+        "examples:\n"
+        "  dm_push --key team/raw/2026-11.csv --file export.csv --meta 'nightly export'\n"
+        "  some-tool | dm_push --key team/raw/latest --file -",
     )
-    parser.add_argument("--key", required=True, help="the key, e.g. team/dataset/v1")
-    parser.add_argument("--force", action="store_true", help="download even if cached")
+    _add_key(parser)
+    parser.add_argument("--file", required=True, help="the file to push; '-' reads stdin")
+    parser.add_argument("--meta", help="text stored as the object's meta (shown by dm_info)")
     parser.add_argument(
-        "--persist", action="store_true", help="pin it: only an explicit delete removes it"
+        "--force", action="store_true", help="replace the key if it exists (else an error)"
     )
-    _add_quiet(parser)
+    parser.add_argument(
+        "--persist", action="store_true", help="pin the local copy: only a delete removes it"
+    )
     args = parser.parse_args(argv)
 
     def action() -> None:
         with _manager(args.quiet) as manager:
-            entry = manager.fetch(args.key, force=args.force, persist=args.persist)
-            pinned = ", persisted" if entry.persist else ""
-            print(f"{args.key}: {format_size(entry.size)}{pinned} at {entry.path}")
+            options = dict(meta=args.meta, force=args.force, persist=args.persist)
+            if args.file == "-":
+                data = sys.stdin.buffer.read()
+                manager.push(data, args.key, **options)
+                size = len(data)
+            else:
+                manager.push_file(args.file, args.key, **options)
+                size = os.path.getsize(args.file)
+        print(f"pushed {args.key} ({format_size(size)}) to {manager.store.describe()}")
+
+    return _run("dm_push", action)
+
+
+@_command("pull")
+def pull_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser(
+        "dm_pull",
+        "Bring a key into the local cache (without loading it) and print where it lives.\n"
+        "A cached copy that is still current is not downloaded again. With --output, write\n"
+        "the bytes of a key pushed by dm_push to a file instead ('-' for stdout).\n\n"
+        "examples:\n"
+        "  dm_pull --key team/model/v3 --persist\n"
+        "  dm_pull --key team/raw/2026-11.csv --output export.csv",
+    )
+    _add_key(parser)
+    parser.add_argument("--force", action="store_true", help="download even if cached")
+    parser.add_argument(
+        "--persist", action="store_true", help="pin it: only an explicit delete removes it"
+    )
+    parser.add_argument(
+        "--output", metavar="FILE", help="write the key's bytes (from dm_push) to FILE or '-'"
+    )
+    args = parser.parse_args(argv)
+
+    def action() -> None:
+        with _manager(args.quiet) as manager:
+            options = dict(force=args.force, persist=args.persist)
+            if args.output == "-":
+                data, _ = manager.pull(args.key, **options)
+                if not isinstance(data, (bytes, bytearray, memoryview)):
+                    raise DamanError(
+                        f"{args.key!r} holds a {type(data).__name__}, not bytes; "
+                        "--output writes only keys pushed with dm_push or as bytes."
+                    )
+                sys.stdout.buffer.write(data)
+                sys.stdout.flush()
+            elif args.output:
+                size = manager.pull_file(args.key, args.output, **options)
+                print(f"wrote {args.key} ({format_size(size)}) to {args.output}")
+            else:
+                entry = manager.fetch(args.key, **options)
+                pinned = ", persisted" if entry.persist else ""
+                print(f"{args.key}: {format_size(entry.size)}{pinned} at {entry.path}")
 
     return _run("dm_pull", action)
 
 
+@_command("delete")
 def delete_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser(
         "dm_delete",
         "Remove a key's local cached copy; with --remote, also the stored object, for\n"
         "everyone (asks for confirmation on a terminal unless --yes).",
     )
-    parser.add_argument("--key", required=True, help="the key to delete")
+    _add_key(parser, "the key to delete")
     parser.add_argument("--remote", action="store_true", help="also delete it from the store")
     parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     args = parser.parse_args(argv)
@@ -168,12 +287,177 @@ def delete_main(argv: Sequence[str] | None = None) -> int:
     return _run("dm_delete", action)
 
 
-COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
-    "aws": aws_main,
-    "configure": configure_main,
-    "pull": pull_main,
-    "delete": delete_main,
-}
+# -- looking around --------------------------------------------------------------------------
+
+
+@_command("ls")
+def ls_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser(
+        "dm_ls",
+        "List the keys in the store under a prefix. --long adds size, last modified and\n"
+        "whether each is cached here (and persisted); --json prints all of it for scripts.\n\n"
+        "examples:\n"
+        "  dm_ls team/ --long\n"
+        "  dm_ls --json | jq '.[] | select(.cached) | .key'",
+    )
+    parser.add_argument("prefix", nargs="?", default="", help="only keys starting with this")
+    parser.add_argument("--long", "-l", action="store_true", help="size, date, cache state")
+    _add_json(parser)
+    args = parser.parse_args(argv)
+
+    def action() -> None:
+        with _manager(args.quiet) as manager:
+            listing = manager.ls(args.prefix)
+        if args.json:
+            _print_json(
+                [
+                    dict(
+                        key=item.key,
+                        size=item.size,
+                        last_modified=_iso(item.last_modified),
+                        cached=item.cached,
+                        persist=item.persist,
+                    )
+                    for item in listing
+                ]
+            )
+            return
+        for item in listing:
+            if args.long:
+                state = "persisted" if item.persist else "cached" if item.cached else "-"
+                print(
+                    f"{format_size(item.size):>10}  {_when(item.last_modified)}  "
+                    f"{state:<9}  {item.key}"
+                )
+            else:
+                print(item.key)
+        if args.long:
+            total = sum(item.size for item in listing)
+            print(f"{_count(len(listing), 'key', 'keys')}, {format_size(total)}")
+
+    return _run("dm_ls", action)
+
+
+@_command("info")
+def info_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser(
+        "dm_info",
+        "Describe a stored object without downloading it (one ranged read of its end):\n"
+        "size, sha256, who pushed it and when, with which Python, its meta, and whether it\n"
+        "is cached here.",
+    )
+    _add_key(parser)
+    _add_json(parser)
+    args = parser.parse_args(argv)
+
+    def action() -> None:
+        with _manager(args.quiet) as manager:
+            details = manager.info(args.key)
+        fields = dict(
+            key=details.key,
+            size=details.size,
+            last_modified=_iso(details.last_modified),
+            sha256=details.sha256,
+            pushed_by=details.pushed_by,
+            pushed_at=details.pushed_at,
+            python=details.python,
+            cloudpickle=details.cloudpickle,
+            cached=details.cached,
+            persist=details.persist,
+            meta=details.meta,
+        )
+        if args.json:
+            _print_json(fields)
+            return
+        fields["size"] = f"{format_size(details.size)} ({details.size} bytes)"
+        fields["last_modified"] = _when(details.last_modified)
+        fields["meta"] = repr(details.meta)
+        for name, value in fields.items():
+            print(f"{name + ':':<15}{value}")
+
+    return _run("dm_info", action)
+
+
+@_command("status")
+def status_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser(
+        "dm_status",
+        "Show the store in use, the local cache's disc use against its allocation, and the\n"
+        "persisted entries. Reads only local bookkeeping: works offline.",
+    )
+    _add_json(parser)
+    args = parser.parse_args(argv)
+
+    def action() -> None:
+        with _manager(args.quiet) as manager:
+            usage = manager.usage()
+            local_dir = manager.cache.root
+        persisted = [dict(key=e.key, size=e.size) for e in usage.persisted]
+        if args.json:
+            _print_json(
+                dict(
+                    store=usage.store,
+                    local_dir=str(local_dir),
+                    used=usage.used,
+                    allocated=usage.allocated,
+                    free=usage.free,
+                    entries=len(usage.entries),
+                    persisted=persisted,
+                )
+            )
+            return
+        print(f"store:      {usage.store}")
+        print(f"local_dir:  {local_dir}")
+        share = f" ({100 * usage.used / usage.allocated:.0f}%)" if usage.allocated else ""
+        print(f"used:       {format_size(usage.used)} of {format_size(usage.allocated)}{share}")
+        print(f"entries:    {len(usage.entries)} cached, {len(persisted)} persisted")
+        for entry in usage.persisted:
+            print(f"  {format_size(entry.size):>10}  {entry.key}")
+
+    return _run("dm_status", action)
+
+
+# -- managing the cache ----------------------------------------------------------------------
+
+
+@_command("persist")
+def persist_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser(
+        "dm_persist",
+        "Pin a cached key so that eviction never removes it (only dm_delete does), or unpin\n"
+        "it with --off. The key must be cached: dm_pull --key KEY --persist pulls and pins.",
+    )
+    _add_key(parser)
+    parser.add_argument("--off", action="store_true", help="unpin: let eviction remove it again")
+    args = parser.parse_args(argv)
+
+    def action() -> None:
+        with _manager(args.quiet) as manager:
+            manager.set_persist(args.key, not args.off)
+        print(f"{args.key}: " + ("no longer persisted" if args.off else "persisted"))
+
+    return _run("dm_persist", action)
+
+
+@_command("clear")
+def clear_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser(
+        "dm_clear",
+        "Evict every cached entry that is not persisted, and report the disc space freed.\n"
+        "Nothing in the store is touched; persisted entries stay (dm_delete removes them).",
+    )
+    args = parser.parse_args(argv)
+
+    def action() -> None:
+        with _manager(args.quiet) as manager:
+            before = len(manager.usage().entries)
+            freed = manager.clear()
+            after = manager.usage()
+        evicted = _count(before - len(after.entries), "entry", "entries")
+        kept = _count(len(after.entries), "persisted entry", "persisted entries")
+        print(f"freed {format_size(freed)} ({evicted}); kept {kept} ({format_size(after.used)})")
+
+    return _run("dm_clear", action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -181,7 +465,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     names = ", ".join(COMMANDS)
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: python -m daman {{{names}}} [--help] ...")
+        print(
+            f"usage: python -m daman {{{names}}} [--help] ...\n\n"
+            "The dm_* console scripts, without their prefix; `python -m daman COMMAND --help`\n"
+            "describes each one.",
+            file=sys.stdout if argv else sys.stderr,
+        )
         return 0 if argv else 2
     command = argv[0].removeprefix("dm_")
     if command not in COMMANDS:

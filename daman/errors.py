@@ -44,7 +44,7 @@ class KeyNotFoundError(DamanError, KeyError):
     def __init__(self, key: str, where: str = "the store") -> None:
         self.key = key
         self.where = where
-        super().__init__(f"key {key!r} not found in {where}. List keys with dm.ls().")
+        super().__init__(f"key {key!r} not found in {where}. List keys with dm.ls() or dm_ls.")
 
 
 class KeyExistsError(DamanError, FileExistsError):
@@ -53,8 +53,8 @@ class KeyExistsError(DamanError, FileExistsError):
     def __init__(self, key: str) -> None:
         self.key = key
         super().__init__(
-            f"key {key!r} already exists in the store. Pass force=True to overwrite it "
-            "or choose another key."
+            f"key {key!r} already exists in the store. Overwrite it with force=True "
+            "(--force on the command line) or choose another key."
         )
 
 

@@ -278,6 +278,34 @@ class Manager:
             warn_if_versions_differ(footer, key)
             return load_object(f, footer), load_meta(file_reader(f), footer)
 
+    def pull_file(
+        self,
+        key: str,
+        dest: str | os.PathLike[str],
+        force: bool = False,
+        persist: bool = False,
+    ) -> int:
+        """Write the bytes stored under ``key`` (e.g. by :meth:`push_file`) to ``dest``, whole
+        or not at all (a temp file beside it, then a rename); returns the bytes written."""
+        obj, _ = self.pull(key, force=force, persist=persist)
+        if not isinstance(obj, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError(
+                f"{key!r} holds a {type(obj).__name__}, not bytes: only bytes (pushed with "
+                f"dm_push or dm.push_file) can be written to a file. Load it with "
+                f"dm.pull({key!r}) instead."
+            )
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.incomplete")
+        try:
+            with _disc_errors(dest.parent), open(tmp, "wb") as f:
+                f.write(obj)
+            os.replace(tmp, dest)
+        except FileNotFoundError as exc:
+            raise InvalidArgumentError(f"cannot write {dest}: {exc.strerror}.") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return len(obj)
+
     def fetch(self, key: str, force: bool = False, persist: bool = False) -> CacheEntry:
         """Bring the current version of ``key`` into the local cache without unpickling it."""
         with self._open_current(key, force=force, persist=persist, keep=True):
@@ -514,5 +542,6 @@ class Manager:
         validate_key(key)
         if not self.cache.set_persist(key, persist):
             raise KeyNotFoundError(
-                key, "the local cache (pull it first, e.g. dm.pull(key, persist=True))"
+                key,
+                "the local cache (pull it first: dm.pull(key, persist=True) or dm_pull --persist)",
             )

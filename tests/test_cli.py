@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -137,3 +138,249 @@ def test_configure_keeps_the_settings_it_is_not_given(tmp_path: Path) -> None:
     assert "2.0 GiB" in result.stdout and str(tmp_path / "cache") in result.stdout
     result = run("dm_configure", *common, "--allocated_space", "none")
     assert "no limit" in result.stdout
+
+
+# -- every command ---------------------------------------------------------------------------
+
+ALL_COMMANDS = ["dm_aws", "dm_configure", "dm_push", "dm_pull", "dm_delete", "dm_ls", "dm_info",
+                "dm_status", "dm_persist", "dm_clear"]  # fmt: skip
+
+
+def test_every_command_has_its_own_help() -> None:
+    descriptions = {}
+    for command in ALL_COMMANDS:
+        result = run(command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"usage: {command}") and "--quiet" in result.stdout
+        description = result.stdout.split("\n\n")[1]
+        assert len(description) > 60, f"{command}: {description!r}"
+        descriptions[command] = description
+    assert len(set(descriptions.values())) == len(ALL_COMMANDS)  # none copied from another
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("dm_push", "--key", "k"),
+        ("dm_info",),
+        ("dm_persist",),
+        ("dm_ls", "--frobnicate"),
+        ("dm_clear", "extra"),
+        ("dm_status", "--long"),
+    ],
+)
+def test_bad_usage_exits_2(args: tuple[str, ...]) -> None:
+    result = run(*args)
+    assert result.returncode == 2 and "usage:" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("dm_ls",),
+        ("dm_status",),
+        ("dm_info", "--key", "k"),
+        ("dm_clear",),
+        ("dm_persist", "--key", "k"),
+        ("dm_push", "--key", "k", "--file", "-"),
+    ],
+)
+def test_every_command_before_configuring_says_what_to_run(args: tuple[str, ...]) -> None:
+    result = run(*args, input="")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "dm_configure" in result.stderr
+
+
+def _temp_files(*folders: Path) -> list[Path]:
+    return [p for folder in folders for p in folder.rglob("*") if "incomplete" in p.name
+            or p.name.endswith(".new")]  # fmt: skip
+
+
+def test_share_a_file_and_look_around(config: Config, tmp_path: Path) -> None:
+    assert configure(config).returncode == 0
+    data = os.urandom(300_000)
+    (tmp_path / "data.bin").write_bytes(data)
+
+    result = run("dm_push", "--key", "files/data", "--file", str(tmp_path / "data.bin"),
+                 "--meta", "nightly export")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "files/data" in result.stdout and "293.0 KiB" in result.stdout
+    result = run("dm_push", "--key", "files/stdin", "--file", "-", "--persist", input="a b c\n")
+    assert result.returncode == 0, result.stderr
+    with Manager(config) as manager:
+        manager.push({"not": "bytes"}, "objects/d")
+        manager.cache.remove("objects/d")
+
+    # the same key again: exit 1, the stored bytes are untouched; --force replaces them
+    (tmp_path / "other.bin").write_bytes(b"other")
+    result = run("dm_push", "--key", "files/stdin", "--file", str(tmp_path / "other.bin"))
+    assert result.returncode == 1 and "already exists" in result.stderr
+    assert "--force" in result.stderr
+    result = run("dm_push", "--key", "objects/d", "--file", "-", "--force", input="new")
+    assert result.returncode == 0, result.stderr
+    with Manager(config) as manager:
+        assert manager.pull("files/stdin")[0] == b"a b c\n"
+        assert manager.pull("objects/d", force=True)[0] == b"new"
+        manager.push({"not": "bytes"}, "objects/d", force=True)
+        manager.cache.remove("objects/d")
+    result = run("dm_push", "--key", "files/missing", "--file", str(tmp_path / "nope"))
+    assert result.returncode == 1 and "cannot read" in result.stderr
+    result = run("dm_push", "--key", "../up", "--file", "-", input="x")
+    assert result.returncode == 1 and "invalid key" in result.stderr
+
+    result = run("dm_ls")
+    assert result.returncode == 0 and result.stdout.split() == ["files/data", "files/stdin",
+                                                                "objects/d"]  # fmt: skip
+    result = run("dm_ls", "files/", "--long")
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and lines[-1].startswith("2 keys, ")
+    assert "cached" in lines[0] and lines[0].endswith("files/data")
+    assert "persisted" in lines[1] and lines[1].endswith("files/stdin")
+    listing = json.loads(run("dm_ls", "--json").stdout)
+    assert [(i["key"], i["cached"], i["persist"]) for i in listing] == [
+        ("files/data", True, False), ("files/stdin", True, True), ("objects/d", False, False)
+    ]  # fmt: skip
+    assert listing[0]["size"] > len(data) and listing[0]["last_modified"].startswith("20")
+
+    result = run("dm_info", "--key", "files/data")
+    assert result.returncode == 0, result.stderr
+    assert "meta:          'nightly export'" in result.stdout and "pushed_by:" in result.stdout
+    info = json.loads(run("dm_info", "--key", "files/data", "--json").stdout)
+    assert info["meta"] == "nightly export" and info["cached"] and len(info["sha256"]) == 64
+    result = run("dm_info", "--key", "files/none")
+    assert result.returncode == 1 and "not found" in result.stderr
+
+    status = json.loads(run("dm_status", "--json").stdout)
+    assert status["entries"] == 2 and status["persisted"][0]["key"] == "files/stdin"
+    assert status["local_dir"] == str(config.cache_dir) and status["store"]
+    result = run("dm_status")
+    assert "2 cached, 1 persisted" in result.stdout and "files/stdin" in result.stdout
+
+    assert run("dm_persist", "--key", "files/data").returncode == 0
+    result = run("dm_persist", "--key", "files/stdin", "--off")
+    assert result.returncode == 0 and "no longer persisted" in result.stdout
+    result = run("dm_persist", "--key", "objects/d")
+    assert result.returncode == 1 and "pull it first" in result.stderr
+    result = run("dm_clear")
+    assert result.returncode == 0 and result.stdout.startswith("freed ")
+    assert "(1 entry); kept 1 persisted entry" in result.stdout
+    with Manager(config) as manager:
+        assert [e.key for e in manager.usage().entries] == ["files/data"]
+
+    out = tmp_path / "out" / "copy.bin"
+    out.parent.mkdir()
+    result = run("dm_pull", "--key", "files/data", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == data
+    result = run("dm_pull", "--key", "files/stdin", "--output", "-")
+    assert result.returncode == 0 and result.stdout == "a b c\n"
+    result = run("dm_pull", "--key", "objects/d", "--output", str(tmp_path / "out" / "d"))
+    assert result.returncode == 1 and "not bytes" in result.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["copy.bin"]
+
+    store_dir = Path(config.storage_name) if config.service == "local" else tmp_path
+    assert _temp_files(config.cache_dir, store_dir, tmp_path) == []
+
+
+def test_no_credentials_is_a_one_line_error(s3_endpoint: str, bucket: str, monkeypatch) -> None:
+    result = run("dm_configure", "--storage_name", bucket, "--service", "aws",
+                 "--endpoint_url", s3_endpoint, "--no-check")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    result = run("dm_ls")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "credentials" in result.stderr and "dm_aws" in result.stderr
+
+
+def _on_a_terminal(args: list[str], answer: bytes = b"") -> tuple[int, str, str]:
+    """Run a command with stdin and stdout on a pseudo-terminal; stderr is a pipe."""
+    import pty
+
+    master, slave = pty.openpty()
+    exe = shutil.which(args[0], path=str(BIN))
+    proc = subprocess.Popen([exe, *args[1:]], stdin=slave, stdout=slave, stderr=subprocess.PIPE,
+                            env=os.environ)  # fmt: skip
+    os.close(slave)
+    if answer:
+        os.write(master, answer)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    stderr = proc.stderr.read().decode()
+    os.close(master)
+    return proc.wait(timeout=60), out.decode(errors="replace"), stderr
+
+
+def test_progress_bars_on_a_terminal_unless_quiet(config: Config) -> None:
+    assert configure(config).returncode == 0
+    with Manager(config.replace(local_dir=str(config.cache_dir) + "-other")) as other:
+        other.push(os.urandom(9 * 1024 * 1024), "big")
+    code, out, err = _on_a_terminal(["dm_pull", "--key", "big", "--quiet"])
+    assert code == 0 and "big" in out and "%|" not in err
+    code, out, err = _on_a_terminal(["dm_pull", "--key", "big", "--force"])
+    assert code == 0 and "pull big" in err and "%|" in err  # a tqdm bar
+    result = run("dm_pull", "--key", "big", "--force")  # stdout is a pipe: no bar
+    assert result.returncode == 0 and "%|" not in result.stderr
+
+
+def test_remote_delete_asks_on_a_terminal(config: Config) -> None:
+    assert configure(config).returncode == 0
+    with Manager(config) as manager:
+        manager.push(1, "k")
+    code, out, err = _on_a_terminal(["dm_delete", "--key", "k", "--remote"], answer=b"n\n")
+    assert code == 0 and "for everyone?" in out + err and "nothing deleted" in out
+    with Manager(config) as manager:
+        assert manager.exists("k")
+    code, out, _ = _on_a_terminal(["dm_delete", "--key", "k", "--remote"], answer=b"y\n")
+    assert code == 0 and "deleted k" in out
+    with Manager(config) as manager:
+        assert not manager.exists("k")
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_a_reader_that_leaves_early_is_not_an_error(config: Config, unbuffered: str) -> None:
+    assert configure(config).returncode == 0
+    exe = shutil.which("dm_status", path=str(BIN))
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+    proc = subprocess.Popen([exe], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # like `dm_status | head -0`
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr.read() == b""
+
+
+def test_python_dash_m_daman_runs_every_command(config: Config) -> None:
+    assert configure(config).returncode == 0
+    result = subprocess.run([sys.executable, "-m", "daman", "ls", "--json"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0 and json.loads(result.stdout) == []
+    result = subprocess.run([sys.executable, "-m", "daman", "dm_status"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0 and "0 cached" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "daman"], capture_output=True, text=True)
+    assert result.returncode == 2 and "status" in result.stderr
+
+
+def test_dm_aws_profiles_and_bad_values(daman_home: Path) -> None:
+    creds = Path(os.environ["AWS_SHARED_CREDENTIALS_FILE"])
+    assert run("dm_aws", "--access_key_id", "A1", "--secret_access_key", "S1").returncode == 0
+    result = run("dm_aws", "--access_key_id", "A2", "--secret_access_key", "S2",
+                 "--profile", "team")  # fmt: skip
+    assert result.returncode == 0 and "[team]" in result.stdout
+    import configparser
+
+    parsed = configparser.ConfigParser()
+    parsed.read(creds)
+    assert parsed["default"]["aws_access_key_id"] == "A1"
+    assert parsed["team"]["aws_secret_access_key"] == "S2"
+    before = creds.read_text()
+    result = run("dm_aws", "--access_key_id", "has space", "--secret_access_key", "S3")
+    assert result.returncode == 1 and "access_key_id" in result.stderr
+    assert creds.read_text() == before

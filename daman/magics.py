@@ -1,0 +1,451 @@
+"""IPython magics: ``%load_ext daman`` registers ``%dm_push``, ``%dm_pull``, ``%dm_ls``,
+``%dm_info``, ``%dm_delete``, ``%dm_status``, ``%dm_panel`` and the ``%%dm_cache`` cell magic.
+
+A thin layer, like IPython's own ``storemagic``: each magic parses its line, calls the default
+manager (``dm.get_manager()``, built from the saved configuration) and prints what happened in
+one line. A daman error prints one line on stderr (``daman: error: ...``), not a traceback; bad
+usage is IPython's usual ``UsageError``. Progress bars are the manager's (``tqdm.auto``: widgets
+in Jupyter, text in a terminal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import importlib
+import importlib.util
+import keyword
+import re
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from IPython.core.completer import (
+    CompletionContext,
+    SimpleCompletion,
+    SimpleMatcherResult,
+    context_matcher,
+)
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments
+
+from . import api
+from .cache import CacheEntry
+from .config import format_size
+from .errors import DamanError, InvalidArgumentError
+from .manager import Manager
+
+COMPLETION_TTL = 10.0
+"""Seconds a key listing keeps serving completions before the store is asked again."""
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _error(message: str) -> None:
+    print(f"daman: error: {message}", file=sys.stderr)
+
+
+def _one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A daman error becomes one line on stderr; its message already says what to do."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except DamanError as exc:
+            _error(str(exc))
+            return None
+
+    return wrapper
+
+
+def _parse(magic: Any, line: str) -> argparse.Namespace:
+    """``magic``'s arguments, split the POSIX way: quotes group words and are removed (the
+    default split of ``magic_arguments`` keeps them, and they would reach ``--meta``'s eval)."""
+    try:
+        argv = shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"{exc} in {line!r}") from None
+    return magic.parser.parse_args(argv)
+
+
+def _check_identifier(name: str, what: str) -> None:
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise UsageError(f"{what} {name!r} is not a valid Python variable name")
+
+
+def variable_name(key: str) -> str:
+    """The last '/'-part of ``key`` as a Python identifier: ``'sales/2026-11'`` ->
+    ``'_2026_11'``, ``'models/class'`` -> ``'class_'``."""
+    name = "".join(c if ("_" + c).isidentifier() else "_" for c in key.rsplit("/", 1)[-1])
+    if not name.isidentifier():  # starts with a digit
+        name = "_" + name
+    if keyword.iskeyword(name):
+        name += "_"
+    return name
+
+
+def _source(before: CacheEntry | None, after: CacheEntry | None, force: bool) -> str:
+    """Where a pull's object came from, judged by the cache entry before and after it: the
+    same entry (same version, same creation) means the cached copy was used."""
+    same = (
+        before is not None
+        and after is not None
+        and (before.etag, before.created) == (after.etag, after.created)
+    )
+    return "the local cache" if same and not force else "the store"
+
+
+def _size_of(entry: CacheEntry | None) -> str:
+    return format_size(entry.size) if entry is not None else "not kept in the local cache"
+
+
+def _is_bare_statement(shell: Any, magic: str, line: str) -> bool:
+    """Whether the running cell calls ``%magic line`` only as statements of their own
+    (``%dm_pull k``), never for the value (``x = %dm_pull k``). A bare pull returns None so
+    that the object is neither displayed nor kept alive in ``Out``. Unsure means False."""
+    try:
+        tree = ast.parse(shell.history_manager.input_hist_parsed[-1])
+    except (AttributeError, IndexError, SyntaxError, ValueError):
+        return False
+    bare = used = 0
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            if (
+                isinstance(child, ast.Call)
+                and isinstance(child.func, ast.Attribute)
+                and child.func.attr == "run_line_magic"
+                and [a.value for a in child.args if isinstance(a, ast.Constant)] == [magic, line]
+            ):
+                used += 1
+                bare += isinstance(node, ast.Expr)
+    return used > 0 and bare == used
+
+
+# -- completion ------------------------------------------------------------------------------
+
+# The line up to the cursor when a key may be typed: `%dm_pull ...`, `x = %dm_pull ...`, ...
+_KEY_COMMAND = re.compile(
+    r"^\s*(?:[^=%]*=\s*)?(?P<cmd>%dm_pull|%dm_info|%dm_delete|%%dm_cache)\s+(?P<args>.*)$"
+)
+_VALUE_OPTIONS = {"--as"}
+
+
+def key_fragment(line: str, first_line: bool = True) -> str | None:
+    """The part of a key typed at the end of ``line`` (the text before the cursor), or None
+    when the cursor is not where a key goes (another command, an option, a second word)."""
+    match = _KEY_COMMAND.match(line)
+    if match is None or (match["cmd"] == "%%dm_cache" and not first_line):
+        return None
+    *before, fragment = re.split(r"\s+", match["args"])
+    if fragment.startswith("-") or (before and before[-1] in _VALUE_OPTIONS):
+        return None
+    for i, word in enumerate(before):
+        is_value = i > 0 and before[i - 1] in _VALUE_OPTIONS
+        if not word.startswith("-") and not is_value:
+            return None  # the key is already there
+    return fragment
+
+
+class KeyCompleter:
+    """Completes keys after ``%dm_pull``, ``%dm_info``, ``%dm_delete`` and ``%%dm_cache``
+    from a listing kept ``ttl`` seconds, so a keystroke does not wait on the store each time.
+
+    Keys complete one '/'-part at a time, like paths: ``te`` -> ``team/``."""
+
+    def __init__(self, ttl: float = COMPLETION_TTL, clock: Callable[[], float] = time.monotonic):
+        self.ttl = ttl
+        self.clock = clock
+        self._listings: dict[str, tuple[float, list[str]]] = {}
+        self._manager: Manager | None = None
+
+    def forget(self) -> None:
+        """Drop the listings (after a push or delete changed the store)."""
+        self._listings.clear()
+
+    def remember(self, prefix: str, keys: list[str]) -> None:
+        """Keep a listing made anyway (by ``%dm_ls``)."""
+        self._listings[prefix] = (self.clock(), keys)
+
+    def keys(self, prefix: str) -> list[str]:
+        """Keys starting with ``prefix``, from a fresh listing of it or of a shorter prefix.
+        A failed listing (not configured, unreachable) completes nothing until the TTL ends."""
+        try:
+            manager = api.get_manager()
+        except DamanError:
+            return []
+        if manager is not self._manager:  # reconfigured: another store
+            self._manager = manager
+            self.forget()
+        now = self.clock()
+        for listed, (when, keys) in list(self._listings.items()):
+            if now - when >= self.ttl:
+                del self._listings[listed]
+            elif prefix.startswith(listed):
+                return [key for key in keys if key.startswith(prefix)]
+        try:
+            keys = [item.key for item in manager.ls(prefix)]
+        except DamanError:
+            keys = []
+        self._listings[prefix] = (now, keys)
+        return keys
+
+    def complete(self, fragment: str) -> list[str]:
+        """Completions of ``fragment``, each up to the next '/' after it (inclusive)."""
+        listed = self.keys(fragment[: fragment.rfind("/") + 1])
+        found = set()
+        for key in listed:
+            if key.startswith(fragment):
+                slash = key.find("/", len(fragment))
+                found.add(key if slash < 0 else key[: slash + 1])
+        return sorted(found)
+
+    # Priority 1: asked before the built-in matchers (priority 0), which it then suppresses.
+    @context_matcher(priority=1)
+    def matcher(self, context: CompletionContext) -> SimpleMatcherResult:
+        fragment = key_fragment(context.text_until_cursor, context.cursor_line == 0)
+        if fragment is None:
+            return {"completions": []}
+        return {
+            "completions": [SimpleCompletion(k, type="daman key") for k in self.complete(fragment)],
+            "matched_fragment": fragment,
+            "suppress": True,  # file and Python-name completions make no sense for a key
+            "ordered": True,
+        }
+
+
+# -- the magics ------------------------------------------------------------------------------
+
+
+@magics_class
+class DamanMagics(Magics):
+    """The ``%dm_`` magics, on the default manager (``dm.get_manager()``)."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.completer = KeyCompleter()
+
+    @line_magic
+    @magic_arguments()
+    @argument("var", help="the variable to push")
+    @argument("--key", help="where to store it (default: the variable's name)")
+    @argument(
+        "--meta",
+        metavar="EXPR",
+        help="a Python expression evaluated in your namespace and stored with the object; "
+        "quote it if it has spaces: --meta \"{'rows': len(df)}\"",
+    )
+    @argument("--force", action="store_true", help="overwrite the key if it exists")
+    @argument("--persist", action="store_true", help="pin the local copy against eviction")
+    @_one_line_errors
+    def dm_push(self, line: str) -> None:
+        """Push a variable of your namespace to the store (``dm.push``)."""
+        args = _parse(self.dm_push, line)
+        _check_identifier(args.var, "VAR")
+        if args.var not in self.shell.user_ns:
+            raise InvalidArgumentError(f"no variable named {args.var!r}; nothing was pushed.")
+        meta = None
+        if args.meta is not None:
+            try:
+                meta = self.shell.ev(args.meta)
+            except Exception as exc:
+                raise InvalidArgumentError(
+                    f"--meta {args.meta!r} raised {type(exc).__name__}: {exc}; nothing was pushed."
+                ) from None
+        key = args.key or args.var
+        manager = api.get_manager()
+        manager.push(
+            self.shell.user_ns[args.var], key, meta=meta, force=args.force, persist=args.persist
+        )
+        self.completer.forget()
+        print(f"pushed {args.var} to {key} ({_size_of(manager.cache.get(key))})")
+
+    @line_magic
+    @magic_arguments()
+    @argument("key", help="the key to pull")
+    @argument(
+        "--as",
+        dest="var",
+        metavar="VAR",
+        help="the variable to set (default: the key's last part); VAR_meta gets the meta",
+    )
+    @argument("--force", action="store_true", help="download even if the cached copy is current")
+    @argument("--persist", action="store_true", help="pin the local copy against eviction")
+    @argument("--memory-only", action="store_true", help="load it without keeping a local copy")
+    @_one_line_errors
+    def dm_pull(self, line: str) -> Any:
+        """Pull a key into a variable (and its meta into VAR_meta); ``x = %dm_pull KEY`` also
+        works (``dm.pull``)."""
+        args = _parse(self.dm_pull, line)
+        if args.var is not None:
+            _check_identifier(args.var, "--as")
+        manager = api.get_manager()
+        before = manager.cache.get(args.key)
+        obj, meta = manager.pull(
+            args.key, force=args.force, persist=args.persist, memory_only=args.memory_only
+        )
+        after = manager.cache.get(args.key)
+        var = args.var or variable_name(args.key)
+        self.shell.push({var: obj, f"{var}_meta": meta})
+        source = _source(before, after, args.force)
+        entry = after or (before if source == "the local cache" else None)
+        if entry is None and args.memory_only:
+            size = "in memory only, no local copy"
+        else:
+            size = _size_of(entry)
+        print(f"pulled {args.key} from {source} ({size}) into {var}, {var}_meta")
+        return None if _is_bare_statement(self.shell, "dm_pull", line) else obj
+
+    @line_magic
+    @magic_arguments()
+    @argument("prefix", nargs="?", default="", help="list only keys starting with this")
+    @_one_line_errors
+    def dm_ls(self, line: str) -> None:
+        """List the stored keys with size, last modified, and whether cached or persisted."""
+        args = _parse(self.dm_ls, line)
+        manager = api.get_manager()
+        listing = manager.ls(args.prefix)
+        self.completer.remember(args.prefix, [item.key for item in listing])
+        if not listing:
+            under = f" under {args.prefix!r}" if args.prefix else ""
+            print(f"no keys{under} in {manager.store.describe()}")
+            return
+        for item in listing:
+            when = item.last_modified.strftime("%Y-%m-%d %H:%M") if item.last_modified else "-"
+            state = "persisted" if item.persist else "cached" if item.cached else ""
+            print(f"{format_size(item.size):>10}  {when:16}  {state:9}  {item.key}")
+
+    @line_magic
+    @magic_arguments()
+    @argument("key", help="the key to describe")
+    @_one_line_errors
+    def dm_info(self, line: str) -> None:
+        """Size, hash, writer and meta of a key, without downloading it (``dm.info``)."""
+        args = _parse(self.dm_info, line)
+        d = api.get_manager().info(args.key)
+        when = d.last_modified.isoformat(" ", "seconds") if d.last_modified else "unknown"
+        local = ("cached, persisted" if d.persist else "cached") if d.cached else "not cached"
+        meta = repr(d.meta)
+        print(
+            f"key:           {d.key}\n"
+            f"size:          {format_size(d.size)}\n"
+            f"last modified: {when}\n"
+            f"pushed by:     {d.pushed_by} at {d.pushed_at}\n"
+            f"written with:  Python {d.python}, cloudpickle {d.cloudpickle}\n"
+            f"sha256:        {d.sha256}\n"
+            f"local copy:    {local}\n"
+            f"meta:          {meta if len(meta) <= 500 else meta[:497] + '...'}"
+        )
+
+    @line_magic
+    @magic_arguments()
+    @argument("key", help="the key to delete")
+    @argument("--remote", action="store_true", help="also delete it from the store, for everyone")
+    @_one_line_errors
+    def dm_delete(self, line: str) -> None:
+        """Remove a key's local copy; with --remote the stored object too (``dm.delete``)."""
+        args = _parse(self.dm_delete, line)
+        api.get_manager().delete(args.key, local=True, remote=args.remote)
+        self.completer.forget()
+        what = "the local copy and the stored object" if args.remote else "the local copy"
+        print(f"deleted {args.key} ({what})")
+
+    @line_magic
+    @_one_line_errors
+    def dm_status(self, line: str) -> None:
+        """The store in use and the local cache's use against its allocation."""
+        manager = api.get_manager()
+        usage = manager.usage()
+        print(f"store:       {usage.store}\nlocal cache: {manager.config.cache_dir}\n{usage}")
+        for entry in usage.persisted:
+            print(f"  persisted: {entry.key} ({format_size(entry.size)})")
+
+    @line_magic
+    def dm_panel(self, line: str) -> Any:
+        """The daman panel (a widget), once this version of daman has one."""
+        if importlib.util.find_spec(f"{__package__}.panel") is None:
+            print(
+                "daman: the panel is not available in this version of daman yet; "
+                "%dm_status and %dm_ls show the cache and the store meanwhile."
+            )
+            return None
+        return importlib.import_module(f"{__package__}.panel").show()
+
+    @cell_magic
+    @magic_arguments()
+    @argument("key", help="where the cell's variables are stored")
+    @argument("vars", nargs="+", metavar="VAR", help="the variables the cell computes")
+    @_one_line_errors
+    def dm_cache(self, line: str, cell: str) -> None:
+        """If KEY is in the store, set the VARs from it without running the cell; otherwise
+        run the cell and push the VARs under KEY. Delete the key (%dm_delete KEY --remote)
+        to compute the cell again."""
+        args = _parse(self.dm_cache, line)
+        for var in args.vars:
+            _check_identifier(var, "VAR")
+        manager = api.get_manager()
+        names = ", ".join(args.vars)
+        if manager.exists(args.key):
+            before = manager.cache.get(args.key)
+            values, _ = manager.pull(args.key)
+            if not isinstance(values, dict):
+                raise InvalidArgumentError(
+                    f"{args.key!r} holds a {type(values).__name__}, not variables stored by "
+                    "%%dm_cache; choose another key."
+                )
+            missing = [var for var in args.vars if var not in values]
+            if missing:
+                raise InvalidArgumentError(
+                    f"{args.key!r} holds {', '.join(values) or 'no variables'}, not "
+                    f"{', '.join(missing)}; choose another key, or delete this one "
+                    f"(%dm_delete {args.key} --remote) to run the cell again."
+                )
+            self.shell.push({var: values[var] for var in args.vars})
+            after = manager.cache.get(args.key)
+            source = _source(before, after, force=False)
+            print(f"{args.key}: set {names} from {source} ({_size_of(after)}); cell not run")
+            return
+        if not self.shell.run_cell(cell, store_history=False).success:
+            raise InvalidArgumentError(f"the cell failed; nothing was pushed to {args.key!r}.")
+        missing = [var for var in args.vars if var not in self.shell.user_ns]
+        if missing:
+            raise InvalidArgumentError(
+                f"the cell did not set {', '.join(missing)}; nothing was pushed to {args.key!r}."
+            )
+        values = {var: self.shell.user_ns[var] for var in args.vars}
+        manager.push(values, args.key, meta={"variables": args.vars, "cell": cell})
+        self.completer.forget()
+        size = _size_of(manager.cache.get(args.key))
+        print(f"{args.key}: ran the cell and pushed {names} ({size})")
+
+
+# -- the extension ---------------------------------------------------------------------------
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register the magics and the key completer; loading twice is harmless."""
+    if "DamanMagics" in ipython.magics_manager.registry:
+        return
+    magics = DamanMagics(ipython)
+    ipython.register_magics(magics)
+    ipython.Completer.custom_matchers.append(magics.completer.matcher)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Remove what :func:`load_ipython_extension` registered."""
+    magics = ipython.magics_manager.registry.pop("DamanMagics", None)
+    if magics is None:
+        return
+    for kind, names in magics.magics.items():
+        table = ipython.magics_manager.magics[kind]
+        for name in names:
+            if getattr(table.get(name), "__self__", None) is magics:
+                del table[name]
+    matchers = ipython.Completer.custom_matchers
+    if magics.completer.matcher in matchers:
+        matchers.remove(magics.completer.matcher)
