@@ -12,7 +12,7 @@ from typing import Any
 from .cache import CacheEntry
 from .config import Config, config_path, load_config, save_config
 from .errors import ConfigError, NotConfiguredError, StorageNotFoundError
-from .manager import KeyListing, Manager, ObjectDetails, Usage
+from .manager import KeyListing, Manager, ObjectDetails, Usage, VerifyReport
 from .store import open_store
 
 _default: Manager | None = None
@@ -154,6 +154,11 @@ def set_persist(key: str, persist: bool) -> None:
     get_manager().set_persist(key, persist)
 
 
+def verify(key: str | None = None) -> VerifyReport:
+    """Check the cached copies (or ``key``'s) against their sha256; remove damaged ones."""
+    return get_manager().verify(key)
+
+
 def clear() -> int:
     """Evict every cached entry that is not persisted; returns the bytes freed."""
     return get_manager().clear()
@@ -189,4 +194,5 @@ __all__ = [
     "reset",
     "set_persist",
     "usage",
+    "verify",
 ]

@@ -249,13 +249,13 @@ class Cache:
         except FileNotFoundError:
             actual = -1
         if actual != entry.size:
-            self._drop_if_unchanged(entry)
+            self.discard(entry)
             return None
         return entry
 
-    def _drop_if_unchanged(self, entry: CacheEntry) -> None:
-        """Forget ``entry`` unless its key has moved on to another file meanwhile (a file
-        name is unique to one version, so journaling it is safe either way)."""
+    def discard(self, entry: CacheEntry) -> None:
+        """Forget ``entry`` (a damaged copy) unless its key has moved on to another file
+        meanwhile (a file name is unique to one version, so journaling it is safe either way)."""
         with self._write() as db:
             files = self._forget(db, [(entry.key, entry.path.name)])
         self._unlink_journaled(files)
@@ -461,7 +461,7 @@ class Cache:
             except FileNotFoundError:
                 ok = False
             if not ok:
-                self._drop_if_unchanged(entry)
+                self.discard(entry)
                 dropped += 1
         db = self._db()
         referenced = {row[0] for row in db.execute("SELECT file FROM entries")}

@@ -7,6 +7,7 @@ Progress bars go to stderr, and are off with ``--quiet`` or when stdout is not a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -126,6 +127,8 @@ def _describe(config: Config) -> str:
     ]
     if config.endpoint_url:
         lines.append(f"endpoint_url:    {config.endpoint_url}")
+    if config.signing_key:
+        lines.append("signing_key:     set (objects are signed; unsigned ones are refused)")
     return "\n".join(lines)
 
 
@@ -162,6 +165,12 @@ def configure_main(argv: Sequence[str] | None = None) -> int:
         help="S3-compatible endpoint (MinIO, Ceph, R2, ...); 'none' to clear it",
     )
     parser.add_argument(
+        "--signing_key",
+        default=argparse.SUPPRESS,
+        help="the team's secret for signing objects ('none' to stop); pulls then refuse "
+        "objects not signed with it. DAMAN_SIGNING_KEY in the environment works too",
+    )
+    parser.add_argument(
         "--no-check", action="store_true", help="save without checking the store is reachable"
     )
     args = parser.parse_args(argv)
@@ -170,8 +179,9 @@ def configure_main(argv: Sequence[str] | None = None) -> int:
         fields = vars(args).copy()
         check = not fields.pop("no_check")
         fields.pop("quiet")
-        if str(fields.get("endpoint_url", "")).lower() == "none":
-            fields["endpoint_url"] = None
+        for name in ("endpoint_url", "signing_key"):
+            if str(fields.get(name, "")).lower() == "none":
+                fields[name] = None
         config = api.configure(**fields, check=check)
         print(f"saved to {api.config_path()}:\n{_describe(config)}")
 
@@ -458,6 +468,41 @@ def clear_main(argv: Sequence[str] | None = None) -> int:
         print(f"freed {format_size(freed)} ({evicted}); kept {kept} ({format_size(after.used)})")
 
     return _run("dm_clear", action)
+
+
+@_command("verify")
+def verify_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser(
+        "dm_verify",
+        "Check the local cache: hash every cached copy (or one key's) against the sha256\n"
+        "recorded when it was written, and its signature when signing_key is set; reconcile\n"
+        "the index with the files on disc. Damaged copies are removed, so the next pull\n"
+        'downloads them again. --json reports it for scripts ("ok": false if anything was\n'
+        "repaired).",
+    )
+    parser.add_argument("--key", help="check only this key's cached copy")
+    _add_json(parser)
+    args = parser.parse_args(argv)
+
+    def action() -> None:
+        with _manager(args.quiet) as manager:
+            report = manager.verify(args.key)
+        if args.json:
+            _print_json({**dataclasses.asdict(report), "ok": report.ok})
+            return
+        print(f"checked {_count(report.checked, 'cached copy', 'cached copies')} "
+              f"({format_size(report.checked_bytes)})")  # fmt: skip
+        for key in report.damaged:
+            print(f"damaged, removed: {key}")
+        for key in report.untrusted:
+            print(f"not signed with signing_key, removed: {key}")
+        if report.dropped_rows or report.orphan_files:
+            print(f"repaired the index: {report.dropped_rows} entries without their file, "
+                  f"{report.orphan_files} files without an entry")  # fmt: skip
+        if report.ok:
+            print("all intact")
+
+    return _run("dm_verify", action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from .errors import ConfigError, NotConfiguredError
 SERVICES = ("aws", "local")
 Service = Literal["aws", "local"]
 CHECKSUM_MODES = ("when_supported", "when_required")
+SIGNING_KEY_ENV = "DAMAN_SIGNING_KEY"
 
 _UNITS = {
     "": 1, "b": 1,
@@ -96,6 +97,9 @@ class Config:
     read_timeout: float = 60.0
     max_attempts: int = 5
     progress: bool = True
+    signing_key: str | None = dataclasses.field(default=None, repr=False)
+    """The team's secret: pushes are signed with it and pulls refuse objects not signed with
+    it, before unpickling. ``DAMAN_SIGNING_KEY`` in the environment is used when unset."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.storage_name, str) or not self.storage_name.strip():
@@ -117,6 +121,12 @@ class Config:
             )
         if self.connect_timeout <= 0 or self.read_timeout <= 0 or self.max_attempts < 1:
             raise ConfigError("timeouts must be > 0 seconds and max_attempts >= 1.")
+
+    @property
+    def signing_secret(self) -> bytes | None:
+        """The signing key in effect (the field, else ``$DAMAN_SIGNING_KEY``), or None."""
+        key = self.signing_key or os.environ.get(SIGNING_KEY_ENV) or None
+        return key.encode("utf-8") if key else None
 
     @property
     def cache_dir(self) -> Path:

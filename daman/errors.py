@@ -82,6 +82,10 @@ class IntegrityError(DamanError):
     """A stored or cached file is not what was written: truncated, corrupted or not daman's."""
 
 
+class UntrustedObjectError(IntegrityError):
+    """Signing is on and an object carries no valid signature: it is refused unopened."""
+
+
 class NotCachedError(DamanError):
     """An explicit request to cache a key that cannot fit in the allocation."""
 

@@ -31,6 +31,7 @@ from .errors import (
     OfflineWarning,
     StorageNotFoundError,
     StoreUnavailableError,
+    UntrustedObjectError,
 )
 from .keys import validate_key, validate_prefix
 from .serialize import (
@@ -136,6 +137,27 @@ class Usage:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class VerifyReport:
+    """What ``verify`` checked and repaired. Every copy it removed is downloaded again by the
+    next pull of its key."""
+
+    checked: int
+    checked_bytes: int
+    damaged: list[str]
+    """Keys whose cached copy did not match its sha256 (removed)."""
+    untrusted: list[str]
+    """Keys whose cached copy is not signed with signing_key (removed)."""
+    dropped_rows: int
+    """Index entries whose file was missing or had the wrong size."""
+    orphan_files: int
+    """Files in the cache folder that no entry referred to (deleted)."""
+
+    @property
+    def ok(self) -> bool:
+        return not (self.damaged or self.untrusted or self.dropped_rows or self.orphan_files)
+
+
 @contextlib.contextmanager
 def _disc_errors(where: Path) -> Iterator[None]:
     try:
@@ -188,6 +210,7 @@ class Manager:
         self.config = config
         self.store = store or open_store(config)
         self.cache = cache or Cache(config.cache_dir, config.allocated_space)
+        self.signing_key = config.signing_secret
 
     def close(self) -> None:
         self.store.close()
@@ -221,6 +244,10 @@ class Manager:
                 stacklevel=3,
             )
 
+    def _check_signature(self, footer: Footer, key: str) -> None:
+        if self.signing_key is not None:
+            footer.check_signature(self.signing_key, repr(key))
+
     # -- the API -------------------------------------------------------------------------
 
     def push(
@@ -235,7 +262,7 @@ class Manager:
         with self.cache.temp_file() as tmp:
             with _disc_errors(self.cache.root):
                 with open(tmp, "wb", buffering=_WRITE_BUFFER) as f:
-                    footer = write_object(obj, meta_bytes, f)
+                    footer = write_object(obj, meta_bytes, f, self.signing_key)
                 size = tmp.stat().st_size
             with self._progress(f"push {key}") as progress:
                 progress.start(size)
@@ -369,10 +396,14 @@ class Manager:
         except FileNotFoundError:
             return None
         try:
-            footer = footer_of(f)
+            if self.signing_key is None:
+                footer = footer_of(f)  # the size and footer are checked on every hit
+            else:  # a cache folder is a trust boundary too: hash and signature on every hit
+                footer = verify_file(f)
+                self._check_signature(footer, entry.key)
         except IntegrityError:
             f.close()
-            self.cache.remove(entry.key)
+            self.cache.discard(entry)
             return None
         self.cache.touch(entry.key)
         if persist and not entry.persist:
@@ -417,7 +448,12 @@ class Manager:
                 info = self.store.get(key, tmp, progress=progress, on_size=progress.start)
             f = open(tmp, "rb")  # noqa: SIM115 - returned open, or closed below
             try:
-                return f, verify_file(f), info
+                footer = verify_file(f)
+                self._check_signature(footer, key)  # after the hash: the signature covers it
+                return f, footer, info
+            except UntrustedObjectError:
+                f.close()
+                raise  # the same bytes again would be refused again
             except IntegrityError:
                 f.close()
                 if attempt == 2:
@@ -469,6 +505,7 @@ class Manager:
                 return self.store.read_range(key, offset, length)
 
             footer = read_footer(read_at, remote.size, tail)
+            self._check_signature(footer, key)
             meta = load_meta(read_at, footer, tail, remote.size)
         except (StoreUnavailableError, StorageNotFoundError) as exc:
             entry = self.cache.get(key)
@@ -481,6 +518,7 @@ class Manager:
             )
             with open(entry.path, "rb") as f:
                 footer = footer_of(f)
+                self._check_signature(footer, key)
                 meta = load_meta(file_reader(f), footer)
             remote = ObjectInfo(key, entry.size, entry.etag, None)
         states = self.cache.states([key])
@@ -531,6 +569,46 @@ class Manager:
             allocated=self.cache.allocated_space,
             entries=entries,
             store=self.store.describe(),
+        )
+
+    def verify(self, key: str | None = None) -> VerifyReport:
+        """Hash every cached copy (or ``key``'s) against its sha256, and its signature when
+        signing is on; remove the copies that fail. Without ``key``, also reconcile the
+        index with the files on disc. Reads only local files."""
+        if key is None:
+            repaired = self.cache.reconcile()
+            entries = self.cache.entries()
+        else:
+            validate_key(key)
+            entry = self.cache.get(key)
+            if entry is None:
+                raise KeyNotFoundError(key, "the local cache")
+            repaired, entries = {"dropped_rows": 0, "orphan_files": 0}, [entry]
+        damaged, untrusted, checked_bytes = [], [], 0
+        for entry in entries:
+            try:
+                f = open(entry.path, "rb")  # noqa: SIM115 - closed below
+            except FileNotFoundError:
+                continue  # evicted or replaced since the listing
+            with f:
+                try:
+                    footer = verify_file(f)
+                    if footer.sha256 != entry.sha256:
+                        raise IntegrityError("not the version the index recorded")
+                    self._check_signature(footer, entry.key)
+                except UntrustedObjectError:
+                    untrusted.append(entry.key)
+                    self.cache.discard(entry)
+                except IntegrityError:
+                    damaged.append(entry.key)
+                    self.cache.discard(entry)
+            checked_bytes += entry.size
+        return VerifyReport(
+            checked=len(entries),
+            checked_bytes=checked_bytes,
+            damaged=damaged,
+            untrusted=untrusted,
+            **repaired,
         )
 
     def clear(self) -> int:

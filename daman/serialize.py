@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import hashlib
+import hmac
 import io
 import json
 import os
@@ -40,6 +41,7 @@ from .errors import (
     DeserializationError,
     IntegrityError,
     SerializationError,
+    UntrustedObjectError,
     VersionMismatchWarning,
 )
 
@@ -69,6 +71,10 @@ class Footer:
     sha256: str
     pushed_by: str
     pushed_at: str
+    meta_sha256: str = ""
+    """Lets ``info`` check the meta it reads from the tail before unpickling it."""
+    signature: str = ""
+    """HMAC-SHA256 of the rest of the footer with the team's signing key; empty if unsigned."""
 
     @property
     def file_size(self) -> int:
@@ -76,6 +82,34 @@ class Footer:
 
     def encode(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode("utf-8")
+
+    def _signed_bytes(self) -> bytes:
+        # The footer holds the sha256 of every payload byte (and of the meta), so signing the
+        # footer signs the payload: one HMAC over a few hundred bytes, not a second pass.
+        fields = dataclasses.asdict(self)
+        del fields["signature"]
+        return json.dumps(fields, sort_keys=True).encode("utf-8")
+
+    def signed(self, signing_key: bytes) -> Footer:
+        mac = hmac.new(signing_key, self._signed_bytes(), hashlib.sha256).hexdigest()
+        return dataclasses.replace(self, signature=mac)
+
+    def check_signature(self, signing_key: bytes, what: str) -> None:
+        """Raise :class:`UntrustedObjectError` unless signed with ``signing_key``. Call it
+        before unpickling anything of the object, and only once its sha256 was checked."""
+        if not self.signature:
+            raise UntrustedObjectError(
+                f"refusing to load {what}: it is not signed, and signing_key is set. It was "
+                "pushed without the team's signing key (or by an older daman); ask its author "
+                "to push it again with the key."
+            )
+        expected = self.signed(signing_key).signature
+        if not hmac.compare_digest(expected, self.signature):
+            raise UntrustedObjectError(
+                f"refusing to load {what}: its signature does not match signing_key. It was "
+                "pushed with another key or altered after it was signed. Check your "
+                "signing_key; if it is right, do not trust this object."
+            )
 
 
 def _writer_identity() -> str:
@@ -139,8 +173,11 @@ def dumps_meta(meta: Any) -> bytes:
         ) from exc
 
 
-def write_object(obj: Any, meta_bytes: bytes, f: IO[bytes]) -> Footer:
-    """Write ``obj`` and pickled meta to the binary file ``f``; return the footer written."""
+def write_object(
+    obj: Any, meta_bytes: bytes, f: IO[bytes], signing_key: bytes | None = None
+) -> Footer:
+    """Write ``obj`` and pickled meta to the binary file ``f``; return the footer written
+    (signed when a ``signing_key`` is given)."""
     out = _HashingWriter(f)
     buffers: list[pickle.PickleBuffer] = []
     try:
@@ -178,7 +215,10 @@ def write_object(obj: Any, meta_bytes: bytes, f: IO[bytes]) -> Footer:
         sha256=out.sha.hexdigest(),
         pushed_by=_writer_identity(),
         pushed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        meta_sha256=hashlib.sha256(meta_bytes).hexdigest(),
     )
+    if signing_key is not None:
+        footer = footer.signed(signing_key)
     encoded = footer.encode()
     f.write(encoded)
     f.write(TRAILER.pack(MAGIC, len(encoded)))
@@ -208,7 +248,11 @@ def parse_footer(tail: bytes, file_size: int) -> Footer | int:
         )
     try:
         # Fields a later daman adds (within the same format) are ignored, not fatal.
-        known = {field.name: data[field.name] for field in dataclasses.fields(Footer)}
+        known = {
+            field.name: data[field.name]
+            for field in dataclasses.fields(Footer)
+            if field.name in data or field.default is dataclasses.MISSING  # else: older file
+        }
         footer = Footer(
             **{
                 **known,
@@ -293,6 +337,10 @@ def load_meta(read_at: ReadAt, footer: Footer, tail: bytes = b"", file_size: int
         data = tail[offset - tail_start : offset - tail_start + length]
     else:
         data = read_at(offset, length)
+    if footer.meta_sha256 and hashlib.sha256(data).hexdigest() != footer.meta_sha256:
+        raise IntegrityError(
+            "checksum mismatch in the meta: the object was corrupted in storage or in transit."
+        )
     return _unpickle(lambda: pickle.loads(data), footer)
 
 
@@ -349,8 +397,8 @@ def _unpickle(load: Callable[[], Any], footer: Footer) -> Any:
         ) from exc
 
 
-def dump_to_bytes(obj: Any, meta: Any = None) -> bytes:
+def dump_to_bytes(obj: Any, meta: Any = None, signing_key: bytes | None = None) -> bytes:
     """Whole object file in memory (small objects and tests)."""
     buf = io.BytesIO()
-    write_object(obj, dumps_meta(meta), buf)
+    write_object(obj, dumps_meta(meta), buf, signing_key)
     return buf.getvalue()

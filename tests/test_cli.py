@@ -143,7 +143,7 @@ def test_configure_keeps_the_settings_it_is_not_given(tmp_path: Path) -> None:
 # -- every command ---------------------------------------------------------------------------
 
 ALL_COMMANDS = ["dm_aws", "dm_configure", "dm_push", "dm_pull", "dm_delete", "dm_ls", "dm_info",
-                "dm_status", "dm_persist", "dm_clear"]  # fmt: skip
+                "dm_status", "dm_persist", "dm_clear", "dm_verify"]  # fmt: skip
 
 
 def test_every_command_has_its_own_help() -> None:
@@ -266,6 +266,18 @@ def test_share_a_file_and_look_around(config: Config, tmp_path: Path) -> None:
     assert "(1 entry); kept 1 persisted entry" in result.stdout
     with Manager(config) as manager:
         assert [e.key for e in manager.usage().entries] == ["files/data"]
+
+    result = run("dm_verify")
+    assert result.returncode == 0 and "checked 1 cached copy" in result.stdout
+    assert "all intact" in result.stdout
+    entry_path = Manager(config).cache.get("files/data").path
+    damaged = bytearray(entry_path.read_bytes())
+    damaged[1000] ^= 0xFF
+    entry_path.write_bytes(bytes(damaged))
+    report = json.loads(run("dm_verify", "--json").stdout)
+    assert report["damaged"] == ["files/data"] and report["ok"] is False
+    result = run("dm_verify", "--key", "files/data")
+    assert result.returncode == 1 and "not found in the local cache" in result.stderr
 
     out = tmp_path / "out" / "copy.bin"
     out.parent.mkdir()

@@ -596,3 +596,32 @@ def test_clear_frees_everything_but_persisted_entries(manager: Manager) -> None:
     assert [e.key for e in after.entries] == ["c/b"] and after.persisted == after.entries
     assert after.store == manager.store.describe() and after.store
     assert manager.clear() == 0
+
+
+def test_verify_finds_and_removes_damaged_copies(manager: Manager) -> None:
+    for i in range(3):
+        manager.push(np.arange(1000) + i, f"v/{i}")
+    assert manager.verify().ok and manager.verify().checked == 3
+    flipped = manager.cache.get("v/0")
+    data = bytearray(flipped.path.read_bytes())
+    data[200] ^= 0x10  # same size: only a hash can tell
+    flipped.path.write_bytes(bytes(data))
+    truncated = manager.cache.get("v/1").path
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    (manager.cache.objects_dir / "stray.bin").write_bytes(b"x" * 10)
+
+    single = manager.verify("v/0")
+    assert single.damaged == ["v/0"] and single.checked == 1
+    report = manager.verify()
+    assert report.damaged == [] and report.dropped_rows == 1 and report.orphan_files == 1
+    assert report.checked == 1 and not report.ok  # v/2 only
+    assert [e.key for e in manager.cache.entries()] == ["v/2"]
+    assert sorted(p.name for p in manager.cache.objects_dir.iterdir()) == [
+        manager.cache.get("v/2").path.name
+    ]
+    for i in range(3):  # fetched again, intact
+        np.testing.assert_array_equal(manager.pull(f"v/{i}")[0], np.arange(1000) + i)
+    assert manager.verify().ok
+    with pytest.raises(KeyNotFoundError):
+        manager.verify("never/cached")
+

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import mmap
 import os
 import pickle
@@ -249,3 +250,19 @@ def test_picklebuffers_are_out_of_band_bytes_stay_in_the_stream(tmp_path: Path) 
     assert footer.stream[1] > 200_000  # the bytes object itself is in the stream
     back, _ = read(tmp_path / "o")
     assert back["raw"] == blob and bytes(back["wrapped"]) == blob
+
+
+def test_a_footer_written_before_signing_existed_still_reads() -> None:
+    data = ser.dump_to_bytes({"x": 1}, meta="m")
+    footer = ser.parse_footer(data, len(data))
+    old = json.loads(footer.encode())
+    del old["meta_sha256"], old["signature"]
+    encoded = json.dumps(old).encode()
+    rebuilt = data[: footer.payload_size] + encoded + ser.TRAILER.pack(ser.MAGIC, len(encoded))
+    parsed = ser.parse_footer(rebuilt, len(rebuilt))
+    assert parsed.signature == "" and parsed.meta_sha256 == "" and parsed.sha256 == footer.sha256
+    del old["sha256"]  # a field with no default is still required
+    encoded = json.dumps(old).encode()
+    broken = data[: footer.payload_size] + encoded + ser.TRAILER.pack(ser.MAGIC, len(encoded))
+    with pytest.raises(IntegrityError, match="unreadable footer"):
+        ser.parse_footer(broken, len(broken))
