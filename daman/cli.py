@@ -7,15 +7,13 @@ Progress bars go to stderr, and are off with ``--quiet`` or when stdout is not a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from typing import Any
 
-from . import api
+from . import api, report
 from .config import Config, format_size, load_config
 from .credentials import write_aws_credentials
 from .errors import DamanError
@@ -74,18 +72,6 @@ def _command(name: str) -> Callable[[Main], Main]:
         return main
 
     return register
-
-
-def _when(moment: datetime | None) -> str:
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M") if moment else "-"
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment else None
-
-
-def _count(n: int, one: str, many: str) -> str:
-    return f"{n} {one if n == 1 else many}"
 
 
 def _print_json(data: Any) -> None:
@@ -319,31 +305,11 @@ def ls_main(argv: Sequence[str] | None = None) -> int:
         with _manager(args.quiet) as manager:
             listing = manager.ls(args.prefix)
         if args.json:
-            _print_json(
-                [
-                    dict(
-                        key=item.key,
-                        size=item.size,
-                        last_modified=_iso(item.last_modified),
-                        cached=item.cached,
-                        persist=item.persist,
-                    )
-                    for item in listing
-                ]
-            )
-            return
-        for item in listing:
-            if args.long:
-                state = "persisted" if item.persist else "cached" if item.cached else "-"
-                print(
-                    f"{format_size(item.size):>10}  {_when(item.last_modified)}  "
-                    f"{state:<9}  {item.key}"
-                )
-            else:
-                print(item.key)
-        if args.long:
-            total = sum(item.size for item in listing)
-            print(f"{_count(len(listing), 'key', 'keys')}, {format_size(total)}")
+            _print_json(report.listing_data(listing))
+        elif args.long:
+            print("\n".join(report.listing_lines(listing)))
+        else:
+            print("\n".join(item.key for item in listing))
 
     return _run("dm_ls", action)
 
@@ -363,27 +329,10 @@ def info_main(argv: Sequence[str] | None = None) -> int:
     def action() -> None:
         with _manager(args.quiet) as manager:
             details = manager.info(args.key)
-        fields = dict(
-            key=details.key,
-            size=details.size,
-            last_modified=_iso(details.last_modified),
-            sha256=details.sha256,
-            pushed_by=details.pushed_by,
-            pushed_at=details.pushed_at,
-            python=details.python,
-            cloudpickle=details.cloudpickle,
-            cached=details.cached,
-            persist=details.persist,
-            meta=details.meta,
-        )
         if args.json:
-            _print_json(fields)
-            return
-        fields["size"] = f"{format_size(details.size)} ({details.size} bytes)"
-        fields["last_modified"] = _when(details.last_modified)
-        fields["meta"] = repr(details.meta)
-        for name, value in fields.items():
-            print(f"{name + ':':<15}{value}")
+            _print_json(report.details_data(details))
+        else:
+            print("\n".join(report.details_lines(details)))
 
     return _run("dm_info", action)
 
@@ -402,27 +351,10 @@ def status_main(argv: Sequence[str] | None = None) -> int:
         with _manager(args.quiet) as manager:
             usage = manager.usage()
             local_dir = manager.cache.root
-        persisted = [dict(key=e.key, size=e.size) for e in usage.persisted]
         if args.json:
-            _print_json(
-                dict(
-                    store=usage.store,
-                    local_dir=str(local_dir),
-                    used=usage.used,
-                    allocated=usage.allocated,
-                    free=usage.free,
-                    entries=len(usage.entries),
-                    persisted=persisted,
-                )
-            )
-            return
-        print(f"store:      {usage.store}")
-        print(f"local_dir:  {local_dir}")
-        share = f" ({100 * usage.used / usage.allocated:.0f}%)" if usage.allocated else ""
-        print(f"used:       {format_size(usage.used)} of {format_size(usage.allocated)}{share}")
-        print(f"entries:    {len(usage.entries)} cached, {len(persisted)} persisted")
-        for entry in usage.persisted:
-            print(f"  {format_size(entry.size):>10}  {entry.key}")
+            _print_json(report.usage_data(usage, local_dir))
+        else:
+            print("\n".join(report.usage_lines(usage, local_dir)))
 
     return _run("dm_status", action)
 
@@ -463,8 +395,8 @@ def clear_main(argv: Sequence[str] | None = None) -> int:
             before = len(manager.usage().entries)
             freed = manager.clear()
             after = manager.usage()
-        evicted = _count(before - len(after.entries), "entry", "entries")
-        kept = _count(len(after.entries), "persisted entry", "persisted entries")
+        evicted = report.count(before - len(after.entries), "entry", "entries")
+        kept = report.count(len(after.entries), "persisted entry", "persisted entries")
         print(f"freed {format_size(freed)} ({evicted}); kept {kept} ({format_size(after.used)})")
 
     return _run("dm_clear", action)
@@ -486,21 +418,11 @@ def verify_main(argv: Sequence[str] | None = None) -> int:
 
     def action() -> None:
         with _manager(args.quiet) as manager:
-            report = manager.verify(args.key)
+            result = manager.verify(args.key)
         if args.json:
-            _print_json({**dataclasses.asdict(report), "ok": report.ok})
-            return
-        print(f"checked {_count(report.checked, 'cached copy', 'cached copies')} "
-              f"({format_size(report.checked_bytes)})")  # fmt: skip
-        for key in report.damaged:
-            print(f"damaged, removed: {key}")
-        for key in report.untrusted:
-            print(f"not signed with signing_key, removed: {key}")
-        if report.dropped_rows or report.orphan_files:
-            print(f"repaired the index: {report.dropped_rows} entries without their file, "
-                  f"{report.orphan_files} files without an entry")  # fmt: skip
-        if report.ok:
-            print("all intact")
+            _print_json(report.verify_data(result))
+        else:
+            print("\n".join(report.verify_lines(result)))
 
     return _run("dm_verify", action)
 

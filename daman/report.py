@@ -1,0 +1,115 @@
+"""Text and JSON for people and scripts, shared by the front-ends (console scripts, magics,
+panel) so that each one says the same thing the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .config import format_size
+from .manager import KeyListing, ObjectDetails, Usage, VerifyReport
+
+
+def when(moment: datetime | None) -> str:
+    """Local time to the minute, or ``-`` when the store does not say."""
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M") if moment else "-"
+
+
+def count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def listing_data(listing: Sequence[KeyListing]) -> list[dict[str, Any]]:
+    return [
+        dict(
+            key=item.key,
+            size=item.size,
+            last_modified=item.last_modified.isoformat() if item.last_modified else None,
+            cached=item.cached,
+            persist=item.persist,
+        )
+        for item in listing
+    ]
+
+
+def listing_lines(listing: Sequence[KeyListing]) -> list[str]:
+    """One line per key (size, date, cache state, key), then a total."""
+    lines = []
+    for item in listing:
+        state = "persisted" if item.persist else "cached" if item.cached else "-"
+        lines.append(
+            f"{format_size(item.size):>10}  {when(item.last_modified)}  {state:<9}  {item.key}"
+        )
+    total = sum(item.size for item in listing)
+    lines.append(f"{count(len(listing), 'key', 'keys')}, {format_size(total)}")
+    return lines
+
+
+def details_data(details: ObjectDetails) -> dict[str, Any]:
+    return dict(
+        key=details.key,
+        size=details.size,
+        last_modified=details.last_modified.isoformat() if details.last_modified else None,
+        sha256=details.sha256,
+        pushed_by=details.pushed_by,
+        pushed_at=details.pushed_at,
+        python=details.python,
+        cloudpickle=details.cloudpickle,
+        cached=details.cached,
+        persist=details.persist,
+        meta=details.meta,
+    )
+
+
+def details_lines(details: ObjectDetails) -> list[str]:
+    fields = details_data(details)
+    fields["size"] = f"{format_size(details.size)} ({details.size} bytes)"
+    fields["last_modified"] = when(details.last_modified)
+    fields["meta"] = repr(details.meta)
+    return [f"{name + ':':<15}{value}" for name, value in fields.items()]
+
+
+def usage_data(usage: Usage, local_dir: Path) -> dict[str, Any]:
+    return dict(
+        store=usage.store,
+        local_dir=str(local_dir),
+        used=usage.used,
+        allocated=usage.allocated,
+        free=usage.free,
+        entries=len(usage.entries),
+        persisted=[dict(key=e.key, size=e.size) for e in usage.persisted],
+    )
+
+
+def usage_lines(usage: Usage, local_dir: Path) -> list[str]:
+    share = f" ({100 * usage.used / usage.allocated:.0f}%)" if usage.allocated else ""
+    lines = [
+        f"store:      {usage.store}",
+        f"local_dir:  {local_dir}",
+        f"used:       {format_size(usage.used)} of {format_size(usage.allocated)}{share}",
+        f"entries:    {len(usage.entries)} cached, {len(usage.persisted)} persisted",
+    ]
+    lines += [f"  {format_size(entry.size):>10}  {entry.key}" for entry in usage.persisted]
+    return lines
+
+
+def verify_data(result: VerifyReport) -> dict[str, Any]:
+    return {**dataclasses.asdict(result), "ok": result.ok}
+
+
+def verify_lines(result: VerifyReport) -> list[str]:
+    checked = count(result.checked, "cached copy", "cached copies")
+    lines = [f"checked {checked} ({format_size(result.checked_bytes)})"]
+    lines += [f"damaged, removed: {key}" for key in result.damaged]
+    lines += [f"not signed with signing_key, removed: {key}" for key in result.untrusted]
+    if result.dropped_rows or result.orphan_files:
+        lines.append(
+            f"repaired the index: {result.dropped_rows} entries without their file, "
+            f"{result.orphan_files} files without an entry"
+        )
+    if result.ok:
+        lines.append("all intact")
+    return lines
