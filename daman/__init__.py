@@ -25,6 +25,7 @@ from .api import (
     reset,
     set_persist,
     usage,
+    verify,
 )
 from .config import Config, format_size, parse_size
 from .errors import (
@@ -45,9 +46,11 @@ from .errors import (
     SerializationError,
     StorageNotFoundError,
     StoreUnavailableError,
+    UntrustedObjectError,
     VersionMismatchWarning,
 )
-from .manager import KeyListing, Manager, ObjectDetails, Usage
+from .manager import KeyListing, Manager, ObjectDetails, Pulled, Usage, VerifyReport
+from .store import ObjectInfo
 
 __version__ = "0.1.0"
 
@@ -84,11 +87,15 @@ __all__ = [
     "NotCachedWarning",
     "NotConfiguredError",
     "ObjectDetails",
+    "ObjectInfo",
     "OfflineWarning",
+    "Pulled",
     "SerializationError",
     "StorageNotFoundError",
     "StoreUnavailableError",
+    "UntrustedObjectError",
     "Usage",
+    "VerifyReport",
     "VersionMismatchWarning",
     "clear",
     "config_path",
@@ -109,4 +116,5 @@ __all__ = [
     "reset",
     "set_persist",
     "usage",
+    "verify",
 ]

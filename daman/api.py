@@ -13,7 +13,7 @@ from .cache import CacheEntry
 from .config import Config, config_path, load_config, save_config
 from .errors import ConfigError, NotConfiguredError, StorageNotFoundError
 from .manager import KeyListing, Manager, ObjectDetails, Usage, VerifyReport
-from .store import open_store
+from .store import ObjectInfo, open_store
 
 _default: Manager | None = None
 _lock = threading.Lock()
@@ -112,9 +112,11 @@ def current_config() -> Config:
     return load_config()
 
 
-def push(obj: Any, key: str, meta: Any = None, force: bool = False, persist: bool = False) -> None:
+def push(
+    obj: Any, key: str, meta: Any = None, force: bool = False, persist: bool = False
+) -> ObjectInfo:
     """Store ``obj`` (and optional ``meta``) under ``key``; see :meth:`Manager.push`."""
-    get_manager().push(obj, key, meta=meta, force=force, persist=persist)
+    return get_manager().push(obj, key, meta=meta, force=force, persist=persist)
 
 
 def pull(
@@ -166,9 +168,9 @@ def clear() -> int:
 
 def push_file(
     path: str | Path, key: str, meta: Any = None, force: bool = False, persist: bool = False
-) -> None:
+) -> ObjectInfo:
     """Push a file's bytes under ``key``; ``dm.pull(key)`` returns them as ``bytes``."""
-    get_manager().push_file(path, key, meta=meta, force=force, persist=persist)
+    return get_manager().push_file(path, key, meta=meta, force=force, persist=persist)
 
 
 def pull_file(key: str, dest: str | Path, force: bool = False, persist: bool = False) -> int:

@@ -3,9 +3,9 @@
 
 A thin layer, like IPython's own ``storemagic``: each magic parses its line, calls the default
 manager (``dm.get_manager()``, built from the saved configuration) and prints what happened in
-one line. A daman error prints one line on stderr (``daman: error: ...``), not a traceback; bad
-usage is IPython's usual ``UsageError``. Progress bars are the manager's (``tqdm.auto``: widgets
-in Jupyter, text in a terminal).
+one line. A daman error shows as one line (``daman: error: ...``), not a traceback, and fails
+the cell; bad usage is IPython's usual ``UsageError``. Progress bars are the manager's
+(``tqdm.auto``: widgets in Jupyter, text in a terminal).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import importlib.util
 import keyword
 import re
 import shlex
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,11 +29,11 @@ from IPython.core.completer import (
     context_matcher,
 )
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.utils.text import DollarFormatter
 
-from . import api
-from .cache import CacheEntry
+from . import api, report
 from .config import format_size
 from .errors import DamanError, InvalidArgumentError
 from .manager import Manager
@@ -46,20 +45,19 @@ COMPLETION_TTL = 10.0
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _error(message: str) -> None:
-    print(f"daman: error: {message}", file=sys.stderr)
-
-
 def _one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """A daman error becomes one line on stderr; its message already says what to do."""
+    """A daman error shows as one line, not a traceback (its message already says what to do
+    next), and still fails the cell, so that "run all" stops there. IPython renders an
+    exception through its ``_render_traceback_()`` when it has one."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except DamanError as exc:
-            _error(str(exc))
-            return None
+            line = f"daman: error: {exc}"
+            exc._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
+            raise
 
     return wrapper
 
@@ -90,19 +88,17 @@ def variable_name(key: str) -> str:
     return name
 
 
-def _source(before: CacheEntry | None, after: CacheEntry | None, force: bool) -> str:
-    """Where a pull's object came from, judged by the cache entry before and after it: the
-    same entry (same version, same creation) means the cached copy was used."""
-    same = (
-        before is not None
-        and after is not None
-        and (before.etag, before.created) == (after.etag, after.created)
-    )
-    return "the local cache" if same and not force else "the store"
+def _where(source: str) -> str:
+    return "the local cache" if source == "cache" else "the store"
 
 
-def _size_of(entry: CacheEntry | None) -> str:
-    return format_size(entry.size) if entry is not None else "not kept in the local cache"
+def _expand(shell: Any, text: str) -> str:
+    """``text`` with ``{var}`` and ``$var`` expanded from the user namespace, as IPython does
+    to a magic's line (``shell.var_expand`` would also see the caller's local variables)."""
+    try:
+        return DollarFormatter().vformat(text, args=[], kwargs=shell.user_ns)
+    except Exception:
+        return text  # IPython too leaves a line it cannot expand as it is
 
 
 def _is_bare_statement(shell: Any, magic: str, line: str) -> bool:
@@ -116,12 +112,15 @@ def _is_bare_statement(shell: Any, magic: str, line: str) -> bool:
     bare = used = 0
     for node in ast.walk(tree):
         for child in ast.iter_child_nodes(node):
-            if (
+            if not (
                 isinstance(child, ast.Call)
                 and isinstance(child.func, ast.Attribute)
                 and child.func.attr == "run_line_magic"
-                and [a.value for a in child.args if isinstance(a, ast.Constant)] == [magic, line]
             ):
+                continue
+            args = [a.value for a in child.args if isinstance(a, ast.Constant)]
+            # The magic got its line after IPython expanded {var} and $var in it.
+            if args[:1] == [magic] and args[1:] and _expand(shell, str(args[1])) == line:
                 used += 1
                 bare += isinstance(node, ast.Expr)
     return used > 0 and bare == used
@@ -168,9 +167,15 @@ class KeyCompleter:
         """Drop the listings (after a push or delete changed the store)."""
         self._listings.clear()
 
-    def remember(self, prefix: str, keys: list[str]) -> None:
+    def remember(self, manager: Manager, prefix: str, keys: list[str]) -> None:
         """Keep a listing made anyway (by ``%dm_ls``)."""
+        self._use(manager)
         self._listings[prefix] = (self.clock(), keys)
+
+    def _use(self, manager: Manager) -> None:
+        if manager is not self._manager:  # reconfigured: another store
+            self._manager = manager
+            self.forget()
 
     def keys(self, prefix: str) -> list[str]:
         """Keys starting with ``prefix``, from a fresh listing of it or of a shorter prefix.
@@ -179,9 +184,7 @@ class KeyCompleter:
             manager = api.get_manager()
         except DamanError:
             return []
-        if manager is not self._manager:  # reconfigured: another store
-            self._manager = manager
-            self.forget()
+        self._use(manager)
         now = self.clock()
         for listed, (when, keys) in list(self._listings.items()):
             if now - when >= self.ttl:
@@ -231,6 +234,7 @@ class DamanMagics(Magics):
         self.completer = KeyCompleter()
 
     @line_magic
+    @no_var_expand  # --meta is Python code: "{'rows': n}" must reach it as written
     @magic_arguments()
     @argument("var", help="the variable to push")
     @argument("--key", help="where to store it (default: the variable's name)")
@@ -258,12 +262,11 @@ class DamanMagics(Magics):
                     f"--meta {args.meta!r} raised {type(exc).__name__}: {exc}; nothing was pushed."
                 ) from None
         key = args.key or args.var
-        manager = api.get_manager()
-        manager.push(
+        info = api.get_manager().push(
             self.shell.user_ns[args.var], key, meta=meta, force=args.force, persist=args.persist
         )
         self.completer.forget()
-        print(f"pushed {args.var} to {key} ({_size_of(manager.cache.get(key))})")
+        print(f"pushed {args.var} to {key} ({format_size(info.size)})")
 
     @line_magic
     @magic_arguments()
@@ -284,63 +287,42 @@ class DamanMagics(Magics):
         args = _parse(self.dm_pull, line)
         if args.var is not None:
             _check_identifier(args.var, "--as")
-        manager = api.get_manager()
-        before = manager.cache.get(args.key)
-        obj, meta = manager.pull(
+        bare = _is_bare_statement(self.shell, "dm_pull", line)  # before the namespace changes
+        pulled = api.get_manager().load(
             args.key, force=args.force, persist=args.persist, memory_only=args.memory_only
         )
-        after = manager.cache.get(args.key)
         var = args.var or variable_name(args.key)
-        self.shell.push({var: obj, f"{var}_meta": meta})
-        source = _source(before, after, args.force)
-        entry = after or (before if source == "the local cache" else None)
-        if entry is None and args.memory_only:
-            size = "in memory only, no local copy"
-        else:
-            size = _size_of(entry)
-        print(f"pulled {args.key} from {source} ({size}) into {var}, {var}_meta")
-        return None if _is_bare_statement(self.shell, "dm_pull", line) else obj
+        self.shell.push({var: pulled.obj, f"{var}_meta": pulled.meta})
+        size = format_size(pulled.size)
+        print(f"pulled {args.key} from {_where(pulled.source)} ({size}) into {var}, {var}_meta")
+        return None if bare else pulled.obj
 
     @line_magic
     @magic_arguments()
     @argument("prefix", nargs="?", default="", help="list only keys starting with this")
     @_one_line_errors
     def dm_ls(self, line: str) -> None:
-        """List the stored keys with size, last modified, and whether cached or persisted."""
+        """The keys in the store with size, last modified and whether cached or persisted
+        here; the same table as ``dm_ls --long``."""
         args = _parse(self.dm_ls, line)
         manager = api.get_manager()
         listing = manager.ls(args.prefix)
-        self.completer.remember(args.prefix, [item.key for item in listing])
+        self.completer.remember(manager, args.prefix, [item.key for item in listing])
         if not listing:
             under = f" under {args.prefix!r}" if args.prefix else ""
             print(f"no keys{under} in {manager.store.describe()}")
             return
-        for item in listing:
-            when = item.last_modified.strftime("%Y-%m-%d %H:%M") if item.last_modified else "-"
-            state = "persisted" if item.persist else "cached" if item.cached else ""
-            print(f"{format_size(item.size):>10}  {when:16}  {state:9}  {item.key}")
+        print("\n".join(report.listing_lines(listing)))
 
     @line_magic
     @magic_arguments()
     @argument("key", help="the key to describe")
     @_one_line_errors
     def dm_info(self, line: str) -> None:
-        """Size, hash, writer and meta of a key, without downloading it (``dm.info``)."""
+        """Meta, size, sha256, who pushed it and when, without downloading it; the same fields
+        as ``dm_info``."""
         args = _parse(self.dm_info, line)
-        d = api.get_manager().info(args.key)
-        when = d.last_modified.isoformat(" ", "seconds") if d.last_modified else "unknown"
-        local = ("cached, persisted" if d.persist else "cached") if d.cached else "not cached"
-        meta = repr(d.meta)
-        print(
-            f"key:           {d.key}\n"
-            f"size:          {format_size(d.size)}\n"
-            f"last modified: {when}\n"
-            f"pushed by:     {d.pushed_by} at {d.pushed_at}\n"
-            f"written with:  Python {d.python}, cloudpickle {d.cloudpickle}\n"
-            f"sha256:        {d.sha256}\n"
-            f"local copy:    {local}\n"
-            f"meta:          {meta if len(meta) <= 500 else meta[:497] + '...'}"
-        )
+        print("\n".join(report.details_lines(api.get_manager().info(args.key))))
 
     @line_magic
     @magic_arguments()
@@ -358,12 +340,10 @@ class DamanMagics(Magics):
     @line_magic
     @_one_line_errors
     def dm_status(self, line: str) -> None:
-        """The store in use and the local cache's use against its allocation."""
+        """The store in use, the local cache's use against its allocation and the persisted
+        entries (the same as ``dm_status``; asks nothing of the store)."""
         manager = api.get_manager()
-        usage = manager.usage()
-        print(f"store:       {usage.store}\nlocal cache: {manager.config.cache_dir}\n{usage}")
-        for entry in usage.persisted:
-            print(f"  persisted: {entry.key} ({format_size(entry.size)})")
+        print("\n".join(report.usage_lines(manager.usage(), manager.cache.root)))
 
     @line_magic
     def dm_panel(self, line: str) -> Any:
@@ -391,8 +371,8 @@ class DamanMagics(Magics):
         manager = api.get_manager()
         names = ", ".join(args.vars)
         if manager.exists(args.key):
-            before = manager.cache.get(args.key)
-            values, _ = manager.pull(args.key)
+            pulled = manager.load(args.key)
+            values = pulled.obj
             if not isinstance(values, dict):
                 raise InvalidArgumentError(
                     f"{args.key!r} holds a {type(values).__name__}, not variables stored by "
@@ -406,9 +386,8 @@ class DamanMagics(Magics):
                     f"(%dm_delete {args.key} --remote) to run the cell again."
                 )
             self.shell.push({var: values[var] for var in args.vars})
-            after = manager.cache.get(args.key)
-            source = _source(before, after, force=False)
-            print(f"{args.key}: set {names} from {source} ({_size_of(after)}); cell not run")
+            where, size = _where(pulled.source), format_size(pulled.size)
+            print(f"{args.key}: set {names} from {where} ({size}); cell not run")
             return
         if not self.shell.run_cell(cell, store_history=False).success:
             raise InvalidArgumentError(f"the cell failed; nothing was pushed to {args.key!r}.")
@@ -418,10 +397,9 @@ class DamanMagics(Magics):
                 f"the cell did not set {', '.join(missing)}; nothing was pushed to {args.key!r}."
             )
         values = {var: self.shell.user_ns[var] for var in args.vars}
-        manager.push(values, args.key, meta={"variables": args.vars, "cell": cell})
+        info = manager.push(values, args.key, meta={"variables": args.vars, "cell": cell})
         self.completer.forget()
-        size = _size_of(manager.cache.get(args.key))
-        print(f"{args.key}: ran the cell and pushed {names} ({size})")
+        print(f"{args.key}: ran the cell and pushed {names} ({format_size(info.size)})")
 
 
 # -- the extension ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from .cache import Cache, CacheEntry
 from .config import Config, format_size
@@ -81,6 +81,21 @@ def decide_pull(*, cached_etag: str | None, remote: str | Remote, force: bool) -
     if remote is Remote.MISSING:
         return PullAction.USE_CACHE_DELETED
     return PullAction.DOWNLOAD
+
+
+Source = Literal["cache", "store"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pulled:
+    """What :meth:`Manager.load` returns."""
+
+    obj: Any
+    meta: Any
+    source: Source
+    """``"cache"``: the local copy was used; ``"store"``: it was downloaded."""
+    size: int
+    """The stored object's size in bytes (pickled, as on disc)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,8 +267,9 @@ class Manager:
 
     def push(
         self, obj: Any, key: str, meta: Any = None, force: bool = False, persist: bool = False
-    ) -> None:
-        """Store ``obj`` (and ``meta``) under ``key`` and keep it in the local cache.
+    ) -> ObjectInfo:
+        """Store ``obj`` (and ``meta``) under ``key`` and keep it in the local cache; returns
+        the stored object's size and version.
 
         Raises ``KeyExistsError`` if the key exists and ``force`` is false, also when another
         machine creates it at the same moment; nothing is uploaded if pickling fails."""
@@ -268,6 +284,7 @@ class Manager:
                 progress.start(size)
                 info = self.store.put(key, tmp, overwrite=force, progress=progress)
             self._keep(key, tmp, info.etag, footer.sha256, persist, "pushed")
+        return info
 
     def push_file(
         self,
@@ -276,7 +293,7 @@ class Manager:
         meta: Any = None,
         force: bool = False,
         persist: bool = False,
-    ) -> None:
+    ) -> ObjectInfo:
         """Push a file's bytes (pulled back as ``bytes``), streamed from disc, not loaded."""
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed below
@@ -287,7 +304,7 @@ class Manager:
             if size == 0:
                 return self.push(b"", key, meta=meta, force=force, persist=persist)
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                self.push(FileBytes(mapped), key, meta=meta, force=force, persist=persist)
+                return self.push(FileBytes(mapped), key, meta=meta, force=force, persist=persist)
 
     def pull(
         self, key: str, force: bool = False, persist: bool = False, memory_only: bool = False
@@ -296,14 +313,23 @@ class Manager:
 
         Never fails because of the allocation: an object that cannot be cached is returned
         with a :class:`NotCachedWarning`."""
+        pulled = self.load(key, force=force, persist=persist, memory_only=memory_only)
+        return pulled.obj, pulled.meta
+
+    def load(
+        self, key: str, force: bool = False, persist: bool = False, memory_only: bool = False
+    ) -> Pulled:
+        """:meth:`pull`, also telling where the object came from and its stored size."""
         if memory_only and persist:
             raise InvalidArgumentError(
                 "persist=True pins a local copy; memory_only=True keeps none."
             )
         opened = self._open_current(key, force=force, persist=persist, keep=not memory_only)
-        with opened as (f, footer):
+        with opened as (f, footer, source):
             warn_if_versions_differ(footer, key)
-            return load_object(f, footer), load_meta(file_reader(f), footer)
+            obj = load_object(f, footer)
+            meta = load_meta(file_reader(f), footer)
+            return Pulled(obj, meta, source, footer.file_size)
 
     def pull_file(
         self,
@@ -349,7 +375,7 @@ class Manager:
     @contextlib.contextmanager
     def _open_current(
         self, key: str, *, force: bool, persist: bool, keep: bool
-    ) -> Iterator[tuple[IO[bytes], Footer]]:
+    ) -> Iterator[tuple[IO[bytes], Footer, Source]]:
         """An open, verified file holding the current version of ``key``: the cached copy
         when it is current, else a fresh download (kept in the cache when ``keep``)."""
         validate_key(key)
@@ -383,7 +409,7 @@ class Manager:
             opened = self._open_cached(entry, persist)
             if opened is not None:
                 with opened[0]:
-                    yield opened
+                    yield (*opened, "cache")
                 return
         with self._download(key, entry, force, persist, keep) as opened:
             yield opened
@@ -418,19 +444,20 @@ class Manager:
         force: bool,
         persist: bool,
         keep: bool,
-    ) -> Iterator[tuple[IO[bytes], Footer]]:
+    ) -> Iterator[tuple[IO[bytes], Footer, Source]]:
         with self.cache.temp_file() as tmp:
             # The key's lock covers fetching and caching, not the caller's unpickling: one
             # download of a key at a time on this machine, nobody waits on someone's load.
             with self.cache.key_lock(key):
                 opened = None
+                source: Source = "cache"
                 if not force:
                     fresh = self.cache.get(key)
                     if fresh is not None and fresh.etag != (stale and stale.etag):
                         opened = self._open_cached(fresh, persist)  # fetched while we waited
                 if opened is None:
                     f, footer, info = self._fetch_verified(key, tmp)
-                    opened = (f, footer)
+                    opened, source = (f, footer), "store"
                     if keep or stale is not None:
                         try:
                             self._keep(key, tmp, info.etag, footer.sha256, persist, "pulled")
@@ -438,7 +465,7 @@ class Manager:
                             f.close()
                             raise
             with opened[0]:
-                yield opened
+                yield (*opened, source)
 
     def _fetch_verified(self, key: str, tmp: Path) -> tuple[IO[bytes], Footer, ObjectInfo]:
         """Download ``key`` into ``tmp`` and check its sha256 before anything unpickles it (a

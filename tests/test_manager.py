@@ -625,3 +625,18 @@ def test_verify_finds_and_removes_damaged_copies(manager: Manager) -> None:
     with pytest.raises(KeyNotFoundError):
         manager.verify("never/cached")
 
+
+
+def test_load_says_where_the_object_came_from(config: Config, tmp_path: Path) -> None:
+    with Manager(config) as manager:
+        info = manager.push(np.arange(1000), "k", meta="m")
+        assert info.size == manager.cache.get("k").size and info.key == "k"
+        hit = manager.load("k")
+        assert (hit.source, hit.size, hit.meta) == ("cache", info.size, "m")
+        assert manager.load("k", force=True).source == "store"
+    with Manager(config.replace(local_dir=str(tmp_path / "fresh"))) as other:
+        fetched = other.load("k", memory_only=True)
+        assert (fetched.source, fetched.size) == ("store", info.size)
+        np.testing.assert_array_equal(fetched.obj, np.arange(1000))
+        assert other.cache.get("k") is None
+        assert other.load("k").source == "store" and other.load("k").source == "cache"
