@@ -25,6 +25,7 @@ from .errors import (
     DamanError,
     IntegrityError,
     InvalidArgumentError,
+    KeyExistsError,
     KeyNotFoundError,
     NotCachedError,
     NotCachedWarning,
@@ -38,6 +39,7 @@ from .serialize import (
     TAIL_GUESS,
     FileBytes,
     Footer,
+    check_meta,
     dumps_meta,
     file_reader,
     footer_of,
@@ -183,6 +185,12 @@ def _disc_errors(where: Path) -> Iterator[None]:
                 f"no space left on the device holding {where}. Free some space, or lower "
                 "allocated_space / move local_dir with dm_configure."
             ) from exc
+        if exc.errno == errno.EFBIG:
+            raise DamanError(
+                f"the file is too large for the file system holding {where} ({exc.strerror}: "
+                "a limit such as FAT32's 4 GiB, or a file-size ulimit). Move local_dir to "
+                "another file system with dm_configure."
+            ) from exc
         raise
 
 
@@ -263,6 +271,18 @@ class Manager:
         if self.signing_key is not None:
             footer.check_signature(self.signing_key, repr(key))
 
+    def _written_by_this_push(self, key: str, footer: Footer) -> ObjectInfo | None:
+        """The stored object's info if it is the file this push wrote (same footer: the
+        payload's sha256, the writer, the second it was written, the signature), as when the
+        answer to a conditional write was lost and the client's retry met the write itself;
+        None if it is anyone else's (or cannot be read)."""
+        try:
+            tail, info = self.store.read_tail(key, TAIL_GUESS)
+            stored = read_footer(lambda o, n: self.store.read_range(key, o, n), info.size, tail)
+        except DamanError:
+            return None
+        return info if stored == footer else None
+
     # -- the API -------------------------------------------------------------------------
 
     def push(
@@ -282,7 +302,12 @@ class Manager:
                 size = tmp.stat().st_size
             with self._progress(f"push {key}") as progress:
                 progress.start(size)
-                info = self.store.put(key, tmp, overwrite=force, progress=progress)
+                try:
+                    info = self.store.put(key, tmp, overwrite=force, progress=progress)
+                except KeyExistsError:
+                    info = self._written_by_this_push(key, footer)  # a retry met our write
+                    if info is None:
+                        raise
             self._keep(key, tmp, info.etag, footer.sha256, persist, "pushed")
         return info
 
@@ -423,7 +448,8 @@ class Manager:
             return None
         try:
             if self.signing_key is None:
-                footer = footer_of(f)  # the size and footer are checked on every hit
+                footer = footer_of(f)  # the size, footer and meta are checked on every hit
+                check_meta(file_reader(f), footer)
             else:  # a cache folder is a trust boundary too: hash and signature on every hit
                 footer = verify_file(f)
                 self._check_signature(footer, entry.key)

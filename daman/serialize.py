@@ -127,8 +127,17 @@ class _HashingWriter:
         self._f = f
         self.sha = hashlib.sha256()
         self.pos = 0
+        self.error: OSError | None = None
+        """What writing the file raised, to tell it from what the object's pickling raised."""
 
     def write(self, data: Any) -> int:
+        try:
+            return self._write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def _write(self, data: Any) -> int:
         view = memoryview(data)
         if view.nbytes >= _PARALLEL_HASH_BYTES:
             # hashlib and file writes both release the GIL: hash a large buffer on a second
@@ -183,7 +192,7 @@ def write_object(
     try:
         cloudpickle.dump(obj, out, protocol=PROTOCOL, buffer_callback=buffers.append)
     except OSError as exc:
-        if exc.errno is not None:  # the file, not the object: disc full, I/O error
+        if exc is out.error:  # the file, not the object: disc full, I/O error
             raise
         raise SerializationError(
             f"the object cannot be pickled ({type(exc).__name__}: {exc})."
@@ -327,6 +336,17 @@ def verify_file(f: IO[bytes], footer: Footer | None = None) -> Footer:
             "(corrupted in storage or in transit). Pull it again with force=True."
         )
     return footer
+
+
+def check_meta(read_at: ReadAt, footer: Footer) -> None:
+    """Raise :class:`IntegrityError` if the meta's bytes do not match ``meta_sha256`` (cheap:
+    the meta is small; files written before meta_sha256 existed pass)."""
+    if footer.meta_sha256:
+        offset, length = footer.meta
+        if hashlib.sha256(read_at(offset, length)).hexdigest() != footer.meta_sha256:
+            raise IntegrityError(
+                "checksum mismatch in the meta: the object was corrupted in storage or in transit."
+            )
 
 
 def load_meta(read_at: ReadAt, footer: Footer, tail: bytes = b"", file_size: int = 0) -> Any:

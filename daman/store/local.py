@@ -14,6 +14,7 @@ import contextlib
 import errno
 import functools
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -40,6 +41,15 @@ _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 _UNREACHABLE = {errno.ESTALE, errno.EIO, errno.ENOTCONN, errno.EHOSTDOWN, errno.EHOSTUNREACH,
                 errno.ETIMEDOUT}  # fmt: skip
 _F = TypeVar("_F", bound=Callable[..., Any])
+_STALE_TEMP_SECONDS = 24 * 3600
+"""A push's temp file untouched for this long belongs to a push that died (killed, crashed,
+machine lost): every write of a live push refreshes its mtime."""
+
+
+def _remove_if_stale(path: str) -> None:
+    with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
+        if os.stat(path).st_mtime < time.time() - _STALE_TEMP_SECONDS:
+            os.unlink(path)
 
 
 def _stat_info(key: str, st: os.stat_result, etag: str | None = None) -> ObjectInfo:
@@ -95,6 +105,11 @@ class LocalStore(Store):
         except OSError as exc:
             if exc.errno in _FULL:
                 raise DamanError(f"the store folder {self.root} is full ({exc.strerror}).") from exc
+            if exc.errno == errno.EFBIG:
+                raise DamanError(
+                    f"the object is too large for the file system of the store folder "
+                    f"{self.root} ({exc.strerror})."
+                ) from exc
             if exc.errno in _DENIED:
                 raise CredentialsError(
                     f"no permission to use the store folder {self.root} ({exc.strerror}: "
@@ -162,6 +177,8 @@ class LocalStore(Store):
                 out.flush()
                 os.fsync(out.fileno())
                 info = _info(key, out)  # the same inode becomes the key below
+            for other in dest.parent.glob(f".{dest.name}.*.incomplete"):  # this key's dead pushes
+                _remove_if_stale(str(other))
             if overwrite:
                 os.replace(tmp, dest)
             else:
@@ -173,7 +190,6 @@ class LocalStore(Store):
         finally:
             tmp.unlink(missing_ok=True)
 
-    @_mapped
     def get(
         self,
         key: str,
@@ -182,11 +198,22 @@ class LocalStore(Store):
         progress: Progress = _no_progress,
         on_size: Progress = _no_progress,
     ) -> ObjectInfo:
+        # Errors reading the store folder are the store's; errors writing ``dest`` (a full
+        # local disc) are the caller's and pass through as they are.
         # The open file keeps its version even if the key is replaced while we copy.
-        with self._open(key) as src, open(dest, "wb") as out:
-            info = _info(key, src)
+        with self._os_errors():
+            src = self._open(key)
+        with src, open(dest, "wb") as out:
+            with self._os_errors():
+                info = _info(key, src)
             on_size(info.size)
-            _copy(src, out, progress)
+            while True:
+                with self._os_errors():
+                    chunk = src.read(_CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)
+                progress(len(chunk))
         return info
 
     @_mapped
@@ -229,6 +256,8 @@ class LocalStore(Store):
             rel = Path(folder).relative_to(self.root).as_posix()
             for name in files:
                 if not name.endswith(SUFFIX):  # temp files end in .incomplete
+                    if name.endswith(".incomplete"):  # listing sees them for free: sweep
+                        _remove_if_stale(os.path.join(folder, name))
                     continue
                 key = (name if rel == "." else f"{rel}/{name}")[: -len(SUFFIX)]
                 if key.startswith(prefix):

@@ -78,6 +78,20 @@ class ObjectChangedError(DamanError):
     """The object was replaced while we read it in parts; the download restarts."""
 
 
+class _IncompleteResponse(StoreUnavailableError):
+    """An answer without a header every such answer has: http.client takes headers cut short
+    by a dropped connection for complete ones."""
+
+
+def _complete(r: dict[str, Any], *names: str) -> dict[str, Any]:
+    missing = [name for name in names if name not in r]
+    if missing:
+        raise _IncompleteResponse(
+            f"an incomplete answer (no {', '.join(missing)}): the connection was cut mid-response"
+        )
+    return r
+
+
 class _RangeNotSatisfiable(DamanError):
     """A ranged GET beyond the object's end (or of an empty object)."""
 
@@ -255,9 +269,23 @@ class S3Store(Store):
         with self._errors():
             self._head_bucket()
 
+    def _idempotent(self, call: Callable[[], T]) -> T:
+        """``call`` again while the answer is incomplete (reads and part uploads only)."""
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return call()
+            except _IncompleteResponse:
+                if attempt == self.max_attempts:
+                    raise
+        raise AssertionError("unreachable")
+
     def head(self, key: str) -> ObjectInfo:
-        with self._errors(key):
-            r = self.client.head_object(Bucket=self.bucket, Key=self._name(key))
+        def once() -> dict[str, Any]:
+            with self._errors(key):
+                r = self.client.head_object(Bucket=self.bucket, Key=self._name(key))
+            return _complete(r, "ContentLength", "ETag")
+
+        r = self._idempotent(once)
         return ObjectInfo(key, r["ContentLength"], r["ETag"], r.get("LastModified"))
 
     def put(
@@ -270,7 +298,8 @@ class S3Store(Store):
             with self._errors(key), open(path, "rb") as body:
                 r = self.client.put_object(Bucket=self.bucket, Key=name, Body=body, **condition)
             progress(size)
-            return ObjectInfo(key, size, r["ETag"])
+            # Written, but the answer was cut: an unknown version makes the next pull fetch it.
+            return ObjectInfo(key, size, r.get("ETag", ""))
         if not overwrite:  # fail before sending gigabytes; the condition below settles races
             with contextlib.suppress(KeyNotFoundError):
                 self.head(key)
@@ -308,15 +337,20 @@ class S3Store(Store):
                         raise _Stopped
                     offset = (number - 1) * part
                     body = os.pread(fd, min(part, size - offset), offset)
-                    with self._errors(key):
-                        r = self.client.upload_part(
-                            Bucket=self.bucket,
-                            Key=name,
-                            UploadId=upload_id,
-                            PartNumber=number,
-                            Body=body,
-                            **checksum,
-                        )
+
+                    def upload() -> dict[str, Any]:
+                        with self._errors(key):
+                            r = self.client.upload_part(
+                                Bucket=self.bucket,
+                                Key=name,
+                                UploadId=upload_id,
+                                PartNumber=number,
+                                Body=body,
+                                **checksum,
+                            )
+                        return _complete(r, "ETag")
+
+                    r = self._idempotent(upload)
                     progress(len(body))
                     done = {"PartNumber": number, "ETag": r["ETag"]}
                     if "ChecksumCRC32" in r:
@@ -337,7 +371,7 @@ class S3Store(Store):
                     **condition,
                 )
             completed = True
-            return ObjectInfo(key, size, r["ETag"])
+            return ObjectInfo(key, size, r.get("ETag", ""))
         finally:
             if not completed:  # never leave a half-upload behind (it costs money on S3)
                 with contextlib.suppress(ClientError, BotoCoreError):
@@ -351,15 +385,22 @@ class S3Store(Store):
         """GET bytes ``start..end`` (inclusive; ``end=None``: ``start`` is a suffix length)."""
         byte_range = f"bytes=-{start}" if end is None else f"bytes={start}-{end}"
         extra = {"IfMatch": etag} if etag else {}
-        with self._errors(key):
-            try:
-                r = self.client.get_object(
-                    Bucket=self.bucket, Key=self._name(key), Range=byte_range, **extra
-                )
-            except ClientError as exc:  # a 412 on a read: the IfMatch failed
-                if etag and _error_code(exc) in ("PreconditionFailed", "412"):
-                    raise ObjectChangedError(f"{key!r} changed while it was being read") from None
-                raise
+
+        def once() -> dict[str, Any]:
+            with self._errors(key):
+                try:
+                    r = self.client.get_object(
+                        Bucket=self.bucket, Key=self._name(key), Range=byte_range, **extra
+                    )
+                except ClientError as exc:  # a 412 on a read: the IfMatch failed
+                    if etag and _error_code(exc) in ("PreconditionFailed", "412"):
+                        raise ObjectChangedError(
+                            f"{key!r} changed while it was being read"
+                        ) from None
+                    raise
+            return _complete(r, "ETag", "ContentLength")
+
+        r = self._idempotent(once)
         return r, r["Body"].iter_chunks(_STREAM_CHUNK)
 
     def _fetch_part(
