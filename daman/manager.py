@@ -39,6 +39,7 @@ from .serialize import (
     TAIL_GUESS,
     FileBytes,
     Footer,
+    PrefixHasher,
     check_meta,
     dumps_meta,
     file_reader,
@@ -497,11 +498,21 @@ class Manager:
         """Download ``key`` into ``tmp`` and check its sha256 before anything unpickles it (a
         corrupted transfer is tried once more). Returns the file open, its footer, its version."""
         for attempt in (1, 2):
-            with _disc_errors(self.cache.root), self._progress(f"pull {key}") as progress:
-                info = self.store.get(key, tmp, progress=progress, on_size=progress.start)
             f = open(tmp, "rb")  # noqa: SIM115 - returned open, or closed below
+            hasher = PrefixHasher(f.fileno())  # hashes the file while it arrives
             try:
-                footer = verify_file(f)
+                with _disc_errors(self.cache.root), self._progress(f"pull {key}") as progress:
+
+                    def on_size(
+                        size: int, progress: _ProgressBar = progress, hasher: PrefixHasher = hasher
+                    ) -> None:
+                        progress.start(size)
+                        hasher.start(size)
+
+                    info = self.store.get(
+                        key, tmp, progress=progress, on_size=on_size, on_written=hasher.written
+                    )
+                footer = verify_file(f, hasher=hasher)
                 self._check_signature(footer, key)  # after the hash: the signature covers it
                 return f, footer, info
             except UntrustedObjectError:
@@ -514,6 +525,8 @@ class Manager:
             except BaseException:
                 f.close()
                 raise
+            finally:
+                hasher.close()
         raise AssertionError("unreachable")
 
     def delete(self, key: str, local: bool = True, remote: bool = False) -> None:

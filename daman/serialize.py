@@ -18,12 +18,14 @@ so one ranged read of the tail answers it without downloading the object.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import getpass
 import hashlib
 import hmac
 import io
 import json
+import mmap
 import os
 import pickle
 import socket
@@ -53,6 +55,7 @@ PROTOCOL = 5
 TAIL_GUESS = 64 * 1024  # one ranged read of this many bytes usually holds meta + footer
 _PAD = bytes(ALIGN)
 _HASH_CHUNK = 8 * 1024 * 1024
+_MAP_MIN_BYTES = 1024 * 1024  # out-of-band buffers this large are read into fresh mappings
 _PARALLEL_HASH_BYTES = 4 * 1024 * 1024
 
 ReadAt = Callable[[int, int], bytes]
@@ -292,7 +295,7 @@ def read_footer(read_at: ReadAt, file_size: int, tail: bytes = b"") -> Footer:
     return parsed
 
 
-def _read_into(fd: int, buf: bytearray, offset: int) -> None:
+def _read_into(fd: int, buf: bytearray | mmap.mmap, offset: int) -> None:
     """Fill ``buf`` from ``offset``; one read(2) returns at most ~2 GiB on Linux, so loop."""
     view = memoryview(buf)
     done = 0
@@ -318,19 +321,114 @@ def footer_of(f: IO[bytes]) -> Footer:
     return read_footer(file_reader(f), os.fstat(f.fileno()).st_size)
 
 
-def verify_file(f: IO[bytes], footer: Footer | None = None) -> Footer:
-    """Check the sha256 of everything before the footer; raise :class:`IntegrityError` if wrong."""
+class PrefixHasher:
+    """The sha256 of a file while a download writes it, ranges in any order.
+
+    ``written(offset, length)`` says a range is on disc (from any thread); a thread hashes
+    the contiguous prefix as it grows, stopping ``TAIL_GUESS`` bytes short of the end, where
+    the footer usually starts. Once the file is whole, ``digest(footer)`` hashes what is left
+    of the payload, so the check costs a few MiB after the download instead of a second pass
+    over the whole file. ``start(size)`` begins (or, for a download that restarted, begins
+    again); ``close()`` stops the thread."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._reset(0)
+
+    def _reset(self, size: int) -> None:
+        self._sha = hashlib.sha256()
+        self._limit = max(0, size - TAIL_GUESS)
+        self._prefix = 0  # bytes [0, prefix) are on disc
+        self._pending: dict[int, int] = {}  # start -> end of ranges past the prefix
+        self._hashed = 0
+        self._stop = False
+        self._failed = False
+
+    def start(self, size: int) -> None:
+        self.close()
+        with self._cond:
+            self._reset(size)
+        self._thread = threading.Thread(target=self._run, name="daman-hash", daemon=True)
+        self._thread.start()
+
+    def written(self, offset: int, length: int) -> None:
+        with self._cond:
+            end = offset + length
+            if offset > self._prefix:
+                self._pending[offset] = max(end, self._pending.get(offset, end))
+                return
+            self._prefix = max(self._prefix, end)
+            while self._prefix in self._pending:  # ranges that now adjoin the prefix
+                self._prefix = max(self._prefix, self._pending.pop(self._prefix))
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and min(self._prefix, self._limit) <= self._hashed:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                pos, end = self._hashed, min(self._prefix, self._limit)
+            try:
+                while pos < end and not self._stop:
+                    chunk = os.pread(self._fd, min(_HASH_CHUNK, end - pos), pos)
+                    if not chunk:
+                        raise OSError("short read")
+                    self._sha.update(chunk)
+                    pos += len(chunk)
+            except OSError:
+                self._failed = True
+                return
+            finally:
+                with self._cond:
+                    self._hashed = pos
+
+    def close(self) -> None:
+        if self._thread is not None:
+            with self._cond:
+                self._stop = True
+                self._cond.notify()
+            self._thread.join()
+            self._thread = None
+
+    def digest(self, footer: Footer) -> str | None:
+        """The payload's sha256 once the file is whole, or None if it cannot tell (nothing
+        was reported, a read failed, or the footer starts before the hashed prefix ends)."""
+        self.close()
+        if self._failed or self._hashed > footer.payload_size:
+            return None
+        sha, offset = self._sha, self._hashed
+        while offset < footer.payload_size:
+            chunk = os.pread(self._fd, min(_HASH_CHUNK, footer.payload_size - offset), offset)
+            if not chunk:
+                return None
+            sha.update(chunk)
+            offset += len(chunk)
+        return sha.hexdigest()
+
+
+def verify_file(
+    f: IO[bytes], footer: Footer | None = None, hasher: PrefixHasher | None = None
+) -> Footer:
+    """Check the sha256 of everything before the footer; raise :class:`IntegrityError` if wrong.
+    A ``hasher`` that followed the file's download saves most of the reading and hashing."""
     footer = footer or footer_of(f)
-    sha = hashlib.sha256()
-    fd, offset, remaining = f.fileno(), 0, footer.payload_size
-    while remaining:
-        chunk = os.pread(fd, min(_HASH_CHUNK, remaining), offset)
-        if not chunk:
-            break
-        sha.update(chunk)
-        offset += len(chunk)
-        remaining -= len(chunk)
-    if remaining or sha.hexdigest() != footer.sha256:
+    digest = hasher.digest(footer) if hasher is not None else None
+    if digest is None:
+        sha = hashlib.sha256()
+        fd, offset, remaining = f.fileno(), 0, footer.payload_size
+        while remaining:
+            chunk = os.pread(fd, min(_HASH_CHUNK, remaining), offset)
+            if not chunk:
+                break
+            sha.update(chunk)
+            offset += len(chunk)
+            remaining -= len(chunk)
+        digest = sha.hexdigest() if not remaining else ""
+    if digest != footer.sha256:
         raise IntegrityError(
             "checksum mismatch: the object's bytes differ from what was written "
             "(corrupted in storage or in transit). Pull it again with force=True."
@@ -364,15 +462,29 @@ def load_meta(read_at: ReadAt, footer: Footer, tail: bytes = b"", file_size: int
     return _unpickle(lambda: pickle.loads(data), footer)
 
 
+def _uninitialised(length: int) -> bytearray | mmap.mmap:
+    """Writable memory for one out-of-band buffer that the read will fill. ``bytearray(n)``
+    writes n zeros first, touching every page twice; a large buffer gets a private anonymous
+    mapping instead (the kernel hands out zeroed pages as the read first touches them), hinted
+    for transparent huge pages as numpy does for its own large arrays."""
+    if length < _MAP_MIN_BYTES:
+        return bytearray(length)
+    mapped = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux
+        with contextlib.suppress(OSError):
+            mapped.madvise(mmap.MADV_HUGEPAGE)
+    return mapped
+
+
 def load_object(f: IO[bytes], footer: Footer) -> Any:
     """Unpickle the object from an open file, reading each out-of-band buffer into its own
-    writable bytearray (one copy from disc into the object, none more)."""
+    writable memory (one copy from disc into the object, none more)."""
     fd = f.fileno()
     stream = bytearray(footer.stream[1])
     _read_into(fd, stream, footer.stream[0])
     buffers = []
     for offset, length in footer.buffers:
-        buf = bytearray(length)
+        buf = _uninitialised(length)
         _read_into(fd, buf, offset)
         buffers.append(buf)
     return _unpickle(lambda: pickle.loads(stream, buffers=buffers), footer)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 Progress = Callable[[int], object]
 """Called with a number of bytes just transferred."""
+Written = Callable[[int, int], object]
+"""Called with ``(offset, length)`` of a range of the destination file now written."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,10 @@ class ObjectInfo:
 
 
 def _no_progress(_: int) -> None:
+    return None
+
+
+def _no_range(_: int, __: int) -> None:
     return None
 
 
@@ -63,9 +69,13 @@ class Store(abc.ABC):
         *,
         progress: Progress = _no_progress,
         on_size: Progress = _no_progress,
+        on_written: Written = _no_range,
     ) -> ObjectInfo:
         """Write the object's bytes to ``dest`` and say which version they are. ``on_size``
-        hears the object's size before its bytes arrive (for a progress bar's total)."""
+        hears the object's size before its bytes arrive (for a progress bar's total), and
+        again if the download starts over; ``on_written`` hears each range once it is in
+        ``dest`` (in any order, from any thread), so that the caller can hash the file as
+        it arrives."""
 
     @abc.abstractmethod
     def read_tail(self, key: str, length: int) -> tuple[bytes, ObjectInfo]:

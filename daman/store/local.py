@@ -32,7 +32,7 @@ from ..errors import (
 )
 from ..keys import validate_key, validate_prefix
 from ..serialize import TRAILER, file_reader, read_footer
-from .base import ObjectInfo, Progress, Store, _no_progress
+from .base import ObjectInfo, Progress, Store, Written, _no_progress, _no_range
 
 SUFFIX = ".daman"
 _CHUNK = 8 * 1024 * 1024
@@ -197,6 +197,7 @@ class LocalStore(Store):
         *,
         progress: Progress = _no_progress,
         on_size: Progress = _no_progress,
+        on_written: Written = _no_range,
     ) -> ObjectInfo:
         # Errors reading the store folder are the store's; errors writing ``dest`` (a full
         # local disc) are the caller's and pass through as they are.
@@ -207,12 +208,16 @@ class LocalStore(Store):
             with self._os_errors():
                 info = _info(key, src)
             on_size(info.size)
+            offset = 0
             while True:
                 with self._os_errors():
                     chunk = src.read(_CHUNK)
                 if not chunk:
                     break
                 out.write(chunk)
+                out.flush()
+                on_written(offset, len(chunk))
+                offset += len(chunk)
                 progress(len(chunk))
         return info
 

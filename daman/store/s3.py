@@ -53,7 +53,7 @@ from ..errors import (
     StoreUnavailableError,
 )
 from ..keys import validate_key, validate_prefix
-from .base import ObjectInfo, Progress, Store, _no_progress
+from .base import ObjectInfo, Progress, Store, Written, _no_progress, _no_range
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 MIN_PART_SIZE = 8 * 1024 * 1024
@@ -411,6 +411,7 @@ class S3Store(Store):
         end: int,
         etag: str,
         progress: Progress,
+        on_written: Written = _no_range,
         stop: threading.Event | None = None,
     ) -> None:
         """Fetch one range into ``fd``, retrying a stream that breaks mid-body."""
@@ -428,6 +429,7 @@ class S3Store(Store):
                         offset += len(chunk)
                 if offset != end + 1:
                     raise StoreUnavailableError(f"short read of {key!r} from {self.describe()}")
+                on_written(start, offset - start)
                 progress(offset - start)
                 return
             except StoreUnavailableError:
@@ -446,10 +448,11 @@ class S3Store(Store):
         *,
         progress: Progress = _no_progress,
         on_size: Progress = _no_progress,
+        on_written: Written = _no_range,
     ) -> ObjectInfo:
         for attempt in range(3):
             try:
-                return self._get_once(key, dest, progress, on_size)
+                return self._get_once(key, dest, progress, on_size, on_written)
             except ObjectChangedError:
                 if attempt == 2:
                     raise StoreUnavailableError(
@@ -457,7 +460,9 @@ class S3Store(Store):
                     ) from None
         raise AssertionError("unreachable")
 
-    def _get_once(self, key: str, dest: Path, progress: Progress, on_size: Progress) -> ObjectInfo:
+    def _get_once(
+        self, key: str, dest: Path, progress: Progress, on_size: Progress, on_written: Written
+    ) -> ObjectInfo:
         first_end = MULTIPART_THRESHOLD - 1
         try:
             r, chunks = self._get_range(key, 0, first_end, None)
@@ -483,15 +488,18 @@ class S3Store(Store):
             out.flush()
             if offset != first_len:
                 # The first stream broke: fetch that range again with retries.
-                self._fetch_part(key, fd, 0, first_len - 1, info.etag, progress)
+                self._fetch_part(key, fd, 0, first_len - 1, info.etag, progress, on_written)
             else:
+                on_written(0, offset)
                 progress(offset)
             if total > first_len:
                 part = part_size_for(total)
                 ranges = [(s, min(s + part, total) - 1) for s in range(first_end + 1, total, part)]
                 _run_parallel(
                     [
-                        functools.partial(self._fetch_part, key, fd, s, e, info.etag, progress)
+                        functools.partial(
+                            self._fetch_part, key, fd, s, e, info.etag, progress, on_written
+                        )
                         for s, e in ranges
                     ]
                 )
