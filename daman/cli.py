@@ -183,7 +183,8 @@ def push_main(argv: Sequence[str] | None = None) -> int:
         "dm_push",
         "Share a file's bytes under a key, so that scripts outside Python can share data\n"
         "too. In Python, dm.pull(KEY) returns them as bytes; dm_pull --key KEY --output FILE\n"
-        "writes them back to a file. The file is streamed, not loaded into memory.\n\n"
+        "writes them back to a file. A file is streamed from disc, not loaded into memory;\n"
+        "stdin ('-') and pipes are read into memory first.\n\n"
         "examples:\n"
         "  dm_push --key team/raw/2026-11.csv --file export.csv --meta 'nightly export'\n"
         "  some-tool | dm_push --key team/raw/latest --file -",
@@ -272,7 +273,10 @@ def delete_main(argv: Sequence[str] | None = None) -> int:
 
     def action() -> None:
         if args.remote and not args.yes and sys.stdin.isatty():
-            answer = input(f"delete {args.key!r} from the store for everyone? [y/N] ")
+            try:
+                answer = input(f"delete {args.key!r} from the store for everyone? [y/N] ")
+            except EOFError:  # Ctrl-D: no
+                answer = ""
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing deleted")
                 return

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from .config import write_private_text
-from .errors import InvalidArgumentError
+from .errors import CredentialsError, InvalidArgumentError
 
 _FIELDS = ("aws_access_key_id", "aws_secret_access_key")
 _HEADER = re.compile(r"^\s*\[([^\]]+)\]\s*$")
@@ -62,6 +62,12 @@ def write_aws_credentials(
     _check("secret_access_key", secret_access_key)
     _check("profile", profile)
     path = path or credentials_path()
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    write_private_text(path, merge_credentials(text, profile, access_key_id, secret_access_key))
+    try:
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        write_private_text(path, merge_credentials(text, profile, access_key_id, secret_access_key))
+    except OSError as exc:
+        raise CredentialsError(
+            f"cannot write the AWS credentials file {path} ({exc.strerror or exc}). Point "
+            "AWS_SHARED_CREDENTIALS_FILE at a file you can write."
+        ) from None
     return path

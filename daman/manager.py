@@ -12,6 +12,7 @@ import enum
 import errno
 import mmap
 import os
+import stat
 import threading
 import warnings
 from collections.abc import Iterator
@@ -270,13 +271,12 @@ class Manager:
 
     def _check_signature(self, footer: Footer, key: str) -> None:
         if self.signing_key is not None:
-            footer.check_signature(self.signing_key, repr(key))
+            footer.check_signature(self.signing_key, key)
 
     def _written_by_this_push(self, key: str, footer: Footer) -> ObjectInfo | None:
-        """The stored object's info if it is the file this push wrote (same footer: the
-        payload's sha256, the writer, the second it was written, the signature), as when the
-        answer to a conditional write was lost and the client's retry met the write itself;
-        None if it is anyone else's (or cannot be read)."""
+        """The stored object's info if it is the file this push wrote (the same footer,
+        which holds a random push_id), as when the answer to a conditional write was lost
+        and the client's retry met the write itself; None if it is anyone else's."""
         try:
             tail, info = self.store.read_tail(key, TAIL_GUESS)
             stored = read_footer(lambda o, n: self.store.read_range(key, o, n), info.size, tail)
@@ -299,7 +299,7 @@ class Manager:
         with self.cache.temp_file() as tmp:
             with _disc_errors(self.cache.root):
                 with open(tmp, "wb", buffering=_WRITE_BUFFER) as f:
-                    footer = write_object(obj, meta_bytes, f, self.signing_key)
+                    footer = write_object(obj, meta_bytes, f, self.signing_key, key)
                 size = tmp.stat().st_size
             with self._progress(f"push {key}") as progress:
                 progress.start(size)
@@ -320,14 +320,17 @@ class Manager:
         force: bool = False,
         persist: bool = False,
     ) -> ObjectInfo:
-        """Push a file's bytes (pulled back as ``bytes``), streamed from disc, not loaded."""
+        """Push a file's bytes (pulled back as ``bytes``); a regular file is streamed from
+        disc, not loaded; a pipe is read into memory first."""
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed below
         except OSError as exc:
             raise InvalidArgumentError(f"cannot read {path}: {exc.strerror or exc}.") from None
         with f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):  # a pipe or a device: no size to map, read it
+                return self.push(f.read(), key, meta=meta, force=force, persist=persist)
+            if st.st_size == 0:
                 return self.push(b"", key, meta=meta, force=force, persist=persist)
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 return self.push(FileBytes(mapped), key, meta=meta, force=force, persist=persist)
@@ -379,8 +382,10 @@ class Manager:
             with _disc_errors(dest.parent), open(tmp, "wb") as f:
                 f.write(obj)
             os.replace(tmp, dest)
-        except FileNotFoundError as exc:
-            raise InvalidArgumentError(f"cannot write {dest}: {exc.strerror}.") from None
+        except DamanError:
+            raise
+        except OSError as exc:  # no such folder, a folder in the way, no permission
+            raise InvalidArgumentError(f"cannot write {dest}: {exc.strerror or exc}.") from None
         finally:
             tmp.unlink(missing_ok=True)
         return len(obj)

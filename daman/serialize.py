@@ -28,6 +28,7 @@ import json
 import mmap
 import os
 import pickle
+import secrets
 import socket
 import struct
 import sys
@@ -76,6 +77,9 @@ class Footer:
     pushed_at: str
     meta_sha256: str = ""
     """Lets ``info`` check the meta it reads from the tail before unpickling it."""
+    push_id: str = ""
+    """Random, one per write: tells this push's object from an identical one pushed by the
+    same person in the same second (a retried write meeting itself is not a conflict)."""
     signature: str = ""
     """HMAC-SHA256 of the rest of the footer with the team's signing key; empty if unsigned."""
 
@@ -93,25 +97,30 @@ class Footer:
         del fields["signature"]
         return json.dumps(fields, sort_keys=True).encode("utf-8")
 
-    def signed(self, signing_key: bytes) -> Footer:
-        mac = hmac.new(signing_key, self._signed_bytes(), hashlib.sha256).hexdigest()
+    def signed(self, signing_key: bytes, key: str) -> Footer:
+        """This footer signed for ``key``: the key is part of the message, so a signed
+        object copied under another key is refused."""
+        message = self._signed_bytes() + b"\0" + key.encode("utf-8")
+        mac = hmac.new(signing_key, message, hashlib.sha256).hexdigest()
         return dataclasses.replace(self, signature=mac)
 
-    def check_signature(self, signing_key: bytes, what: str) -> None:
-        """Raise :class:`UntrustedObjectError` unless signed with ``signing_key``. Call it
-        before unpickling anything of the object, and only once its sha256 was checked."""
+    def check_signature(self, signing_key: bytes, key: str) -> None:
+        """Raise :class:`UntrustedObjectError` unless signed with ``signing_key`` for ``key``.
+        Call it before unpickling anything of the object, once its sha256 was checked."""
+        what = repr(key)
         if not self.signature:
             raise UntrustedObjectError(
                 f"refusing to load {what}: it is not signed, and signing_key is set. It was "
                 "pushed without the team's signing key (or by an older daman); ask its author "
                 "to push it again with the key."
             )
-        expected = self.signed(signing_key).signature
+        expected = self.signed(signing_key, key).signature
         if not hmac.compare_digest(expected, self.signature):
             raise UntrustedObjectError(
-                f"refusing to load {what}: its signature does not match signing_key. It was "
-                "pushed with another key or altered after it was signed. Check your "
-                "signing_key; if it is right, do not trust this object."
+                f"refusing to load {what}: its signature does not match signing_key and this "
+                "key. It was pushed with another signing key, altered after it was signed, or "
+                "copied here from another key. Check your signing_key; if it is right, do not "
+                "trust this object."
             )
 
 
@@ -186,7 +195,11 @@ def dumps_meta(meta: Any) -> bytes:
 
 
 def write_object(
-    obj: Any, meta_bytes: bytes, f: IO[bytes], signing_key: bytes | None = None
+    obj: Any,
+    meta_bytes: bytes,
+    f: IO[bytes],
+    signing_key: bytes | None = None,
+    key: str = "",
 ) -> Footer:
     """Write ``obj`` and pickled meta to the binary file ``f``; return the footer written
     (signed when a ``signing_key`` is given)."""
@@ -228,9 +241,10 @@ def write_object(
         pushed_by=_writer_identity(),
         pushed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         meta_sha256=hashlib.sha256(meta_bytes).hexdigest(),
+        push_id=secrets.token_hex(8),
     )
     if signing_key is not None:
-        footer = footer.signed(signing_key)
+        footer = footer.signed(signing_key, key)
     encoded = footer.encode()
     f.write(encoded)
     f.write(TRAILER.pack(MAGIC, len(encoded)))
@@ -529,8 +543,10 @@ def _unpickle(load: Callable[[], Any], footer: Footer) -> Any:
         ) from exc
 
 
-def dump_to_bytes(obj: Any, meta: Any = None, signing_key: bytes | None = None) -> bytes:
+def dump_to_bytes(
+    obj: Any, meta: Any = None, signing_key: bytes | None = None, key: str = ""
+) -> bytes:
     """Whole object file in memory (small objects and tests)."""
     buf = io.BytesIO()
-    write_object(obj, dumps_meta(meta), buf, signing_key)
+    write_object(obj, dumps_meta(meta), buf, signing_key, key)
     return buf.getvalue()

@@ -396,3 +396,22 @@ def test_dm_aws_profiles_and_bad_values(daman_home: Path) -> None:
     result = run("dm_aws", "--access_key_id", "has space", "--secret_access_key", "S3")
     assert result.returncode == 1 and "access_key_id" in result.stderr
     assert creds.read_text() == before
+
+
+def test_os_errors_are_one_line_too(config: Config, tmp_path: Path, monkeypatch) -> None:
+    assert configure(config).returncode == 0
+    assert run("dm_push", "--key", "b", "--file", "-", input="x").returncode == 0
+    result = run("dm_pull", "--key", "b", "--output", str(tmp_path))  # a folder
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "cannot write" in result.stderr
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path))
+    result = run("dm_aws", "--access_key_id", "A", "--secret_access_key", "S")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "AWS_SHARED_CREDENTIALS_FILE" in result.stderr and "S" not in result.stdout
+
+
+def test_a_pipe_as_the_file_is_read_whole(config: Config) -> None:
+    assert configure(config).returncode == 0
+    result = run("dm_push", "--key", "p", "--file", "/dev/stdin", input="hello\n")
+    assert result.returncode == 0, result.stderr
+    assert run("dm_pull", "--key", "p", "--output", "-").stdout == "hello\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import warnings
@@ -640,3 +641,38 @@ def test_load_says_where_the_object_came_from(config: Config, tmp_path: Path) ->
         np.testing.assert_array_equal(fetched.obj, np.arange(1000))
         assert other.cache.get("k") is None
         assert other.load("k").source == "store" and other.load("k").source == "cache"
+
+
+def test_pushing_the_same_object_twice_at_once_still_conflicts(manager: Manager) -> None:
+    """A retried write that meets itself is not a conflict, but the same bytes pushed again
+    by the same person in the same second are (each push is told apart by its push_id)."""
+    manager.push({"a": 1}, "same")
+    for _ in range(3):
+        with pytest.raises(KeyExistsError):
+            manager.push({"a": 1}, "same")
+
+
+def test_push_file_reads_a_pipe(manager: Manager, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    data = os.urandom(200_000)
+
+    def feed() -> None:
+        with open(fifo, "wb") as w:
+            w.write(data)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    manager.push_file(fifo, "from/pipe")
+    writer.join()
+    assert manager.pull("from/pipe", force=True)[0] == data
+
+
+def test_pull_file_onto_a_folder_is_a_clear_error(manager: Manager, tmp_path: Path) -> None:
+    manager.push(b"bytes", "b")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(InvalidArgumentError, match="cannot write"):
+        manager.pull_file("b", tmp_path / "folder")
+    with pytest.raises(InvalidArgumentError, match="cannot write"):
+        manager.pull_file("b", tmp_path / "no" / "such" / "dir" / "f")
+    assert sorted(p.name for p in tmp_path.iterdir() if "incomplete" in p.name) == []

@@ -185,3 +185,14 @@ def test_the_key_is_kept_private(tmp_path: Path, daman_home: Path) -> None:
     assert "second-key" not in result.stdout + result.stderr and "signing_key:" in result.stdout
     assert json.loads(path.read_text())["signing_key"] == "second-key"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_signed_object_copied_under_another_key_is_refused(signed: Manager, tmp_path) -> None:
+    signed.push({"model": "trusted"}, "prod/config")
+    signed.push({"model": "debug"}, "scratch/debug")
+    copied = signed.cache.get("scratch/debug").path.read_bytes()
+    put_raw(signed, "prod/config", copied)  # someone with write access, without the secret
+    with pytest.raises(UntrustedObjectError, match="copied here from another key"):
+        signed.pull("prod/config")
+    with pytest.raises(UntrustedObjectError):
+        signed.info("prod/config")
