@@ -204,13 +204,11 @@ def push_main(argv: Sequence[str] | None = None) -> int:
         with _manager(args.quiet) as manager:
             options = dict(meta=args.meta, force=args.force, persist=args.persist)
             if args.file == "-":
-                data = sys.stdin.buffer.read()
-                manager.push(data, args.key, **options)
-                size = len(data)
+                info = manager.push(sys.stdin.buffer.read(), args.key, **options)
             else:
-                manager.push_file(args.file, args.key, **options)
-                size = os.path.getsize(args.file)
-        print(f"pushed {args.key} ({format_size(size)}) to {manager.store.describe()}")
+                info = manager.push_file(args.file, args.key, **options)
+        # The stored size, as dm_ls and dm_info show it.
+        print(f"pushed {args.key} ({format_size(info.size)}) to {manager.store.describe()}")
 
     return _run("dm_push", action)
 
@@ -240,13 +238,7 @@ def pull_main(argv: Sequence[str] | None = None) -> int:
         with _manager(args.quiet) as manager:
             options = dict(force=args.force, persist=args.persist)
             if args.output == "-":
-                data, _ = manager.pull(args.key, **options)
-                if not isinstance(data, (bytes, bytearray, memoryview)):
-                    raise DamanError(
-                        f"{args.key!r} holds a {type(data).__name__}, not bytes; "
-                        "--output writes only keys pushed with dm_push or as bytes."
-                    )
-                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.write(manager.pull_bytes(args.key, **options))
                 sys.stdout.flush()
             elif args.output:
                 size = manager.pull_file(args.key, args.output, **options)

@@ -360,6 +360,18 @@ class Manager:
             meta = load_meta(file_reader(f), footer)
             return Pulled(obj, meta, source, footer.file_size)
 
+    def pull_bytes(self, key: str, force: bool = False, persist: bool = False) -> bytes:
+        """The bytes stored under ``key`` (by :meth:`push_file`, ``dm_push`` or a push of a
+        ``bytes``); an :class:`InvalidArgumentError` if it holds another kind of object."""
+        obj, _ = self.pull(key, force=force, persist=persist)
+        if not isinstance(obj, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError(
+                f"{key!r} holds a {type(obj).__name__}, not bytes: only bytes (pushed with "
+                f"dm_push or dm.push_file) can be written to a file. Load it with "
+                f"dm.pull({key!r}) instead."
+            )
+        return obj
+
     def pull_file(
         self,
         key: str,
@@ -369,13 +381,7 @@ class Manager:
     ) -> int:
         """Write the bytes stored under ``key`` (e.g. by :meth:`push_file`) to ``dest``, whole
         or not at all (a temp file beside it, then a rename); returns the bytes written."""
-        obj, _ = self.pull(key, force=force, persist=persist)
-        if not isinstance(obj, (bytes, bytearray, memoryview)):
-            raise InvalidArgumentError(
-                f"{key!r} holds a {type(obj).__name__}, not bytes: only bytes (pushed with "
-                f"dm_push or dm.push_file) can be written to a file. Load it with "
-                f"dm.pull({key!r}) instead."
-            )
+        obj = self.pull_bytes(key, force=force, persist=persist)
         dest = Path(dest)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.incomplete")
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daman import Config, Manager
+from daman import Config, Manager, format_size
 
 BIN = Path(sys.executable).parent
 
@@ -204,7 +204,8 @@ def test_share_a_file_and_look_around(config: Config, tmp_path: Path) -> None:
     result = run("dm_push", "--key", "files/data", "--file", str(tmp_path / "data.bin"),
                  "--meta", "nightly export")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "files/data" in result.stdout and "293.0 KiB" in result.stdout
+    pushed = result.stdout
+    assert pushed.startswith("pushed files/data (293.") and "KiB)" in pushed
     result = run("dm_push", "--key", "files/stdin", "--file", "-", "--persist", input="a b c\n")
     assert result.returncode == 0, result.stderr
     with Manager(config) as manager:
@@ -241,6 +242,7 @@ def test_share_a_file_and_look_around(config: Config, tmp_path: Path) -> None:
         ("files/data", True, False), ("files/stdin", True, True), ("objects/d", False, False)
     ]  # fmt: skip
     assert listing[0]["size"] > len(data) and listing[0]["last_modified"].startswith("20")
+    assert f"({format_size(listing[0]['size'])})" in pushed  # the stored size, as dm_ls
 
     result = run("dm_info", "--key", "files/data")
     assert result.returncode == 0, result.stderr
@@ -288,6 +290,8 @@ def test_share_a_file_and_look_around(config: Config, tmp_path: Path) -> None:
     assert result.returncode == 0 and result.stdout == "a b c\n"
     result = run("dm_pull", "--key", "objects/d", "--output", str(tmp_path / "out" / "d"))
     assert result.returncode == 1 and "not bytes" in result.stderr
+    result = run("dm_pull", "--key", "objects/d", "--output", "-")
+    assert result.returncode == 1 and "not bytes" in result.stderr and result.stdout == ""
     assert sorted(p.name for p in out.parent.iterdir()) == ["copy.bin"]
 
     store_dir = Path(config.storage_name) if config.service == "local" else tmp_path
@@ -414,4 +418,5 @@ def test_a_pipe_as_the_file_is_read_whole(config: Config) -> None:
     assert configure(config).returncode == 0
     result = run("dm_push", "--key", "p", "--file", "/dev/stdin", input="hello\n")
     assert result.returncode == 0, result.stderr
+    assert "(0 B)" not in result.stdout
     assert run("dm_pull", "--key", "p", "--output", "-").stdout == "hello\n"
