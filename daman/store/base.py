@@ -33,6 +33,20 @@ class ObjectInfo:
     last_modified: datetime | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Level:
+    """One level of the store under a prefix, as a folder listing shows it: the
+    sub-prefixes directly under it and the keys directly in it, one page at a time."""
+
+    prefix: str
+    prefixes: list[str]
+    """Sub-prefixes, each ending with ``/`` (``team/`` -> ``team/models/``), sorted."""
+    objects: list[ObjectInfo]
+    """Keys directly under ``prefix`` (no further ``/``), sorted."""
+    token: str | None = None
+    """Pass it back as ``token`` for the next page; None on the last page."""
+
+
 def _no_progress(_: int) -> None:
     return None
 
@@ -91,6 +105,29 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Every key starting with ``prefix``, in lexicographic order."""
+
+    def list_level(self, prefix: str = "", *, token: str | None = None, limit: int = 1000) -> Level:
+        """One level under ``prefix`` (which is empty or ends with ``/``): at most ``limit``
+        entries (sub-prefixes and keys together) per page, ``token`` continuing a page.
+
+        This default walks :meth:`list`, so it reads every key under ``prefix``; backends
+        override it with their native delimiter listing (one request per page)."""
+        prefixes: list[str] = []
+        objects: list[ObjectInfo] = []
+        for info in self.list(prefix):
+            rest = info.key[len(prefix) :]
+            slash = rest.find("/")
+            name = info.key if slash < 0 else prefix + rest[: slash + 1]
+            if token is not None and name <= token:
+                continue
+            if len(prefixes) + len(objects) == limit:
+                last = max([*prefixes[-1:], *(o.key for o in objects[-1:])])
+                return Level(prefix, prefixes, objects, last)
+            if slash < 0:
+                objects.append(info)
+            elif not prefixes or prefixes[-1] != name:
+                prefixes.append(name)
+        return Level(prefix, prefixes, objects, None)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
