@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from . import forksafe
 from .cache import CacheEntry
 from .config import Config, config_path, load_config, save_config
 from .errors import ConfigError, NotConfiguredError, StorageNotFoundError
@@ -18,6 +19,16 @@ from .store import ObjectInfo, open_store
 _default: Manager | None = None
 _lock = threading.Lock()
 _UNSET: Any = object()
+
+
+def _after_fork_in_child() -> None:
+    # Another thread may have held the lock at the fork. The default manager itself is
+    # kept: its store and cache make what a child needs afresh (see ``forksafe``).
+    global _lock
+    _lock = threading.Lock()
+
+
+forksafe.at_fork_in_child(_after_fork_in_child)
 
 
 def get_manager() -> Manager:

@@ -9,6 +9,10 @@
                                           flock-ed by its writer from birth to removal
       locks/ab.lock            256 lock stripes; a key's stripe is ab = sha256(key)[:2]
 
+Least recently used means least recently *used*, not oldest by the wall clock: every use takes
+the next number of a sequence kept in the index (``totals.seq``), so a clock that jumps (a
+laptop corrected by NTP, a VM resumed) cannot reorder eviction.
+
 Invariants, restored on open after any crash:
 
 - a row in ``entries`` exists only while its file exists with the recorded size, and
@@ -23,6 +27,7 @@ Invariants, restored on open after any crash:
 Several processes may share one ``local_dir`` on a local filesystem: SQLite (WAL mode)
 serialises index writes and a per-key file lock stops two of them downloading the same key
 at once. Do not put ``local_dir`` on a network filesystem (SQLite's WAL needs shared memory).
+A forked child never uses its parent's SQLite connections or locks (see ``forksafe``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -38,40 +44,47 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import filelock
-
+from . import forksafe
 from .keys import key_digest
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
-    key TEXT PRIMARY KEY,
-    file TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    etag TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    created REAL NOT NULL,
-    accessed REAL NOT NULL,
-    persist INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS entries_lru ON entries (persist, accessed);
-CREATE TABLE IF NOT EXISTS journal (file TEXT PRIMARY KEY, key TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS totals (
-    id INTEGER PRIMARY KEY CHECK (id = 0),
-    size INTEGER NOT NULL,
-    count INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO totals VALUES (0, 0, 0);
-CREATE TRIGGER IF NOT EXISTS entries_insert AFTER INSERT ON entries BEGIN
-    UPDATE totals SET size = size + NEW.size, count = count + 1;
-END;
-CREATE TRIGGER IF NOT EXISTS entries_delete AFTER DELETE ON entries BEGIN
-    UPDATE totals SET size = size - OLD.size, count = count - 1;
-END;
-CREATE TRIGGER IF NOT EXISTS entries_resize AFTER UPDATE OF size ON entries BEGIN
-    UPDATE totals SET size = size - OLD.size + NEW.size;
-END;
-"""
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS entries (
+        key TEXT PRIMARY KEY,
+        file TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        etag TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        created REAL NOT NULL,
+        accessed INTEGER NOT NULL,  -- totals.seq at the last use: LRU order, not a time
+        persist INTEGER NOT NULL DEFAULT 0
+    )""",
+    "CREATE INDEX IF NOT EXISTS entries_lru ON entries (persist, accessed)",
+    "CREATE TABLE IF NOT EXISTS journal (file TEXT PRIMARY KEY, key TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS totals (
+        id INTEGER PRIMARY KEY CHECK (id = 0),
+        size INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        seq INTEGER NOT NULL DEFAULT 0
+    )""",
+    "INSERT OR IGNORE INTO totals (id, size, count) VALUES (0, 0, 0)",
+    """CREATE TRIGGER IF NOT EXISTS entries_insert AFTER INSERT ON entries BEGIN
+        UPDATE totals SET size = size + NEW.size, count = count + 1;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS entries_delete AFTER DELETE ON entries BEGIN
+        UPDATE totals SET size = size - OLD.size, count = count - 1;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS entries_resize AFTER UPDATE OF size ON entries BEGIN
+        UPDATE totals SET size = size - OLD.size + NEW.size;
+    END""",
+)
 _COLUMNS = "key, file, size, etag, sha256, created, accessed, persist"
+SCHEMA_VERSION = 1
+"""``PRAGMA user_version``: 0 = before the use sequence (``accessed`` held wall-clock times)."""
+_NEXT_USE = "UPDATE totals SET seq = seq + 1 RETURNING seq"
+_OBJECT_FILE = re.compile(r"[0-9a-f]{64}\.[0-9a-f]{12}")
+"""The names ``add`` gives cached files: ``<sha256 of the key>.<random>``."""
+_TEMP_FILE = re.compile(r"\d+-[0-9a-f]{32}\.(incomplete|new)")
+"""The names ``temp_file`` gives: ``<pid>-<random>.incomplete`` (``.new`` until locked)."""
 _EVICT_BATCH = 64
 _TEMP_GRACE_SECONDS = 10
 _LOCK_STRIPES_HEX = 2  # 256 stripes
@@ -85,7 +98,9 @@ class CacheEntry:
     etag: str
     sha256: str
     created: float
-    accessed: float
+    """When this version was cached (wall clock, for people to read)."""
+    accessed: int
+    """Its place in the order of use (higher: used more recently); not a time."""
     persist: bool
 
 
@@ -120,7 +135,8 @@ class _DoesNotFit(Exception):
 
 
 class Cache:
-    """One ``local_dir``. Thread-safe; several processes may open the same folder."""
+    """One ``local_dir``. Thread-safe; several processes may open the same folder, and a
+    forked child may go on using a cache its parent opened."""
 
     def __init__(self, root: str | os.PathLike[str], allocated_space: int | None = None) -> None:
         self.root = Path(root).expanduser().absolute()
@@ -131,83 +147,152 @@ class Cache:
         for folder in (self.objects_dir, self.tmp_dir, self.locks_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        # The two UPDATEs (no net change) write the first frame of a new WAL now: SQLite syncs
-        # a new WAL's header even with synchronous=NORMAL, and that fsync, if it came at the
-        # first commit after a push or a download wrote a large file, would wait (ext4,
-        # data=ordered) for the whole file to reach the disc: 0.25 s for 256 MiB.
-        self._db().executescript(
-            f"BEGIN IMMEDIATE;\n{_SCHEMA}\nUPDATE totals SET count = count + 1;\n"
-            "UPDATE totals SET count = count - 1;\nCOMMIT;"
-        )
+        self._stripes: dict[str, threading.Lock] = {}
+        self._stripes_lock = threading.Lock()
+        forksafe.at_fork_in_child(self, Cache._after_fork_in_child)
+        self._migrate()
         self.recover()
         self.evict_until_fits()
 
     # -- plumbing ------------------------------------------------------------------------
 
+    def _migrate(self) -> None:
+        """Create or upgrade the index. The two UPDATEs (no net change) also write the first
+        frame of a new WAL now: SQLite syncs a new WAL's header even with synchronous=NORMAL,
+        and that fsync, if it came at the first commit after a push or a download wrote a
+        large file, would wait (ext4, data=ordered) for the whole file to reach the disc."""
+        with self._write() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0 and db.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'totals'"
+            ).fetchone():
+                # An index made before the use sequence: ``accessed`` held times. Number the
+                # entries in that order, so the upgrade keeps what was least recently used.
+                db.execute("ALTER TABLE totals ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
+                db.execute(
+                    "UPDATE entries SET accessed = ranked.n FROM (SELECT key, ROW_NUMBER() "
+                    "OVER (ORDER BY accessed, key) AS n FROM entries) AS ranked "
+                    "WHERE entries.key = ranked.key"
+                )
+                db.execute("UPDATE totals SET seq = (SELECT COUNT(*) FROM entries)")
+            for statement in _SCHEMA:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("UPDATE totals SET count = count + 1")
+            db.execute("UPDATE totals SET count = count - 1")
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: the parent's connection and locks stay the parent's."""
+        db = self._local.__dict__.pop("db", None)
+        self._local.__dict__.pop("held", None)
+        if db is not None:
+            # Closing releases SQLite's in-process record of the parent's locks (the child
+            # holds none: fcntl locks are not inherited); the parent's connections keep the
+            # WAL from being checkpointed away by this close.
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+        self._stripes = {}
+        self._stripes_lock = threading.Lock()
+
     def _db(self) -> sqlite3.Connection:
+        """This thread's connection (made in this process: never one a parent made)."""
         db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(
-                self.root / "index.sqlite3", timeout=60, isolation_level=None,
-                check_same_thread=False,
-            )  # fmt: skip
-            db.execute("PRAGMA busy_timeout=60000")
-            for attempt in range(600):
-                try:
-                    # Switching a new database to WAL takes a lock that SQLite does not wait
-                    # for: processes opening a fresh local_dir together retry here.
-                    db.execute("PRAGMA journal_mode=WAL")
-                    break
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or attempt == 599:
-                        raise
-                    time.sleep(0.05)
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
+        if db is not None and self._local.pid == os.getpid():
+            return db
+        db = sqlite3.connect(
+            self.root / "index.sqlite3", timeout=60, isolation_level=None,
+            check_same_thread=False,
+        )  # fmt: skip
+        db.execute("PRAGMA busy_timeout=60000")
+        for attempt in range(600):
+            try:
+                # Switching a new database to WAL takes a lock that SQLite does not wait
+                # for: processes opening a fresh local_dir together retry here.
+                db.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 599:
+                    raise
+                time.sleep(0.05)
+        db.execute("PRAGMA synchronous=NORMAL")
+        self._local.db, self._local.pid = db, os.getpid()
         return db
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, for statements that a fork must not interrupt."""
+        with forksafe.sqlite_section():
+            yield self._db()
+
+    def _query(self, sql: str, params: tuple | list = ()) -> list[tuple]:
+        with self._connection() as db:
+            return db.execute(sql, params).fetchall()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrades
         that could deadlock between processes)."""
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # also when COMMIT itself failed (disc full, I/O error)
-                db.execute("ROLLBACK")
-            raise
+        with self._connection() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # also when COMMIT itself failed (disc full, I/O error)
+                    db.execute("ROLLBACK")
+                raise
+
+    def _stripe_lock(self, stripe: str) -> threading.Lock:
+        with self._stripes_lock:
+            return self._stripes.setdefault(stripe, threading.Lock())
 
     @contextlib.contextmanager
     def key_lock(self, key: str, blocking: bool = True) -> Iterator[bool]:
         """Hold ``key``'s lock stripe across threads and processes; re-entrant per thread.
 
-        With ``blocking=False`` yields whether the lock was had instead of waiting."""
+        With ``blocking=False`` yields whether the lock was had instead of waiting. The
+        process-wide part is an ``flock`` on ``locks/<stripe>.lock``, released by the kernel
+        if the process dies; threads of one process queue on a lock of their own first."""
         stripe = key_digest(key)[:_LOCK_STRIPES_HEX]
-        held: dict[str, list[object]] = self._local.__dict__.setdefault("held", {})
+        held: dict[str, int] = self._local.__dict__.setdefault("held", {})
         if stripe in held:
-            held[stripe][1] += 1  # type: ignore[operator]
+            held[stripe] += 1
             try:
                 yield True
             finally:
-                held[stripe][1] -= 1  # type: ignore[operator]
+                held[stripe] -= 1
             return
-        lock = filelock.FileLock(
-            self.locks_dir / f"{stripe}.lock", thread_local=False, preserve_lock_file=True
-        )
-        try:
-            lock.acquire(timeout=-1 if blocking else 0)
-        except filelock.Timeout:
+        in_process = self._stripe_lock(stripe)
+        if not in_process.acquire(blocking):
             yield False
             return
-        held[stripe] = [lock, 0]
         try:
-            yield True
+            with forksafe.sqlite_section():  # no fork between opening and tracking
+                fd = os.open(
+                    self.locks_dir / f"{stripe}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+                forksafe.track_fd(fd)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                except BlockingIOError:
+                    got = False
+                else:
+                    got = True
+                if not got:
+                    yield False
+                    return
+                held[stripe] = 0
+                try:
+                    yield True
+                finally:
+                    del held[stripe]
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                forksafe.untrack_fd(fd)
+                os.close(fd)
         finally:
-            del held[stripe]
-            lock.release()
+            in_process.release()
 
     @contextlib.contextmanager
     def temp_file(self) -> Iterator[Path]:
@@ -219,7 +304,9 @@ class Cache:
         born = self.tmp_dir / f"{name}.new"
         # Created and locked under a name recovery does not look at, then renamed: a file
         # named *.incomplete is locked from birth, so an unlocked one is abandoned.
-        fd = os.open(born, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        with forksafe.sqlite_section():  # no fork between opening and tracking
+            fd = os.open(born, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            forksafe.track_fd(fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.rename(born, path)
@@ -227,6 +314,7 @@ class Cache:
         finally:
             born.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
+            forksafe.untrack_fd(fd)
             os.close(fd)
 
     def _entry(self, row: tuple) -> CacheEntry:
@@ -237,7 +325,8 @@ class Cache:
 
     def _unlink_journaled(self, files: list[str]) -> None:
         for file in files:
-            (self.objects_dir / file).unlink(missing_ok=True)
+            if _OBJECT_FILE.fullmatch(file):  # a damaged index cannot name a file elsewhere
+                (self.objects_dir / file).unlink(missing_ok=True)
         if files:
             with self._write() as db:
                 db.executemany("DELETE FROM journal WHERE file = ?", [(f,) for f in files])
@@ -247,10 +336,10 @@ class Cache:
     def get(self, key: str) -> CacheEntry | None:
         """The entry for ``key`` if its file is whole (size check on every hit), else None;
         a row whose file is missing or the wrong size is dropped on the way."""
-        row = self._db().execute(f"SELECT {_COLUMNS} FROM entries WHERE key = ?", (key,)).fetchone()
-        if row is None:
+        rows = self._query(f"SELECT {_COLUMNS} FROM entries WHERE key = ?", (key,))
+        if not rows:
             return None
-        entry = self._entry(row)
+        entry = self._entry(rows[0])
         try:
             actual = entry.path.stat().st_size
         except FileNotFoundError:
@@ -279,29 +368,29 @@ class Cache:
     def states(self, keys: list[str]) -> dict[str, bool]:
         """``{key: persist}`` for those of ``keys`` that are cached (one query per 500)."""
         found: dict[str, bool] = {}
-        db = self._db()
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for key, persist in db.execute(
+            for key, persist in self._query(
                 f"SELECT key, persist FROM entries WHERE key IN ({marks})", chunk
             ):
                 found[key] = bool(persist)
         return found
 
     def entries(self) -> list[CacheEntry]:
-        rows = self._db().execute(f"SELECT {_COLUMNS} FROM entries ORDER BY accessed DESC")
+        rows = self._query(f"SELECT {_COLUMNS} FROM entries ORDER BY accessed DESC")
         return [self._entry(row) for row in rows]
 
     def usage(self) -> CacheUsage:
-        size, count = self._db().execute("SELECT size, count FROM totals").fetchone()
+        ((size, count),) = self._query("SELECT size, count FROM totals")
         return CacheUsage(used=size, allocated=self.allocated_space, count=count)
 
     # -- writing -------------------------------------------------------------------------
 
     def touch(self, key: str) -> None:
         with self._write() as db:
-            db.execute("UPDATE entries SET accessed = ? WHERE key = ?", (time.time(), key))
+            (use,) = db.execute(_NEXT_USE).fetchone()
+            db.execute("UPDATE entries SET accessed = ? WHERE key = ?", (use, key))
 
     def add(
         self, key: str, tmp_path: Path, *, etag: str, sha256: str, persist: bool = False
@@ -328,12 +417,13 @@ class Cache:
                     evicted = self._evict(db, size - (old[1] if old else 0), exclude=key)
                     os.replace(tmp_path, final)
                     now = time.time()
+                    (use,) = db.execute(_NEXT_USE).fetchone()
                     persist = persist or bool(old and old[2])
                     if old:
                         db.execute(
                             "UPDATE entries SET file = ?, size = ?, etag = ?, sha256 = ?, "
                             "created = ?, accessed = ?, persist = ? WHERE key = ?",
-                            (file, size, etag, sha256, now, now, int(persist), key),
+                            (file, size, etag, sha256, now, use, int(persist), key),
                         )
                         db.execute(
                             "INSERT OR IGNORE INTO journal (file, key) VALUES (?, ?)", (old[0], key)
@@ -342,7 +432,7 @@ class Cache:
                     else:
                         db.execute(
                             "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            (key, file, size, etag, sha256, now, now, int(persist)),
+                            (key, file, size, etag, sha256, now, use, int(persist)),
                         )
                     db.execute("DELETE FROM journal WHERE file = ?", (file,))
             except BaseException as exc:
@@ -357,7 +447,7 @@ class Cache:
                     return None
                 raise
         self._unlink_journaled(evicted)
-        return CacheEntry(key, final, size, etag, sha256, now, now, persist)
+        return CacheEntry(key, final, size, etag, sha256, now, use, persist)
 
     def _evict(
         self, db: sqlite3.Connection, need: int, exclude: str, *, best_effort: bool = False
@@ -439,23 +529,23 @@ class Cache:
         """Finish what crashed processes left: journaled files without a row are unlinked
         (unless their key's lock is held: that add may still be in progress), and temp files
         no writer holds a lock on are removed. Cheap: no scan of the cache."""
-        pending = self._db().execute("SELECT file, key FROM journal").fetchall()
+        pending = self._query("SELECT file, key FROM journal")
         for file, key in pending:
             with self.key_lock(key, blocking=False) as locked:
                 if not locked:
                     continue
-                referenced = (
-                    self._db().execute("SELECT 1 FROM entries WHERE file = ?", (file,)).fetchone()
-                )
+                referenced = self._query("SELECT 1 FROM entries WHERE file = ?", (file,))
                 if referenced:
                     with self._write() as db:
                         db.execute("DELETE FROM journal WHERE file = ?", (file,))
                 else:
                     self._unlink_journaled([file])
-        for tmp in self.tmp_dir.glob("*.incomplete"):
-            _remove_if_abandoned(tmp)
-        for born in self.tmp_dir.glob("*.new"):  # crashed between creating and renaming
-            _remove_if_abandoned(born, grace=_TEMP_GRACE_SECONDS)
+        for tmp in self.tmp_dir.iterdir():
+            match = _TEMP_FILE.fullmatch(tmp.name)
+            if match is None:
+                continue  # not a name temp_file gives: not ours to delete
+            # A *.new file is between creation and its lock: spare it a few seconds.
+            _remove_if_abandoned(tmp, grace=_TEMP_GRACE_SECONDS if match[1] == "new" else 0)
 
     def reconcile(self) -> dict[str, int]:
         """Full check (a scan of the index and the folder): drop rows whose file is missing
@@ -470,11 +560,12 @@ class Cache:
             if not ok:
                 self.discard(entry)
                 dropped += 1
-        db = self._db()
-        referenced = {row[0] for row in db.execute("SELECT file FROM entries")}
-        journaled = {row[0] for row in db.execute("SELECT file FROM journal")}
+        referenced = {row[0] for row in self._query("SELECT file FROM entries")}
+        journaled = {row[0] for row in self._query("SELECT file FROM journal")}
         orphans = 0
         for path in self.objects_dir.iterdir():
+            if not _OBJECT_FILE.fullmatch(path.name):
+                continue  # not a name this cache gives: not ours to delete
             if path.name not in referenced and path.name not in journaled:
                 # Re-check under the index lock: an add may have committed since we looked.
                 with self._write() as db:
@@ -489,7 +580,8 @@ class Cache:
         return {"dropped_rows": dropped, "orphan_files": orphans}
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        """Close this thread's connection (if this process made it)."""
+        db = self._local.__dict__.pop("db", None)
+        if db is not None and self._local.pid == os.getpid():
+            with forksafe.sqlite_section():
+                db.close()

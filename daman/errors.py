@@ -10,9 +10,17 @@ from __future__ import annotations
 class DamanError(Exception):
     """Base of every error daman raises on purpose."""
 
+    _init_args: tuple[object, ...] | None = None
+    """What a subclass's own ``__init__`` was called with, so that the error pickles (a pool
+    worker's error reaches the parent whole), not only its message."""
+
     def __str__(self) -> str:
         # KeyError quotes its argument in str(); daman messages are sentences, not keys.
         return Exception.__str__(self)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        args = self.args if self._init_args is None else self._init_args
+        return (type(self), args, self.__dict__ or None)
 
 
 class NotConfiguredError(DamanError, RuntimeError):
@@ -31,6 +39,7 @@ class InvalidKeyError(DamanError, ValueError):
     """A key is empty, too long, or could address something outside its namespace."""
 
     def __init__(self, key: object, reason: str) -> None:
+        self._init_args = (key, reason)
         self.key = key
         self.reason = reason
         super().__init__(
@@ -42,6 +51,7 @@ class KeyNotFoundError(DamanError, KeyError):
     """The key exists neither where it was looked for."""
 
     def __init__(self, key: str, where: str = "the store") -> None:
+        self._init_args = (key, where)
         self.key = key
         self.where = where
         super().__init__(f"key {key!r} not found in {where}. List keys with dm.ls() or dm_ls.")
@@ -51,6 +61,7 @@ class KeyExistsError(DamanError, FileExistsError):
     """A push without ``force`` met a key that is already stored."""
 
     def __init__(self, key: str) -> None:
+        self._init_args = (key,)
         self.key = key
         super().__init__(
             f"key {key!r} already exists in the store. Overwrite it with force=True "

@@ -180,6 +180,8 @@ class FaultProxy:
         self.plan: Plan = plan or (lambda _: None)
         self.faults: collections.Counter[str] = collections.Counter()
         self.log: list[tuple[int, str, str, str, str | None]] = []
+        self.connection_of: dict[int, int] = {}
+        """Request number -> the client connection (numbered from 0 as accepted) it came on."""
         self._lock = threading.Lock()
         self._count = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -229,16 +231,17 @@ class FaultProxy:
                 return
             with self._lock:
                 self._clients.add(client)
-            thread = threading.Thread(target=self._serve, args=(client,), daemon=True)
+            serial = len(self._threads)
+            thread = threading.Thread(target=self._serve, args=(client, serial), daemon=True)
             self._threads.append(thread)
             thread.start()
 
-    def _serve(self, client: socket.socket) -> None:
+    def _serve(self, client: socket.socket, serial: int) -> None:
         upstream = http.client.HTTPConnection(*self.upstream, timeout=120)
         reader = client.makefile("rb")
         try:
             while not self._stop.is_set():
-                if not self._one_request(client, reader, upstream):
+                if not self._one_request(client, reader, upstream, serial):
                     return
         except (EOFError, OSError, ValueError, http.client.HTTPException):
             return
@@ -251,7 +254,11 @@ class FaultProxy:
                 client.close()
 
     def _one_request(
-        self, client: socket.socket, reader: BinaryIO, upstream: http.client.HTTPConnection
+        self,
+        client: socket.socket,
+        reader: BinaryIO,
+        upstream: http.client.HTTPConnection,
+        serial: int,
     ) -> bool:
         """Serve one request; False when the connection is to be closed."""
         method, target, _version = _read_line(reader).decode("latin-1").split(" ", 2)
@@ -271,6 +278,7 @@ class FaultProxy:
             raise ValueError(f"unknown fault {fault!r}")
         with self._lock:
             self.log.append((number, method, target, headers.get("range", ""), fault))
+            self.connection_of[number] = serial
             if fault:
                 self.faults[fault] += 1
         if fault in _STATUS:

@@ -139,14 +139,6 @@ def root(tmp_path: Path) -> Path:
     return tmp_path / "cache"
 
 
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A strictly increasing ``time.time()`` for the cache, so LRU order never has ties."""
-    ticks = itertools.count(1_000_000)
-    fake = types.SimpleNamespace(time=lambda: float(next(ticks)))
-    monkeypatch.setattr(cache_module, "time", fake)
-
-
 # -- add / get ------------------------------------------------------------------------------------
 
 
@@ -166,7 +158,7 @@ def test_add_get_round_trip(root: Path, nbytes: int, persist: bool) -> None:
     assert (entry.key, entry.size, entry.etag, entry.sha256, entry.persist) == (
         "team/data/v1", nbytes, '"abc"', digest, persist,
     )  # fmt: skip
-    assert entry.created == entry.accessed
+    assert entry.accessed == 1  # the first use of this cache
     assert cache.get("team/data/v1") == entry
     assert cache.usage() == CacheUsage(used=nbytes, allocated=None, count=1)
     assert cache.states(["team/data/v1"]) == {"team/data/v1": persist}
@@ -255,7 +247,7 @@ def test_replacing_counts_the_old_size_as_freed(root: Path) -> None:
 
 
 def test_growing_replacement_evicts_others_but_never_its_own_old_file(
-    root: Path, clock: None
+    root: Path
 ) -> None:
     cache = Cache(root, 100)
     put(cache, "k", 40)  # the least recently used entry, yet not the one to evict
@@ -283,7 +275,7 @@ def test_usage_never_exceeds_the_allocation(root: Path) -> None:
     assert_consistent(cache)
 
 
-def test_eviction_is_least_recently_used_first_and_touch_refreshes(root: Path, clock: None) -> None:
+def test_eviction_is_least_recently_used_first_and_touch_refreshes(root: Path) -> None:
     cache = Cache(root, 300)
     for key in "abc":
         put(cache, key, 100)
@@ -298,7 +290,7 @@ def test_eviction_is_least_recently_used_first_and_touch_refreshes(root: Path, c
     assert_consistent(cache)
 
 
-def test_persisted_entries_are_never_evicted(root: Path, clock: None) -> None:
+def test_persisted_entries_are_never_evicted(root: Path) -> None:
     cache = Cache(root, 300)
     put(cache, "pinned", 100, persist=True)  # the oldest entry throughout
     put(cache, "later-pinned", 50)
@@ -330,7 +322,7 @@ def test_persisted_entries_are_never_evicted(root: Path, clock: None) -> None:
     ],
 )  # fmt: skip
 def test_an_object_that_cannot_fit_is_refused_and_changes_nothing_else(
-    root: Path, clock: None, existing: list[tuple[str, int, bool]], key: str, nbytes: int
+    root: Path, existing: list[tuple[str, int, bool]], key: str, nbytes: int
 ) -> None:
     cache = Cache(root, 100)
     for name, size, persist in existing:
@@ -511,7 +503,7 @@ def test_clear_frees_only_unpinned_entries(root: Path) -> None:
     assert_consistent(cache)
 
 
-def test_reopening_with_a_smaller_allocation_evicts_lru_entries(root: Path, clock: None) -> None:
+def test_reopening_with_a_smaller_allocation_evicts_lru_entries(root: Path) -> None:
     cache = Cache(root, 1000)
     put(cache, "pinned", 200, persist=True)
     for key in "abcd":
@@ -530,7 +522,7 @@ def test_reopening_with_a_smaller_allocation_evicts_lru_entries(root: Path, cloc
     assert_consistent(tiny)
 
 
-def test_evict_until_fits_returns_the_bytes_freed(root: Path, clock: None) -> None:
+def test_evict_until_fits_returns_the_bytes_freed(root: Path) -> None:
     cache = Cache(root, 1000)
     for key in "abcd":
         put(cache, key, 200)
@@ -557,7 +549,7 @@ def test_states_of_many_keys(root: Path) -> None:
     assert cache.states(["missing/a"]) == {}
 
 
-def test_entries(root: Path, clock: None) -> None:
+def test_entries(root: Path) -> None:
     cache = Cache(root)
     assert cache.entries() == []
     added = {key: put(cache, key, n, persist=key == "b") for key, n in [("a", 1), ("b", 2)]}
@@ -569,7 +561,7 @@ def test_entries(root: Path, clock: None) -> None:
     assert [entry.key for entry in entries] == ["a", "b"]  # most recently used first
     assert entries[1] == added["b"] == cache.get("b")
     assert entries[0] == cache.get("a")
-    assert entries[0].accessed > added["a"].accessed == entries[0].created
+    assert entries[0].accessed > entries[1].accessed > added["a"].accessed
 
 
 # -- crash recovery -------------------------------------------------------------------------------
@@ -614,12 +606,13 @@ LOCK_FILE = """
 def test_recovery_removes_only_abandoned_temp_files(root: Path) -> None:
     """A writer locks its temp file from birth to removal (``Cache.temp_file``), so an unlocked
     *.incomplete file is abandoned whatever pid its name carries, and a locked one is in use,
-    even when its pid means nothing here (a writer in another pid namespace)."""
+    even when its pid means nothing here (a writer in another pid namespace). Files not named
+    the way ``temp_file`` names them are not daman's: they are left alone."""
     cache = Cache(root)
     names = {
         "dead-pid": f"{dead_pid()}-{'0' * 32}.incomplete",
         "live-pid": f"{os.getpid()}-{'1' * 32}.incomplete",
-        "not-a-pid": "abc-123.incomplete",
+        "not-daman's": "abc-123.incomplete",
         "locked-dead-pid": f"{dead_pid()}-{'4' * 32}.incomplete",
         "fresh-unborn": f"{dead_pid()}-{'5' * 32}.new",
         "old-unborn": f"{dead_pid()}-{'6' * 32}.new",
@@ -637,7 +630,7 @@ def test_recovery_removes_only_abandoned_temp_files(root: Path) -> None:
             cache.close()
             Cache(root)
             left = {path.name for path in cache.tmp_dir.iterdir()}
-        kept = ("locked-dead-pid", "fresh-unborn", "other-suffix")
+        kept = ("locked-dead-pid", "fresh-unborn", "other-suffix", "not-daman's")
         assert left == {names[k] for k in kept} | {mine.name}
     finally:
         locker.communicate("\n", timeout=30)
@@ -774,7 +767,7 @@ CRASH_CASES = [
     ("op", "point", "after"), CRASH_CASES, ids=[f"{op}-{point}" for op, point, _ in CRASH_CASES]
 )
 def test_sigkill_at_each_step_is_recovered_on_open(
-    root: Path, clock: None, op: str, point: str, after: dict[str, int]
+    root: Path, op: str, point: str, after: dict[str, int]
 ) -> None:
     cache = Cache(root, 400)
     put(cache, "p", 100, persist=True)
@@ -856,8 +849,11 @@ def test_reconcile_repairs_missing_files_and_orphans(root: Path) -> None:
     (cache.objects_dir / journaled).write_bytes(b"journaled")
     add_journal_row(cache, journaled, "j")  # recovery's to unlink, not counted as an orphan
 
-    assert cache.reconcile() == {"dropped_rows": 2, "orphan_files": 2}
+    assert cache.reconcile() == {"dropped_rows": 2, "orphan_files": 1}
 
+    # Only a file named as the cache names its files is an orphan of the cache's to delete.
+    assert (cache.objects_dir / "stray-file").read_bytes() == b"nobody's"
+    (cache.objects_dir / "stray-file").unlink()
     assert sizes(cache) == {"intact": 10}
     assert cache.get("intact") == intact
     assert_consistent(cache)

@@ -609,7 +609,9 @@ def test_verify_finds_and_removes_damaged_copies(manager: Manager) -> None:
     flipped.path.write_bytes(bytes(data))
     truncated = manager.cache.get("v/1").path
     truncated.write_bytes(truncated.read_bytes()[:-10])
-    (manager.cache.objects_dir / "stray.bin").write_bytes(b"x" * 10)
+    orphan = manager.cache.objects_dir / f"{'ab' * 32}.{'0' * 12}"  # named as the cache names
+    orphan.write_bytes(b"x" * 10)
+    (manager.cache.objects_dir / "stray.bin").write_bytes(b"x" * 10)  # not daman's: left alone
 
     single = manager.verify("v/0")
     assert single.damaged == ["v/0"] and single.checked == 1
@@ -617,9 +619,9 @@ def test_verify_finds_and_removes_damaged_copies(manager: Manager) -> None:
     assert report.damaged == [] and report.dropped_rows == 1 and report.orphan_files == 1
     assert report.checked == 1 and not report.ok  # v/2 only
     assert [e.key for e in manager.cache.entries()] == ["v/2"]
-    assert sorted(p.name for p in manager.cache.objects_dir.iterdir()) == [
-        manager.cache.get("v/2").path.name
-    ]
+    assert sorted(p.name for p in manager.cache.objects_dir.iterdir()) == sorted(
+        [manager.cache.get("v/2").path.name, "stray.bin"]
+    )
     for i in range(3):  # fetched again, intact
         np.testing.assert_array_equal(manager.pull(f"v/{i}")[0], np.arange(1000) + i)
     assert manager.verify().ok

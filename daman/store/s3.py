@@ -41,6 +41,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
+from .. import forksafe
 from ..config import Config
 from ..errors import (
     ConfigError,
@@ -148,9 +149,13 @@ def _error_code(exc: ClientError) -> str:
 
 
 class S3Store(Store):
-    def __init__(self, client: Any, storage_name: str, max_attempts: int = 5) -> None:
+    def __init__(
+        self, make_client: Callable[[], Any], storage_name: str, max_attempts: int = 5
+    ) -> None:
         bucket, _, prefix = storage_name.strip("/").partition("/")
-        self.client = client
+        # A forked child makes its own client: a pooled keep-alive connection used by two
+        # processes crosses their answers (the parent's is neither used nor closed).
+        self._client = forksafe.PerProcess(make_client, make_client())
         self.bucket = bucket
         self.prefix = f"{prefix}/" if prefix else ""
         self.max_attempts = max_attempts
@@ -166,13 +171,17 @@ class S3Store(Store):
             request_checksum_calculation=config.checksums,
             response_checksum_validation="when_required",
         )
-        try:
-            client = boto3.session.Session().client(
+
+        def make_client() -> Any:
+            return boto3.session.Session().client(
                 "s3",
                 endpoint_url=config.endpoint_url or None,
                 region_name=config.region or None,
                 config=boto_config,
             )
+
+        try:
+            return cls(make_client, config.storage_name, config.max_attempts)
         except (NoCredentialsError, PartialCredentialsError):  # checked when the client is made
             raise _credentials_error() from None
         except ProfileNotFound as exc:
@@ -184,7 +193,11 @@ class S3Store(Store):
                 f"cannot use endpoint_url {config.endpoint_url!r}: {exc}. Give a full URL "
                 "such as https://minio.example.com:9000."
             ) from None
-        return cls(client, config.storage_name, config.max_attempts)
+
+    @property
+    def client(self) -> Any:
+        """This process's boto3 client."""
+        return self._client.get()
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}"
@@ -548,4 +561,6 @@ class S3Store(Store):
                     yield ObjectInfo(key, item["Size"], item["ETag"], item.get("LastModified"))
 
     def close(self) -> None:
-        self.client.close()
+        client = self._client.made()  # a forked child leaves its parent's client alone
+        if client is not None:
+            client.close()

@@ -1,0 +1,194 @@
+"""Processes forked from one that used daman: the way fork pools (multiprocessing, joblib,
+concurrent.futures with a fork context) run people's code.
+
+A forked child inherits everything daman held in the parent: pooled keep-alive connections,
+SQLite connections, file locks. These tests use them the way a notebook does (the parent pushes
+and pulls, then a pool kept across cells works on the same store and cache) and check that
+every answer is the one asked for and that the cache is intact afterwards.
+
+moto's server closes every connection, so the S3 tests put the fault proxy (without faults)
+in front of it: the proxy keeps connections alive, as real S3, MinIO and Ceph do.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from faultproxy import FaultProxy
+from reliability_helpers import check_object, make_object
+
+import daman as dm
+from daman import Config, Manager
+
+ROUNDS = 4
+KEYS = 12
+PINNED = {"k/0", "k/1"}
+
+fork = multiprocessing.get_context("fork")
+
+
+@pytest.fixture
+def keepalive_config(make_config, backend: str, request: pytest.FixtureRequest) -> Iterator[Config]:
+    """A configuration whose S3 endpoint keeps connections alive (the proxy in front of moto)."""
+    if backend == "local":
+        yield make_config()
+        return
+    with FaultProxy(request.getfixturevalue("s3_endpoint")) as proxy:
+        yield make_config(endpoint_url=proxy.url)
+
+
+def _pull_and_check(index: int) -> tuple[int, str]:
+    key = f"k/{index % KEYS}"
+    obj, meta = dm.pull(key, force=True)  # force: every call goes to the store
+    version = check_object(obj, meta, key)
+    details = dm.info(key)
+    assert details.meta == meta, (details.meta, meta)
+    return os.getpid(), version
+
+
+def _push_and_check(index: int) -> int:
+    key = f"child/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+    obj, meta = make_object(key, str(index))
+    dm.push(obj, key, meta=meta)
+    got, got_meta = dm.pull(key, force=True)
+    check_object(got, got_meta, key)
+    return index
+
+
+def _configure(config: Config) -> None:
+    dm.configure(**{k: v for k, v in config.to_dict().items()}, check=False)
+
+
+def test_forked_children_get_their_own_answers(keepalive_config: Config) -> None:
+    """Children of a parent that used the store pull, describe and push their own keys over
+    keep-alive connections: no answer crosses to another process."""
+    _configure(keepalive_config)
+    for i in range(KEYS):
+        obj, meta = make_object(f"k/{i}", "v1")
+        dm.push(obj, f"k/{i}", meta=meta)
+    dm.pull("k/0", force=True)  # the parent's pool now holds a live connection
+    with fork.Pool(4) as pool:
+        for _ in range(ROUNDS):
+            results = pool.map(_pull_and_check, range(KEYS * 4), chunksize=1)
+            assert {version for _, version in results} == {"v1"}
+            dm.pull("k/1", force=True)  # the parent keeps using its own connections
+            assert sorted(pool.map(_push_and_check, range(8), chunksize=1)) == list(range(8))
+    for info in dm.ls("child/"):
+        obj, meta = dm.pull(info.key)
+        check_object(obj, meta, info.key)
+    assert len(dm.ls("child/")) == 8 * ROUNDS
+
+
+def _info_in_a_child(key: str) -> object:
+    return dm.info(key).meta
+
+
+@pytest.mark.parametrize("backend", ["s3"])
+def test_a_forked_child_never_sends_on_its_parents_connections(
+    make_config, s3_endpoint: str
+) -> None:
+    """Deterministic: a child's first request goes out on a connection of its own, never on
+    the keep-alive connection its parent's pool holds (the proxy numbers connections)."""
+    with FaultProxy(s3_endpoint) as proxy:
+        _configure(make_config(endpoint_url=proxy.url))
+        obj, meta = make_object("k/0", "v1")
+        dm.push(obj, "k/0", meta=meta)
+        dm.info("k/0")
+        parents = set(proxy.connection_of.values())
+        before = proxy.requests
+        with fork.Pool(1) as pool:
+            assert pool.apply(_info_in_a_child, ("k/0",)) == meta
+        childs = {proxy.connection_of[n] for n in range(before + 1, proxy.requests + 1)}
+        assert childs and not childs & parents, (parents, childs)
+        dm.info("k/0")  # and the parent's connection still works for the parent
+        assert proxy.connection_of[proxy.requests] in parents
+
+
+def _mixed_work(seed: int) -> int:
+    import random
+
+    rng = random.Random(seed)
+    done = 0
+    end = time.monotonic() + 0.4
+    while time.monotonic() < end:
+        key = f"k/{rng.randrange(KEYS)}"
+        op = rng.random()
+        if op < 0.5:
+            obj, meta = dm.pull(key)
+            check_object(obj, meta, key)
+        elif op < 0.8:
+            obj, meta = make_object(key, f"{seed}-{done}")
+            dm.push(obj, key, meta=meta, force=True)
+        elif key not in PINNED:  # a delete would unpin them
+            dm.delete(key)
+        done += 1
+    return done
+
+
+def test_a_pool_kept_across_the_parents_reconfiguration(make_config, tmp_path: Path) -> None:
+    """A pool made once and used across cells while the parent reconfigures and resets
+    daman (which closes its SQLite connection): the index stays intact, pins stay."""
+    config = make_config(allocated_space=400_000)
+    _configure(config)
+    for i in range(KEYS):
+        obj, meta = make_object(f"k/{i}", "v1")
+        dm.push(obj, f"k/{i}", meta=meta, persist=f"k/{i}" in PINNED)
+    with fork.Pool(3) as pool:
+        for round_ in range(ROUNDS):
+            work = pool.map_async(_mixed_work, [round_ * 10 + n for n in range(6)], chunksize=1)
+            while not work.ready():
+                dm.reset()
+                _configure(config)
+                dm.pull("k/0")
+                time.sleep(0.01)
+            assert sum(work.get()) > 0
+    dm.reset()
+    db = sqlite3.connect(Path(config.local_dir) / "index.sqlite3")
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        db.close()
+    with Manager(config) as manager:
+        assert manager.verify().ok
+        assert {e.key for e in manager.usage().persisted} == PINNED
+
+
+def _one_pull(_: object) -> str:
+    obj, meta = dm.pull("k/0")
+    return check_object(obj, meta, "k/0")
+
+
+def test_fork_while_another_thread_writes_the_index(make_config) -> None:
+    """A thread writing the cache index while the main thread forks: the children neither
+    stall nor see a locked database."""
+    config = make_config()
+    _configure(config)
+    obj, meta = make_object("k/0", "v1")
+    dm.push(obj, "k/0", meta=meta)
+    manager = dm.get_manager()
+    stop = threading.Event()
+
+    def write_in_a_loop() -> None:
+        while not stop.is_set():
+            manager.cache.touch("k/0")
+            manager.cache.set_persist("k/0", True)
+            manager.cache.set_persist("k/0", False)
+
+    writer = threading.Thread(target=write_in_a_loop)
+    writer.start()
+    try:
+        for _ in range(ROUNDS):
+            with fork.Pool(2) as pool:
+                result = pool.map_async(_one_pull, range(4))
+                assert result.get(timeout=30) == ["v1"] * 4
+    finally:
+        stop.set()
+        writer.join()
