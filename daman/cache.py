@@ -393,13 +393,21 @@ class Cache:
             db.execute("UPDATE entries SET accessed = ? WHERE key = ?", (use, key))
 
     def add(
-        self, key: str, tmp_path: Path, *, etag: str, sha256: str, persist: bool = False
+        self,
+        key: str,
+        tmp_path: Path,
+        *,
+        etag: str,
+        sha256: str,
+        persist: bool = False,
+        evict: bool = True,
     ) -> CacheEntry | None:
         """Move the finished file ``tmp_path`` into the cache as ``key``'s entry.
 
-        Evicts least recently used, non-persisted entries to make room. Returns None, and
-        leaves ``tmp_path`` where it is, when the file cannot fit even so. An entry that was
-        persisted stays persisted when it is replaced."""
+        Evicts least recently used, non-persisted entries to make room (unless ``evict`` is
+        false: then it must fit in the free space). Returns None, and leaves ``tmp_path``
+        where it is, when the file cannot fit; an older version of the key is removed then,
+        since it is outdated. An entry that was persisted stays persisted when replaced."""
         size = tmp_path.stat().st_size
         if self.allocated_space is not None and size > self.allocated_space:
             self.remove(key, unless_etag=etag)  # superseded by the version that does not fit
@@ -414,7 +422,8 @@ class Cache:
                     old = db.execute(
                         "SELECT file, size, persist FROM entries WHERE key = ?", (key,)
                     ).fetchone()
-                    evicted = self._evict(db, size - (old[1] if old else 0), exclude=key)
+                    need = size - (old[1] if old else 0)
+                    evicted = self._evict(db, need, exclude=key, may_evict=evict)
                     os.replace(tmp_path, final)
                     now = time.time()
                     (use,) = db.execute(_NEXT_USE).fetchone()
@@ -450,16 +459,24 @@ class Cache:
         return CacheEntry(key, final, size, etag, sha256, now, use, persist)
 
     def _evict(
-        self, db: sqlite3.Connection, need: int, exclude: str, *, best_effort: bool = False
+        self,
+        db: sqlite3.Connection,
+        need: int,
+        exclude: str,
+        *,
+        best_effort: bool = False,
+        may_evict: bool = True,
     ) -> list[str]:
         """Forget LRU non-persisted entries (not ``exclude``) until ``need`` more bytes fit,
         in batches; returns their files, journaled for unlinking after commit. When even
-        that is not enough: stop (``best_effort``) or raise ``_DoesNotFit``, which rolls the
-        transaction back."""
+        that is not enough (or nothing ``may_evict``): stop (``best_effort``) or raise
+        ``_DoesNotFit``, which rolls the transaction back."""
         if self.allocated_space is None:
             return []
         (used,) = db.execute("SELECT size FROM totals").fetchone()
         over = used + need - self.allocated_space
+        if over > 0 and not may_evict:
+            raise _DoesNotFit
         evicted: list[str] = []
         while over > 0:
             rows = db.execute(

@@ -6,6 +6,13 @@ that generic handlers keep working, and each message says what to do next.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import warnings
+
+_PASS_THROUGH = (os.path.dirname(os.path.abspath(__file__)) + os.sep, contextlib.__file__)
+
 
 class DamanError(Exception):
     """Base of every error daman raises on purpose."""
@@ -115,3 +122,13 @@ class NotCachedWarning(DamanWarning):
 
 class VersionMismatchWarning(DamanWarning):
     """An object was written by a Python or cloudpickle version that may not load it here."""
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` pointing at the user's line: the first frame outside daman (and
+    outside the standard library's context managers daman's calls pass through)."""
+    level, frame = 2, sys._getframe(1)  # stacklevel 2: warn's caller
+    while frame is not None and frame.f_code.co_filename.startswith(_PASS_THROUGH):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

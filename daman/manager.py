@@ -14,7 +14,6 @@ import mmap
 import os
 import stat
 import threading
-import warnings
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +33,7 @@ from .errors import (
     StorageNotFoundError,
     StoreUnavailableError,
     UntrustedObjectError,
+    warn,
 )
 from .keys import validate_key, validate_prefix
 from .serialize import (
@@ -49,13 +49,16 @@ from .serialize import (
     load_object,
     read_footer,
     verify_file,
-    warn_if_versions_differ,
     write_object,
 )
 from .store import ObjectInfo, Store, open_store
 
 PROGRESS_MIN_BYTES = 8 * 1024 * 1024
 _WRITE_BUFFER = 1024 * 1024
+_DOWNLOAD_ATTEMPTS = 3
+"""Downloads of a key whose bytes fail their check (corrupted in transit, or another key's
+object in the answer) before giving up."""
+_FETCH_ATTEMPTS = 3
 
 
 class Remote(enum.Enum):
@@ -129,6 +132,11 @@ class ObjectDetails:
     meta: Any
     cached: bool
     persist: bool
+    libraries: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Versions of the main data libraries loaded where it was pushed (numpy, pandas, ...)."""
+    holds_code: bool | None = None
+    """Whether it holds code pickled by value, which loads only under the writer's Python
+    minor version; None for objects pushed before daman recorded it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +204,17 @@ def _disc_errors(where: Path) -> Iterator[None]:
         raise
 
 
+def _check_key(footer: Footer, key: str) -> None:
+    """The object is the one asked for: its footer names the key it was pushed under. A
+    connection shared by two processes (a fork pool) once crossed their answers; objects
+    written before footers named their key pass."""
+    if footer.key and footer.key != key:
+        raise IntegrityError(
+            f"asked for {key!r}, the store answered with the object pushed as {footer.key!r}. "
+            "If a tool other than daman copied or renamed it, push it again under this key."
+        )
+
+
 class _ProgressBar:
     """One transfer's progress: a ``tqdm.auto`` bar drawn once the size is known, and only
     for transfers of at least PROGRESS_MIN_BYTES. Parts move in parallel, hence the lock."""
@@ -257,21 +276,45 @@ class Manager:
         finally:
             bar.close()
 
-    def _keep(self, key: str, tmp: Path, etag: str, sha256: str, persist: bool, verb: str) -> None:
-        if self.cache.add(key, tmp, etag=etag, sha256=sha256, persist=persist) is None:
+    def _keep(
+        self,
+        key: str,
+        tmp: Path,
+        *,
+        etag: str,
+        sha256: str,
+        persist: bool,
+        verb: str,
+        evict: bool = True,
+    ) -> CacheEntry | None:
+        """Move ``tmp`` into the cache as ``key``'s entry; None (with a warning) if it does
+        not fit. Without ``evict`` (a memory-only pull replacing an outdated copy), it is
+        kept only if it fits in the free space, and silently not kept otherwise."""
+        size = tmp.stat().st_size
+        entry = self.cache.add(key, tmp, etag=etag, sha256=sha256, persist=persist, evict=evict)
+        if entry is None and evict:
             usage = self.cache.usage()
-            warnings.warn(
-                f"{key!r} ({format_size(tmp.stat().st_size)}) was {verb} but not kept in the "
-                f"local cache: it does not fit in allocated_space "
-                f"({format_size(usage.allocated)}, {format_size(usage.used)} used, persisted "
-                "entries cannot be evicted). Raise allocated_space or unpersist entries.",
+            warn(
+                f"{key!r} ({format_size(size)}) was {verb} but not kept in the local cache: "
+                f"it does not fit in allocated_space ({format_size(usage.allocated)}, "
+                f"{format_size(usage.used)} used, persisted entries cannot be evicted). Raise "
+                "allocated_space or unpersist entries.",
                 NotCachedWarning,
-                stacklevel=3,
             )
+        return entry
 
     def _check_signature(self, footer: Footer, key: str) -> None:
         if self.signing_key is not None:
             footer.check_signature(self.signing_key, key)
+
+    def _check_identity(self, footer: Footer, key: str, *, last: bool) -> None:
+        """Before anything is unpickled: the answer holds ``key``'s object (an answer that
+        holds another key's is worth asking again: connections shared by two processes once
+        crossed answers) and, with signing on, is signed for ``key``."""
+        if not last and footer.key and footer.key != key:
+            _check_key(footer, key)  # raises: the caller asks again
+        self._check_signature(footer, key)  # signed for another key: refused as untrusted
+        _check_key(footer, key)
 
     def _written_by_this_push(self, key: str, footer: Footer) -> ObjectInfo | None:
         """The stored object's info if it is the file this push wrote (the same footer,
@@ -309,7 +352,9 @@ class Manager:
                     info = self._written_by_this_push(key, footer)  # a retry met our write
                     if info is None:
                         raise
-            self._keep(key, tmp, info.etag, footer.sha256, persist, "pushed")
+            self._keep(
+                key, tmp, etag=info.etag, sha256=footer.sha256, persist=persist, verb="pushed"
+            )
         return info
 
     def push_file(
@@ -336,17 +381,36 @@ class Manager:
                 return self.push(FileBytes(mapped), key, meta=meta, force=force, persist=persist)
 
     def pull(
-        self, key: str, force: bool = False, persist: bool = False, memory_only: bool = False
+        self,
+        key: str,
+        force: bool = False,
+        persist: bool = False,
+        memory_only: bool = False,
+        *,
+        allow_version_mismatch: bool = False,
     ) -> tuple[Any, Any]:
         """``(obj, meta)`` for ``key``, from the local cache when it is there and current.
 
         Never fails because of the allocation: an object that cannot be cached is returned
-        with a :class:`NotCachedWarning`."""
-        pulled = self.load(key, force=force, persist=persist, memory_only=memory_only)
+        with a :class:`NotCachedWarning`. Code pickled by value under another Python minor
+        version is refused (it can crash the interpreter) unless ``allow_version_mismatch``."""
+        pulled = self.load(
+            key,
+            force=force,
+            persist=persist,
+            memory_only=memory_only,
+            allow_version_mismatch=allow_version_mismatch,
+        )
         return pulled.obj, pulled.meta
 
     def load(
-        self, key: str, force: bool = False, persist: bool = False, memory_only: bool = False
+        self,
+        key: str,
+        force: bool = False,
+        persist: bool = False,
+        memory_only: bool = False,
+        *,
+        allow_version_mismatch: bool = False,
     ) -> Pulled:
         """:meth:`pull`, also telling where the object came from and its stored size."""
         if memory_only and persist:
@@ -354,10 +418,10 @@ class Manager:
                 "persist=True pins a local copy; memory_only=True keeps none."
             )
         opened = self._open_current(key, force=force, persist=persist, keep=not memory_only)
-        with opened as (f, footer, source):
-            warn_if_versions_differ(footer, key)
-            obj = load_object(f, footer)
-            meta = load_meta(file_reader(f), footer)
+        with opened as (f, footer, source, _):
+            allow = allow_version_mismatch
+            obj = load_object(f, footer, allow_version_mismatch=allow)
+            meta = load_meta(file_reader(f), footer, allow_version_mismatch=allow)
             return Pulled(obj, meta, source, footer.file_size)
 
     def pull_bytes(self, key: str, force: bool = False, persist: bool = False) -> bytes:
@@ -398,23 +462,31 @@ class Manager:
 
     def fetch(self, key: str, force: bool = False, persist: bool = False) -> CacheEntry:
         """Bring the current version of ``key`` into the local cache without unpickling it."""
-        with self._open_current(key, force=force, persist=persist, keep=True):
-            pass
-        entry = self.cache.get(key)
-        if entry is None:
-            raise NotCachedError(
-                f"{key!r} does not fit in the local cache (allocated_space "
-                f"{format_size(self.cache.allocated_space)}, persisted entries cannot be "
-                "evicted). Raise allocated_space or unpersist entries."
-            )
-        return entry
+        for _ in range(_FETCH_ATTEMPTS):
+            with self._open_current(key, force=force, persist=persist, keep=True) as opened:
+                kept = opened[3]
+            if kept is None:
+                raise NotCachedError(
+                    f"{key!r} does not fit in the local cache (allocated_space "
+                    f"{format_size(self.cache.allocated_space)}, persisted entries cannot be "
+                    "evicted). Raise allocated_space or unpersist entries."
+                )
+            entry = self.cache.get(key)
+            if entry is not None:
+                return entry
+            force = False  # removed by another process meanwhile: bring it in again
+        raise NotCachedError(
+            f"{key!r} was removed from the local cache by another process each time it was "
+            f"fetched ({_FETCH_ATTEMPTS} times). Try again once the other process is done."
+        )
 
     @contextlib.contextmanager
     def _open_current(
         self, key: str, *, force: bool, persist: bool, keep: bool
-    ) -> Iterator[tuple[IO[bytes], Footer, Source]]:
+    ) -> Iterator[tuple[IO[bytes], Footer, Source, CacheEntry | None]]:
         """An open, verified file holding the current version of ``key``: the cached copy
-        when it is current, else a fresh download (kept in the cache when ``keep``)."""
+        when it is current, else a fresh download (kept in the cache when ``keep``), with
+        the cache entry holding it (None if it is not cached)."""
         validate_key(key)
         entry = None if force else self.cache.get(key)
         remote: str | Remote = Remote.UNCHECKED
@@ -428,27 +500,25 @@ class Manager:
                 remote = Remote.MISSING
         action = decide_pull(cached_etag=entry and entry.etag, remote=remote, force=force)
         if action is PullAction.USE_CACHE_OFFLINE:
-            warnings.warn(
+            warn(
                 f"the store is unreachable ({offline_reason}); using the cached copy of {key!r}, "
                 "which may be out of date.",
                 OfflineWarning,
-                stacklevel=4,
             )
         elif action is PullAction.USE_CACHE_DELETED:
-            warnings.warn(
+            warn(
                 f"{key!r} is no longer in the store; using the local cached copy. "
                 "Delete it with dm.delete(key) if it should be gone.",
                 OfflineWarning,
-                stacklevel=4,
             )
         if action is not PullAction.DOWNLOAD:
             assert entry is not None
             opened = self._open_cached(entry, persist)
             if opened is not None:
                 with opened[0]:
-                    yield (*opened, "cache")
+                    yield (*opened, "cache", entry)
                 return
-        with self._download(key, entry, force, persist, keep) as opened:
+        with self._download(key, entry, force=force, persist=persist, keep=keep) as opened:
             yield opened
 
     def _open_cached(self, entry: CacheEntry, persist: bool) -> tuple[IO[bytes], Footer] | None:
@@ -464,7 +534,7 @@ class Manager:
                 check_meta(file_reader(f), footer)
             else:  # a cache folder is a trust boundary too: hash and signature on every hit
                 footer = verify_file(f)
-                self._check_signature(footer, entry.key)
+            self._check_identity(footer, entry.key, last=True)
         except IntegrityError:
             f.close()
             self.cache.discard(entry)
@@ -479,36 +549,45 @@ class Manager:
         self,
         key: str,
         stale: CacheEntry | None,
+        *,
         force: bool,
         persist: bool,
         keep: bool,
-    ) -> Iterator[tuple[IO[bytes], Footer, Source]]:
+    ) -> Iterator[tuple[IO[bytes], Footer, Source, CacheEntry | None]]:
         with self.cache.temp_file() as tmp:
             # The key's lock covers fetching and caching, not the caller's unpickling: one
             # download of a key at a time on this machine, nobody waits on someone's load.
             with self.cache.key_lock(key):
                 opened = None
+                kept: CacheEntry | None = None
                 source: Source = "cache"
                 if not force:
                     fresh = self.cache.get(key)
                     if fresh is not None and fresh.etag != (stale and stale.etag):
                         opened = self._open_cached(fresh, persist)  # fetched while we waited
+                        kept = fresh
                 if opened is None:
                     f, footer, info = self._fetch_verified(key, tmp)
                     opened, source = (f, footer), "store"
                     if keep or stale is not None:
+                        # A memory-only pull replaces an outdated copy (it must not be served
+                        # again) but evicts nothing to make room for the new one.
                         try:
-                            self._keep(key, tmp, info.etag, footer.sha256, persist, "pulled")
+                            kept = self._keep(
+                                key, tmp, etag=info.etag, sha256=footer.sha256,
+                                persist=persist, verb="pulled", evict=keep,
+                            )  # fmt: skip
                         except BaseException:
                             f.close()
                             raise
             with opened[0]:
-                yield (*opened, source)
+                yield (*opened, source, kept)
 
     def _fetch_verified(self, key: str, tmp: Path) -> tuple[IO[bytes], Footer, ObjectInfo]:
         """Download ``key`` into ``tmp`` and check its sha256 before anything unpickles it (a
-        corrupted transfer is tried once more). Returns the file open, its footer, its version."""
-        for attempt in (1, 2):
+        corrupted transfer, or an answer holding another key's object, is tried again).
+        Returns the file open, its footer, its version."""
+        for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
             f = open(tmp, "rb")  # noqa: SIM115 - returned open, or closed below
             hasher = PrefixHasher(f.fileno())  # hashes the file while it arrives
             try:
@@ -524,14 +603,14 @@ class Manager:
                         key, tmp, progress=progress, on_size=on_size, on_written=hasher.written
                     )
                 footer = verify_file(f, hasher=hasher)
-                self._check_signature(footer, key)  # after the hash: the signature covers it
+                self._check_identity(footer, key, last=attempt == _DOWNLOAD_ATTEMPTS)
                 return f, footer, info
             except UntrustedObjectError:
                 f.close()
                 raise  # the same bytes again would be refused again
             except IntegrityError:
                 f.close()
-                if attempt == 2:
+                if attempt == _DOWNLOAD_ATTEMPTS:
                     raise
             except BaseException:
                 f.close()
@@ -576,26 +655,18 @@ class Manager:
         """Size, times, hash, writer and meta of ``key`` from one ranged read of its tail."""
         validate_key(key)
         try:
-            tail, remote = self.store.read_tail(key, TAIL_GUESS)
-
-            def read_at(offset: int, length: int) -> bytes:
-                return self.store.read_range(key, offset, length)
-
-            footer = read_footer(read_at, remote.size, tail)
-            self._check_signature(footer, key)
-            meta = load_meta(read_at, footer, tail, remote.size)
+            footer, meta, remote = self._remote_details(key)
         except (StoreUnavailableError, StorageNotFoundError) as exc:
             entry = self.cache.get(key)
             if entry is None:
                 raise
-            warnings.warn(
+            warn(
                 f"the store is unreachable ({exc}); showing the cached copy of {key!r}.",
                 OfflineWarning,
-                stacklevel=2,
             )
             with open(entry.path, "rb") as f:
                 footer = footer_of(f)
-                self._check_signature(footer, key)
+                self._check_identity(footer, key, last=True)
                 meta = load_meta(file_reader(f), footer)
             remote = ObjectInfo(key, entry.size, entry.etag, None)
         states = self.cache.states([key])
@@ -612,7 +683,30 @@ class Manager:
             meta=meta,
             cached=key in states,
             persist=states.get(key, False),
+            libraries=dict(footer.libraries),
+            holds_code=footer.code,
         )
+
+    def _remote_details(self, key: str) -> tuple[Footer, Any, ObjectInfo]:
+        """The stored object's footer and meta, read from its tail (asked again when the
+        answer holds another key's object)."""
+
+        def read_at(offset: int, length: int) -> bytes:
+            return self.store.read_range(key, offset, length)
+
+        for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
+            tail, remote = self.store.read_tail(key, TAIL_GUESS)
+            footer = read_footer(read_at, remote.size, tail)
+            try:
+                self._check_identity(footer, key, last=attempt == _DOWNLOAD_ATTEMPTS)
+            except UntrustedObjectError:
+                raise
+            except IntegrityError:
+                if attempt == _DOWNLOAD_ATTEMPTS:
+                    raise
+                continue
+            return footer, load_meta(read_at, footer, tail, remote.size), remote
+        raise AssertionError("unreachable")
 
     def ls(self, prefix: str = "") -> list[KeyListing]:
         """Keys in the store under ``prefix``, each with whether it is cached / persisted."""
@@ -672,7 +766,7 @@ class Manager:
                     footer = verify_file(f)
                     if footer.sha256 != entry.sha256:
                         raise IntegrityError("not the version the index recorded")
-                    self._check_signature(footer, entry.key)
+                    self._check_identity(footer, entry.key, last=True)
                 except UntrustedObjectError:
                     untrusted.append(entry.key)
                     self.cache.discard(entry)

@@ -23,17 +23,18 @@ import dataclasses
 import getpass
 import hashlib
 import hmac
+import importlib.metadata
 import io
 import json
 import mmap
 import os
 import pickle
+import re
 import secrets
 import socket
 import struct
 import sys
 import threading
-import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import IO, Any
@@ -46,6 +47,7 @@ from .errors import (
     SerializationError,
     UntrustedObjectError,
     VersionMismatchWarning,
+    warn,
 )
 
 FORMAT_VERSION = 1
@@ -58,6 +60,8 @@ _PAD = bytes(ALIGN)
 _HASH_CHUNK = 8 * 1024 * 1024
 _MAP_MIN_BYTES = 1024 * 1024  # out-of-band buffers this large are read into fresh mappings
 _PARALLEL_HASH_BYTES = 4 * 1024 * 1024
+CODE_MARK = b"cloudpickle"
+"""In a pickle stream, the sign of code pickled by value (see ``_HashingWriter._watch``)."""
 
 ReadAt = Callable[[int, int], bytes]
 """``read_at(offset, length) -> bytes``: how the reader reaches a file, local or remote."""
@@ -82,6 +86,16 @@ class Footer:
     same person in the same second (a retried write meeting itself is not a conflict)."""
     signature: str = ""
     """HMAC-SHA256 of the rest of the footer with the team's signing key; empty if unsigned."""
+    key: str = ""
+    """The key it was pushed under: a pull checks that the store answered with the object it
+    asked for (empty in objects written before the check existed)."""
+    code: bool | None = None
+    """Whether the pickle holds code pickled by value (functions, lambdas, classes defined in
+    ``__main__`` or a notebook): such code only runs under the writer's Python minor version.
+    None in objects written before it was recorded."""
+    libraries: tuple[tuple[str, str], ...] = ()
+    """``(module, version)`` of the main data libraries loaded when it was pushed (numpy,
+    pandas, ..., and the module of the object's type): what a colleague needs to load it."""
 
     @property
     def file_size(self) -> int:
@@ -95,6 +109,9 @@ class Footer:
         # footer signs the payload: one HMAC over a few hundred bytes, not a second pass.
         fields = dataclasses.asdict(self)
         del fields["signature"]
+        for name in _LATER_FIELDS:  # absent from objects signed before they existed
+            if fields[name] == _DEFAULTS[name]:
+                del fields[name]
         return json.dumps(fields, sort_keys=True).encode("utf-8")
 
     def signed(self, signing_key: bytes, key: str) -> Footer:
@@ -124,6 +141,24 @@ class Footer:
             )
 
 
+_LATER_FIELDS = ("key", "code", "libraries")
+"""Footer fields added after signing existed: a signature covers them only when they are
+set, so that objects signed before they existed still verify."""
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Footer)}
+LIBRARIES = ("numpy", "pandas", "pyarrow", "polars", "scipy", "sklearn", "torch", "xarray")
+"""Libraries whose versions a push records when they are loaded (never imported for it)."""
+
+
+def _library_versions(obj: Any) -> tuple[tuple[str, str], ...]:
+    names = {*LIBRARIES, type(obj).__module__.partition(".")[0]} - {"builtins", "__main__"}
+    found = []
+    for name in sorted(names):
+        version = getattr(sys.modules.get(name), "__version__", None)
+        if isinstance(version, str):
+            found.append((name, version))
+    return tuple(found)
+
+
 def _writer_identity() -> str:
     try:
         user = getpass.getuser()
@@ -141,6 +176,18 @@ class _HashingWriter:
         self.pos = 0
         self.error: OSError | None = None
         """What writing the file raised, to tell it from what the object's pickling raised."""
+        self.watching = True
+        """While the pickle stream is written: look for code pickled by value."""
+        self.saw_code = False
+        self._last = b""
+
+    def _watch(self, data: Any) -> None:
+        # Code pickled by value is rebuilt by cloudpickle's own functions, so the stream names
+        # the module; plain data (dicts, arrays, DataFrames) never does.
+        if isinstance(data, (bytes, bytearray)):
+            if CODE_MARK in self._last + data[: len(CODE_MARK)] or CODE_MARK in data:
+                self.saw_code = True
+            self._last = bytes(data[-(len(CODE_MARK) - 1) :])
 
     def write(self, data: Any) -> int:
         try:
@@ -150,6 +197,8 @@ class _HashingWriter:
             raise
 
     def _write(self, data: Any) -> int:
+        if self.watching and not self.saw_code:
+            self._watch(data)
         view = memoryview(data)
         if view.nbytes >= _PARALLEL_HASH_BYTES:
             # hashlib and file writes both release the GIL: hash a large buffer on a second
@@ -219,6 +268,7 @@ def write_object(
             "daman stores what cloudpickle can pickle; convert or drop the offending part."
         ) from exc
     stream = (0, out.pos)
+    out.watching = False
     spans = []
     for buf in buffers:
         raw = buf.raw()
@@ -242,6 +292,9 @@ def write_object(
         pushed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         meta_sha256=hashlib.sha256(meta_bytes).hexdigest(),
         push_id=secrets.token_hex(8),
+        key=key,
+        code=out.saw_code,
+        libraries=_library_versions(obj),
     )
     if signing_key is not None:
         footer = footer.signed(signing_key, key)
@@ -285,8 +338,13 @@ def parse_footer(tail: bytes, file_size: int) -> Footer | int:
                 "stream": tuple(known["stream"]),
                 "buffers": tuple(tuple(b) for b in known["buffers"]),
                 "meta": tuple(known["meta"]),
+                "libraries": tuple(
+                    (str(name), str(version)) for name, version in known.get("libraries", ())
+                ),
             }
         )
+        if not isinstance(footer.key, str) or footer.code not in (None, True, False):
+            raise TypeError("key or code has the wrong type")
     except (ValueError, TypeError, KeyError) as exc:
         raise IntegrityError(f"corrupt daman object: unreadable footer ({exc}).") from None
     spans = [footer.stream, footer.meta, *footer.buffers]
@@ -461,7 +519,14 @@ def check_meta(read_at: ReadAt, footer: Footer) -> None:
             )
 
 
-def load_meta(read_at: ReadAt, footer: Footer, tail: bytes = b"", file_size: int = 0) -> Any:
+def load_meta(
+    read_at: ReadAt,
+    footer: Footer,
+    tail: bytes = b"",
+    file_size: int = 0,
+    *,
+    allow_version_mismatch: bool = False,
+) -> Any:
     """Unpickle the meta, taking its bytes from ``tail`` when they are already there."""
     offset, length = footer.meta
     tail_start = file_size - len(tail)
@@ -473,7 +538,8 @@ def load_meta(read_at: ReadAt, footer: Footer, tail: bytes = b"", file_size: int
         raise IntegrityError(
             "checksum mismatch in the meta: the object was corrupted in storage or in transit."
         )
-    return _unpickle(lambda: pickle.loads(data), footer)
+    check_code(footer, data, "the meta", allow_version_mismatch=allow_version_mismatch)
+    return _unpickle(lambda: pickle.loads(data), footer, "the meta")
 
 
 def _uninitialised(length: int) -> bytearray | mmap.mmap:
@@ -490,57 +556,120 @@ def _uninitialised(length: int) -> bytearray | mmap.mmap:
     return mapped
 
 
-def load_object(f: IO[bytes], footer: Footer) -> Any:
+def load_object(f: IO[bytes], footer: Footer, *, allow_version_mismatch: bool = False) -> Any:
     """Unpickle the object from an open file, reading each out-of-band buffer into its own
     writable memory (one copy from disc into the object, none more)."""
     fd = f.fileno()
     stream = bytearray(footer.stream[1])
     _read_into(fd, stream, footer.stream[0])
+    check_code(footer, stream, "the object", allow_version_mismatch=allow_version_mismatch)
     buffers = []
     for offset, length in footer.buffers:
         buf = _uninitialised(length)
         _read_into(fd, buf, offset)
         buffers.append(buf)
-    return _unpickle(lambda: pickle.loads(stream, buffers=buffers), footer)
+    return _unpickle(lambda: pickle.loads(stream, buffers=buffers), footer, "the object")
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
 
 
 def version_problem(footer: Footer) -> str | None:
-    """A sentence describing a writer/reader version gap that can break loading, or None."""
-    here_py = ".".join(map(str, sys.version_info[:2]))
-    there_py = ".".join(footer.python.split(".")[:2])
-    here_cp = ".".join(cloudpickle.__version__.split(".")[:2])
-    there_cp = ".".join(footer.cloudpickle.split(".")[:2])
+    """A sentence describing a writer/reader version gap that can break loading code pickled
+    by value, or None."""
+    here_py = sys.version.split()[0]
     gaps = []
-    if here_py != there_py:
-        gaps.append(f"Python {footer.python} (here {sys.version.split()[0]})")
-    if here_cp != there_cp:
+    if _minor(footer.python) != _minor(here_py):
+        gaps.append(f"Python {footer.python} (here {here_py})")
+    if _minor(footer.cloudpickle) != _minor(cloudpickle.__version__):
         gaps.append(f"cloudpickle {footer.cloudpickle} (here {cloudpickle.__version__})")
     if not gaps:
         return None
     return "written with " + " and ".join(gaps)
 
 
-def warn_if_versions_differ(footer: Footer, key: str) -> None:
+def check_code(
+    footer: Footer, data: bytes | bytearray, what: str, *, allow_version_mismatch: bool
+) -> None:
+    """Before unpickling ``data`` (the stream or the meta): refuse code pickled by value under
+    another Python minor version, which can crash this interpreter (``SystemError: unknown
+    opcode``, a segfault on ``repr``), unless explicitly allowed; warn when allowed, or when
+    only cloudpickle's version differs. Plain data crosses versions and passes silently."""
     problem = version_problem(footer)
-    if problem:
-        warnings.warn(
-            f"{key!r} was {problem}; functions and classes pickled by value may not load or "
-            "may behave differently. Match the writer's versions if loading fails.",
-            VersionMismatchWarning,
-            stacklevel=3,
+    if problem is None:
+        return
+    if what == "the object" and footer.code is not None:
+        holds_code = footer.code
+    else:  # written before the flag existed, or the meta: look (memchr speed)
+        holds_code = CODE_MARK in data
+    if not holds_code:
+        return
+    same_python = _minor(footer.python) == _minor(sys.version.split()[0])
+    if not same_python and not allow_version_mismatch:
+        raise DeserializationError(
+            f"refusing to load {what}: it holds code (functions or classes pickled by value) "
+            f"{problem}, and code from another Python version can crash this interpreter. "
+            f"Push it again from Python {_minor(sys.version.split()[0])}, or push data rather "
+            "than code (import functions from a module); to load it anyway pass "
+            "allow_version_mismatch=True."
         )
+    warn(
+        f"{what} holds code pickled by value {problem}; it may not load or may behave "
+        "differently. Match the writer's versions if it fails.",
+        VersionMismatchWarning,
+    )
 
 
-def _unpickle(load: Callable[[], Any], footer: Footer) -> Any:
+_MAX_DETAIL = 200
+_MODULE_IN_MESSAGE = re.compile(r"<module '([\w.]+)'")
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
+
+
+def _local_version(module: str) -> str | None:
+    loaded = getattr(sys.modules.get(module), "__version__", None)
+    if isinstance(loaded, str):
+        return loaded
+    try:
+        return importlib.metadata.version(module)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+def describe_failure(exc: BaseException, footer: Footer, what: str) -> str:
+    """A short message for an unpickling failure: the error (cut short: a pandas mismatch can
+    print a whole column), the module involved and its versions there and here."""
+    module = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
+    if module is None:
+        found = _MODULE_IN_MESSAGE.search(str(exc))
+        module = found[1] if found else None
+    written = dict(footer.libraries)
+    hint = "Install the modules it needs in the versions that wrote it"
+    if module:
+        top = module.partition(".")[0]
+        there, here = written.get(top), _local_version(top)
+        if there and there != here:
+            hint = (
+                f"It was written with {top} {there} (here {here or 'not installed'}): "
+                f"install {top}=={there}"
+            )
+        elif here is None:
+            hint = f"It needs {top}, which is not installed here: install it"
+    problem = version_problem(footer)
+    also = f"; it was {problem}" if problem else ""
+    detail = f"{type(exc).__name__}: {_short(str(exc))}"
+    return f"{what} could not be unpickled ({detail}). {hint}{also}."
+
+
+def _unpickle(load: Callable[[], Any], footer: Footer, what: str) -> Any:
     try:
         return load()
     except Exception as exc:
-        problem = version_problem(footer)
-        hint = f" It was {problem}." if problem else ""
-        raise DeserializationError(
-            f"the object could not be unpickled ({type(exc).__name__}: {exc}).{hint} "
-            "Install the modules it needs in the versions that wrote it."
-        ) from exc
+        raise DeserializationError(describe_failure(exc, footer, what)) from exc
 
 
 def dump_to_bytes(

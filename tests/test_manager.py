@@ -348,12 +348,16 @@ def test_key_deleted_remotely_still_served_from_cache_with_a_warning(manager: Ma
         assert manager.pull("k") == (1, None)
 
 
-def test_version_mismatch_warns_on_pull(manager: Manager, monkeypatch) -> None:
+def test_version_mismatch_warns_on_pull_of_code(manager: Manager, monkeypatch) -> None:
     monkeypatch.setattr(ser.cloudpickle, "__version__", "0.1.0")
-    manager.push(1, "k")
+    manager.push(lambda x: x + 1, "code")
+    manager.push({"plain": [1, 2]}, "data")
     monkeypatch.undo()
-    with pytest.warns(VersionMismatchWarning, match="cloudpickle 0.1.0"):
-        assert manager.pull("k", force=True) == (1, None)
+    with pytest.warns(VersionMismatchWarning, match="cloudpickle 0.1.0") as caught:
+        function, _ = manager.pull("code", force=True)
+    assert function(1) == 2
+    assert caught[0].filename == __file__  # the user's line, not daman's internals
+    assert manager.pull("data", force=True) == ({"plain": [1, 2]}, None)  # data: no warning
 
 
 # -- delete, info, ls, exists, usage -------------------------------------------------------------
@@ -628,6 +632,30 @@ def test_verify_finds_and_removes_damaged_copies(manager: Manager) -> None:
     with pytest.raises(KeyNotFoundError):
         manager.verify("never/cached")
 
+
+
+def test_a_memory_only_pull_of_a_newer_version_evicts_nothing(
+    make_config, tmp_path: Path
+) -> None:
+    """An outdated copy is cached and a colleague pushed a larger version: a memory-only pull
+    returns it, drops the outdated copy, and keeps the new one only if it fits in free space
+    (never evicting the working set for it)."""
+    config = make_config(allocated_space=30_000)
+    with Manager(config) as me, Manager(config.replace(local_dir=str(tmp_path / "b"))) as bob:
+        me.push(b"o" * 2_000, "k")
+        for name in ("x", "y"):
+            me.push(b"w" * 10_000, name)
+        bob.push(b"n" * 20_000, "k", force=True)
+        obj, _ = me.pull("k", memory_only=True)
+        assert obj == b"n" * 20_000
+        assert sorted(e.key for e in me.usage().entries) == ["x", "y"]  # nothing evicted
+        bob.push(b"s" * 3_000, "k", force=True)
+        me.pull("k")  # cached again (fits)
+        bob.push(b"t" * 5_000, "k", force=True)
+        assert me.pull("k", memory_only=True)[0] == b"t" * 5_000
+        entry = me.cache.get("k")  # the new version fits in free space: kept
+        assert entry is not None and entry.size > 5_000
+        assert sorted(e.key for e in me.usage().entries) == ["k", "x", "y"]
 
 
 def test_load_says_where_the_object_came_from(config: Config, tmp_path: Path) -> None:

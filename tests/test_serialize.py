@@ -181,27 +181,50 @@ def _tail(footer: ser.Footer) -> bytes:
     return encoded + ser.TRAILER.pack(ser.MAGIC, len(encoded))
 
 
+OTHER_PYTHON = "3.99.0" if sys.version_info[:2] != (3, 99) else "3.98.0"
+
+
 @pytest.mark.parametrize(
-    ("python", "cloudpickle_version", "warns"),
+    ("python", "cloudpickle_version", "code", "data", "outcome"),
     [
-        (None, None, False),
-        ("2.7.18", None, True),
-        ("3.99.0", None, True),
-        (None, "0.1.0", True),
+        # same versions: anything loads, silently
+        (None, None, True, b"", "ok"),
+        # another Python minor version: data loads silently, code is refused
+        (OTHER_PYTHON, None, False, b"", "ok"),
+        ("2.7.18", None, False, b"", "ok"),
+        (OTHER_PYTHON, None, True, b"", "refused"),
+        # objects written before the flag existed: the stream itself is looked at
+        (OTHER_PYTHON, None, None, b"\x8c\x17cloudpickle.cloudpickle", "refused"),
+        (OTHER_PYTHON, None, None, b"\x8c\x05numpy", "ok"),
+        # another patch release of the same minor version is the same bytecode
+        (".".join(map(str, sys.version_info[:2])) + ".99", None, True, b"", "ok"),
+        # only cloudpickle differs: code may still load, with a warning
+        (None, "0.1.0", True, b"", "warns"),
+        (None, "0.1.0", False, b"", "ok"),
     ],
 )
-def test_version_mismatch_warns(python: str | None, cloudpickle_version: str | None, warns: bool):
+def test_code_from_another_python_is_refused_data_is_not(
+    python: str | None, cloudpickle_version: str | None, code, data: bytes, outcome: str
+) -> None:
     import cloudpickle
 
     footer = dataclasses.replace(
         _footer(),
         python=python or ".".join(map(str, sys.version_info[:3])),
         cloudpickle=cloudpickle_version or cloudpickle.__version__,
+        code=code,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ser.warn_if_versions_differ(footer, "k")
-    assert bool([w for w in caught if issubclass(w.category, VersionMismatchWarning)]) == warns
+        if outcome == "refused":
+            with pytest.raises(DeserializationError, match="allow_version_mismatch=True"):
+                ser.check_code(footer, data, "the object", allow_version_mismatch=False)
+            ser.check_code(footer, data, "the object", allow_version_mismatch=True)  # allowed
+            outcome = "warns"  # ...with a warning
+        else:
+            ser.check_code(footer, data, "the object", allow_version_mismatch=False)
+    warned = [w for w in caught if issubclass(w.category, VersionMismatchWarning)]
+    assert bool(warned) == (outcome == "warns")
 
 
 def test_missing_module_gives_deserialization_error(tmp_path: Path, monkeypatch) -> None:

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import os
-import time
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from .. import forksafe
 from ..errors import (
     CredentialsError,
     DamanError,
@@ -42,14 +44,34 @@ _UNREACHABLE = {errno.ESTALE, errno.EIO, errno.ENOTCONN, errno.EHOSTDOWN, errno.
                 errno.ETIMEDOUT}  # fmt: skip
 _F = TypeVar("_F", bound=Callable[..., Any])
 _STALE_TEMP_SECONDS = 24 * 3600
-"""A push's temp file untouched for this long belongs to a push that died (killed, crashed,
-machine lost): every write of a live push refreshes its mtime."""
+"""A push's temp file that no writer holds a lock on, and untouched this long by the file
+server's clock, belongs to a push that died (killed, crashed, machine lost)."""
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{32}\.incomplete")
+"""The names ``put`` gives its temp files: ``.<final name>.<random>.incomplete``."""
 
 
-def _remove_if_stale(path: str) -> None:
-    with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
-        if os.stat(path).st_mtime < time.time() - _STALE_TEMP_SECONDS:
-            os.unlink(path)
+def _remove_if_abandoned(path: Path, now: float) -> None:
+    """Delete a push's temp file whose writer is gone. A live push holds an ``flock`` on its
+    file, and ``now`` is the file server's time (the mtime of a file just written there), so
+    that a machine whose clock is ahead never takes a live push for an old one."""
+    if not _TEMP_NAME.fullmatch(path.name):
+        return  # not a name daman gives: not ours to delete
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # gone meanwhile, or not ours to read
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # a writer is at work
+        except OSError:
+            pass  # a file system without locks: the age alone decides
+        if os.fstat(fd).st_mtime < now - _STALE_TEMP_SECONDS:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    finally:
+        os.close(fd)
 
 
 def _stat_info(key: str, st: os.stat_result, etag: str | None = None) -> ObjectInfo:
@@ -173,19 +195,32 @@ class LocalStore(Store):
                     raise
         try:
             with out, open(path, "rb") as src:
-                _copy(src, out, progress)
-                out.flush()
-                os.fsync(out.fileno())
-                info = _info(key, out)  # the same inode becomes the key below
-            for other in dest.parent.glob(f".{dest.name}.*.incomplete"):  # this key's dead pushes
-                _remove_if_stale(str(other))
-            if overwrite:
-                os.replace(tmp, dest)
-            else:
+                with contextlib.suppress(OSError):  # a file system without locks
+                    fcntl.flock(out.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                forksafe.track_fd(out.fileno())
                 try:
+                    _copy(src, out, progress)
+                    out.flush()
+                    os.fsync(out.fileno())
+                    info = _info(key, out)  # the same inode becomes the key below
+                    now = os.fstat(out.fileno()).st_mtime  # the file server's clock
+                finally:
+                    forksafe.untrack_fd(out.fileno())
+            for other in dest.parent.iterdir():  # pushes that died in this folder
+                if other.name.endswith(".incomplete") and other != tmp:
+                    _remove_if_abandoned(other, now)
+            try:
+                if overwrite:
+                    os.replace(tmp, dest)
+                else:
                     os.link(tmp, dest)
-                except FileExistsError:
-                    raise KeyExistsError(key) from None
+            except FileExistsError:
+                raise KeyExistsError(key) from None
+            except FileNotFoundError:
+                raise StoreUnavailableError(
+                    f"this push's temporary file in {dest.parent} was removed before it was "
+                    "complete (by a cleanup on another machine?). Push again."
+                ) from None
             return info
         finally:
             tmp.unlink(missing_ok=True)
@@ -261,8 +296,6 @@ class LocalStore(Store):
             rel = Path(folder).relative_to(self.root).as_posix()
             for name in files:
                 if not name.endswith(SUFFIX):  # temp files end in .incomplete
-                    if name.endswith(".incomplete"):  # listing sees them for free: sweep
-                        _remove_if_stale(os.path.join(folder, name))
                     continue
                 key = (name if rel == "." else f"{rel}/{name}")[: -len(SUFFIX)]
                 if key.startswith(prefix):

@@ -50,6 +50,57 @@ def apt_install(*packages: str) -> None:
     run(*prefix, "apt-get", "install", "-y", "-q", "--no-install-recommends", *packages, env=env)
 
 
+# -- another Python minor version, for the tests that share objects between two versions ----
+
+OTHER_PYTHON_VENV = BUILD / "other-python"
+
+
+def other_python_candidates() -> list[Path]:
+    """Interpreters of other minor versions (>= 3.10) on this machine: pyenv's, then the
+    system's, newest first."""
+    here = sys.version_info[:2]
+    found: dict[tuple[int, int], Path] = {}
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    patterns = [*sorted(pyenv.glob("3.*/bin/python3"), reverse=True)]
+    system = sorted(Path("/usr/bin").glob("python3.*"))
+    patterns += [path for path in system if path.name[len("python3.") :].isdigit()]
+    for path in patterns:
+        try:
+            out = subprocess.run(
+                [str(path), "-c", "import sys; print(*sys.version_info[:2])"],
+                capture_output=True, text=True, timeout=30, check=True,
+            ).stdout.split()  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            continue
+        version = (int(out[0]), int(out[1]))
+        if version != here and version >= (3, 10) and version not in found:
+            found[version] = path
+    return [found[v] for v in sorted(found, reverse=True)]
+
+
+def other_python_present() -> bool:
+    python = OTHER_PYTHON_VENV / "bin" / "python"
+    return python.exists() and subprocess.run(
+        [str(python), "-c", "import daman, numpy"], capture_output=True
+    ).returncode == 0
+
+
+@part("a virtual environment of another Python minor version with daman", other_python_present)
+def install_other_python() -> None:
+    candidates = other_python_candidates()
+    if not candidates:
+        sys.exit(
+            "install.py: no Python of another minor version (>= 3.10) on this machine: "
+            "install one (pyenv install 3.12, or apt-get install python3.X) for the tests "
+            "that share objects between two Python versions"
+        )
+    shutil.rmtree(OTHER_PYTHON_VENV, ignore_errors=True)
+    run(str(candidates[0]), "-m", "venv", str(OTHER_PYTHON_VENV))
+    pip = [str(OTHER_PYTHON_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
+    run(*pip, "--upgrade", "pip")
+    run(*pip, "-e", str(ROOT), "numpy")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="report only, install nothing")
