@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError, NotConfiguredError
+from .files import atomic_write
 
 SERVICES = ("aws", "local")
 Service = Literal["aws", "local"]
@@ -154,19 +155,13 @@ class Config:
 
 
 def write_private_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically (temp file in the same folder, then rename), mode 0600, in a
-    folder made 0700 if it is new: for files that hold settings or secrets."""
+    """Write ``text`` whole or not at all, mode 0600, in a folder made 0700 if it is new: for
+    files that hold settings or secrets. A symbolic link stays a link: its target is written."""
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, mode=0o600) as out:
+        out.file.write(text.encode("utf-8"))
 
 
 def save_config(config: Config, path: Path | None = None) -> Path:

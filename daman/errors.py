@@ -7,9 +7,11 @@ that generic handlers keep working, and each message says what to do next.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 
 _PASS_THROUGH = (os.path.dirname(os.path.abspath(__file__)) + os.sep, contextlib.__file__)
 
@@ -108,6 +110,11 @@ class NotCachedError(DamanError):
     """An explicit request to cache a key that cannot fit in the allocation."""
 
 
+class LocalFileError(DamanError, OSError):
+    """A local file or folder daman needs cannot be used: no space, no permission, a
+    read-only file system, a file where a folder should be, a name too long."""
+
+
 class DamanWarning(UserWarning):
     """Base of daman's warnings."""
 
@@ -132,3 +139,49 @@ def warn(message: str, category: type[Warning]) -> None:
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+_DENIED = {errno.EACCES, errno.EPERM}
+_MESSAGES = {
+    errno.EFBIG: "the file is too large for that file system (a limit such as FAT32's 4 GiB, "
+    "or a file-size ulimit)",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOTDIR: "a file stands where a folder should be",
+    errno.EISDIR: "a folder stands where a file should be",
+    errno.ENAMETOOLONG: "a file name is too long for that file system",
+    errno.ELOOP: "a symbolic link points at itself",
+}
+
+
+def map_os_error(exc: OSError, where: object, advice: str = "") -> DamanError:
+    """One daman error for an OS error met while using ``where`` (a local file or folder):
+    what went wrong there, and ``advice`` on what to do next (a default when empty)."""
+    reason = exc.strerror or str(exc)
+    named = str(exc.filename or "")
+    if named and named != str(where) and not named.endswith(".incomplete"):  # not a temp file
+        reason += f": {named}"
+    if exc.errno in _FULL:
+        head = f"no space left on the device holding {where} ({reason})"
+        advice = advice or "Free some space"
+    elif exc.errno in _DENIED:
+        head = f"no permission to use {where} ({reason})"
+        advice = advice or "Choose a place you can write to, or ask its owner for access"
+    elif exc.errno in _MESSAGES:
+        head = f"cannot use {where}: {_MESSAGES[exc.errno]} ({reason})"
+        advice = advice or "Choose another place"
+    else:
+        head = f"cannot use {where} ({reason})"
+        advice = advice or "Check that it exists and that you may use it"
+    return LocalFileError(f"{head}. {advice.rstrip('.')}.")
+
+
+@contextlib.contextmanager
+def os_errors(where: object, advice: str = "") -> Iterator[None]:
+    """OS errors inside the block become one-line daman errors (see :func:`map_os_error`)."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, DamanError):
+            raise
+        raise map_os_error(exc, where, advice) from exc

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import errno
 import mmap
 import os
 import stat
@@ -33,8 +32,10 @@ from .errors import (
     StorageNotFoundError,
     StoreUnavailableError,
     UntrustedObjectError,
+    os_errors,
     warn,
 )
+from .files import atomic_write
 from .keys import validate_key, validate_prefix
 from .serialize import (
     TAIL_GUESS,
@@ -185,23 +186,10 @@ class VerifyReport:
         return not (self.damaged or self.untrusted or self.dropped_rows or self.orphan_files)
 
 
-@contextlib.contextmanager
-def _disc_errors(where: Path) -> Iterator[None]:
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DamanError(
-                f"no space left on the device holding {where}. Free some space, or lower "
-                "allocated_space / move local_dir with dm_configure."
-            ) from exc
-        if exc.errno == errno.EFBIG:
-            raise DamanError(
-                f"the file is too large for the file system holding {where} ({exc.strerror}: "
-                "a limit such as FAT32's 4 GiB, or a file-size ulimit). Move local_dir to "
-                "another file system with dm_configure."
-            ) from exc
-        raise
+def _disc_errors(where: Path) -> contextlib.AbstractContextManager[None]:
+    return os_errors(
+        where, "Free some space, or lower allocated_space / move local_dir with dm_configure"
+    )
 
 
 def _check_key(footer: Footer, key: str) -> None:
@@ -447,17 +435,8 @@ class Manager:
         or not at all (a temp file beside it, then a rename); returns the bytes written."""
         obj = self.pull_bytes(key, force=force, persist=persist)
         dest = Path(dest)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.incomplete")
-        try:
-            with _disc_errors(dest.parent), open(tmp, "wb") as f:
-                f.write(obj)
-            os.replace(tmp, dest)
-        except DamanError:
-            raise
-        except OSError as exc:  # no such folder, a folder in the way, no permission
-            raise InvalidArgumentError(f"cannot write {dest}: {exc.strerror or exc}.") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        with os_errors(dest, "Choose another output file"), atomic_write(dest) as out:
+            out.file.write(obj)
         return len(obj)
 
     def fetch(self, key: str, force: bool = False, persist: bool = False) -> CacheEntry:

@@ -407,7 +407,7 @@ def test_os_errors_are_one_line_too(config: Config, tmp_path: Path, monkeypatch)
     assert run("dm_push", "--key", "b", "--file", "-", input="x").returncode == 0
     result = run("dm_pull", "--key", "b", "--output", str(tmp_path))  # a folder
     assert result.returncode == 1 and result.stderr.count("\n") == 1
-    assert "cannot write" in result.stderr
+    assert "a folder stands where a file should be" in result.stderr
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path))
     result = run("dm_aws", "--access_key_id", "A", "--secret_access_key", "S")
     assert result.returncode == 1 and result.stderr.count("\n") == 1

@@ -22,6 +22,7 @@ from daman import (
     InvalidKeyError,
     KeyExistsError,
     KeyNotFoundError,
+    LocalFileError,
     Manager,
     NotCachedWarning,
     OfflineWarning,
@@ -701,8 +702,8 @@ def test_push_file_reads_a_pipe(manager: Manager, tmp_path: Path) -> None:
 def test_pull_file_onto_a_folder_is_a_clear_error(manager: Manager, tmp_path: Path) -> None:
     manager.push(b"bytes", "b")
     (tmp_path / "folder").mkdir()
-    with pytest.raises(InvalidArgumentError, match="cannot write"):
+    with pytest.raises(LocalFileError, match="a folder stands where a file should be"):
         manager.pull_file("b", tmp_path / "folder")
-    with pytest.raises(InvalidArgumentError, match="cannot write"):
+    with pytest.raises(LocalFileError, match=r"cannot use .*no/such/dir/f"):
         manager.pull_file("b", tmp_path / "no" / "such" / "dir" / "f")
     assert sorted(p.name for p in tmp_path.iterdir() if "incomplete" in p.name) == []

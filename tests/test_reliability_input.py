@@ -36,6 +36,7 @@ from daman import (
     DamanError,
     DeserializationError,
     InvalidKeyError,
+    LocalFileError,
     Manager,
     SerializationError,
 )
@@ -370,7 +371,7 @@ def test_a_pull_onto_a_full_disc_is_a_daman_error_and_keeps_the_old_copy(
             patch.setattr(manager.cache, "temp_file", temp_on_a_full_disc)
             with pytest.raises(DamanError, match="no space left") as info:
                 manager.pull("k")
-        assert type(info.value) is DamanError
+        assert type(info.value) is LocalFileError  # the local disc, not the store
         assert manager.cache.get("k") == before
         assert_cache_consistent(manager)
         assert check_object(*manager.pull("k"), "k") == "v2"  # once there is room again
@@ -458,13 +459,13 @@ def test_a_pull_onto_a_small_file_system_fails_clearly_and_leaves_nothing(
     if not _can_mount_tmpfs(tmp_path / "probe"):
         pytest.skip("cannot mount a tmpfs in a user namespace here")
     result = _run_full_disc(config, tmp_path, "tmpfs")
-    assert result["pull"][0] == "DamanError" and "no space left" in result["pull"][1]
-    assert result["push"][0] == "DamanError" and "no space left" in result["push"][1]
+    assert result["pull"][0] == "LocalFileError" and "no space left" in result["pull"][1]
+    assert result["push"][0] == "LocalFileError" and "no space left" in result["push"][1]
 
 
 def test_a_pull_over_a_file_size_limit_fails_clearly_and_leaves_nothing(
     config: Config, tmp_path: Path
 ) -> None:
     result = _run_full_disc(config, tmp_path, "fsize")
-    assert result["pull"][0] == "DamanError" and "too large" in result["pull"][1]
-    assert result["push"][0] == "DamanError" and "too large" in result["push"][1]
+    assert result["pull"][0] == "LocalFileError" and "too large" in result["pull"][1]
+    assert result["push"][0] == "LocalFileError" and "too large" in result["push"][1]

@@ -957,7 +957,9 @@ def test_local_version_follows_the_content_not_the_inode_or_mtime(tmp_path: Path
 @pytest.mark.parametrize(
     ("code", "error"),
     [
-        (errno.ENOSPC, "DamanError"),
+        (errno.ENOSPC, "LocalFileError"),
+        (errno.EFBIG, "LocalFileError"),
+        (errno.ENAMETOOLONG, "LocalFileError"),
         (errno.EACCES, "CredentialsError"),
         (errno.EROFS, "CredentialsError"),
         (errno.ESTALE, "StoreUnavailableError"),

@@ -15,8 +15,6 @@ import errno
 import fcntl
 import functools
 import os
-import re
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,14 +29,15 @@ from ..errors import (
     KeyNotFoundError,
     StorageNotFoundError,
     StoreUnavailableError,
+    map_os_error,
 )
+from ..files import TEMP_NAME, atomic_write
 from ..keys import validate_key, validate_prefix
 from ..serialize import TRAILER, file_reader, read_footer
 from .base import ObjectInfo, Progress, Store, Written, _no_progress, _no_range
 
 SUFFIX = ".daman"
 _CHUNK = 8 * 1024 * 1024
-_FULL = {errno.ENOSPC, errno.EDQUOT}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 _UNREACHABLE = {errno.ESTALE, errno.EIO, errno.ENOTCONN, errno.EHOSTDOWN, errno.EHOSTUNREACH,
                 errno.ETIMEDOUT}  # fmt: skip
@@ -46,15 +45,13 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _STALE_TEMP_SECONDS = 24 * 3600
 """A push's temp file that no writer holds a lock on, and untouched this long by the file
 server's clock, belongs to a push that died (killed, crashed, machine lost)."""
-_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{32}\.incomplete")
-"""The names ``put`` gives its temp files: ``.<final name>.<random>.incomplete``."""
 
 
 def _remove_if_abandoned(path: Path, now: float) -> None:
     """Delete a push's temp file whose writer is gone. A live push holds an ``flock`` on its
     file, and ``now`` is the file server's time (the mtime of a file just written there), so
     that a machine whose clock is ahead never takes a live push for an old one."""
-    if not _TEMP_NAME.fullmatch(path.name):
+    if not TEMP_NAME.fullmatch(path.name):
         return  # not a name daman gives: not ours to delete
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -97,6 +94,14 @@ def _info(key: str, f: IO[bytes]) -> ObjectInfo:
     return _stat_info(key, st, etag)
 
 
+def _first_file(root: Path, folder: Path) -> str:
+    """The first part of ``folder`` (under ``root``) that is not a folder, for messages."""
+    for parent in [*reversed(folder.relative_to(root).parents), folder.relative_to(root)]:
+        if (root / parent).exists() and not (root / parent).is_dir():
+            return str(root / parent)
+    return str(folder)
+
+
 def _copy(src: IO[bytes], dst: IO[bytes], progress: Progress) -> None:
     while chunk := src.read(_CHUNK):
         dst.write(chunk)
@@ -121,17 +126,14 @@ class LocalStore(Store):
 
     @contextlib.contextmanager
     def _os_errors(self) -> Iterator[None]:
-        """Disc and network-share failures as daman errors (not-found is handled per call)."""
+        """Disc and network-share failures as daman errors (not-found is handled per call):
+        a refusal is the store's (as S3's 403), a dead share is unreachable, the rest is
+        what any local folder can say (see ``map_os_error``)."""
         try:
             yield
         except OSError as exc:
-            if exc.errno in _FULL:
-                raise DamanError(f"the store folder {self.root} is full ({exc.strerror}).") from exc
-            if exc.errno == errno.EFBIG:
-                raise DamanError(
-                    f"the object is too large for the file system of the store folder "
-                    f"{self.root} ({exc.strerror})."
-                ) from exc
+            if isinstance(exc, DamanError):
+                raise
             if exc.errno in _DENIED:
                 raise CredentialsError(
                     f"no permission to use the store folder {self.root} ({exc.strerror}: "
@@ -142,7 +144,7 @@ class LocalStore(Store):
                     f"cannot reach the store folder {self.root} ({exc.strerror}). Is the "
                     "network drive mounted?"
                 ) from exc
-            raise
+            raise map_os_error(exc, f"the store folder {self.root}", "Ask its owner") from exc
 
     def _require_root(self) -> None:
         if not self.root.is_dir():
@@ -184,46 +186,58 @@ class LocalStore(Store):
     ) -> ObjectInfo:
         dest = self._path(key)
         self._require_root()
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.incomplete")
-        for attempt in range(3):  # a concurrent delete may prune the folder we just made
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                out = open(tmp, "x+b")  # noqa: SIM115 - closed by the with-block below
-                break
-            except FileNotFoundError:
-                if attempt == 2:
-                    raise
-        try:
-            with out, open(path, "rb") as src:
-                with contextlib.suppress(OSError):  # a file system without locks
-                    fcntl.flock(out.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                forksafe.track_fd(out.fileno())
+        with open(path, "rb") as src:
+            for attempt in range(3):  # a concurrent delete may prune the folder we just made
+                self._make_folder(key, dest.parent)
+                src.seek(0)
                 try:
-                    _copy(src, out, progress)
-                    out.flush()
-                    os.fsync(out.fileno())
-                    info = _info(key, out)  # the same inode becomes the key below
-                    now = os.fstat(out.fileno()).st_mtime  # the file server's clock
+                    return self._write(key, dest, src, overwrite=overwrite, progress=progress)
+                except FileNotFoundError:
+                    if dest.parent.is_dir():
+                        raise StoreUnavailableError(
+                            f"this push's temporary file in {dest.parent} was removed before "
+                            "it was complete (by a cleanup on another machine?). Push again."
+                        ) from None
+                    if attempt == 2:
+                        raise
+        raise AssertionError("unreachable")
+
+    def _make_folder(self, key: str, folder: Path) -> None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise InvalidKeyError(
+                key,
+                f"the store folder holds a file that is not a daman object where this key "
+                f"needs a folder ({_first_file(self.root, folder)}); move that file away or "
+                "choose another key",
+            ) from None
+
+    def _write(
+        self, key: str, dest: Path, src: IO[bytes], *, overwrite: bool, progress: Progress
+    ) -> ObjectInfo:
+        try:
+            with atomic_write(dest, create_only=not overwrite) as out:
+                with contextlib.suppress(OSError):  # a file system without locks
+                    fcntl.flock(out.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                forksafe.track_fd(out.file.fileno())
+                try:
+                    _copy(src, out.file, progress)
+                    out.file.flush()
+                    info = _info(key, out.file)  # the same inode becomes the key
+                    now = os.fstat(out.file.fileno()).st_mtime  # the file server's clock
                 finally:
-                    forksafe.untrack_fd(out.fileno())
-            for other in dest.parent.iterdir():  # pushes that died in this folder
-                if other.name.endswith(".incomplete") and other != tmp:
-                    _remove_if_abandoned(other, now)
-            try:
-                if overwrite:
-                    os.replace(tmp, dest)
-                else:
-                    os.link(tmp, dest)
-            except FileExistsError:
-                raise KeyExistsError(key) from None
-            except FileNotFoundError:
-                raise StoreUnavailableError(
-                    f"this push's temporary file in {dest.parent} was removed before it was "
-                    "complete (by a cleanup on another machine?). Push again."
-                ) from None
-            return info
-        finally:
-            tmp.unlink(missing_ok=True)
+                    forksafe.untrack_fd(out.file.fileno())
+                for other in dest.parent.iterdir():  # pushes that died in this folder
+                    if other != out.path:
+                        _remove_if_abandoned(other, now)
+        except FileExistsError:
+            raise KeyExistsError(key) from None
+        except IsADirectoryError:
+            raise InvalidKeyError(
+                key, f"the store folder holds a folder named {dest.name!r} in the way"
+            ) from None
+        return info
 
     def get(
         self,
