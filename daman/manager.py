@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from . import legacy as legacy_format
 from .cache import Cache, CacheEntry
 from .config import Config, format_size
 from .errors import (
@@ -111,6 +112,8 @@ class KeyListing:
     last_modified: datetime | None
     cached: bool
     persist: bool
+    legacy: bool | None = None
+    """A daman 0.2 object (``dm_migrate`` converts it); None when not checked."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +132,11 @@ class ObjectDetails:
     meta: Any
     cached: bool
     persist: bool
+    legacy: bool = False
+    """A daman 0.2 object: no sha256, writer, versions or readable meta until ``dm_migrate``
+    converts it."""
+    md5: str = ""
+    """A daman 0.2 object's md5, as stored with it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -523,7 +531,11 @@ class Manager:
                     info = self.store.get(
                         key, tmp, progress=progress, on_size=on_size, on_written=hasher.written
                     )
-                footer = verify_file(f, hasher=hasher)
+                # A daman 0.2 object is checked and rewritten in today's format here, so that
+                # the cache never holds the old format.
+                footer = legacy_format.convert_download(f, tmp, key, info, self.signing_key)
+                if footer is None:
+                    footer = verify_file(f, hasher=hasher)
                 self._check_signature(footer, key)  # after the hash: the signature covers it
                 return f, footer, info
             except UntrustedObjectError:
@@ -577,6 +589,9 @@ class Manager:
         validate_key(key)
         try:
             tail, remote = self.store.read_tail(key, TAIL_GUESS)
+            if legacy_format.recognise(tail, remote):  # no footer: its meta is inside it
+                states = self.cache.states([key])
+                return legacy_format.details(key, remote, states, self.signing_key)
 
             def read_at(offset: int, length: int) -> bytes:
                 return self.store.read_range(key, offset, length)
@@ -614,17 +629,25 @@ class Manager:
             persist=states.get(key, False),
         )
 
-    def ls(self, prefix: str = "") -> list[KeyListing]:
-        """Keys in the store under ``prefix``, each with whether it is cached / persisted."""
+    def ls(self, prefix: str = "", *, legacy: bool = False) -> list[KeyListing]:
+        """Keys in the store under ``prefix``, each with whether it is cached / persisted.
+        With ``legacy``, daman 0.2 objects are marked, at the cost of reading each key's last
+        16 bytes (on S3 one small request per key, 8 at a time; a listing cannot tell)."""
         validate_prefix(prefix)
         listing: list[KeyListing] = []
         page: list[ObjectInfo] = []
 
         def flush() -> None:
             states = self.cache.states([info.key for info in page])
+            old = legacy_format.find(self.store, page) if legacy else None
             listing.extend(
                 KeyListing(
-                    i.key, i.size, i.last_modified, i.key in states, states.get(i.key, False)
+                    i.key,
+                    i.size,
+                    i.last_modified,
+                    i.key in states,
+                    states.get(i.key, False),
+                    legacy=None if old is None else i.key in old,
                 )
                 for i in page
             )

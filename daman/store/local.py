@@ -6,6 +6,12 @@ suffix keeps file names and folder names apart, so ``a`` and ``a/b`` can both be
 New keys are created with ``os.link(tmp, final)``, which fails if the name already exists:
 atomic on local filesystems and the classic safe create on NFS, so of two concurrent pushes
 exactly one wins. Overwrites use ``os.replace``. Readers therefore only ever see whole files.
+
+``put_if_match`` (dm_migrate's conditional replace) first renames the current file aside
+(``.<name>.<random>.aside``), which atomically takes exactly the version it will check, then
+links the new file in only if the aside one was the expected version (else puts it back).
+For the microseconds between the two, readers find no key; a process killed there leaves the
+old version aside, and ``recover_interrupted`` (run by dm_migrate first) puts it back.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from ..errors import (
+    ConcurrentChangeError,
     CredentialsError,
     DamanError,
     InvalidKeyError,
@@ -35,6 +42,7 @@ from ..serialize import TRAILER, file_reader, read_footer
 from .base import ObjectInfo, Progress, Store, Written, _no_progress, _no_range
 
 SUFFIX = ".daman"
+ASIDE = ".aside"
 _CHUNK = 8 * 1024 * 1024
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
@@ -73,6 +81,18 @@ def _info(key: str, f: IO[bytes]) -> ObjectInfo:
             trailer = read_at(st.st_size - TRAILER.size, TRAILER.size)
             etag = f"{read_footer(read_at, st.st_size, trailer).sha256}-{st.st_size:x}"
     return _stat_info(key, st, etag)
+
+
+def _put_back(aside: Path, dest: Path) -> bool:
+    """Return a version set aside by ``put_if_match`` to its name, unless the name holds a
+    newer one (then the aside version is dropped, as an overwrite would have); True if put back."""
+    try:
+        os.link(aside, dest)
+        restored = True
+    except FileExistsError:
+        restored = False
+    aside.unlink()
+    return restored
 
 
 def _copy(src: IO[bytes], dst: IO[bytes], progress: Progress) -> None:
@@ -189,6 +209,68 @@ class LocalStore(Store):
             return info
         finally:
             tmp.unlink(missing_ok=True)
+
+    @_mapped
+    def put_if_match(
+        self, key: str, path: Path, etag: str, *, progress: Progress = _no_progress
+    ) -> ObjectInfo:
+        dest = self._path(key)
+        self._require_root()
+        token = uuid.uuid4().hex
+        tmp = dest.with_name(f".{dest.name}.{token}.incomplete")
+        aside = dest.with_name(f".{dest.name}.{token}{ASIDE}")
+        try:
+            try:
+                out = open(tmp, "x+b")  # noqa: SIM115 - closed by the with-block below
+            except (FileNotFoundError, NotADirectoryError):  # the key's folder is gone
+                raise KeyNotFoundError(key, self.describe()) from None
+            with out, open(path, "rb") as src:
+                _copy(src, out, progress)
+                out.flush()
+                os.fsync(out.fileno())
+                info = _info(key, out)
+            try:
+                os.rename(dest, aside)  # from here on nobody can change the version we check
+            except FileNotFoundError:
+                raise KeyNotFoundError(key, self.describe()) from None
+            try:
+                with open(aside, "rb") as f:
+                    unchanged = _info(key, f).etag == etag  # rename keeps inode and mtime
+                if unchanged:
+                    os.link(tmp, dest)  # fails if a push created the key meanwhile: it wins
+            except BaseException:
+                _put_back(aside, dest)
+                raise
+            if not unchanged:
+                _put_back(aside, dest)
+                raise ConcurrentChangeError(
+                    f"{key!r} changed in {self.describe()} while it was being rewritten; it "
+                    "was left as it is."
+                )
+            aside.unlink()
+            return info
+        except FileExistsError:
+            raise ConcurrentChangeError(
+                f"{key!r} was pushed again in {self.describe()} while it was being rewritten; "
+                "the new version was kept."
+            ) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @_mapped
+    def recover_interrupted(self, prefix: str = "") -> int:
+        validate_prefix(prefix)
+        self._require_root()
+        base = self.root.joinpath(*prefix.split("/")[:-1]) if "/" in prefix else self.root
+        repaired = 0
+        for folder, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(".") and name.endswith(ASIDE):
+                    # ".<key name>.daman.<token>.aside" -> "<key name>.daman"
+                    original = name[1:].rsplit(".", 2)[0]
+                    if original.endswith(SUFFIX):
+                        repaired += _put_back(Path(folder, name), Path(folder, original))
+        return repaired
 
     def get(
         self,
