@@ -120,9 +120,7 @@ def test_ls_marks_02_objects_when_asked(manager: Manager, config: Config) -> Non
     ]
 
 
-def test_with_a_signing_key_a_02_object_is_refused_unopened(
-    config: Config, tmp_path: Path
-) -> None:
+def test_with_a_signing_key_a_02_object_is_refused_unopened(config: Config, tmp_path: Path) -> None:
     log = tmp_path / "unpickled.log"
     put_02(config, "old", Tripwire(log), meta="m")
     with Manager(config.replace(signing_key=KEY)) as signed:
