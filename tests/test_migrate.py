@@ -137,8 +137,8 @@ def test_a_concurrent_change_during_migration_is_never_overwritten(
             teammate.push("new b", "b", meta="pushed meanwhile", force=True)
 
     hooked.hooks["after_get"] = push_new_b
-    with Manager(config, store=hooked, cache=manager.cache) as migrating:
-        result = migrate_store(migrating)
+    migrating = Manager(config, store=hooked, cache=manager.cache)  # shares them: not closed
+    result = migrate_store(migrating)
     assert result.converted == ["a", "c"] and list(result.refused) == ["b"]
     assert "changed" in result.refused["b"] and "left as it is" in result.refused["b"]
     with Manager(config.replace(local_dir=str(config.cache_dir) + "-check")) as check:
@@ -154,8 +154,8 @@ def test_a_02_object_pushed_again_by_02_meanwhile_is_left_for_the_next_run(
     put_02(config, "k", "first")
     hooked = HookedStore(manager.store)
     hooked.hooks["after_get"] = lambda key: put_02(config, key, "second, by a 0.2 client")
-    with Manager(config, store=hooked, cache=manager.cache) as migrating:
-        assert list(migrate_store(migrating).refused) == ["k"]
+    migrating = Manager(config, store=hooked, cache=manager.cache)  # shares them: not closed
+    assert list(migrate_store(migrating).refused) == ["k"]
     assert formats(manager) == {"k": True}
     assert migrate_store(manager).converted == ["k"]
     assert manager.pull("k")[0] == "second, by a 0.2 client"
@@ -175,8 +175,9 @@ def test_an_interrupted_migration_is_resumed_by_running_it_again(
             raise KeyboardInterrupt
 
     hooked.hooks["put_if_match"] = interrupt_third
-    with Manager(config, store=hooked, cache=manager.cache) as m, pytest.raises(KeyboardInterrupt):
-        migrate_store(m)
+    migrating = Manager(config, store=hooked, cache=manager.cache)  # shares them: not closed
+    with pytest.raises(KeyboardInterrupt):
+        migrate_store(migrating)
     assert formats(manager) == {"k0": False, "k1": False, "k2": True, "k3": True, "k4": True}
     assert list((config.cache_dir / "tmp").iterdir()) == []
     result = migrate_store(manager)
