@@ -91,7 +91,9 @@ def _put_back(aside: Path, dest: Path) -> bool:
         restored = True
     except FileExistsError:
         restored = False
-    aside.unlink()
+    except FileNotFoundError:  # another process put it back first
+        return False
+    aside.unlink(missing_ok=True)
     return restored
 
 
