@@ -443,6 +443,10 @@ def test_dm_migrate_converts_and_dry_run_changes_nothing(manager: Manager, confi
     assert etags(manager) == before
     result = run("dm_info", "--key", "team/old")
     assert result.returncode == 0 and "daman 0.2" in result.stdout
+    result = run("dm_pull", "--key", "team/old")  # into the cache, converted on the way
+    assert result.returncode == 0 and "team/old" in result.stdout, result.stderr
+    with Manager(config) as here:
+        assert here.load("team/old").source == "cache"
 
     result = run("dm_migrate", "--quiet")
     assert result.returncode == 0, result.stderr
