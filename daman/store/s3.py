@@ -288,7 +288,7 @@ class S3Store(Store):
 
         r = self._idempotent(once)
         return ObjectInfo(
-            key, r["ContentLength"], r["ETag"], r.get("LastModified"), r.get("Metadata")
+            key, r["ContentLength"], r["ETag"], r.get("LastModified"), r.get("Metadata") or {}
         )
 
     def put(
@@ -503,7 +503,8 @@ class S3Store(Store):
         # A server that ignores Range sends the whole object (no Content-Range): take it all.
         total = int(match.group(3)) if match else r["ContentLength"]
         first_len = min(total, first_end + 1) if match else total
-        info = ObjectInfo(key, total, r["ETag"], r.get("LastModified"), r.get("Metadata"))
+        # S3 always keeps user metadata: {} (not None) says an object has none.
+        info = ObjectInfo(key, total, r["ETag"], r.get("LastModified"), r.get("Metadata") or {})
         on_size(total)
         with open(dest, "wb") as out:
             fd = out.fileno()
@@ -543,7 +544,8 @@ class S3Store(Store):
             data = b"".join(chunks)
         match = _CONTENT_RANGE.match(r.get("ContentRange", ""))
         total = int(match.group(3)) if match else len(data)
-        return data, ObjectInfo(key, total, r["ETag"], r.get("LastModified"), r.get("Metadata"))
+        metadata = r.get("Metadata") or {}
+        return data, ObjectInfo(key, total, r["ETag"], r.get("LastModified"), metadata)
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
         if length <= 0:
