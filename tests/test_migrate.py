@@ -101,6 +101,18 @@ def test_with_a_signing_key_migrate_signs_what_it_converts(config: Config) -> No
         other.pull("old")
 
 
+def test_a_large_02_object_is_migrated_in_parts(manager: Manager, config: Config) -> None:
+    import numpy as np
+
+    array = np.arange(9 * 1024 * 1024 // 8, dtype=np.float64)  # over 8 MiB: multipart on S3
+    put_02(config, "big", {"x": array}, meta="large")
+    result = migrate_store(manager)
+    assert result.converted == ["big"] and formats(manager) == {"big": False}
+    with Manager(config.replace(local_dir=str(config.cache_dir) + "-check")) as check:
+        obj, meta = check.pull("big")
+    assert np.array_equal(obj["x"], array) and meta == "large"
+
+
 def test_a_prefix_limits_the_migration(manager: Manager, config: Config) -> None:
     put_02(config, "team/a", 1)
     put_02(config, "other/b", 2)
