@@ -129,6 +129,11 @@ def migrate_store(
     validate_prefix(prefix)
     report = MigrationReport(dry_run=dry_run)
     if not dry_run:
+        if type(manager.store).put_if_match is Store.put_if_match:  # say so once, not per key
+            raise DamanError(
+                f"{manager.store.describe()} cannot replace an object only if it is unchanged, "
+                "which dm_migrate needs; nothing was changed."
+            )
         report.recovered = manager.store.recover_interrupted(prefix)
 
     def done(key: str, outcome: str, detail: str) -> None:

@@ -512,3 +512,15 @@ def test_dm_migrate_local_on_a_bad_02_config_is_one_line(daman_home: Path) -> No
     result = run("dm_migrate", "--local")
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert "daman 0.2" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_store_without_conditional_replace_stops_the_migration_at_once(
+    manager: Manager, config: Config
+) -> None:
+    from counting_store import CountingStore  # a Store that does not offer put_if_match
+
+    put_02(config, "k", 1)
+    plain = Manager(config, store=CountingStore(manager.store), cache=manager.cache)
+    with pytest.raises(daman.DamanError, match="cannot replace an object only if"):
+        migrate_store(plain)
+    assert migrate_store(plain, dry_run=True).converted == ["k"]
