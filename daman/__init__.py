@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from importlib import metadata as _metadata
+
 from .api import (
     clear,
     config_path,
@@ -18,6 +20,8 @@ from .api import (
     get_manager,
     info,
     ls,
+    migrate,
+    migrate_local,
     pull,
     pull_file,
     push,
@@ -29,6 +33,7 @@ from .api import (
 )
 from .config import Config, format_size, parse_size
 from .errors import (
+    ConcurrentChangeError,
     ConfigError,
     CredentialsError,
     DamanError,
@@ -53,7 +58,10 @@ from .errors import (
 from .manager import KeyListing, Manager, ObjectDetails, Pulled, Usage, VerifyReport
 from .store import ObjectInfo
 
-__version__ = "0.1.0"
+try:  # one source of truth: the version pyproject.toml gave the installed package
+    __version__ = _metadata.version("daman")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"
 
 
 def load_ipython_extension(ipython: object) -> None:
@@ -71,6 +79,7 @@ def unload_ipython_extension(ipython: object) -> None:
 
 
 __all__ = [
+    "ConcurrentChangeError",
     "Config",
     "ConfigError",
     "CredentialsError",
@@ -110,6 +119,8 @@ __all__ = [
     "get_manager",
     "info",
     "ls",
+    "migrate",
+    "migrate_local",
     "parse_size",
     "pull",
     "pull_file",

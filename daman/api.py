@@ -7,7 +7,7 @@ import dataclasses
 import json
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import forksafe
 from .cache import CacheEntry
@@ -15,6 +15,9 @@ from .config import Config, config_path, load_config, save_config
 from .errors import ConfigError, NotConfiguredError, StorageNotFoundError
 from .manager import KeyListing, Manager, ObjectDetails, Usage, VerifyReport
 from .store import ObjectInfo, open_store
+
+if TYPE_CHECKING:
+    from .migrate import MigrationReport, OnKey, SetupImport
 
 _default: Manager | None = None
 _lock = threading.Lock()
@@ -147,8 +150,10 @@ def delete(key: str, local: bool = True, remote: bool = False) -> None:
     get_manager().delete(key, local=local, remote=remote)
 
 
-def ls(prefix: str = "") -> list[KeyListing]:
-    return get_manager().ls(prefix)
+def ls(prefix: str = "", *, legacy: bool = False) -> list[KeyListing]:
+    """The keys under ``prefix``; ``legacy=True`` marks daman 0.2 objects (one small read per
+    key); see :meth:`Manager.ls`."""
+    return get_manager().ls(prefix, legacy=legacy)
 
 
 def info(key: str) -> ObjectDetails:
@@ -189,6 +194,24 @@ def pull_file(key: str, dest: str | Path, force: bool = False, persist: bool = F
     return get_manager().pull_file(key, dest, force=force, persist=persist)
 
 
+def migrate(
+    prefix: str = "", *, dry_run: bool = False, on_key: OnKey | None = None
+) -> MigrationReport:
+    """Rewrite the store's daman 0.2 objects (under ``prefix``) in today's format, never
+    overwriting a concurrent change; see :func:`daman.migrate.migrate_store`."""
+    from .migrate import migrate_store
+
+    return migrate_store(get_manager(), prefix, dry_run=dry_run, on_key=on_key)
+
+
+def migrate_local(*, dry_run: bool = False) -> SetupImport:
+    """Import this machine's daman 0.2 setup (``~/.daman/config``) and its persisted keys;
+    see :func:`daman.migrate.import_setup`."""
+    from .migrate import import_setup
+
+    return import_setup(dry_run=dry_run)  # a configuration it writes resets the default manager
+
+
 __all__ = [
     "clear",
     "config_path",
@@ -200,6 +223,8 @@ __all__ = [
     "get_manager",
     "info",
     "ls",
+    "migrate",
+    "migrate_local",
     "pull",
     "pull_file",
     "push",

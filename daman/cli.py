@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import api, report
+from . import __version__, api, report
 from .config import Config, format_size, load_config
 from .credentials import write_aws_credentials
 from .errors import DamanError
@@ -30,6 +30,7 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--quiet", action="store_true", help="no progress bars (also off when not on a terminal)"
     )
+    parser.add_argument("--version", action="version", version=f"daman {__version__}")
     return parser
 
 
@@ -294,12 +295,18 @@ def ls_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("prefix", nargs="?", default="", help="only keys starting with this")
     parser.add_argument("--long", "-l", action="store_true", help="size, date, cache state")
+    parser.add_argument(
+        "--legacy",
+        action="store_true",
+        help="mark daman 0.2 objects (reads each key's last 16 bytes: one small request per "
+        "key on S3)",
+    )
     _add_json(parser)
     args = parser.parse_args(argv)
 
     def action() -> None:
         with _manager(args.quiet) as manager:
-            listing = manager.ls(args.prefix)
+            listing = manager.ls(args.prefix, legacy=args.legacy)
         if args.json:
             _print_json(report.listing_data(listing))
         elif args.long:
@@ -423,10 +430,90 @@ def verify_main(argv: Sequence[str] | None = None) -> int:
     return _run("dm_verify", action)
 
 
+# -- upgrading from daman 0.2 ----------------------------------------------------------------
+
+
+@_command("migrate")
+def migrate_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser(
+        "dm_migrate",
+        "Upgrade from daman 0.2.\n\n"
+        "Without --local: rewrite every daman 0.2 object of the store (or those under PREFIX)\n"
+        "in today's format, with its meta, signed when signing_key is set. Each object is\n"
+        "replaced only if it is still the version that was read: a change made meanwhile is\n"
+        "never overwritten (it is reported as refused). Objects already converted are\n"
+        "skipped, so an interrupted run is finished by running it again. Each 0.2 object is\n"
+        "loaded (after its md5 is checked) to be rewritten: with a signing key, converting\n"
+        'an object vouches for it. Needs joblib: pip install "daman[legacy]".\n\n'
+        "With --local: import this machine's daman 0.2 setup (~/.daman/config and its\n"
+        "registry) as today's configuration, and pull again, persisted, the keys 0.2 had\n"
+        "persisted. The 0.2 cache folder is left untouched, for you to delete.\n\n"
+        "Exit code 1 if an object (or a persisted key) could not be migrated.\n\n"
+        "examples:\n"
+        "  dm_migrate --dry-run       # list the daman 0.2 objects; change nothing\n"
+        "  dm_migrate                 # convert them all\n"
+        "  dm_migrate team/models/    # only those under a prefix\n"
+        "  dm_migrate --local         # import this machine's daman 0.2 setup",
+    )
+    parser.add_argument("prefix", nargs="?", default="", help="only keys starting with this")
+    parser.add_argument("--dry-run", action="store_true", help="say what would be done; do nothing")
+    parser.add_argument(
+        "--local", action="store_true", help="import this machine's daman 0.2 setup instead"
+    )
+    args = parser.parse_args(argv)
+    if args.local and args.prefix:
+        parser.error("--local imports the machine's setup; it takes no PREFIX")
+    show = not args.quiet and sys.stdout.isatty()
+
+    def action() -> None:
+        from .migrate import import_setup, migrate_store
+
+        if args.local:
+            imported = import_setup(dry_run=args.dry_run, progress=show)
+            print("\n".join(report.setup_import_lines(imported)))
+            if not imported.ok:
+                raise DamanError(
+                    f"{report.count(len(imported.failed), 'persisted key', 'persisted keys')} "
+                    "could not be pulled again (see above); run dm_migrate --local again."
+                )
+            return
+        bar = None
+        if show:
+            from tqdm import tqdm
+
+            bar = tqdm(desc="dm_migrate", unit=" keys", leave=False, file=sys.stderr)
+
+        def on_key(key: str, outcome: str, detail: str) -> None:
+            line = report.migration_line(key, outcome, detail, dry_run=args.dry_run)
+            if line is not None:
+                (bar.write if bar is not None else print)(line)
+                sys.stdout.flush()
+            if bar is not None:
+                bar.update(1)
+
+        try:
+            with _manager(args.quiet) as manager:
+                result = migrate_store(manager, args.prefix, dry_run=args.dry_run, on_key=on_key)
+        finally:
+            if bar is not None:
+                bar.close()
+        print("\n".join(report.migration_summary(result)))
+        if not result.ok:
+            raise DamanError(
+                f"{report.count(len(result.refused), 'object', 'objects')} could not be "
+                "migrated (see above); run dm_migrate again once the reason is dealt with."
+            )
+
+    return _run("dm_migrate", action)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m daman COMMAND ...``: the console scripts without their ``dm_`` prefix."""
     argv = list(sys.argv[1:] if argv is None else argv)
     names = ", ".join(COMMANDS)
+    if argv[:1] == ["--version"]:
+        print(f"daman {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(
             f"usage: python -m daman {{{names}}} [--help] ...\n\n"

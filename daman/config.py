@@ -177,9 +177,12 @@ def load_config(path: Path | None = None) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
+        from .migrate import legacy_setup_hint  # here only: it imports most of daman
+
         raise NotConfiguredError(
             f"daman is not configured ({path} does not exist). Run "
             "`dm_configure --storage_name NAME --service {aws,local}` or call dm.configure(...)."
+            + legacy_setup_hint()
         ) from None
     try:
         data = json.loads(text)

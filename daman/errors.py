@@ -106,6 +106,11 @@ class UntrustedObjectError(IntegrityError):
     """Signing is on and an object carries no valid signature: it is refused unopened."""
 
 
+class ConcurrentChangeError(DamanError):
+    """A conditional replace (``dm_migrate``) found that the stored object had changed since it
+    was read: nothing was overwritten."""
+
+
 class NotCachedError(DamanError):
     """An explicit request to cache a key that cannot fit in the allocation."""
 

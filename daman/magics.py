@@ -300,13 +300,14 @@ class DamanMagics(Magics):
     @line_magic
     @magic_arguments()
     @argument("prefix", nargs="?", default="", help="list only keys starting with this")
+    @argument("--legacy", action="store_true", help="mark daman 0.2 objects (one read per key)")
     @_one_line_errors
     def dm_ls(self, line: str) -> None:
         """The keys in the store with size, last modified and whether cached or persisted
         here; the same table as ``dm_ls --long``."""
         args = _parse(self.dm_ls, line)
         manager = api.get_manager()
-        listing = manager.ls(args.prefix)
+        listing = manager.ls(args.prefix, legacy=args.legacy)
         self.completer.remember(manager, args.prefix, [item.key for item in listing])
         if not listing:
             under = f" under {args.prefix!r}" if args.prefix else ""

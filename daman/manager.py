@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from . import legacy as legacy_format
 from .cache import Cache, CacheEntry
 from .config import Config, format_size
 from .errors import (
@@ -115,6 +116,8 @@ class KeyListing:
     last_modified: datetime | None
     cached: bool
     persist: bool
+    legacy: bool | None = None
+    """A daman 0.2 object (``dm_migrate`` converts it); None when not checked."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +141,11 @@ class ObjectDetails:
     holds_code: bool | None = None
     """Whether it holds code pickled by value, which loads only under the writer's Python
     minor version; None for objects pushed before daman recorded it."""
+    legacy: bool = False
+    """A daman 0.2 object: no sha256, writer, versions or readable meta until ``dm_migrate``
+    converts it."""
+    md5: str = ""
+    """A daman 0.2 object's md5, as stored with it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -581,7 +589,11 @@ class Manager:
                     info = self.store.get(
                         key, tmp, progress=progress, on_size=on_size, on_written=hasher.written
                     )
-                footer = verify_file(f, hasher=hasher)
+                # A daman 0.2 object is checked and rewritten in today's format here, so that
+                # the cache never holds the old format.
+                footer = legacy_format.convert_download(f, tmp, key, info, self.signing_key)
+                if footer is None:
+                    footer = verify_file(f, hasher=hasher)
                 self._check_identity(footer, key, last=attempt == _DOWNLOAD_ATTEMPTS)
                 return f, footer, info
             except UntrustedObjectError:
@@ -634,7 +646,10 @@ class Manager:
         """Size, times, hash, writer and meta of ``key`` from one ranged read of its tail."""
         validate_key(key)
         try:
-            footer, meta, remote = self._remote_details(key)
+            found = self._remote_details(key)
+            if isinstance(found, ObjectDetails):  # a daman 0.2 object
+                return found
+            footer, meta, remote = found
         except (StoreUnavailableError, StorageNotFoundError) as exc:
             entry = self.cache.get(key)
             if entry is None:
@@ -666,15 +681,18 @@ class Manager:
             holds_code=footer.code,
         )
 
-    def _remote_details(self, key: str) -> tuple[Footer, Any, ObjectInfo]:
+    def _remote_details(self, key: str) -> tuple[Footer, Any, ObjectInfo] | ObjectDetails:
         """The stored object's footer and meta, read from its tail (asked again when the
-        answer holds another key's object)."""
+        answer holds another key's object); a daman 0.2 object's details."""
 
         def read_at(offset: int, length: int) -> bytes:
             return self.store.read_range(key, offset, length)
 
         for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
             tail, remote = self.store.read_tail(key, TAIL_GUESS)
+            if legacy_format.recognise(tail, remote):  # no footer: its meta is inside it
+                states = self.cache.states([key])
+                return legacy_format.details(key, remote, states, self.signing_key)
             footer = read_footer(read_at, remote.size, tail)
             try:
                 self._check_identity(footer, key, last=attempt == _DOWNLOAD_ATTEMPTS)
@@ -687,17 +705,25 @@ class Manager:
             return footer, load_meta(read_at, footer, tail, remote.size), remote
         raise AssertionError("unreachable")
 
-    def ls(self, prefix: str = "") -> list[KeyListing]:
-        """Keys in the store under ``prefix``, each with whether it is cached / persisted."""
+    def ls(self, prefix: str = "", *, legacy: bool = False) -> list[KeyListing]:
+        """Keys in the store under ``prefix``, each with whether it is cached / persisted.
+        With ``legacy``, daman 0.2 objects are marked, at the cost of reading each key's last
+        16 bytes (on S3 one small request per key, 8 at a time; a listing cannot tell)."""
         validate_prefix(prefix)
         listing: list[KeyListing] = []
         page: list[ObjectInfo] = []
 
         def flush() -> None:
             states = self.cache.states([info.key for info in page])
+            old = legacy_format.find(self.store, page) if legacy else None
             listing.extend(
                 KeyListing(
-                    i.key, i.size, i.last_modified, i.key in states, states.get(i.key, False)
+                    i.key,
+                    i.size,
+                    i.last_modified,
+                    i.key in states,
+                    states.get(i.key, False),
+                    legacy=None if old is None else i.key in old,
                 )
                 for i in page
             )

@@ -11,6 +11,7 @@ from typing import Any
 
 from .config import format_size
 from .manager import KeyListing, ObjectDetails, Usage, VerifyReport
+from .migrate import MigrationReport, SetupImport
 
 
 def when(moment: datetime | None) -> str:
@@ -30,6 +31,7 @@ def listing_data(listing: Sequence[KeyListing]) -> list[dict[str, Any]]:
             last_modified=item.last_modified.isoformat() if item.last_modified else None,
             cached=item.cached,
             persist=item.persist,
+            legacy=item.legacy,
         )
         for item in listing
     ]
@@ -40,8 +42,10 @@ def listing_lines(listing: Sequence[KeyListing]) -> list[str]:
     lines = []
     for item in listing:
         state = "persisted" if item.persist else "cached" if item.cached else "-"
+        mark = "  (daman 0.2: run dm_migrate)" if item.legacy else ""
         lines.append(
             f"{format_size(item.size):>10}  {when(item.last_modified)}  {state:<9}  {item.key}"
+            + mark
         )
     total = sum(item.size for item in listing)
     lines.append(f"{count(len(listing), 'key', 'keys')}, {format_size(total)}")
@@ -49,6 +53,16 @@ def listing_lines(listing: Sequence[KeyListing]) -> list[str]:
 
 
 def details_data(details: ObjectDetails) -> dict[str, Any]:
+    if details.legacy:  # daman 0.2 kept no hash, writer or versions; its meta is inside it
+        return dict(
+            key=details.key,
+            format="daman 0.2",
+            size=details.size,
+            last_modified=details.last_modified.isoformat() if details.last_modified else None,
+            md5=details.md5 or None,
+            cached=details.cached,
+            persist=details.persist,
+        )
     return dict(
         key=details.key,
         size=details.size,
@@ -68,7 +82,12 @@ def details_lines(details: ObjectDetails) -> list[str]:
     fields = details_data(details)
     fields["size"] = f"{format_size(details.size)} ({details.size} bytes)"
     fields["last_modified"] = when(details.last_modified)
-    fields["meta"] = repr(details.meta)
+    if details.legacy:
+        fields["format"] = "daman 0.2 (convert it with dm_migrate; no writer or date recorded)"
+        fields["md5"] = details.md5 or "none recorded (a folder keeps no md5: not verified)"
+        fields["meta"] = "inside the object: dm.pull shows it"
+    else:
+        fields["meta"] = repr(details.meta)
     return [f"{name + ':':<15}{value}" for name, value in fields.items()]
 
 
@@ -112,4 +131,55 @@ def verify_lines(result: VerifyReport) -> list[str]:
         )
     if result.ok:
         lines.append("all intact")
+    return lines
+
+
+def migration_line(key: str, outcome: str, detail: str, *, dry_run: bool = False) -> str | None:
+    """One key of a ``dm_migrate`` run, or None for a key with nothing to say (skipped)."""
+    if outcome == "converted":
+        return f"{'would convert' if dry_run else 'converted'} {key} ({detail})"
+    if outcome == "refused":
+        return f"refused {key}: {detail}"
+    return None
+
+
+def migration_summary(result: MigrationReport) -> list[str]:
+    converted = count(len(result.converted), "daman 0.2 object", "daman 0.2 objects")
+    skipped = count(len(result.skipped), "key", "keys")
+    lines = []
+    if result.recovered:
+        lines.append(
+            f"put back {count(result.recovered, 'object', 'objects')} left aside by an "
+            "interrupted run"
+        )
+    verb = "would convert" if result.dry_run else "converted"
+    summary = f"{verb} {converted}; {skipped} already in today's format"
+    if result.refused:
+        summary += f"; {len(result.refused)} refused (see above)"
+    lines.append(summary)
+    return lines
+
+
+def setup_import_lines(result: SetupImport) -> list[str]:
+    config = result.config
+    if result.existed:
+        head = f"{result.config_path} already uses the daman 0.2 bucket; its pins only"
+    else:
+        verb = "would import" if result.dry_run else "imported"
+        head = f"{verb} the daman 0.2 setup from {result.setup.path} into {result.config_path}"
+    lines = [
+        head + ":",
+        f"  storage_name:    {config.storage_name}",
+        f"  service:         {config.service}",
+        f"  local_dir:       {config.cache_dir}",
+        f"  allocated_space: {format_size(config.allocated_space)}",
+    ]
+    if result.pinned:
+        verb = "would pull again and persist" if result.dry_run else "pulled again and persisted"
+        lines.append(f"{verb}: {', '.join(result.pinned)}")
+    lines += [f"could not persist {key}: {why}" for key, why in result.failed.items()]
+    lines.append(
+        f"the daman 0.2 cache folder {result.setup.data_dir} is left untouched: delete it once "
+        "nobody on this machine uses daman 0.2"
+    )
     return lines

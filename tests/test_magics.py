@@ -533,3 +533,19 @@ def test_completion_follows_a_new_configuration(shell, tmp_path) -> None:
         dm.configure(storage_name=str(tmp_path / name), service="local", progress=False)
         dm.push(0, f"{name}/k")
         assert completions(shell, "%dm_pull ") == [f"{name}/"]  # within the TTL
+
+
+def test_a_daman_02_object_is_pulled_described_and_marked(
+    shell: InteractiveShell, configured: dm.Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from legacy_helpers import put_02
+
+    put_02(configured, "team/old_frame", {"rows": 3}, meta={"by": "0.2"})
+    run(shell, "%dm_pull team/old_frame")
+    assert shell.user_ns["old_frame"] == {"rows": 3}
+    assert shell.user_ns["old_frame_meta"] == {"by": "0.2"}
+    capsys.readouterr()
+    run(shell, "%dm_info team/old_frame")
+    assert "daman 0.2" in capsys.readouterr().out
+    run(shell, "%dm_ls team/ --legacy")
+    assert "daman 0.2" in capsys.readouterr().out

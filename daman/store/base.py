@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
+
+from ..errors import DamanError
 
 Progress = Callable[[int], object]
 """Called with a number of bytes just transferred."""
@@ -31,6 +33,10 @@ class ObjectInfo:
     etag: str
     """Changes whenever the stored bytes change; compared, never interpreted."""
     last_modified: datetime | None = None
+    metadata: Mapping[str, str] | None = dataclasses.field(default=None, compare=False, repr=False)
+    """The object's user metadata when the request that made this info returned it (S3: HEAD
+    and GET, not listings); None when not known, and always for a folder, which keeps none.
+    Only daman 0.2 objects carry any (``md5``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +134,23 @@ class Store(abc.ABC):
             elif not prefixes or prefixes[-1] != name:
                 prefixes.append(name)
         return Level(prefix, prefixes, objects, None)
+
+    def put_if_match(
+        self, key: str, path: Path, etag: str, *, progress: Progress = _no_progress
+    ) -> ObjectInfo:
+        """Replace ``key`` with the file at ``path`` only if its stored version is still
+        ``etag``: ``ConcurrentChangeError`` if it changed, ``KeyNotFoundError`` if it is gone;
+        a concurrent change is never overwritten. Used by ``dm_migrate``; a backend that
+        cannot do it says so (this default)."""
+        raise DamanError(
+            f"{self.describe()} cannot replace an object only if it is unchanged, which "
+            "dm_migrate needs."
+        )
+
+    def recover_interrupted(self, prefix: str = "") -> int:
+        """Finish or undo what an interrupted :meth:`put_if_match` under ``prefix`` left
+        behind; returns how many objects it repaired. Nothing to do for most backends."""
+        return 0
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -6,6 +6,12 @@ suffix keeps file names and folder names apart, so ``a`` and ``a/b`` can both be
 New keys are created with ``os.link(tmp, final)``, which fails if the name already exists:
 atomic on local filesystems and the classic safe create on NFS, so of two concurrent pushes
 exactly one wins. Overwrites use ``os.replace``. Readers therefore only ever see whole files.
+
+``put_if_match`` (dm_migrate's conditional replace) first renames the current file aside
+(``.<name>.<random>.aside``), which atomically takes exactly the version it will check, then
+links the new file in only if the aside one was the expected version (else puts it back).
+For the microseconds between the two, readers find no key; a process killed there leaves the
+old version aside, and ``recover_interrupted`` (run by dm_migrate first) puts it back.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import errno
 import fcntl
 import functools
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +29,7 @@ from typing import IO, Any, TypeVar
 
 from .. import forksafe
 from ..errors import (
+    ConcurrentChangeError,
     CredentialsError,
     DamanError,
     InvalidKeyError,
@@ -37,6 +45,7 @@ from ..serialize import TRAILER, file_reader, read_footer
 from .base import ObjectInfo, Progress, Store, Written, _no_progress, _no_range
 
 SUFFIX = ".daman"
+ASIDE = ".aside"
 _CHUNK = 8 * 1024 * 1024
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 _UNREACHABLE = {errno.ESTALE, errno.EIO, errno.ENOTCONN, errno.EHOSTDOWN, errno.EHOSTUNREACH,
@@ -100,6 +109,20 @@ def _first_file(root: Path, folder: Path) -> str:
         if (root / parent).exists() and not (root / parent).is_dir():
             return str(root / parent)
     return str(folder)
+
+
+def _put_back(aside: Path, dest: Path) -> bool:
+    """Return a version set aside by ``put_if_match`` to its name, unless the name holds a
+    newer one (then the aside version is dropped, as an overwrite would have); True if put back."""
+    try:
+        os.link(aside, dest)
+        restored = True
+    except FileExistsError:
+        restored = False
+    except FileNotFoundError:  # another process put it back first
+        return False
+    aside.unlink(missing_ok=True)
+    return restored
 
 
 def _copy(src: IO[bytes], dst: IO[bytes], progress: Progress) -> None:
@@ -238,6 +261,56 @@ class LocalStore(Store):
                 key, f"the store folder holds a folder named {dest.name!r} in the way"
             ) from None
         return info
+
+    @_mapped
+    def put_if_match(
+        self, key: str, path: Path, etag: str, *, progress: Progress = _no_progress
+    ) -> ObjectInfo:
+        dest = self._path(key)
+        self._require_root()
+        aside = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}{ASIDE}")
+        try:
+            with open(path, "rb") as src, atomic_write(dest, create_only=True) as out:
+                _copy(src, out.file, progress)
+                out.file.flush()
+                info = _info(key, out.file)
+                os.rename(dest, aside)  # from here on nobody can change the version we check
+                with open(aside, "rb") as f:
+                    if _info(key, f).etag != etag:  # a rename keeps inode and mtime
+                        raise ConcurrentChangeError(
+                            f"{key!r} changed in {self.describe()} while it was being "
+                            "rewritten; it was left as it is."
+                        )
+            # linked in: it fails if a push created the key meanwhile, and that push wins
+        except FileExistsError:
+            _put_back(aside, dest)
+            raise ConcurrentChangeError(
+                f"{key!r} was pushed again in {self.describe()} while it was being rewritten; "
+                "the new version was kept."
+            ) from None
+        except (FileNotFoundError, NotADirectoryError):  # the key or its folder is gone
+            _put_back(aside, dest)
+            raise KeyNotFoundError(key, self.describe()) from None
+        except BaseException:
+            _put_back(aside, dest)
+            raise
+        aside.unlink()
+        return info
+
+    @_mapped
+    def recover_interrupted(self, prefix: str = "") -> int:
+        validate_prefix(prefix)
+        self._require_root()
+        base = self.root.joinpath(*prefix.split("/")[:-1]) if "/" in prefix else self.root
+        repaired = 0
+        for folder, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(".") and name.endswith(ASIDE):
+                    # ".<key name>.daman.<token>.aside" -> "<key name>.daman"
+                    original = name[1:].rsplit(".", 2)[0]
+                    if original.endswith(SUFFIX):
+                        repaired += _put_back(Path(folder, name), Path(folder, original))
+        return repaired
 
     def get(
         self,

@@ -44,6 +44,7 @@ from botocore.exceptions import (
 from .. import forksafe
 from ..config import Config
 from ..errors import (
+    ConcurrentChangeError,
     ConfigError,
     CredentialsError,
     DamanError,
@@ -299,7 +300,9 @@ class S3Store(Store):
             return _complete(r, "ContentLength", "ETag")
 
         r = self._idempotent(once)
-        return ObjectInfo(key, r["ContentLength"], r["ETag"], r.get("LastModified"))
+        return ObjectInfo(
+            key, r["ContentLength"], r["ETag"], r.get("LastModified"), r.get("Metadata") or {}
+        )
 
     def put(
         self, key: str, path: Path, *, overwrite: bool, progress: Progress = _no_progress
@@ -318,6 +321,30 @@ class S3Store(Store):
                 self.head(key)
                 raise KeyExistsError(key)
         return self._put_multipart(key, name, path, size, condition, progress)
+
+    def put_if_match(
+        self, key: str, path: Path, etag: str, *, progress: Progress = _no_progress
+    ) -> ObjectInfo:
+        # S3 checks IfMatch atomically with the write (PutObject, CompleteMultipartUpload).
+        # A store that ignores the header (moto 5.2 on CompleteMultipartUpload, some
+        # S3-compatible servers) overwrites: the HEAD before a multipart upload narrows that.
+        name = self._name(key)
+        size = os.path.getsize(path)
+        condition = {"IfMatch": etag}
+        try:
+            if size <= MULTIPART_THRESHOLD:
+                with self._errors(key), open(path, "rb") as body:
+                    r = self.client.put_object(Bucket=self.bucket, Key=name, Body=body, **condition)
+                progress(size)
+                return ObjectInfo(key, size, r.get("ETag", ""))
+            if self.head(key).etag != etag:  # fail before sending gigabytes
+                raise KeyExistsError(key)
+            return self._put_multipart(key, name, path, size, condition, progress)
+        except KeyExistsError:  # a failed condition (412), as _translate names it
+            raise ConcurrentChangeError(
+                f"{key!r} changed in {self.describe()} while it was being rewritten; it was "
+                "left as it is."
+            ) from None
 
     def _put_multipart(
         self,
@@ -489,7 +516,8 @@ class S3Store(Store):
         # A server that ignores Range sends the whole object (no Content-Range): take it all.
         total = int(match.group(3)) if match else r["ContentLength"]
         first_len = min(total, first_end + 1) if match else total
-        info = ObjectInfo(key, total, r["ETag"], r.get("LastModified"))
+        # S3 always keeps user metadata: {} (not None) says an object has none.
+        info = ObjectInfo(key, total, r["ETag"], r.get("LastModified"), r.get("Metadata") or {})
         on_size(total)
         with open(dest, "wb") as out:
             fd = out.fileno()
@@ -529,7 +557,8 @@ class S3Store(Store):
             data = b"".join(chunks)
         match = _CONTENT_RANGE.match(r.get("ContentRange", ""))
         total = int(match.group(3)) if match else len(data)
-        return data, ObjectInfo(key, total, r["ETag"], r.get("LastModified"))
+        metadata = r.get("Metadata") or {}
+        return data, ObjectInfo(key, total, r["ETag"], r.get("LastModified"), metadata)
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
         if length <= 0:
