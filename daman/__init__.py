@@ -35,6 +35,7 @@ from .config import Config, format_size, parse_size
 from .errors import (
     ConcurrentChangeError,
     ConfigError,
+    ConfigWarning,
     CredentialsError,
     DamanError,
     DamanWarning,
@@ -49,13 +50,22 @@ from .errors import (
     NotCachedWarning,
     NotConfiguredError,
     OfflineWarning,
+    RepairWarning,
     SerializationError,
     StorageNotFoundError,
     StoreUnavailableError,
     UntrustedObjectError,
     VersionMismatchWarning,
 )
-from .manager import KeyListing, Manager, ObjectDetails, Pulled, Usage, VerifyReport
+from .manager import (
+    Deleted,
+    KeyListing,
+    Manager,
+    ObjectDetails,
+    Pulled,
+    Usage,
+    VerifyReport,
+)
 from .store import ObjectInfo
 
 try:  # one source of truth: the version pyproject.toml gave the installed package
@@ -82,9 +92,11 @@ __all__ = [
     "ConcurrentChangeError",
     "Config",
     "ConfigError",
+    "ConfigWarning",
     "CredentialsError",
     "DamanError",
     "DamanWarning",
+    "Deleted",
     "DeserializationError",
     "IntegrityError",
     "InvalidArgumentError",
@@ -101,6 +113,7 @@ __all__ = [
     "ObjectInfo",
     "OfflineWarning",
     "Pulled",
+    "RepairWarning",
     "SerializationError",
     "StorageNotFoundError",
     "StoreUnavailableError",

@@ -3,17 +3,26 @@ saved configuration. ``dm.configure`` saves a configuration and rebuilds that ma
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import errno
+import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import forksafe
 from .cache import CacheEntry
-from .config import Config, config_path, load_config, save_config
-from .errors import ConfigError, NotConfiguredError, StorageNotFoundError
-from .manager import KeyListing, Manager, ObjectDetails, Usage, VerifyReport
+from .config import (
+    FIELDS,
+    Config,
+    check_field,
+    config_path,
+    expand,
+    load_config,
+    read_config_fields,
+    save_config,
+)
+from .errors import ConfigError, ConfigWarning, NotConfiguredError, os_errors, warn
+from .manager import Deleted, KeyListing, Manager, ObjectDetails, Usage, VerifyReport
 from .store import ObjectInfo, open_store
 
 if TYPE_CHECKING:
@@ -62,9 +71,11 @@ def configure(
     **fields: Any,
 ) -> Config:
     """Save the configuration and use it from now on; fields not given keep their saved
-    value (or their default on first use). With ``check``, the store must be reachable.
+    value (or their default on first use); ``"none"`` unsets ``local_dir``, ``endpoint_url``,
+    ``region`` and ``signing_key``. With ``check``, the store must be reachable.
 
-    ``service="local"`` makes the ``storage_name`` folder if it does not exist yet."""
+    ``service="local"`` makes the ``storage_name`` folder if it does not exist yet, and the
+    cache folder ``local_dir`` is made if needed; both must be usable, and separate."""
     given = {
         name: value
         for name, value in dict(
@@ -76,50 +87,76 @@ def configure(
         ).items()
         if value is not _UNSET
     }
-    if given.get("local_dir"):  # saved absolute: it must not depend on where daman runs
-        given["local_dir"] = str(Path(given["local_dir"]).expanduser().absolute())
-    base = _saved_fields()
-    if "storage_name" not in given and "storage_name" not in base:
-        raise ConfigError(
-            "storage_name is required the first time: a bucket (service='aws') or a folder "
-            "(service='local')."
-        )
+    base = _saved_fields(overridden=set(given))
+    for name, what in (("storage_name", "a bucket or a folder"), ("service", "aws or local")):
+        if name not in given and name not in base:
+            raise ConfigError(
+                f"{name} is required the first time ({what}): dm_configure --storage_name NAME "
+                "--service {aws,local}, or dm.configure(storage_name=..., service=...)."
+            )
     config = Config.from_dict({**base, **given})
+    if config.local_dir:  # saved absolute: it must not depend on where daman runs
+        config = config.replace(local_dir=str(config.cache_dir))
     if config.service == "local":
-        config = config.replace(storage_name=str(Path(config.storage_name).expanduser().absolute()))
-        if check:
-            try:
-                Path(config.storage_name).mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StorageNotFoundError(
-                    f"cannot create the store folder {config.storage_name} ({exc.strerror}). "
-                    "Choose a folder you can write to."
-                ) from None
-    if check:  # the store only: opening the cache would evict to an allocation not yet saved
+        store_dir = expand(config.storage_name, "storage_name")
+        config = config.replace(storage_name=str(store_dir))
+    config.check_folders()
+    _make_folder(config.cache_dir, "local_dir", "Choose another with dm_configure --local_dir DIR")
+    if check:
+        if config.service == "local":
+            _make_folder(store_dir, "the store folder", "Choose a folder you can write to")
         store = open_store(config)
         try:
             store.check()
         finally:
             store.close()
-    save_config(config)
+    path = config_path()
+    with os_errors(
+        f"the configuration folder {path.parent}", "Set DAMAN_HOME to a folder you can write to"
+    ):
+        save_config(config, path)
     reset()
     return config
 
 
-def _saved_fields() -> dict[str, Any]:
+def _make_folder(folder: Path, what: str, advice: str) -> None:
+    """Make ``folder`` (and its parents) unless it exists; it must be a folder one can write
+    into: else a one-line error naming ``what``."""
+    with os_errors(f"{what} {folder}", advice):
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable", str(folder))
+
+
+def _saved_fields(overridden: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
     """The saved settings to build on: all of them when the file is valid, else those that
-    are known fields (a newer daman's extra field or one bad value must not lose the rest)."""
+    are known and valid (a newer daman's extra field or one bad value must not lose the
+    rest; a bad one not ``overridden`` now is reset to its default, with a warning)."""
     try:
         return load_config().to_dict()
     except NotConfiguredError:
         return {}
     except ConfigError:
         try:
-            raw = json.loads(config_path().read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            raw = read_config_fields()
+        except ConfigError:
             return {}
-        known = {field.name for field in dataclasses.fields(Config)}
-        return {k: v for k, v in raw.items() if k in known} if isinstance(raw, dict) else {}
+    kept, dropped = {}, []
+    for name, value in raw.items():
+        if name not in FIELDS:
+            continue
+        try:
+            kept[name] = check_field(name, value)
+        except ConfigError:
+            if name not in overridden:
+                dropped.append(f"{name}={value!r}")
+    if dropped:
+        warn(
+            f"{config_path()} held invalid values ({', '.join(dropped)}); they are reset to "
+            "their defaults.",
+            ConfigWarning,
+        )
+    return kept
 
 
 def current_config() -> Config:
@@ -145,9 +182,9 @@ def fetch(key: str, force: bool = False, persist: bool = False) -> CacheEntry:
     return get_manager().fetch(key, force=force, persist=persist)
 
 
-def delete(key: str, local: bool = True, remote: bool = False) -> None:
+def delete(key: str, local: bool = True, remote: bool = False) -> Deleted:
     """Remove the cached copy and/or the stored object; see :meth:`Manager.delete`."""
-    get_manager().delete(key, local=local, remote=remote)
+    return get_manager().delete(key, local=local, remote=remote)
 
 
 def ls(prefix: str = "", *, legacy: bool = False) -> list[KeyListing]:

@@ -45,6 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import forksafe
+from .errors import DamanError, LocalFileError, RepairWarning, os_errors, warn
 from .keys import key_digest
 
 _SCHEMA = (
@@ -85,6 +86,8 @@ _OBJECT_FILE = re.compile(r"[0-9a-f]{64}\.[0-9a-f]{12}")
 """The names ``add`` gives cached files: ``<sha256 of the key>.<random>``."""
 _TEMP_FILE = re.compile(r"\d+-[0-9a-f]{32}\.(incomplete|new)")
 """The names ``temp_file`` gives: ``<pid>-<random>.incomplete`` (``.new`` until locked)."""
+_DAMAGED = ("malformed", "not a database", "corrupt", "no such table", "no such column")
+"""What SQLite says of an index that is damaged (or not daman's)."""
 _EVICT_BATCH = 64
 _TEMP_GRACE_SECONDS = 10
 _LOCK_STRIPES_HEX = 2  # 256 stripes
@@ -134,6 +137,10 @@ class _DoesNotFit(Exception):
     pass
 
 
+class IndexDamagedError(LocalFileError):
+    """The cache's index cannot be read; ``Cache.rebuild`` makes a new one."""
+
+
 class Cache:
     """One ``local_dir``. Thread-safe; several processes may open the same folder, and a
     forked child may go on using a cache its parent opened."""
@@ -144,13 +151,18 @@ class Cache:
         self.objects_dir = self.root / "objects"
         self.tmp_dir = self.root / "tmp"
         self.locks_dir = self.root / "locks"
-        for folder in (self.objects_dir, self.tmp_dir, self.locks_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+        self.index_path = self.root / "index.sqlite3"
+        with os_errors(f"local_dir {self.root}", "Choose another with dm_configure --local_dir"):
+            for folder in (self.objects_dir, self.tmp_dir, self.locks_dir):
+                folder.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._stripes: dict[str, threading.Lock] = {}
         self._stripes_lock = threading.Lock()
         forksafe.at_fork_in_child(self, Cache._after_fork_in_child)
-        self._migrate()
+        try:
+            self._migrate()
+        except IndexDamagedError:
+            self.rebuild()
         self.recover()
         self.evict_until_fits()
 
@@ -163,9 +175,10 @@ class Cache:
         large file, would wait (ext4, data=ordered) for the whole file to reach the disc."""
         with self._write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0 and db.execute(
-                "SELECT 1 FROM sqlite_master WHERE name = 'totals'"
-            ).fetchone():
+            if (
+                version == 0
+                and db.execute("SELECT 1 FROM sqlite_master WHERE name = 'totals'").fetchone()
+            ):
                 # An index made before the use sequence: ``accessed`` held times. Number the
                 # entries in that order, so the upgrade keeps what was least recently used.
                 db.execute("ALTER TABLE totals ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
@@ -220,9 +233,86 @@ class Cache:
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
-        """This thread's connection, for statements that a fork must not interrupt."""
+        """This thread's connection, for statements that a fork must not interrupt; SQLite's
+        errors come out as one-line daman errors."""
         with forksafe.sqlite_section():
-            yield self._db()
+            try:
+                yield self._db()
+            except sqlite3.Error as exc:
+                raise self._index_error(exc) from exc
+
+    def _index_error(self, exc: sqlite3.Error) -> DamanError:
+        text = str(exc)
+        where = f"the cache index {self.index_path}"
+        if any(sign in text for sign in _DAMAGED):
+            return IndexDamagedError(
+                f"{where} is damaged ({text}). Run dm_verify (or dm.verify()) to rebuild it "
+                "from the cached files."
+            )
+        if "locked" in text or "busy" in text:
+            return LocalFileError(
+                f"{where} stayed locked by another process for over a minute ({text}). Is a "
+                "daman process stuck? Try again once it is done."
+            )
+        if "full" in text:
+            return LocalFileError(
+                f"no space left on the device holding {self.root} ({text}). Free some space, "
+                "or move local_dir with dm_configure."
+            )
+        return LocalFileError(
+            f"cannot use {where} ({text}). Check that local_dir is a local folder you may "
+            "write to, or choose another with dm_configure --local_dir."
+        )
+
+    def rebuild(self, *, announce: bool = True) -> int:
+        """Set a damaged index aside (``index.sqlite3.damaged-<time>``) and make a new one
+        from the cached files, whose footers name their keys; returns the entries kept.
+        Pins and the order of use are lost; versions are checked again on the next pull."""
+        from .serialize import footer_of  # the one place the cache reads the file format
+
+        self.close()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = f"{self.index_path.name}.damaged-{stamp}"
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{self.index_path}{suffix}", self.root / f"{aside}{suffix}")
+        self._migrate()
+        newest: dict[str, os.stat_result] = {}
+        files: dict[str, tuple[str, str]] = {}  # key -> (file, sha256) of its newest copy
+        for path in sorted(self.objects_dir.iterdir()):
+            if not _OBJECT_FILE.fullmatch(path.name):
+                continue  # not a name the cache gives: not ours
+            try:
+                with open(path, "rb") as f:
+                    footer, st = footer_of(f), os.fstat(f.fileno())
+                key = footer.key if key_digest(footer.key) == path.name[:64] else ""
+            except (OSError, DamanError):
+                key = ""
+            if not key or (key in newest and newest[key].st_mtime >= st.st_mtime):
+                path.unlink(missing_ok=True)  # no key can claim it, or an older copy
+                continue
+            if key in files:
+                (self.objects_dir / files[key][0]).unlink(missing_ok=True)
+            newest[key], files[key] = st, (path.name, footer.sha256)
+        order = sorted(newest, key=lambda key: newest[key].st_mtime)
+        with self._write() as db:
+            for use, key in enumerate(order, start=1):
+                file, sha256 = files[key]
+                st = newest[key]
+                # No ETag: the next pull asks the store whether this copy is current.
+                db.execute(
+                    "INSERT INTO entries VALUES (?, ?, ?, '', ?, ?, ?, 0)",
+                    (key, file, st.st_size, sha256, st.st_mtime, use),
+                )
+            db.execute("UPDATE totals SET seq = ?", (len(order),))
+        if announce:
+            warn(
+                f"the cache index in {self.root} was damaged: it was set aside as {aside} and "
+                f"rebuilt from {len(order)} cached files (pins and the order of use were lost; "
+                "pin entries again with dm_persist).",
+                RepairWarning,
+            )
+        return len(order)
 
     def _query(self, sql: str, params: tuple | list = ()) -> list[tuple]:
         with self._connection() as db:
@@ -564,9 +654,15 @@ class Cache:
             # A *.new file is between creation and its lock: spare it a few seconds.
             _remove_if_abandoned(tmp, grace=_TEMP_GRACE_SECONDS if match[1] == "new" else 0)
 
-    def reconcile(self) -> dict[str, int]:
-        """Full check (a scan of the index and the folder): drop rows whose file is missing
-        or has the wrong size, unlink files nothing refers to. Returns what it repaired."""
+    def reconcile(self) -> dict[str, int | None]:
+        """Full check (a scan of the index and the folder): rebuild a damaged index, drop
+        rows whose file is missing or has the wrong size, unlink files of the cache's naming
+        that nothing refers to. Returns what it repaired."""
+        try:
+            healthy = self._query("PRAGMA quick_check") == [("ok",)]
+        except IndexDamagedError:
+            healthy = False
+        rebuilt = None if healthy else self.rebuild(announce=False)
         self.recover()
         dropped = 0
         for entry in self.entries():
@@ -594,7 +690,7 @@ class Cache:
                     if still_orphan:
                         path.unlink(missing_ok=True)
                         orphans += 1
-        return {"dropped_rows": dropped, "orphan_files": orphans}
+        return {"dropped_rows": dropped, "orphan_files": orphans, "rebuilt_index": rebuilt}
 
     def close(self) -> None:
         """Close this thread's connection (if this process made it)."""

@@ -7,16 +7,20 @@ Progress bars go to stderr, and are off with ``--quiet`` or when stdout is not a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import getpass
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import __version__, api, report
-from .config import Config, format_size, load_config
+from .config import CHECKSUM_MODES, SERVICES, Config, format_size, load_config
 from .credentials import write_aws_credentials
-from .errors import DamanError
+from .errors import DamanError, DamanWarning, InvalidArgumentError
 from .manager import Manager
 
 Main = Callable[[Sequence[str] | None], int]
@@ -50,29 +54,95 @@ def _manager(quiet: bool) -> Manager:
 
 def _run(prog: str, action: Callable[[], None]) -> int:
     try:
-        action()
-        sys.stdout.flush()  # a closed pipe shows up here, inside the handlers below
+        with _one_line_warnings(prog):
+            action()
+        sys.stdout.flush()  # a closed pipe or a full disc shows up here
     except DamanError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `dm_ls | head`: the reader left; not an error of ours
+    return 0
+
+
+@contextlib.contextmanager
+def _one_line_warnings(prog: str) -> Iterator[None]:
+    """daman's warnings as ``prog: warning: ...`` (no file name, no source line)."""
+
+    def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+        if issubclass(category, DamanWarning):
+            print(f"{prog}: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, *_, **__)
+
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+        warnings.showwarning = show
+        yield
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush cannot fail again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return 0
-    return 0
+
+
+def _guarded(prog: str, main: Main) -> Main:
+    """Standard streams that are closed, full or gone: one line and exit 1 (a reader that
+    left a pipe, as ``| head`` does: exit 0, quietly), never a traceback."""
+
+    @functools.wraps(main)
+    def run(argv: Sequence[str] | None = None) -> int:
+        if sys.stdout is None:  # started with stdout closed (>&-)
+            if sys.stderr is not None:
+                print(f"{prog}: error: standard output is closed", file=sys.stderr)
+            return 1
+        try:
+            return main(argv)
+        except BrokenPipeError:
+            _silence_stdout()
+            return 0
+        except OSError as exc:  # writing to a full disc (> /dev/full), an I/O error
+            _silence_stdout()
+            if sys.stderr is not None:
+                with contextlib.suppress(OSError):
+                    print(f"{prog}: error: cannot write the output ({exc.strerror or exc})",
+                          file=sys.stderr)  # fmt: skip
+            return 1
+
+    return run
 
 
 def _command(name: str) -> Callable[[Main], Main]:
     """Register ``dm_<name>``, also reachable as ``python -m daman <name>``."""
 
     def register(main: Main) -> Main:
-        COMMANDS[name] = main
-        return main
+        guarded = _guarded(f"dm_{name}", main)
+        COMMANDS[name] = guarded
+        return guarded
 
     return register
+
+
+def _secret(value: str | None, what: str) -> str | None:
+    """A secret given as ``-`` (or an option without its value): typed at a prompt without
+    echo on a terminal, else read from the first line of stdin, so that it never lands in
+    the shell's history or the process list."""
+    if value != "-":
+        return value
+    if sys.stdin is None:
+        raise InvalidArgumentError(f"{what} is to be read from stdin, which is closed.")
+    if sys.stdin.isatty():
+        try:
+            return getpass.getpass(f"{what}: ")
+        except EOFError:
+            raise InvalidArgumentError(f"no {what} was typed.") from None
+    line = sys.stdin.readline().strip()
+    if not line:
+        raise InvalidArgumentError(f"no {what} on stdin.")
+    return line
 
 
 def _print_json(data: Any) -> None:
@@ -90,19 +160,38 @@ def aws_main(argv: Sequence[str] | None = None) -> int:
         "AWS_SHARED_CREDENTIALS_FILE), which boto3 and so daman read. Other profiles and\n"
         "comments in the file are kept; the file is private to you (mode 0600, folder 0700).\n"
         "The secret is never printed.\n\n"
-        "example:\n"
-        "  dm_aws --access_key_id AKIA... --secret_access_key ...",
+        "examples:\n"
+        "  dm_aws --access_key_id AKIA... --secret_access_key     (asks for the secret)\n"
+        "  pass show aws/team | dm_aws --access_key_id AKIA... --secret_access_key -",
     )
     parser.add_argument("--access_key_id", required=True, help="the access key id")
-    parser.add_argument("--secret_access_key", required=True, help="the secret (never printed)")
+    parser.add_argument(
+        "--secret_access_key",
+        required=True,
+        nargs="?",
+        const="-",
+        metavar="SECRET",
+        help="the secret (never printed); without a value (or '-') it is asked for without "
+        "echo, or read from stdin, so that it stays out of the shell's history",
+    )
     parser.add_argument("--profile", default="default", help="profile name (default: default)")
     args = parser.parse_args(argv)
 
     def action() -> None:
-        path = write_aws_credentials(args.access_key_id, args.secret_access_key, args.profile)
+        secret = _secret(args.secret_access_key, "AWS secret access key")
+        path, dropped = write_aws_credentials(args.access_key_id, secret, args.profile)
         print(f"saved the access key of profile [{args.profile}] in {path}")
+        if dropped:
+            print(f"removed the profile's {', '.join(dropped)}: it belonged to the old key")
 
     return _run("dm_aws", action)
+
+
+def _yes_no(text: str) -> bool:
+    answer = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if text.lower() not in answer:
+        raise argparse.ArgumentTypeError(f"give true or false, not {text!r}")
+    return answer[text.lower()]
 
 
 def _describe(config: Config) -> str:
@@ -130,32 +219,68 @@ def configure_main(argv: Sequence[str] | None = None) -> int:
         "examples:\n"
         "  dm_configure --service local --storage_name ~/shared/daman-store\n"
         "  dm_configure --service aws --storage_name my-bucket/team-a --allocated_space 20GiB\n"
-        "  dm_configure --service aws --storage_name data --endpoint_url http://minio:9000",
+        "  dm_configure --service aws --storage_name data --endpoint_url http://minio:9000\n"
+        "  dm_configure --signing_key        (asks for the team's secret without echo)\n"
+        "  dm_configure --read_timeout 120  (change one setting, keep the others)",
     )
+    # Settings left out keep their saved value (or their default the first time).
+    keep = argparse.SUPPRESS
     parser.add_argument(
-        "--storage_name", required=True, help="bucket[/prefix] (aws) or a folder (local)"
-    )
-    parser.add_argument("--service", required=True, choices=["aws", "local"], help="store type")
-    # Optional settings left out keep their saved value (or their default the first time).
+        "--storage_name", default=keep, help="bucket[/prefix] or s3://bucket/prefix (aws), or a "
+        "folder (local); required the first time"
+    )  # fmt: skip
+    parser.add_argument("--service", default=keep, choices=SERVICES, help="store type")
     parser.add_argument(
-        "--local_dir", default=argparse.SUPPRESS, help="local cache folder (default ~/.daman/data)"
+        "--local_dir", default=keep, help="local cache folder (default ~/.daman/data)"
     )
     parser.add_argument(
         "--allocated_space",
-        default=argparse.SUPPRESS,
+        default=keep,
         help="most disc the cache may use: bytes or a size such as 500MB, 2GiB, or 'none' "
         "(default: no limit)",
     )
     parser.add_argument(
         "--endpoint_url",
-        default=argparse.SUPPRESS,
+        default=keep,
         help="S3-compatible endpoint (MinIO, Ceph, R2, ...); 'none' to clear it",
     )
+    parser.add_argument("--region", default=keep, help="AWS region; 'none' to clear it")
     parser.add_argument(
         "--signing_key",
-        default=argparse.SUPPRESS,
-        help="the team's secret for signing objects ('none' to stop); pulls then refuse "
-        "objects not signed with it. DAMAN_SIGNING_KEY in the environment works too",
+        default=keep,
+        nargs="?",
+        const="-",
+        metavar="SECRET",
+        help="the team's secret for signing objects; without a value (or '-') it is asked "
+        "for without echo, or read from stdin. Pulls then refuse objects not signed with it; "
+        "'none' stops signing. DAMAN_SIGNING_KEY in the environment works too",
+    )
+    parser.add_argument(
+        "--check_current",
+        default=keep,
+        type=_yes_no,
+        metavar="{true,false}",
+        help="ask the store (one HEAD) whether a cached copy is current (default true)",
+    )
+    parser.add_argument(
+        "--checksums",
+        default=keep,
+        choices=CHECKSUM_MODES,
+        help="request checksums; when_required for S3-compatible stores that reject them",
+    )
+    parser.add_argument(
+        "--connect_timeout", default=keep, type=float, help="seconds (default 10)"
+    )
+    parser.add_argument("--read_timeout", default=keep, type=float, help="seconds (default 60)")
+    parser.add_argument(
+        "--max_attempts", default=keep, type=int, help="tries per request (default 5)"
+    )
+    parser.add_argument(
+        "--progress",
+        default=keep,
+        type=_yes_no,
+        metavar="{true,false}",
+        help="progress bars on transfers over 8 MiB (default true)",
     )
     parser.add_argument(
         "--no-check", action="store_true", help="save without checking the store is reachable"
@@ -166,9 +291,8 @@ def configure_main(argv: Sequence[str] | None = None) -> int:
         fields = vars(args).copy()
         check = not fields.pop("no_check")
         fields.pop("quiet")
-        for name in ("endpoint_url", "signing_key"):
-            if str(fields.get(name, "")).lower() == "none":
-                fields[name] = None
+        if "signing_key" in fields:
+            fields["signing_key"] = _secret(fields["signing_key"], "signing key")
         config = api.configure(**fields, check=check)
         print(f"saved to {api.config_path()}:\n{_describe(config)}")
 
@@ -274,8 +398,8 @@ def delete_main(argv: Sequence[str] | None = None) -> int:
                 print("nothing deleted")
                 return
         with _manager(quiet=True) as manager:
-            manager.delete(args.key, local=True, remote=args.remote)
-        print(f"deleted {args.key}" + (" (local copy and stored object)" if args.remote else ""))
+            deleted = manager.delete(args.key, local=True, remote=args.remote)
+        print(report.deleted_line(deleted))
 
     return _run("dm_delete", action)
 
@@ -507,7 +631,7 @@ def migrate_main(argv: Sequence[str] | None = None) -> int:
     return _run("dm_migrate", action)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     """``python -m daman COMMAND ...``: the console scripts without their ``dm_`` prefix."""
     argv = list(sys.argv[1:] if argv is None else argv)
     names = ", ".join(COMMANDS)
@@ -527,3 +651,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"python -m daman: unknown command {argv[0]!r}; choose from {names}", file=sys.stderr)
         return 2
     return COMMANDS[command](argv[1:])
+
+
+main = _guarded("python -m daman", _main)

@@ -29,12 +29,25 @@ _UNITS = {
     "t": 10**12, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }  # fmt: skip
+_URL = re.compile(r"^https?://[^/\s]+")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def expand(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` with ``~`` expanded, made absolute; a ConfigError when there is no home
+    folder to expand it to (HOME unset and no entry in the password database)."""
+    try:
+        return Path(path).expanduser().absolute()
+    except RuntimeError:
+        raise ConfigError(
+            f"cannot find your home folder for {what} {str(path)!r} (HOME is not set and "
+            "the system knows no home for your user). Set HOME, or give a full path."
+        ) from None
 
 
 def daman_home() -> Path:
     """The folder holding daman's configuration (``DAMAN_HOME`` or ``~/.daman``)."""
-    return Path(os.environ.get("DAMAN_HOME") or Path.home() / ".daman").expanduser()
+    return expand(os.environ.get("DAMAN_HOME") or "~/.daman", "DAMAN_HOME")
 
 
 def config_path() -> Path:
@@ -58,7 +71,9 @@ def parse_size(value: int | float | str | None) -> int | None:
             return None
         match = _SIZE.match(value)
         if match and match.group(2).lower() in _UNITS:
-            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+            size = float(match.group(1)) * _UNITS[match.group(2).lower()]
+            if math.isfinite(size):
+                return int(size)
     raise ConfigError(
         f"invalid size {value!r}: give bytes or a size such as '500MB', '2GiB' or '1.5GB'."
     )
@@ -103,25 +118,9 @@ class Config:
     it, before unpickling. ``DAMAN_SIGNING_KEY`` in the environment is used when unset."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.storage_name, str) or not self.storage_name.strip():
-            raise ConfigError("storage_name is required: a bucket name (aws) or a folder (local).")
-        if self.service not in SERVICES:
-            raise ConfigError(
-                f"unknown service {self.service!r}: choose one of {', '.join(SERVICES)}."
-            )
-        if self.checksums not in CHECKSUM_MODES:
-            raise ConfigError(
-                f"unknown checksums mode {self.checksums!r}: choose one of "
-                f"{', '.join(CHECKSUM_MODES)}."
-            )
-        object.__setattr__(self, "allocated_space", parse_size(self.allocated_space))
-        if self.endpoint_url and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
-            raise ConfigError(
-                f"invalid endpoint_url {self.endpoint_url!r}: give a full URL such as "
-                "https://minio.example.com:9000."
-            )
-        if self.connect_timeout <= 0 or self.read_timeout <= 0 or self.max_attempts < 1:
-            raise ConfigError("timeouts must be > 0 seconds and max_attempts >= 1.")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            object.__setattr__(self, field.name, check_field(field.name, value))
 
     @property
     def signing_secret(self) -> bytes | None:
@@ -133,8 +132,29 @@ class Config:
     def cache_dir(self) -> Path:
         """The local cache folder (``local_dir``, default ``$DAMAN_HOME/data``)."""
         if self.local_dir:
-            return Path(self.local_dir).expanduser().absolute()
+            return expand(self.local_dir, "local_dir")
         return daman_home() / "data"
+
+    def check_folders(self) -> None:
+        """A local store and the cache must not share a folder, nor hold one another
+        (through symbolic links too): cleaning the cache would delete the team's objects,
+        and the store would list cached files as keys."""
+        if self.service != "local":
+            return
+        store = Path(os.path.realpath(expand(self.storage_name, "storage_name")))
+        cache = Path(os.path.realpath(self.cache_dir))
+        if store == cache:
+            overlap = f"local_dir and the store folder are the same folder ({store})"
+        elif cache in store.parents:
+            overlap = f"local_dir {cache} holds the store folder {store}"
+        elif store in cache.parents:
+            overlap = f"local_dir {cache} is inside the store folder {store}"
+        else:
+            return
+        raise ConfigError(
+            f"{overlap}: the cache and a local store must be separate folders. Choose another "
+            "local_dir (dm_configure --local_dir DIR) or another storage_name."
+        )
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -144,14 +164,78 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - set(FIELDS))
         if unknown:
-            raise ConfigError(f"unknown configuration field(s): {', '.join(unknown)}.")
+            raise ConfigError(
+                f"unknown configuration field(s): {', '.join(map(str, unknown))}. Known: "
+                f"{', '.join(FIELDS)}."
+            )
+        if "storage_name" not in data:
+            raise ConfigError(
+                "storage_name is required: a bucket name (aws) or a folder (local). Run "
+                "dm_configure --storage_name NAME --service {aws,local}."
+            )
+        return cls(**data)
+
+
+FIELDS = tuple(field.name for field in dataclasses.fields(Config))
+_NULLABLE = ("local_dir", "endpoint_url", "region", "signing_key")
+"""Fields that may be unset; the text "none" unsets them, in every front-end alike."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_field(name: str, value: Any) -> Any:
+    """``value`` checked (and normalised) for the configuration field ``name``; a one-line
+    ConfigError that names the field and how to fix it otherwise."""
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(
+            f"{name} must be {what}, not {value!r}. Fix it with `dm_configure --{name} VALUE` "
+            f"or dm.configure({name}=...)."
+        )
+
+    if name in _NULLABLE:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        if not isinstance(value, str):
+            raise bad("text (or none)")
+    if name == "storage_name":
+        if not isinstance(value, str) or not value.strip():
+            raise bad("a bucket name (aws) or a folder (local)")
+        if value.lower().startswith("s3://"):  # the form the AWS console and CLI print
+            value = value[len("s3://") :].strip("/")
+            if not value:
+                raise bad("a bucket name")
+        if any(ord(c) < 32 for c in value):
+            raise bad("text without control characters")
+        return value
+    if name == "service":
+        if value not in SERVICES:
+            raise bad(f"one of {', '.join(SERVICES)}")
+        return value
+    if name == "allocated_space":
         try:
-            return cls(**data)
-        except TypeError as exc:  # a required field is missing
-            raise ConfigError(f"incomplete configuration: {exc}") from None
+            return parse_size(value)
+        except ConfigError:
+            raise bad("a size such as 500MB, 2GiB or 1.5GB (or none: no limit)") from None
+    if name == "endpoint_url" and value is not None and not _URL.match(value):
+        raise bad("a full URL such as https://minio.example.com:9000")
+    if name in ("check_current", "progress") and not isinstance(value, bool):
+        raise bad("true or false")
+    if name == "checksums" and value not in CHECKSUM_MODES:
+        raise bad(f"one of {', '.join(CHECKSUM_MODES)}")
+    if name in ("connect_timeout", "read_timeout"):
+        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+            raise bad("a number of seconds > 0")
+        return float(value)
+    if name == "max_attempts" and not (_is_number(value) and value == int(value) >= 1):
+        raise bad("a whole number >= 1")
+    if name == "max_attempts":
+        return int(value)
+    return value
 
 
 def write_private_text(path: Path, text: str) -> None:
@@ -172,7 +256,13 @@ def save_config(config: Config, path: Path | None = None) -> Path:
 
 
 def load_config(path: Path | None = None) -> Config:
-    """The saved configuration, or :class:`NotConfiguredError` saying how to make one."""
+    """The saved configuration, or :class:`NotConfiguredError` saying how to make one; a
+    ConfigError (one line, naming the file) when it cannot be read or is not valid."""
+    return Config.from_dict(read_config_fields(path))
+
+
+def read_config_fields(path: Path | None = None) -> dict[str, Any]:
+    """The fields saved in the configuration file, unchecked."""
     path = path or config_path()
     try:
         text = path.read_text(encoding="utf-8")
@@ -184,6 +274,15 @@ def load_config(path: Path | None = None) -> Config:
             "`dm_configure --storage_name NAME --service {aws,local}` or call dm.configure(...)."
             + legacy_setup_hint()
         ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{path} is not UTF-8 text. Delete it and run dm_configure again."
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read {path} ({exc.strerror or exc}). Check it is a file you may read, or "
+            "set DAMAN_HOME to another folder."
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -192,4 +291,4 @@ def load_config(path: Path | None = None) -> Config:
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} does not hold a configuration. Run dm_configure again.")
-    return Config.from_dict(data)
+    return data

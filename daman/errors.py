@@ -132,6 +132,15 @@ class NotCachedWarning(DamanWarning):
     """An object could not be kept in the local cache (it does not fit the allocation)."""
 
 
+class ConfigWarning(DamanWarning):
+    """Something in the saved configuration was ignored or reset."""
+
+
+class RepairWarning(DamanWarning):
+    """daman found local state damaged (the cache's index) and repaired it, losing what it
+    says it lost."""
+
+
 class VersionMismatchWarning(DamanWarning):
     """An object was written by a Python or cloudpickle version that may not load it here."""
 

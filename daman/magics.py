@@ -333,10 +333,9 @@ class DamanMagics(Magics):
     def dm_delete(self, line: str) -> None:
         """Remove a key's local copy; with --remote the stored object too (``dm.delete``)."""
         args = _parse(self.dm_delete, line)
-        api.get_manager().delete(args.key, local=True, remote=args.remote)
+        deleted = api.get_manager().delete(args.key, local=True, remote=args.remote)
         self.completer.forget()
-        what = "the local copy and the stored object" if args.remote else "the local copy"
-        print(f"deleted {args.key} ({what})")
+        print(report.deleted_line(deleted))
 
     @line_magic
     @_one_line_errors

@@ -108,6 +108,17 @@ class Pulled:
 
 
 @dataclasses.dataclass(frozen=True)
+class Deleted:
+    """What :meth:`Manager.delete` removed."""
+
+    key: str
+    local: bool
+    """The cached copy was removed (False: there was none here)."""
+    remote: bool
+    """The stored object was removed."""
+
+
+@dataclasses.dataclass(frozen=True)
 class KeyListing:
     """One key as ``ls`` shows it."""
 
@@ -188,10 +199,13 @@ class VerifyReport:
     """Index entries whose file was missing or had the wrong size."""
     orphan_files: int
     """Files in the cache folder that no entry referred to (deleted)."""
+    rebuilt_index: int | None = None
+    """When the index was damaged: the entries it was rebuilt with (None: it was sound)."""
 
     @property
     def ok(self) -> bool:
-        return not (self.damaged or self.untrusted or self.dropped_rows or self.orphan_files)
+        repaired = self.dropped_rows or self.orphan_files or self.rebuilt_index is not None
+        return not (self.damaged or self.untrusted or repaired)
 
 
 def _disc_errors(where: Path) -> contextlib.AbstractContextManager[None]:
@@ -247,6 +261,7 @@ class Manager:
     def __init__(
         self, config: Config, *, store: Store | None = None, cache: Cache | None = None
     ) -> None:
+        config.check_folders()
         self.config = config
         self.store = store or open_store(config)
         self.cache = cache or Cache(config.cache_dir, config.allocated_space)
@@ -610,29 +625,38 @@ class Manager:
                 hasher.close()
         raise AssertionError("unreachable")
 
-    def delete(self, key: str, local: bool = True, remote: bool = False) -> None:
-        """Remove the cached copy (``local``) and/or the stored object (``remote``)."""
+    def delete(self, key: str, local: bool = True, remote: bool = False) -> Deleted:
+        """Remove the cached copy (``local``) and/or the stored object (``remote``); returns
+        what was removed. ``KeyNotFoundError`` only if the key exists nowhere asked."""
         validate_key(key)
         if not (local or remote):
             raise InvalidArgumentError("nothing to delete: pass local=True and/or remote=True.")
-        found = False
+        from_store = from_cache = False
+        try:
+            if remote:
+                with contextlib.suppress(KeyNotFoundError):
+                    self.store.delete(key)
+                    from_store = True
+        finally:  # the cached copy goes even if the store failed: it was asked for too
+            if local:
+                from_cache = self.cache.remove(key)
+        deleted = Deleted(key, local=from_cache, remote=from_store)
+        if from_cache or from_store:
+            return deleted
         if remote:
-            with contextlib.suppress(KeyNotFoundError):
-                self.store.delete(key)
-                found = True
-        if local:
-            found = self.cache.remove(key) or found
-        if not found and not remote:
-            # Nothing cached: only an error if the key exists nowhere (one HEAD decides).
-            try:
-                found = self.exists(key)
-            except (StoreUnavailableError, StorageNotFoundError) as exc:
-                raise KeyNotFoundError(
-                    key, f"the local cache (the store could not be checked: {exc})"
-                ) from None
-        if not found:
-            where = self.store.describe()
-            raise KeyNotFoundError(key, f"the local cache or {where}" if local else where)
+            raise KeyNotFoundError(
+                key, f"the local cache or {self.store.describe()}" if local else "the store"
+            )
+        # Nothing cached: only an error if the key exists nowhere (one HEAD decides).
+        try:
+            stored = self.exists(key)
+        except (StoreUnavailableError, StorageNotFoundError) as exc:
+            raise KeyNotFoundError(
+                key, f"the local cache (the store could not be checked: {exc})"
+            ) from None
+        if not stored:
+            raise KeyNotFoundError(key, f"the local cache or {self.store.describe()}")
+        return deleted
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` is in the store (one HEAD)."""
@@ -759,7 +783,8 @@ class Manager:
             entry = self.cache.get(key)
             if entry is None:
                 raise KeyNotFoundError(key, "the local cache")
-            repaired, entries = {"dropped_rows": 0, "orphan_files": 0}, [entry]
+            repaired = {"dropped_rows": 0, "orphan_files": 0, "rebuilt_index": None}
+            entries = [entry]
         damaged, untrusted, checked_bytes = [], [], 0
         for entry in entries:
             try:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import format_size
-from .manager import KeyListing, ObjectDetails, Usage, VerifyReport
+from .manager import Deleted, KeyListing, ObjectDetails, Usage, VerifyReport
 from .migrate import MigrationReport, SetupImport
 
 
@@ -124,6 +124,11 @@ def verify_lines(result: VerifyReport) -> list[str]:
     lines = [f"checked {checked} ({format_size(result.checked_bytes)})"]
     lines += [f"damaged, removed: {key}" for key in result.damaged]
     lines += [f"not signed with signing_key, removed: {key}" for key in result.untrusted]
+    if result.rebuilt_index is not None:
+        lines.append(
+            f"the index was damaged: set aside and rebuilt from the cached files "
+            f"({count(result.rebuilt_index, 'entry', 'entries')}; pins were lost)"
+        )
     if result.dropped_rows or result.orphan_files:
         lines.append(
             f"repaired the index: {result.dropped_rows} entries without their file, "
@@ -183,3 +188,14 @@ def setup_import_lines(result: SetupImport) -> list[str]:
         "nobody on this machine uses daman 0.2"
     )
     return lines
+
+
+def deleted_line(deleted: Deleted) -> str:
+    """What a delete did, saying "deleted" only of what was there to delete."""
+    if deleted.local and deleted.remote:
+        return f"deleted {deleted.key} (the local copy and the stored object)"
+    if deleted.remote:
+        return f"deleted {deleted.key} from the store (there was no local copy)"
+    if deleted.local:
+        return f"deleted the local copy of {deleted.key} (it stays in the store)"
+    return f"{deleted.key} is not cached here: nothing deleted (it stays in the store)"

@@ -43,11 +43,24 @@ def test_help_describes_the_command(command: str) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [("dm_pull",), ("dm_delete",), ("dm_configure", "--storage_name", "x"), ("dm_aws",)],
+    [("dm_pull",), ("dm_delete",), ("dm_aws",)],
 )
 def test_missing_required_flags_is_a_usage_error(args: tuple[str, ...]) -> None:
     result = run(*args)
     assert result.returncode == 2 and "required" in result.stderr
+
+
+def test_configure_needs_the_store_the_first_time_only(tmp_path: Path) -> None:
+    result = run("dm_configure", "--storage_name", str(tmp_path / "s"))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "service is required the first time" in result.stderr
+    assert not (tmp_path / "s").exists()
+    result = run("dm_configure", "--storage_name", str(tmp_path / "s"), "--service", "local")
+    assert result.returncode == 0, result.stderr
+    result = run("dm_configure", "--read_timeout", "120")  # one setting, the others kept
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((Path(os.environ["DAMAN_HOME"]) / "config.json").read_text())
+    assert saved["read_timeout"] == 120.0 and saved["storage_name"] == str(tmp_path / "s")
 
 
 def test_commands_before_configuring_say_what_to_run() -> None:
@@ -94,7 +107,7 @@ def test_configure_pull_delete(config: Config, daman_home: Path) -> None:
 def test_configure_rejects_a_bad_size_and_a_missing_bucket(s3_endpoint: str) -> None:
     result = run("dm_configure", "--storage_name", "x", "--service", "local",
                  "--allocated_space", "huge")  # fmt: skip
-    assert result.returncode == 1 and "invalid size" in result.stderr
+    assert result.returncode == 1 and "allocated_space must be a size" in result.stderr
     result = run("dm_configure", "--storage_name", "no-such-bucket", "--service", "aws",
                  "--endpoint_url", s3_endpoint)  # fmt: skip
     assert result.returncode == 1 and "does not exist" in result.stderr

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -59,18 +60,53 @@ def test_config_parses_allocated_space() -> None:
 
 
 @pytest.mark.parametrize(
-    ("fields", "message"),
+    ("fields", "field"),
     [
-        ({"storage_name": ""}, "storage_name is required"),
-        ({"storage_name": "b", "service": "gcs"}, "unknown service"),
-        ({"storage_name": "b", "checksums": "never"}, "unknown checksums"),
-        ({"storage_name": "b", "allocated_space": "big"}, "invalid size"),
-        ({"storage_name": "b", "connect_timeout": 0}, "timeouts"),
+        ({"storage_name": ""}, "storage_name"),
+        ({"storage_name": 5}, "storage_name"),
+        ({"storage_name": "s3://"}, "storage_name"),
+        ({"storage_name": "b", "service": "dropbox"}, "service"),
+        ({"storage_name": "b", "checksums": "never"}, "checksums"),
+        ({"storage_name": "b", "allocated_space": "big"}, "allocated_space"),
+        ({"storage_name": "b", "allocated_space": "1" * 400}, "allocated_space"),
+        ({"storage_name": "b", "connect_timeout": 0}, "connect_timeout"),
+        ({"storage_name": "b", "read_timeout": "60"}, "read_timeout"),
+        ({"storage_name": "b", "read_timeout": float("nan")}, "read_timeout"),
+        ({"storage_name": "b", "check_current": "false"}, "check_current"),
+        ({"storage_name": "b", "progress": 1}, "progress"),
+        ({"storage_name": "b", "max_attempts": 0}, "max_attempts"),
+        ({"storage_name": "b", "max_attempts": 2.5}, "max_attempts"),
+        ({"storage_name": "b", "max_attempts": True}, "max_attempts"),
+        ({"storage_name": "b", "local_dir": 5}, "local_dir"),
+        ({"storage_name": "b", "endpoint_url": "minio:9000"}, "endpoint_url"),
+        ({"storage_name": "b", "region": ["eu"]}, "region"),
+        ({"storage_name": "b", "signing_key": 1234}, "signing_key"),
     ],
 )
-def test_config_rejects_bad_fields(fields: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+def test_config_rejects_every_bad_field_naming_it_and_the_fix(fields: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
         Config(**fields)
+    message = str(caught.value)
+    assert message.startswith(f"{field} must be") and f"dm_configure --{field}" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"storage_name": "s3://bucket/team"}, {"storage_name": "bucket/team"}),
+        ({"storage_name": "S3://bucket/"}, {"storage_name": "bucket"}),
+        ({"signing_key": "none"}, {"signing_key": None}),
+        ({"signing_key": "None"}, {"signing_key": None}),
+        ({"endpoint_url": "none", "region": "NONE"}, {"endpoint_url": None, "region": None}),
+        ({"local_dir": ""}, {"local_dir": None}),
+        ({"allocated_space": "none"}, {"allocated_space": None}),
+        ({"max_attempts": 3.0, "read_timeout": 5}, {"max_attempts": 3, "read_timeout": 5.0}),
+    ],
+)
+def test_config_normalises_what_every_front_end_may_send(fields: dict, expected: dict) -> None:
+    config = Config(**{"storage_name": "b", "service": "aws", **fields})
+    assert {name: getattr(config, name) for name in expected} == expected
 
 
 def test_save_and_load_round_trip_with_private_mode(daman_home: Path) -> None:
@@ -99,7 +135,10 @@ def test_missing_config_says_which_command_fixes_it() -> None:
         ("{not json", "not valid JSON"),
         ("[1, 2]", "does not hold a configuration"),
         (json.dumps({"storage_name": "b", "colour": "red"}), "unknown configuration field"),
-        (json.dumps({"service": "aws"}), "incomplete configuration"),
+        (json.dumps({"service": "aws"}), "storage_name is required"),
+        (json.dumps({"storage_name": "b", "read_timeout": "60"}), "read_timeout must be"),
+        (json.dumps({"storage_name": "b", "check_current": "false"}), "check_current must"),
+        (json.dumps({"storage_name": "b", "local_dir": 5}), "local_dir must be"),
     ],
 )
 def test_broken_config_files_give_clear_errors(
@@ -109,3 +148,38 @@ def test_broken_config_files_give_clear_errors(
     (daman_home / "config.json").write_text(content)
     with pytest.raises(ConfigError, match=message):
         load_config()
+
+
+@pytest.mark.parametrize("kind", ["folder", "unreadable", "not-utf8"])
+def test_a_config_file_that_cannot_be_read_is_one_line(daman_home: Path, kind: str) -> None:
+    daman_home.mkdir(parents=True, exist_ok=True)
+    path = daman_home / "config.json"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "unreadable":
+        path.write_text("{}")
+        path.chmod(0)
+        if os.access(path, os.R_OK):  # root reads anything: use a file that cannot be opened
+            path.unlink()
+            path.symlink_to(path)  # a link to itself: ELOOP
+    else:
+        path.write_bytes(b'{"storage_name": "\xff\xfe"}')
+    with pytest.raises(ConfigError) as caught:
+        load_config()
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_home_unset_with_no_passwd_entry_is_a_config_error(monkeypatch) -> None:
+    import daman.config as config_module
+
+    monkeypatch.delenv("DAMAN_HOME")
+    monkeypatch.delenv("HOME")
+
+    def no_home(self):  # what pathlib does with no HOME and no passwd entry
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(config_module.Path, "expanduser", no_home)
+    with pytest.raises(ConfigError, match="HOME"):
+        config_module.daman_home()
+    with pytest.raises(ConfigError, match="HOME"):
+        _ = Config(storage_name="b", local_dir="~/cache").cache_dir

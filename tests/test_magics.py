@@ -350,11 +350,17 @@ def test_info_describes_a_key_without_pulling_it(shell, configured, capsys) -> N
 def test_delete_local_copy_then_stored_object(shell, configured, capsys) -> None:
     dm.push(1, "k")
     run(shell, "%dm_delete k")
-    assert capsys.readouterr().out == "deleted k (the local copy)\n"
+    assert capsys.readouterr().out == "deleted the local copy of k (it stays in the store)\n"
     assert dm.usage().entries == [] and dm.exists("k")
+    run(shell, "%dm_delete k")  # "deleted" only when something was
+    out = capsys.readouterr().out
+    assert out == "k is not cached here: nothing deleted (it stays in the store)\n"
+    run(shell, "%dm_delete k --remote")
+    assert capsys.readouterr().out == "deleted k from the store (there was no local copy)\n"
+    assert not dm.exists("k")
+    dm.push(2, "k")
     run(shell, "%dm_delete k --remote")
     assert capsys.readouterr().out == "deleted k (the local copy and the stored object)\n"
-    assert not dm.exists("k")
 
 
 def test_status_shows_the_store_and_the_cache(shell, configured, capsys) -> None:

@@ -364,13 +364,11 @@ class LocalStore(Store):
             self._require_root()
             raise KeyNotFoundError(key, self.describe()) from None
         parent = path.parent
-        while parent != self.root:  # prune folders the key left empty
-            try:
+        while parent != self.root:  # prune folders the key left empty: best effort, the
+            try:  # delete itself has succeeded
                 parent.rmdir()
-            except OSError as exc:
-                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
-                    break
-                raise
+            except OSError:
+                break
             parent = parent.parent
 
     @_mapped
