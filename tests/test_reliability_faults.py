@@ -51,6 +51,7 @@ from daman import (
     StorageNotFoundError,
     StoreUnavailableError,
 )
+from daman.manager import _DOWNLOAD_ATTEMPTS
 from daman.serialize import TRAILER, footer_of
 from daman.store import open_store
 from daman.store.s3 import MULTIPART_THRESHOLD
@@ -212,7 +213,7 @@ def test_a_download_corrupted_every_time_is_refused_and_not_kept(
                 manager.pull("k")
             assert manager.cache.get("k") is None
             assert_cache_consistent(manager)
-    assert p.faults["flip"] == 2  # the first download and the one retry
+    assert p.faults["flip"] == _DOWNLOAD_ATTEMPTS  # the first download and the retries
     assert unpickled(log) == []
 
 
