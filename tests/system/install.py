@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "build"
+CHROMIUM = Path("/usr/bin/chromium")
 
 Part = tuple[str, Callable[[], bool], Callable[[], None]]
 """(name, is it there?, install it)."""
@@ -48,6 +49,13 @@ def apt_install(*packages: str) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     run(*prefix, "apt-get", "update", "-q", env=env)
     run(*prefix, "apt-get", "install", "-y", "-q", "--no-install-recommends", *packages, env=env)
+
+
+@part("chromium (Debian's, for the panel's browser tests)", lambda: CHROMIUM.exists())
+def _chromium() -> None:
+    # Debian's package, not `playwright install`: Playwright drives it through
+    # executable_path, and the registry stays the only download.
+    apt_install("chromium")
 
 
 def main(argv: list[str] | None = None) -> int:
