@@ -32,7 +32,7 @@ from ..errors import (
 )
 from ..keys import validate_key, validate_prefix
 from ..serialize import TRAILER, file_reader, read_footer
-from .base import ObjectInfo, Progress, Store, Written, _no_progress, _no_range
+from .base import Level, ObjectInfo, Progress, Store, Written, _no_progress, _no_range
 
 SUFFIX = ".daman"
 _CHUNK = 8 * 1024 * 1024
@@ -44,6 +44,14 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _STALE_TEMP_SECONDS = 24 * 3600
 """A push's temp file untouched for this long belongs to a push that died (killed, crashed,
 machine lost): every write of a live push refreshes its mtime."""
+
+
+def _valid(key: str) -> bool:
+    try:
+        validate_key(key)
+    except InvalidKeyError:
+        return False
+    return True
 
 
 def _remove_if_stale(path: str) -> None:
@@ -73,6 +81,15 @@ def _info(key: str, f: IO[bytes]) -> ObjectInfo:
             trailer = read_at(st.st_size - TRAILER.size, TRAILER.size)
             etag = f"{read_footer(read_at, st.st_size, trailer).sha256}-{st.st_size:x}"
     return _stat_info(key, st, etag)
+
+
+def _holds_objects(folder: str) -> bool:
+    """Whether a daman object lies anywhere under ``folder``; stops at the first one, which
+    is usually in the folder's own first read."""
+    for _folder, _dirs, files in os.walk(folder):
+        if any(name.endswith(SUFFIX) for name in files):
+            return True
+    return False
 
 
 def _copy(src: IO[bytes], dst: IO[bytes], progress: Progress) -> None:
@@ -275,3 +292,53 @@ class LocalStore(Store):
                     except PermissionError:  # listed all the same; reading it will say why
                         found.append(_stat_info(key, os.stat(path)))
         return iter(sorted(found, key=lambda info: info.key))
+
+    @_mapped
+    def list_level(self, prefix: str = "", *, token: str | None = None, limit: int = 1000) -> Level:
+        """One ``os.scandir`` of the level's folder. Sub-folders become sub-prefixes only when
+        a daman object lies under them (a folder emptied by a concurrent delete, or another
+        program's, is not a prefix); files that are not objects are skipped. ``token`` is the
+        last name of the previous page."""
+        validate_prefix(prefix)
+        self._require_root()
+        level, _, start = prefix.rpartition("/")
+        level = f"{level}/" if level else ""
+        folder = self.root.joinpath(*level.split("/")[:-1]) if level else self.root
+        names: list[tuple[str, str | None]] = []  # (name in listing order, file path or None)
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            entries = []
+        for entry in entries:
+            if not entry.name.startswith(start):
+                continue
+            if entry.name.endswith(".incomplete"):  # a push's temp file: sweep it if stale
+                _remove_if_stale(entry.path)
+            elif entry.name.endswith(SUFFIX) and entry.is_file():
+                key = level + entry.name[: -len(SUFFIX)]
+                if _valid(key):
+                    names.append((key, entry.path))
+            elif (
+                entry.is_dir(follow_symlinks=False)  # as list() does: os.walk does not follow
+                and not entry.name.endswith(SUFFIX)
+                and _valid(level + entry.name)
+                and _holds_objects(entry.path)
+            ):
+                names.append((f"{level}{entry.name}/", None))
+        names.sort()
+        if token is not None:
+            names = [item for item in names if item[0] > token]
+        page, more = names[: max(1, limit)], len(names) > max(1, limit)
+        objects = []
+        for key, path in page:
+            if path is None:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    objects.append(_info(key, f))
+            except FileNotFoundError:  # deleted while we listed
+                continue
+            except PermissionError:  # listed all the same; reading it will say why
+                objects.append(_stat_info(key, os.stat(path)))
+        prefixes = [name for name, path in page if path is None]
+        return Level(prefix, prefixes, objects, page[-1][0] if more else None)
