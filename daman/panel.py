@@ -89,6 +89,7 @@ class _RowView:
             self.select.layout.visibility = "hidden"
             self.persist.layout.visibility = "hidden"
             self.select.value = False
+            self.select.tooltip = self.persist.tooltip = f"{row.prefix} is a prefix"
             self.name.description = row.name
             self.name.tooltip = f"open {row.prefix}"
             self.name.button_style = ""
@@ -154,8 +155,10 @@ class Panel(w.VBox):
         self._progress_text = w.HTML()
         self._progress = w.HBox([self._progress_bar, self._progress_text])
         self._question = w.HTML()
-        self._confirm = w.Button(button_style="danger", layout=_layout())
-        self._cancel = w.Button(layout=_layout())
+        self._confirm = w.Button(
+            description="delete from the store", button_style="danger", layout=_layout()
+        )
+        self._cancel = w.Button(description="cancel", layout=_layout())
         self._confirmation = w.HBox([self._question, self._confirm, self._cancel])
         self._crumbs = w.HBox()
         self._filter = w.Text(
@@ -167,6 +170,7 @@ class Panel(w.VBox):
                 "list only names starting with the text (asks the store)",
                 "keep the loaded names containing the text",
             ],
+            tooltip="how the filter matches names",
             style={"button_width": "auto"},
         )
         self._summary = w.HTML()
@@ -180,18 +184,25 @@ class Panel(w.VBox):
             "</span></span>"
         )
         self._table = w.VBox()
-        self._more = w.Button(layout=_layout())
+        self._more = w.Button(description="show more", layout=_layout())
         self._bulk_text = w.HTML()
-        self._bulk_buttons = {action: w.Button(layout=_layout()) for action in BULK_ACTIONS}
+        self._bulk_buttons = {
+            action: w.Button(
+                description=f"{action.replace('_', ' ')} the selected keys", layout=_layout()
+            )
+            for action in BULK_ACTIONS
+        }
         self._bulk = w.VBox([self._bulk_text, w.HBox(list(self._bulk_buttons.values()))])
         self._details_text = w.HTML()
-        self._pull = w.Button(layout=_layout())
-        self._persist = w.ToggleButton(layout=_layout())
-        self._delete_local = w.Button(layout=_layout())
-        self._delete_remote = w.Button(button_style="danger", layout=_layout())
+        self._pull = w.Button(description="pull into the cache", layout=_layout())
+        self._persist = w.ToggleButton(description="persist", layout=_layout())
+        self._delete_local = w.Button(description="delete the local copy", layout=_layout())
+        self._delete_remote = w.Button(
+            description="delete from the store...", button_style="danger", layout=_layout()
+        )
         self._snippet = w.HTML()
         self._variable = w.Text(description="variable", layout=w.Layout(width="16em"))
-        self._pull_variable = w.Button(layout=_layout())
+        self._pull_variable = w.Button(description="pull into the variable", layout=_layout())
         self._variable_box = w.HBox([self._variable, self._pull_variable])
         self._details = w.VBox(
             [
@@ -232,8 +243,8 @@ class Panel(w.VBox):
         self._filter_mode.observe(self._on_filter_mode_value, names="value")
         self._select_all.observe(self._on_select_all_value, names="value")
         self._more.on_click(self._on_more_click)
-        for action, button in self._bulk_buttons.items():
-            button.on_click(lambda _, action=action: self.model.bulk(action))
+        for button in self._bulk_buttons.values():
+            button.on_click(self._on_bulk_click)
         self._pull.on_click(self._on_pull_click)
         self._persist.observe(self._on_persist_value, names="value")
         self._delete_local.on_click(self._on_delete_local_click)
@@ -448,6 +459,11 @@ class Panel(w.VBox):
 
     def _on_more_click(self, _: w.Button) -> None:
         self.model.show_more()
+
+    def _on_bulk_click(self, button: w.Button) -> None:
+        for action, known in self._bulk_buttons.items():
+            if known is button:
+                self.model.bulk(action)
 
     def _on_confirm_click(self, _: w.Button) -> None:
         self.model.confirm()

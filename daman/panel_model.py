@@ -30,7 +30,7 @@ from .bulk import BulkAction, BulkPlan, plan_bulk, run_bulk
 from .config import format_size
 from .errors import DamanError, InvalidArgumentError, NotCachedError
 from .keys import validate_prefix, variable_name
-from .manager import Disc, KeyListing, LevelListing, Manager, ObjectDetails
+from .manager import LEVEL_PAGE, Disc, KeyListing, LevelListing, Manager, ObjectDetails
 
 PAGE_ROWS = 200
 """Rows shown at a time; "show more" adds as many."""
@@ -77,8 +77,12 @@ class PanelModel:
     """State and actions of one panel on one manager. ``threaded=False`` runs every action
     on the caller's thread (for tests and scripts)."""
 
-    def __init__(self, manager: Manager, *, threaded: bool = True) -> None:
+    def __init__(
+        self, manager: Manager, *, threaded: bool = True, store_page: int = LEVEL_PAGE
+    ) -> None:
         self.manager = manager
+        self.store_page = store_page
+        """Names per request to the store (rows are shown PAGE_ROWS at a time)."""
         self.store_name = manager.store.describe()
         self.prefix = ""
         self.filter_text = ""
@@ -308,7 +312,7 @@ class PanelModel:
 
         def work() -> None:
             validate_prefix(narrowed)
-            page = self.manager.ls_level(narrowed, fresh=fresh)
+            page = self.manager.ls_level(narrowed, limit=self.store_page, fresh=fresh)
             details = self._details_of(focus) if fresh and focus else None
             with self._lock:
                 if view != self._view:
@@ -332,7 +336,7 @@ class PanelModel:
             return None
 
         def work() -> None:
-            page = self.manager.ls_level(last.prefix, token=last.token)
+            page = self.manager.ls_level(last.prefix, token=last.token, limit=self.store_page)
             with self._lock:
                 if view == self._view and self.pages and self.pages[-1] is last:
                     self.pages.append(page)
@@ -578,10 +582,16 @@ class _Guard:
         self.what = what
 
     def __enter__(self) -> None:
-        return None
+        with self.model._lock:
+            self.before = (self.model.message, self.model.error)
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None or not isinstance(exc, Exception):
+        if exc is None:
+            with self.model._lock:  # an old failure is over once something succeeds
+                if self.model.error and (self.model.message, True) == self.before:
+                    self.model._say("")
+            return False
+        if not isinstance(exc, Exception):
             return False
         if not isinstance(exc, DamanError):
             log.debug("panel: %s failed", self.what, exc_info=exc)
