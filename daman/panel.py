@@ -42,6 +42,9 @@ _STYLE = """<style>
 .daman-panel .daman-state-cached { color: #1976d2; }
 .daman-panel .daman-state-stored { color: #757575; }
 .daman-panel .daman-head { color: #555; font-weight: 600; }
+.daman-panel .daman-head .daman-hselect { width: calc(2em + 8px); padding: 0; }
+.daman-panel .daman-head .daman-hname { width: calc(20em + 4px); padding: 0 0 0 12px;
+  box-sizing: border-box; }
 .daman-panel .daman-bar { display: flex; height: 12px; width: 100%; max-width: 36em;
   background: #e6e6e6; border-radius: 3px; overflow: hidden; margin: 2px 0 4px 0; }
 .daman-panel .daman-bar-persisted { background: #0d47a1; }
@@ -49,7 +52,8 @@ _STYLE = """<style>
 .daman-panel .daman-muted { color: #666; }
 .daman-panel .daman-error { color: #b00020; font-weight: 600; }
 .daman-panel .daman-ok { color: #1b5e20; }
-.daman-panel .daman-details td { padding: 1px 8px 1px 0; vertical-align: top; }
+.daman-panel .daman-details td { padding: 1px 8px 1px 0; vertical-align: top;
+  word-break: break-all; }
 .daman-panel .daman-details td:first-child { color: #555; white-space: nowrap; }
 .daman-panel pre.daman-snippet { user-select: all; background: #f5f5f5; padding: 4px 6px;
   margin: 4px 0; white-space: pre-wrap; }
@@ -178,8 +182,8 @@ class Panel(w.VBox):
             description="select all keys shown", indent=False, layout=_layout()
         )
         self._head = w.HTML(
-            '<span class="daman-cols daman-head"><span style="width:2em"></span>'
-            '<span style="width:20em">name</span><span class="daman-size">size</span>'
+            '<span class="daman-cols daman-head"><span class="daman-hselect"></span>'
+            '<span class="daman-hname">name</span><span class="daman-size">size</span>'
             '<span class="daman-date">last modified</span><span class="daman-state">status'
             "</span></span>"
         )
@@ -192,7 +196,7 @@ class Panel(w.VBox):
             )
             for action in BULK_ACTIONS
         }
-        self._bulk = w.VBox([self._bulk_text, w.HBox(list(self._bulk_buttons.values()))])
+        self._bulk = w.VBox([self._bulk_text, _wrapping(list(self._bulk_buttons.values()))])
         self._details_text = w.HTML()
         self._pull = w.Button(description="pull into the cache", layout=_layout())
         self._persist = w.ToggleButton(description="persist", layout=_layout())
@@ -207,12 +211,12 @@ class Panel(w.VBox):
         self._details = w.VBox(
             [
                 self._details_text,
-                w.HBox([self._pull, self._persist]),
-                w.HBox([self._delete_local, self._delete_remote]),
+                _wrapping([self._pull, self._persist]),
+                _wrapping([self._delete_local, self._delete_remote]),
                 self._snippet,
                 self._variable_box,
             ],
-            layout=w.Layout(min_width="22em", flex="1 1 22em", padding="0 0 0 12px"),
+            layout=w.Layout(min_width="24em", flex="1 1 28em", padding="0 0 0 12px"),
         )
         browse = w.VBox(
             [
@@ -507,7 +511,12 @@ _DETAIL_FIELDS = (
 
 
 def _layout() -> w.Layout:
-    return w.Layout(width="auto")
+    """As wide as its text, never squeezed (a squeezed button cuts the key it names)."""
+    return w.Layout(width="auto", flex="0 0 auto")
+
+
+def _wrapping(children: list[w.Widget]) -> w.HBox:
+    return w.HBox(children, layout=w.Layout(flex_flow="row wrap"))
 
 
 def _descendants(widget: w.Widget) -> list[w.Widget]:
