@@ -17,7 +17,7 @@ from . import api, report
 from .config import Config, format_size, load_config
 from .credentials import write_aws_credentials
 from .errors import DamanError
-from .manager import Manager
+from .manager import LevelListing, Manager
 
 Main = Callable[[Sequence[str] | None], int]
 COMMANDS: dict[str, Main] = {}
@@ -287,17 +287,25 @@ def ls_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser(
         "dm_ls",
         "List the keys in the store under a prefix. --long adds size, last modified and\n"
-        "whether each is cached here (and persisted); --json prints all of it for scripts.\n\n"
+        "whether each is cached here (and persisted); --json prints all of it for scripts.\n"
+        "--level lists one level, as a folder: the sub-prefixes and the keys directly under\n"
+        "PREFIX, one request per 1,000 names however many keys lie below.\n\n"
         "examples:\n"
         "  dm_ls team/ --long\n"
+        "  dm_ls team/ --level\n"
         "  dm_ls --json | jq '.[] | select(.cached) | .key'",
     )
     parser.add_argument("prefix", nargs="?", default="", help="only keys starting with this")
     parser.add_argument("--long", "-l", action="store_true", help="size, date, cache state")
+    parser.add_argument(
+        "--level", action="store_true", help="one level: sub-prefixes, then the keys in it"
+    )
     _add_json(parser)
     args = parser.parse_args(argv)
 
     def action() -> None:
+        if args.level:
+            return level_action()
         with _manager(args.quiet) as manager:
             listing = manager.ls(args.prefix)
         if args.json:
@@ -306,6 +314,27 @@ def ls_main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(report.listing_lines(listing)))
         else:
             print("\n".join(item.key for item in listing))
+
+    def level_action() -> None:
+        with _manager(args.quiet) as manager:
+            pages = [manager.ls_level(args.prefix)]
+            while pages[-1].token is not None:
+                pages.append(manager.ls_level(args.prefix, token=pages[-1].token))
+        if args.json:
+            whole = LevelListing(
+                args.prefix,
+                [p for page in pages for p in page.prefixes],
+                [k for page in pages for k in page.keys],
+                None,
+            )
+            _print_json(report.level_data(whole))
+        elif args.long:
+            print("\n".join(report.level_lines(pages)))
+        else:
+            names = [p for page in pages for p in page.prefixes]
+            names += [k.key for page in pages for k in page.keys]
+            if names:
+                print("\n".join(names))
 
     return _run("dm_ls", action)
 

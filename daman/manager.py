@@ -270,10 +270,9 @@ class _ProgressBar:
 
     def __call__(self, n: int) -> None:
         if self.sink is not None:
-            with self.lock:
+            with self.lock:  # held while the sink hears it: parts report from several threads
                 self.done += n
-                done, total = self.done, self.total
-            self.sink(done, total)
+                self.sink(self.done, self.total)
         elif self.bar is not None:
             with self.lock:
                 self.bar.update(n)
