@@ -237,6 +237,7 @@ def test_navigating_into_a_prefix_shows_its_keys(page: Any) -> None:
         expect(_button(page, name)).to_be_visible()
     expect(page.get_by_title("persist team/model/v2 (pulls it first)")).to_be_visible()
     _button(page, "v3").click()  # the details of a key
+    expect(page.get_by_text("pushed_by", exact=True)).to_be_visible()
     expect(page.get_by_text('obj, meta = dm.pull("team/model/v3")')).to_be_visible()
     expect(page.get_by_text("%dm_pull team/model/v3")).to_be_visible()
 
