@@ -123,7 +123,7 @@ class _RowView:
     def _on_select_value(self, change: dict[str, Any]) -> None:
         if self._panel._drawing() or self.row is None or self.row.key is None:
             return
-        self._panel.model.select(self.row.key, change["new"])
+        self._panel.model.select(self.row.key, on=change["new"])
 
     def _on_name_click(self, _: w.Button) -> None:
         if self.row is None:
@@ -136,7 +136,7 @@ class _RowView:
     def _on_persist_value(self, change: dict[str, Any]) -> None:
         if self._panel._drawing() or self.row is None or self.row.key is None:
             return
-        self._panel.model.set_persist(self.row.key, change["new"])
+        self._panel.model.set_persist(self.row.key, on=change["new"])
 
 
 class Panel(w.VBox):
@@ -459,7 +459,7 @@ class Panel(w.VBox):
 
     def _on_select_all_value(self, change: dict[str, Any]) -> None:
         if not self._drawing():
-            self.model.select_all(change["new"])
+            self.model.select_all(on=change["new"])
 
     def _on_more_click(self, _: w.Button) -> None:
         self.model.show_more()
@@ -481,7 +481,7 @@ class Panel(w.VBox):
 
     def _on_persist_value(self, change: dict[str, Any]) -> None:
         if not self._drawing() and self.model.focus:
-            self.model.set_persist(self.model.focus, change["new"])
+            self.model.set_persist(self.model.focus, on=change["new"])
 
     def _on_delete_local_click(self, _: w.Button) -> None:
         if self.model.focus:

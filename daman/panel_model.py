@@ -382,12 +382,12 @@ class PanelModel:
     def _details_of(self, key: str) -> ObjectDetails:
         return self.manager.info(key)
 
-    def select(self, key: str, on: bool) -> None:
+    def select(self, key: str, *, on: bool) -> None:
         with self._lock:
             (self.selected.add if on else self.selected.discard)(key)
         self._changed()
 
-    def select_all(self, on: bool) -> None:
+    def select_all(self, *, on: bool) -> None:
         """Select (or clear) every key row shown."""
         with self._lock:
             keys = {row.key for row in self.rows if row.key is not None}
@@ -422,7 +422,7 @@ class PanelModel:
 
         return self._run(what, work, transfer=True)
 
-    def set_persist(self, key: str, on: bool) -> Future[None]:
+    def set_persist(self, key: str, *, on: bool) -> Future[None]:
         """Persist ``key`` (fetching it first when it is not cached; refused with the reason
         when it cannot fit) or unpersist it."""
         what = f"{'persist' if on else 'unpersist'} {key}"

@@ -189,12 +189,12 @@ def test_persist_pins_a_cached_key_at_once(counted) -> None:
     manager.push(blob(KiB), "k")
     model = model_of(manager)
     store.calls.clear()
-    model.set_persist("k", True)
+    model.set_persist("k", on=True)
     assert manager.cache.get("k").persist
     assert sum(store.calls.values()) == 0  # cached: pinned without asking the store
     assert model.rows[0].item.persist and model.disc.persisted == manager.cache.get("k").size
     assert not model.error and "persisted k" in model.message
-    model.set_persist("k", False)
+    model.set_persist("k", on=False)
     assert not manager.cache.get("k").persist and not model.rows[0].item.persist
 
 
@@ -205,7 +205,7 @@ def test_persisting_a_key_not_cached_fetches_it_first(counted) -> None:
     model = model_of(manager)
     seen = []
     model.listen(lambda part: seen.append(model.transfer) if part == "transfer" else None)
-    model.set_persist("big", True)
+    model.set_persist("big", on=True)
     entry = manager.cache.get("big")
     assert entry is not None and entry.persist
     assert store.calls["get"] == 1
@@ -221,7 +221,7 @@ def test_a_pin_that_cannot_fit_is_refused_with_the_reason(counted) -> None:
     assert manager.cache.get("second") is None
     model = model_of(manager)
     store.calls.clear()
-    model.set_persist("second", True)
+    model.set_persist("second", on=True)
     assert model.error
     assert "second" in model.message and "cannot be persisted" in model.message
     assert "allocated_space" in model.message and "\n" not in model.message
@@ -316,7 +316,7 @@ def test_bulk_actions_say_what_they_use_or_free_before_they_run(counted) -> None
     manager.delete("b/2")
     model = model_of(manager)
     model.open("b/")
-    model.select_all(True)
+    model.select_all(on=True)
     assert model.selected == {"b/1", "b/2", "b/3"}
     sizes = {row.key: row.item.size for row in model.rows}
     pull = model.plan("pull")
@@ -344,7 +344,7 @@ def test_a_bulk_pin_that_cannot_fit_is_refused_and_nothing_is_done(counted) -> N
     for key in ("a", "b", "c"):
         manager.push(blob(40 * KiB), key)
     model = model_of(manager)
-    model.select_all(True)
+    model.select_all(on=True)
     plan = model.plan("pin")
     assert plan.refusal is not None and "cannot be persisted" in plan.refusal
     store.calls.clear()
@@ -359,7 +359,7 @@ def test_a_bulk_action_reports_the_keys_that_failed_and_does_the_others(counted)
         manager.push(blob(KiB), key)
         manager.delete(key)
     model = model_of(manager)
-    model.select_all(True)
+    model.select_all(on=True)
     manager.store.inner.delete("a")  # gone from the store behind the panel's back
     model.bulk("pull")
     assert manager.cache.get("b") is not None
@@ -390,7 +390,7 @@ def test_an_unreachable_store_is_one_line_and_the_panel_stays_usable(
         assert "\n" not in model.message and "Traceback" not in model.message
         assert ("cannot reach" if backend == "s3" else "does not exist") in model.message
         assert model.disc is not None  # the local side still shows
-        model.select("k", True)
+        model.select("k", on=True)
         assert model.selected == {"k"}
 
 
@@ -440,12 +440,12 @@ def test_listing_and_transfers_run_off_the_callers_thread(counted) -> None:
     try:
         model.start()  # returns while the listing waits
         assert model.busy == f"listing {manager.store.describe()}" and model.rows == []
-        model.select("k", True)  # the panel answers meanwhile
+        model.select("k", on=True)  # the panel answers meanwhile
         assert model.selected == {"k"}
         release.set()
         model.wait()
         assert names(model) == ["k"] and model.busy is None
-        model.set_persist("k", True)
+        model.set_persist("k", on=True)
         model.wait()
         assert manager.cache.get("k").persist
         assert threads and all(name.startswith("daman-panel") for name in threads)
