@@ -14,6 +14,8 @@ this process, in batches of operations. Sections (``--only``):
     keys      1 KiB push and cached pull with 100,000 keys in bucket and cache vs 100 keys
     evict     1 KiB push into a full cache of 10,000 entries vs into an empty cache
     rss       peak RSS pushing / pulling a 1 GiB array, over the array's size
+    panel     opening the panel (its first level) on 100,000 keys under 100 prefixes vs
+              dm.ls() of the whole bucket: requests sent and time to the first table
 
 ``--profile [OP]`` adds a py-spy profile of one of daman's large-array operations (default: the
 one with the worst ratio). ``--candidate DIR`` also measures the daman package in DIR (a
@@ -53,7 +55,7 @@ from common import (
 )
 
 MiB = 2**20
-SECTIONS = ("large", "keys", "evict", "rss")
+SECTIONS = ("large", "keys", "evict", "rss", "panel")
 
 
 @dataclasses.dataclass
@@ -67,6 +69,8 @@ class Sizes:
     small_repeat: int
     rss_mib: int
     rss_repeat: int
+    panel_prefixes: int = 100
+    panel_repeat: int = 3
 
 
 FULL = Sizes(
@@ -685,6 +689,79 @@ def section_rss(ctx: Context) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+# -- panel: browsing a large bucket ------------------------------------------------------------
+
+
+def section_panel(ctx: Context) -> None:
+    """The panel's first table against ``dm.ls()`` of the whole bucket, which is what key
+    completion did before it listed levels. Each side starts with an empty listing cache."""
+    from daman import Manager
+    from daman.magics import KeyCompleter
+    from daman.panel import Panel
+    from daman.panel_model import PanelModel
+
+    s = ctx.sizes
+    keys, prefixes = s.keys_large, s.panel_prefixes
+    bucket = "bench-panel"
+    ensure_bucket(raw_client(ctx.server.endpoint), bucket)
+    seconds = sum(
+        ctx.server.fill(bucket, f"p{p:03d}/", keys // prefixes, 16) for p in range(prefixes)
+    )
+    ctx.log(f"panel: {keys:,} keys under {prefixes} prefixes in moto ({seconds:.1f} s)")
+    manager = Manager(daman_config(ctx.server.endpoint, bucket, ctx.work / "panel-cache"))
+    manager.store.check()
+    counter = RequestCounter(manager.store.client)
+    counter.take()
+    sent: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+
+    def open_model() -> None:
+        model = PanelModel(manager, threaded=False)
+        model.start()
+        assert len(model.rows) == prefixes and not model.error, model.message
+
+    def open_widget() -> None:
+        panel = Panel(manager, threaded=False)
+        assert len(panel._table.children) == prefixes
+        panel.close()
+
+    def ls_all() -> None:
+        assert len(manager.ls()) == keys
+
+    def first_tab() -> None:
+        assert KeyCompleter._names(manager, "p00") == [f"p{p:03d}/" for p in range(prefixes)]
+
+    sides = {"model": open_model, "widget": open_widget, "ls": ls_all, "tab": first_tab}
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    for rep, side in interleaved(s.panel_repeat, *sides):
+        manager.listings.forget()  # every measurement asks the store
+        with Stopwatch() as sw:
+            sides[side]()
+        times[side].append(sw.wall)
+        sent[side].update(counter.take())
+        ctx.log(f"panel: {side} rep {rep}: {sw.wall:.3f} s")
+    manager.close()
+    what = f"{keys:,} keys under {prefixes} prefixes"
+    for side, label in (
+        ("model", f"open the panel, time to the first table (view-model), {what}"),
+        ("widget", f"open the panel widget with its first table drawn (no browser), {what}"),
+        ("tab", f"first TAB of `%dm_pull p00` (key completion), {what}"),
+    ):
+        ctx.rows.append(
+            Row("panel", label, "`dm.ls()` of the whole bucket", times[side], times["ls"], "s")
+        )
+        ctx.requests.append((label, format_requests(per_op(dict(sent[side]), s.panel_repeat)), ""))
+    ctx.requests.append(
+        (f"`dm.ls()` of the whole bucket, {what}",
+         format_requests(per_op(dict(sent["ls"]), s.panel_repeat)), "")
+    )  # fmt: skip
+    ctx.note(
+        "panel",
+        f"{what} of 16 bytes, filled in moto's process; {s.panel_repeat} repetitions of each "
+        "side, interleaved, each with an empty listing cache (the panel's and completion's "
+        "one listing request per level vs the 1,000-key pages of a full listing).",
+    )
+
+
 # -- reporting -------------------------------------------------------------------------------
 
 
@@ -701,6 +778,11 @@ def fmt_stats(values: list[float], unit: str) -> str:
     return f"{fmt_value(med, unit)} ({fmt_value(min(values), unit)}-{fmt_value(max(values), unit)})"
 
 
+def _ratio(x: float) -> str:
+    """Two decimals, or two significant digits below 0.1 (0.0015, not 0.00)."""
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
+
+
 def table(rows: list[Row], targets_only: bool) -> list[str]:
     lines = [
         "| what | baseline (same run) | daman, median (min-max) | baseline, median (min-max) "
@@ -710,11 +792,11 @@ def table(rows: list[Row], targets_only: bool) -> list[str]:
     for r in rows:
         if targets_only != (r.target is not None):
             continue
-        lo, hi = r.spread
+        lo, hi = (_ratio(x) for x in r.spread)
         if r.paired:
-            figure = f"{r.figure:.2f}x ({lo:.2f}-{hi:.2f})"
+            figure = f"{_ratio(r.figure)}x ({lo}-{hi})"
         else:
-            figure = f"{r.figure:.2f}x size ({lo:.2f}-{hi:.2f})"
+            figure = f"{_ratio(r.figure)}x size ({lo}-{hi})"
         ours, base = fmt_stats(r.ours, r.unit), fmt_stats(r.base, r.unit)
         lines.append(
             f"| {r.what} | {r.baseline} | {ours} | {base} | {figure} | {r.target_text} | {r.met} |"
@@ -835,7 +917,7 @@ def write_report(
         "(they belong to files, not to the process), except pages of files the process maps.",
         "- Arrays are float64 from `numpy.random.default_rng(0).random`.",
     ]
-    for section in ("keys", "evict", "profile"):
+    for section in ("keys", "evict", "panel", "profile"):
         if ctx.notes.get(section):
             out += ["", f"### {section}", ""] + [
                 f"- {n}" if "\n" not in n else n for n in ctx.notes[section]
@@ -917,6 +999,8 @@ def main() -> None:
             section_evict(ctx)
         if "rss" in sections:
             section_rss(ctx)
+        if "panel" in sections:
+            section_panel(ctx)
         server_rss = server.rss()
     finally:
         server.stop()

@@ -22,11 +22,22 @@ from .config import (
     save_config,
 )
 from .errors import ConfigError, ConfigWarning, NotConfiguredError, os_errors, warn
-from .manager import Deleted, KeyListing, Manager, ObjectDetails, Usage, VerifyReport
+from .manager import (
+    LEVEL_PAGE,
+    Deleted,
+    Disc,
+    KeyListing,
+    LevelListing,
+    Manager,
+    ObjectDetails,
+    Usage,
+    VerifyReport,
+)
 from .store import ObjectInfo, open_store
 
 if TYPE_CHECKING:
     from .migrate import MigrationReport, OnKey, SetupImport
+    from .panel import Panel
 
 _default: Manager | None = None
 _lock = threading.Lock()
@@ -193,6 +204,14 @@ def ls(prefix: str = "", *, legacy: bool = False) -> list[KeyListing]:
     return get_manager().ls(prefix, legacy=legacy)
 
 
+def ls_level(
+    prefix: str = "", *, token: str | None = None, limit: int = LEVEL_PAGE, fresh: bool = False
+) -> LevelListing:
+    """One level of the store (sub-prefixes and keys), one request per page; see
+    :meth:`Manager.ls_level`."""
+    return get_manager().ls_level(prefix, token=token, limit=limit, fresh=fresh)
+
+
 def info(key: str) -> ObjectDetails:
     return get_manager().info(key)
 
@@ -207,6 +226,22 @@ def usage() -> Usage:
 
 def set_persist(key: str, persist: bool) -> None:
     get_manager().set_persist(key, persist)
+
+
+def pin(key: str) -> CacheEntry:
+    """Persist ``key`` here, fetching it first if it is not cached; see :meth:`Manager.pin`."""
+    return get_manager().pin(key)
+
+
+def disc() -> Disc:
+    """Local disc use, persisted bytes and what eviction would remove next."""
+    return get_manager().disc()
+
+
+def panel() -> Panel:
+    """The daman panel (an ipywidgets widget) on the default manager: browse the store, see
+    this machine's disc, pin, pull and delete. Display it as a cell's last value."""
+    return get_manager().panel()
 
 
 def verify(key: str | None = None) -> VerifyReport:
@@ -255,13 +290,17 @@ __all__ = [
     "configure",
     "current_config",
     "delete",
+    "disc",
     "exists",
     "fetch",
     "get_manager",
     "info",
     "ls",
+    "ls_level",
     "migrate",
     "migrate_local",
+    "panel",
+    "pin",
     "pull",
     "pull_file",
     "push",

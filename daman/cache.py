@@ -471,6 +471,25 @@ class Cache:
         rows = self._query(f"SELECT {_COLUMNS} FROM entries ORDER BY accessed DESC")
         return [self._entry(row) for row in rows]
 
+    def eviction_candidates(self, limit: int) -> list[CacheEntry]:
+        """The entries eviction would remove next, least recently used first: what the next
+        push or pull that needs room takes (persisted entries never are)."""
+        rows = self._db().execute(
+            f"SELECT {_COLUMNS} FROM entries WHERE persist = 0 ORDER BY accessed LIMIT ?",
+            (limit,),
+        )
+        return [self._entry(row) for row in rows]
+
+    def persisted_size(self) -> int:
+        """Bytes held by persisted entries: the part of the allocation eviction cannot free.
+        Reads the persisted rows only (the LRU index starts with ``persist``)."""
+        (size,) = (
+            self._db()
+            .execute("SELECT COALESCE(SUM(size), 0) FROM entries WHERE persist = 1")
+            .fetchone()
+        )
+        return size
+
     def usage(self) -> CacheUsage:
         ((size, count),) = self._query("SELECT size, count FROM totals")
         return CacheUsage(used=size, allocated=self.allocated_space, count=count)

@@ -21,7 +21,7 @@ from . import __version__, api, report
 from .config import CHECKSUM_MODES, SERVICES, Config, format_size, load_config
 from .credentials import write_aws_credentials
 from .errors import DamanError, DamanWarning, InvalidArgumentError
-from .manager import Manager
+from .manager import LevelListing, Manager
 
 Main = Callable[[Sequence[str] | None], int]
 COMMANDS: dict[str, Main] = {}
@@ -412,9 +412,12 @@ def ls_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser(
         "dm_ls",
         "List the keys in the store under a prefix. --long adds size, last modified and\n"
-        "whether each is cached here (and persisted); --json prints all of it for scripts.\n\n"
+        "whether each is cached here (and persisted); --json prints all of it for scripts.\n"
+        "--level lists one level, as a folder: the sub-prefixes and the keys directly under\n"
+        "PREFIX, one request per 1,000 names however many keys lie below.\n\n"
         "examples:\n"
         "  dm_ls team/ --long\n"
+        "  dm_ls team/ --level\n"
         "  dm_ls --json | jq '.[] | select(.cached) | .key'",
     )
     parser.add_argument("prefix", nargs="?", default="", help="only keys starting with this")
@@ -425,10 +428,15 @@ def ls_main(argv: Sequence[str] | None = None) -> int:
         help="mark daman 0.2 objects (reads each key's last 16 bytes: one small request per "
         "key on S3)",
     )
+    parser.add_argument(
+        "--level", action="store_true", help="one level: sub-prefixes, then the keys in it"
+    )
     _add_json(parser)
     args = parser.parse_args(argv)
 
     def action() -> None:
+        if args.level:
+            return level_action()
         with _manager(args.quiet) as manager:
             listing = manager.ls(args.prefix, legacy=args.legacy)
         if args.json:
@@ -437,6 +445,27 @@ def ls_main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(report.listing_lines(listing)))
         else:
             print("\n".join(item.key for item in listing))
+
+    def level_action() -> None:
+        with _manager(args.quiet) as manager:
+            pages = [manager.ls_level(args.prefix)]
+            while pages[-1].token is not None:
+                pages.append(manager.ls_level(args.prefix, token=pages[-1].token))
+        if args.json:
+            whole = LevelListing(
+                args.prefix,
+                [p for page in pages for p in page.prefixes],
+                [k for page in pages for k in page.keys],
+                None,
+            )
+            _print_json(report.level_data(whole))
+        elif args.long:
+            print("\n".join(report.level_lines(pages)))
+        else:
+            names = [p for page in pages for p in page.prefixes]
+            names += [k.key for page in pages for k in page.keys]
+            if names:
+                print("\n".join(names))
 
     return _run("dm_ls", action)
 

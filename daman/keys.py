@@ -8,6 +8,7 @@ path. The local cache never uses a key as a path: it names files by a hash of th
 from __future__ import annotations
 
 import hashlib
+import keyword
 import re
 
 from .errors import InvalidKeyError
@@ -63,3 +64,14 @@ def validate_prefix(prefix: object) -> str:
 def key_digest(key: str) -> str:
     """A fixed-length, filesystem-safe name for ``key`` (hex sha256)."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def variable_name(key: str) -> str:
+    """The last '/'-part of ``key`` as a Python identifier: ``'sales/2026-11'`` ->
+    ``'_2026_11'``, ``'models/class'`` -> ``'class_'``."""
+    name = "".join(c if ("_" + c).isidentifier() else "_" for c in key.rsplit("/", 1)[-1])
+    if not name.isidentifier():  # starts with a digit
+        name = "_" + name
+    if keyword.iskeyword(name):
+        name += "_"
+    return name

@@ -13,12 +13,9 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
-import importlib
-import importlib.util
 import keyword
 import re
 import shlex
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,9 +33,11 @@ from IPython.utils.text import DollarFormatter
 from . import api, report
 from .config import format_size
 from .errors import DamanError, InvalidArgumentError
-from .manager import Manager
+from .keys import variable_name
+from .listing import LISTING_TTL
+from .manager import LEVEL_PAGE, Manager
 
-COMPLETION_TTL = 10.0
+COMPLETION_TTL = LISTING_TTL
 """Seconds a key listing keeps serving completions before the store is asked again."""
 
 
@@ -75,17 +74,6 @@ def _parse(magic: Any, line: str) -> argparse.Namespace:
 def _check_identifier(name: str, what: str) -> None:
     if not name.isidentifier() or keyword.iskeyword(name):
         raise UsageError(f"{what} {name!r} is not a valid Python variable name")
-
-
-def variable_name(key: str) -> str:
-    """The last '/'-part of ``key`` as a Python identifier: ``'sales/2026-11'`` ->
-    ``'_2026_11'``, ``'models/class'`` -> ``'class_'``."""
-    name = "".join(c if ("_" + c).isidentifier() else "_" for c in key.rsplit("/", 1)[-1])
-    if not name.isidentifier():  # starts with a digit
-        name = "_" + name
-    if keyword.iskeyword(name):
-        name += "_"
-    return name
 
 
 def _where(source: str) -> str:
@@ -152,61 +140,56 @@ def key_fragment(line: str, first_line: bool = True) -> str | None:
 
 
 class KeyCompleter:
-    """Completes keys after ``%dm_pull``, ``%dm_info``, ``%dm_delete`` and ``%%dm_cache``
-    from a listing kept ``ttl`` seconds, so a keystroke does not wait on the store each time.
+    """Completes keys after ``%dm_pull``, ``%dm_info``, ``%dm_delete`` and ``%%dm_cache``,
+    one '/'-part at a time like paths (``te`` -> ``team/``).
 
-    Keys complete one '/'-part at a time, like paths: ``te`` -> ``team/``."""
+    The first TAB in a level lists that level (``Manager.ls_level``: one request, however
+    many keys lie below it); the listing stays in the manager's listing cache (LISTING_TTL
+    seconds, shared with the panel and fed by ``%dm_ls``), so each further keystroke only
+    filters it. A level longer than one page is narrowed on the store's side to the names
+    starting with what is typed. A failed listing (not configured, unreachable) completes
+    nothing for LISTING_TTL seconds, so that TAB does not wait on a dead store each time."""
 
-    def __init__(self, ttl: float = COMPLETION_TTL, clock: Callable[[], float] = time.monotonic):
-        self.ttl = ttl
-        self.clock = clock
-        self._listings: dict[str, tuple[float, list[str]]] = {}
-        self._manager: Manager | None = None
+    def __init__(self) -> None:
+        self._quiet: tuple[Manager, float] | None = None  # (manager, when it failed)
 
-    def forget(self) -> None:
-        """Drop the listings (after a push or delete changed the store)."""
-        self._listings.clear()
-
-    def remember(self, manager: Manager, prefix: str, keys: list[str]) -> None:
-        """Keep a listing made anyway (by ``%dm_ls``)."""
-        self._use(manager)
-        self._listings[prefix] = (self.clock(), keys)
-
-    def _use(self, manager: Manager) -> None:
-        if manager is not self._manager:  # reconfigured: another store
-            self._manager = manager
-            self.forget()
-
-    def keys(self, prefix: str) -> list[str]:
-        """Keys starting with ``prefix``, from a fresh listing of it or of a shorter prefix.
-        A failed listing (not configured, unreachable) completes nothing until the TTL ends."""
+    def complete(self, fragment: str) -> list[str]:
+        """Completions of ``fragment``, each up to the next '/' after it (inclusive)."""
         try:
             manager = api.get_manager()
         except DamanError:
             return []
-        self._use(manager)
-        now = self.clock()
-        for listed, (when, keys) in list(self._listings.items()):
-            if now - when >= self.ttl:
-                del self._listings[listed]
-            elif prefix.startswith(listed):
-                return [key for key in keys if key.startswith(prefix)]
+        listings = manager.listings
+        if self._quiet is not None:
+            failed_on, when = self._quiet
+            if failed_on is manager and listings.clock() - when < listings.ttl:
+                return []
+            self._quiet = None
         try:
-            keys = [item.key for item in manager.ls(prefix)]
+            names = self._names(manager, fragment)
         except DamanError:
-            keys = []
-        self._listings[prefix] = (now, keys)
-        return keys
-
-    def complete(self, fragment: str) -> list[str]:
-        """Completions of ``fragment``, each up to the next '/' after it (inclusive)."""
-        listed = self.keys(fragment[: fragment.rfind("/") + 1])
+            self._quiet = (manager, listings.clock())
+            return []
         found = set()
-        for key in listed:
-            if key.startswith(fragment):
-                slash = key.find("/", len(fragment))
-                found.add(key if slash < 0 else key[: slash + 1])
+        for name in names:
+            if name.startswith(fragment):
+                slash = name.find("/", len(fragment))
+                found.add(name if slash < 0 else name[: slash + 1])
         return sorted(found)
+
+    @staticmethod
+    def _names(manager: Manager, fragment: str) -> list[str]:
+        """The names (keys and sub-prefixes) of a listing holding every name that starts
+        with ``fragment``: one already at hand if any, else a new one."""
+        level = fragment[: fragment.rfind("/") + 1]
+        for end in range(len(level), len(fragment) + 1):
+            held = manager.listings.get(fragment[:end], None, LEVEL_PAGE)
+            if held is not None and held.token is None:
+                return [*held.prefixes, *(info.key for info in held.objects)]
+        page = manager.ls_level(level, limit=LEVEL_PAGE)
+        if page.token is not None and fragment != level:
+            page = manager.ls_level(fragment, limit=LEVEL_PAGE)
+        return [*page.prefixes, *(item.key for item in page.keys)]
 
     # Priority 1: asked before the built-in matchers (priority 0), which it then suppresses.
     @context_matcher(priority=1)
@@ -265,7 +248,6 @@ class DamanMagics(Magics):
         info = api.get_manager().push(
             self.shell.user_ns[args.var], key, meta=meta, force=args.force, persist=args.persist
         )
-        self.completer.forget()
         print(f"pushed {args.var} to {key} ({format_size(info.size)})")
 
     @line_magic
@@ -308,7 +290,6 @@ class DamanMagics(Magics):
         args = _parse(self.dm_ls, line)
         manager = api.get_manager()
         listing = manager.ls(args.prefix, legacy=args.legacy)
-        self.completer.remember(manager, args.prefix, [item.key for item in listing])
         if not listing:
             under = f" under {args.prefix!r}" if args.prefix else ""
             print(f"no keys{under} in {manager.store.describe()}")
@@ -334,7 +315,6 @@ class DamanMagics(Magics):
         """Remove a key's local copy; with --remote the stored object too (``dm.delete``)."""
         args = _parse(self.dm_delete, line)
         deleted = api.get_manager().delete(args.key, local=True, remote=args.remote)
-        self.completer.forget()
         print(report.deleted_line(deleted))
 
     @line_magic
@@ -346,15 +326,11 @@ class DamanMagics(Magics):
         print("\n".join(report.usage_lines(manager.usage(), manager.cache.root)))
 
     @line_magic
+    @_one_line_errors
     def dm_panel(self, line: str) -> Any:
-        """The daman panel (a widget), once this version of daman has one."""
-        if importlib.util.find_spec(f"{__package__}.panel") is None:
-            print(
-                "daman: the panel is not available in this version of daman yet; "
-                "%dm_status and %dm_ls show the cache and the store meanwhile."
-            )
-            return None
-        return importlib.import_module(f"{__package__}.panel").show()
+        """The daman panel (``dm.panel()``): browse the store a level at a time, see this
+        machine's disc use against its allocation, pin, pull and delete keys."""
+        return api.panel()
 
     @cell_magic
     @magic_arguments()
@@ -398,7 +374,6 @@ class DamanMagics(Magics):
             )
         values = {var: self.shell.user_ns[var] for var in args.vars}
         info = manager.push(values, args.key, meta={"variables": args.vars, "cell": cell})
-        self.completer.forget()
         print(f"{args.key}: ran the cell and pushed {names} ({format_size(info.size)})")
 
 

@@ -7,16 +7,17 @@ holds logic of its own.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import enum
 import mmap
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from . import legacy as legacy_format
 from .cache import Cache, CacheEntry
@@ -38,6 +39,7 @@ from .errors import (
 )
 from .files import atomic_write
 from .keys import validate_key, validate_prefix
+from .listing import ListingCache
 from .serialize import (
     TAIL_GUESS,
     FileBytes,
@@ -55,12 +57,23 @@ from .serialize import (
 )
 from .store import ObjectInfo, Store, open_store
 
+if TYPE_CHECKING:
+    from .panel import Panel
+
 PROGRESS_MIN_BYTES = 8 * 1024 * 1024
 _WRITE_BUFFER = 1024 * 1024
 _DOWNLOAD_ATTEMPTS = 3
 """Downloads of a key whose bytes fail their check (corrupted in transit, or another key's
 object in the answer) before giving up."""
 _FETCH_ATTEMPTS = 3
+LEVEL_PAGE = 1000
+"""Names per page of a level listing (S3's most per request)."""
+
+TransferProgress = Callable[[int, int], object]
+"""Called with ``(bytes done, bytes in all)`` as a transfer moves, from any thread."""
+_progress_sink: contextvars.ContextVar[TransferProgress | None] = contextvars.ContextVar(
+    "daman_progress_sink", default=None
+)
 
 
 class Remote(enum.Enum):
@@ -129,6 +142,37 @@ class KeyListing:
     persist: bool
     legacy: bool | None = None
     """A daman 0.2 object (``dm_migrate`` converts it); None when not checked."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelListing:
+    """One page of one level of the store, as ``ls_level`` shows it."""
+
+    prefix: str
+    prefixes: list[str]
+    """Sub-prefixes directly under ``prefix``, each ending with ``/``."""
+    keys: list[KeyListing]
+    """Keys directly under ``prefix``, with whether each is cached / persisted here."""
+    token: str | None
+    """Pass it back to ``ls_level`` for the next page; None on the last."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Disc:
+    """This machine's cache at a glance: what ``disc`` tells, from the index alone."""
+
+    used: int
+    allocated: int | None
+    persisted: int
+    """Bytes of persisted entries, which eviction never frees."""
+    entries: int
+    local_dir: Path
+    next_to_evict: list[CacheEntry]
+    """The entries eviction would remove next, least recently used first."""
+
+    @property
+    def free(self) -> int | None:
+        return None if self.allocated is None else max(0, self.allocated - self.used)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,15 +271,24 @@ def _check_key(footer: Footer, key: str) -> None:
 
 class _ProgressBar:
     """One transfer's progress: a ``tqdm.auto`` bar drawn once the size is known, and only
-    for transfers of at least PROGRESS_MIN_BYTES. Parts move in parallel, hence the lock."""
+    for transfers of at least PROGRESS_MIN_BYTES; or, when a caller asked for them (``sink``:
+    the panel draws its own), ``(done, total)`` calls instead. Parts move in parallel, hence
+    the lock."""
 
-    def __init__(self, desc: str, enabled: bool) -> None:
+    def __init__(self, desc: str, enabled: bool, sink: TransferProgress | None = None) -> None:
         self.desc = desc
         self.enabled = enabled
         self.bar: Any = None
         self.lock = threading.Lock()
+        self.sink = sink
+        self.done = self.total = 0
 
     def start(self, total: int) -> None:
+        if self.sink is not None:
+            with self.lock:
+                self.done, self.total = 0, total  # again if the download starts over
+            self.sink(0, total)
+            return
         if self.enabled and self.bar is None and total >= PROGRESS_MIN_BYTES:
             from tqdm.auto import tqdm
 
@@ -245,7 +298,11 @@ class _ProgressBar:
             )  # fmt: skip
 
     def __call__(self, n: int) -> None:
-        if self.bar is not None:
+        if self.sink is not None:
+            with self.lock:  # held while the sink hears it: parts report from several threads
+                self.done += n
+                self.sink(self.done, self.total)
+        elif self.bar is not None:
             with self.lock:
                 self.bar.update(n)
 
@@ -266,6 +323,8 @@ class Manager:
         self.store = store or open_store(config)
         self.cache = cache or Cache(config.cache_dir, config.allocated_space)
         self.signing_key = config.signing_secret
+        self.listings = ListingCache()
+        """Level listings kept a few seconds, shared by the panel and key completion."""
 
     def close(self) -> None:
         self.store.close()
@@ -281,7 +340,7 @@ class Manager:
 
     @contextlib.contextmanager
     def _progress(self, desc: str) -> Iterator[_ProgressBar]:
-        bar = _ProgressBar(desc, enabled=self.config.progress)
+        bar = _ProgressBar(desc, enabled=self.config.progress, sink=_progress_sink.get())
         try:
             yield bar
         finally:
@@ -363,6 +422,8 @@ class Manager:
                     info = self._written_by_this_push(key, footer)  # a retry met our write
                     if info is None:
                         raise
+                finally:
+                    self.listings.forget()  # even a failed put may have changed the store
             self._keep(
                 key, tmp, etag=info.etag, sha256=footer.sha256, persist=persist, verb="pushed"
             )
@@ -462,21 +523,33 @@ class Manager:
             out.file.write(obj)
         return len(obj)
 
-    def fetch(self, key: str, force: bool = False, persist: bool = False) -> CacheEntry:
-        """Bring the current version of ``key`` into the local cache without unpickling it."""
-        for _ in range(_FETCH_ATTEMPTS):
-            with self._open_current(key, force=force, persist=persist, keep=True) as opened:
-                kept = opened[3]
-            if kept is None:
-                raise NotCachedError(
-                    f"{key!r} does not fit in the local cache (allocated_space "
-                    f"{format_size(self.cache.allocated_space)}, persisted entries cannot be "
-                    "evicted). Raise allocated_space or unpersist entries."
-                )
-            entry = self.cache.get(key)
-            if entry is not None:
-                return entry
-            force = False  # removed by another process meanwhile: bring it in again
+    def fetch(
+        self,
+        key: str,
+        force: bool = False,
+        persist: bool = False,
+        *,
+        progress: TransferProgress | None = None,
+    ) -> CacheEntry:
+        """Bring the current version of ``key`` into the local cache without unpickling it.
+        ``progress`` hears a download's ``(done, total)`` bytes instead of a progress bar."""
+        reset = _progress_sink.set(progress)
+        try:
+            for _ in range(_FETCH_ATTEMPTS):
+                with self._open_current(key, force=force, persist=persist, keep=True) as opened:
+                    kept = opened[3]
+                if kept is None:
+                    raise NotCachedError(
+                        f"{key!r} does not fit in the local cache (allocated_space "
+                        f"{format_size(self.cache.allocated_space)}, persisted entries cannot "
+                        "be evicted). Raise allocated_space or unpersist entries."
+                    )
+                entry = self.cache.get(key)
+                if entry is not None:
+                    return entry
+                force = False  # removed by another process meanwhile: bring it in again
+        finally:
+            _progress_sink.reset(reset)
         raise NotCachedError(
             f"{key!r} was removed from the local cache by another process each time it was "
             f"fetched ({_FETCH_ATTEMPTS} times). Try again once the other process is done."
@@ -638,6 +711,8 @@ class Manager:
                     self.store.delete(key)
                     from_store = True
         finally:  # the cached copy goes even if the store failed: it was asked for too
+            if remote:
+                self.listings.forget()
             if local:
                 from_cache = self.cache.remove(key)
         deleted = Deleted(key, local=from_cache, remote=from_store)
@@ -731,11 +806,14 @@ class Manager:
 
     def ls(self, prefix: str = "", *, legacy: bool = False) -> list[KeyListing]:
         """Keys in the store under ``prefix``, each with whether it is cached / persisted.
-        With ``legacy``, daman 0.2 objects are marked, at the cost of reading each key's last
-        16 bytes (on S3 one small request per key, 8 at a time; a listing cannot tell)."""
+        Every key: on a large bucket, :meth:`ls_level` lists one level in one request. With
+        ``legacy``, daman 0.2 objects are marked, at the cost of reading each key's last 16
+        bytes (on S3 one small request per key, 8 at a time; a listing cannot tell)."""
         validate_prefix(prefix)
         listing: list[KeyListing] = []
         page: list[ObjectInfo] = []
+        seen: list[ObjectInfo] = []
+        since = self.listings.generation
 
         def flush() -> None:
             states = self.cache.states([info.key for info in page])
@@ -755,10 +833,39 @@ class Manager:
 
         for info in self.store.list(prefix):
             page.append(info)
+            seen.append(info)
             if len(page) == 1000:
                 flush()
         flush()
+        self.listings.put_keys(prefix, seen, limit=LEVEL_PAGE, since=since)
         return listing
+
+    def ls_level(
+        self,
+        prefix: str = "",
+        *,
+        token: str | None = None,
+        limit: int = LEVEL_PAGE,
+        fresh: bool = False,
+    ) -> LevelListing:
+        """One level of the store under ``prefix`` (``""`` or ending with ``/``; a partial
+        last part narrows the level to names starting with it): its sub-prefixes and the keys
+        directly in it, each with whether it is cached / persisted here; at most ``limit``
+        names per page, ``token`` continuing. One request per page however many keys lie
+        below. The store's answer is kept LISTING_TTL seconds (``manager.listings``, shared
+        with key completion); ``fresh`` asks again."""
+        validate_prefix(prefix)
+        level = None if fresh else self.listings.get(prefix, token, limit)
+        if level is None:
+            since = self.listings.generation
+            level = self.store.list_level(prefix, token=token, limit=limit)
+            self.listings.put(level, token=token, limit=limit, since=since)
+        states = self.cache.states([info.key for info in level.objects])
+        keys = [
+            KeyListing(i.key, i.size, i.last_modified, i.key in states, states.get(i.key, False))
+            for i in level.objects
+        ]
+        return LevelListing(prefix, list(level.prefixes), keys, level.token)
 
     def usage(self) -> Usage:
         """Local disc use against the allocation, every cached entry (most recently used
@@ -811,6 +918,57 @@ class Manager:
             untrusted=untrusted,
             **repaired,
         )
+
+    def disc(self, next_to_evict: int = 5) -> Disc:
+        """Local disc use, persisted bytes and the entries eviction would remove next; from
+        the index's totals (no listing of every entry, unlike :meth:`usage`)."""
+        totals = self.cache.usage()
+        return Disc(
+            used=totals.used,
+            allocated=totals.allocated,
+            persisted=self.cache.persisted_size(),
+            entries=totals.count,
+            local_dir=self.cache.root,
+            next_to_evict=self.cache.eviction_candidates(next_to_evict),
+        )
+
+    def cache_refusal(self, key: str, size: int, *, persist: bool) -> str | None:
+        """Why ``key`` (``size`` bytes, not cached yet) cannot be kept in the local cache, or
+        None when it can: eviction frees anything but persisted entries, so it fits when the
+        persisted bytes leave room for it."""
+        allocated = self.cache.allocated_space
+        if allocated is None:
+            return None
+        persisted = self.cache.persisted_size()
+        if persisted + size <= allocated:
+            return None
+        verb = "persisted" if persist else "cached"
+        return (
+            f"{key} ({format_size(size)}) cannot be {verb}: allocated_space is "
+            f"{format_size(allocated)} and persisted entries, which are never evicted, hold "
+            f"{format_size(persisted)}. Unpersist entries or raise allocated_space "
+            "(dm_configure --allocated_space)."
+        )
+
+    def pin(self, key: str, *, progress: TransferProgress | None = None) -> CacheEntry:
+        """Persist ``key`` here: a cached copy is pinned at once; a key not cached is fetched
+        first (one HEAD for its size, then the download) and pinned as it arrives. Refused
+        with :class:`NotCachedError`, before anything is downloaded, when it cannot fit
+        beside the entries already persisted."""
+        validate_key(key)
+        entry = self.cache.get(key)
+        if entry is not None and self.cache.set_persist(key, True):
+            return dataclasses.replace(entry, persist=True)
+        reason = self.cache_refusal(key, self.store.head(key).size, persist=True)
+        if reason is not None:
+            raise NotCachedError(reason)
+        return self.fetch(key, persist=True, progress=progress)
+
+    def panel(self) -> Panel:
+        """The daman panel (an ipywidgets widget) on this manager's store and cache."""
+        from .panel import Panel  # ipywidgets only when a panel is wanted
+
+        return Panel(self)
 
     def clear(self) -> int:
         """Evict every entry that is not persisted; returns the bytes freed."""

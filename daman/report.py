@@ -4,13 +4,24 @@ panel) so that each one says the same thing the same way."""
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .bulk import BulkPlan, BulkResult
+from .cache import CacheEntry
 from .config import format_size
-from .manager import Deleted, KeyListing, ObjectDetails, Usage, VerifyReport
+from .manager import (
+    Deleted,
+    Disc,
+    KeyListing,
+    LevelListing,
+    ObjectDetails,
+    Usage,
+    VerifyReport,
+)
 from .migrate import MigrationReport, SetupImport
 
 
@@ -21,6 +32,11 @@ def when(moment: datetime | None) -> str:
 
 def count(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
+
+
+def state(item: KeyListing | ObjectDetails) -> str:
+    """Where a key is, seen from this machine: ``persisted``, ``cached`` or only ``stored``."""
+    return "persisted" if item.persist else "cached" if item.cached else "stored"
 
 
 def listing_data(listing: Sequence[KeyListing]) -> list[dict[str, Any]]:
@@ -199,3 +215,85 @@ def deleted_line(deleted: Deleted) -> str:
     if deleted.local:
         return f"deleted the local copy of {deleted.key} (it stays in the store)"
     return f"{deleted.key} is not cached here: nothing deleted (it stays in the store)"
+
+
+def level_data(level: LevelListing) -> dict[str, Any]:
+    return dict(
+        prefix=level.prefix,
+        prefixes=level.prefixes,
+        keys=listing_data(level.keys),
+        more=level.token is not None,
+    )
+
+
+def level_lines(levels: Sequence[LevelListing]) -> list[str]:
+    """The pages of one level: sub-prefixes first (as ``ls`` of a folder), then its keys as
+    :func:`listing_lines` shows them, then a total."""
+    prefixes = [p for level in levels for p in level.prefixes]
+    keys = [k for level in levels for k in level.keys]
+    lines = [f"{'':>10}  {'':16}  {'prefix':<9}  {p}" for p in prefixes]
+    lines += listing_lines(keys)[:-1]
+    total = sum(item.size for item in keys)
+    lines.append(
+        f"{count(len(prefixes), 'prefix', 'prefixes')}, {count(len(keys), 'key', 'keys')}, "
+        f"{format_size(total)}"
+    )
+    return lines
+
+
+def disc_line(disc: Disc) -> str:
+    """``3.1 GiB of 10.0 GiB, 1.2 GiB persisted, 6.9 GiB free`` (or ``no limit``)."""
+    if disc.allocated is None:
+        return f"{format_size(disc.used)} used, no limit, {format_size(disc.persisted)} persisted"
+    return (
+        f"{format_size(disc.used)} of {format_size(disc.allocated)}, "
+        f"{format_size(disc.persisted)} persisted, {format_size(disc.free)} free"
+    )
+
+
+def evict_line(entries: Sequence[CacheEntry], *, cached: int) -> str:
+    """The entries eviction would remove next (least recently used first), as one line;
+    ``cached`` is how many entries the cache holds in all."""
+    if not entries:
+        return "next to evict: nothing" + (" (every entry is persisted)" if cached else "")
+    names = ", ".join(f"{entry.key} ({format_size(entry.size)})" for entry in entries)
+    return f"next to evict: {names}"
+
+
+def snippet(key: str) -> list[str]:
+    """How to pull ``key`` in Python and with the magic, ready to copy."""
+    literal = f'"{key}"' if '"' not in key else repr(key)
+    return [f"obj, meta = dm.pull({literal})", f"%dm_pull {shlex.quote(key)}"]
+
+
+_BULK_VERBS = {"pin": "persist", "unpin": "unpersist", "pull": "pull", "delete_local": "delete"}
+
+
+def bulk_line(plan: BulkPlan) -> str:
+    """What a bulk action will do, before it runs: ``persist 3 keys: downloads 1.2 GiB``."""
+    what = "local copies" if plan.action == "delete_local" else "keys"
+    if len(plan.keys) == 1:
+        what = what[:-1] if what == "keys" else "local copy"
+    head = f"{_BULK_VERBS[plan.action]} {len(plan.keys)} {what}"
+    if not plan.keys:
+        return f"{head}: nothing to do"
+    effects = []
+    if plan.download:
+        effects.append(f"downloads {format_size(plan.download)}")
+    if plan.action == "pin":
+        effects.append(f"persists {format_size(plan.pins)}")
+    if plan.action == "unpin":
+        effects.append(f"lets eviction take {format_size(plan.pins)} again")
+    if plan.action == "delete_local":
+        effects.append(f"frees {format_size(plan.frees)}")
+    return f"{head}: {', '.join(effects) or 'already there'}"
+
+
+def bulk_result_line(result: BulkResult) -> str:
+    verb = _BULK_VERBS[result.plan.action]
+    done = f"{verb}: {count(len(result.done), 'key', 'keys')} done"
+    if not result.failed:
+        return done
+    key, reason = result.failed[0]
+    more = f" (and {len(result.failed) - 1} more)" if len(result.failed) > 1 else ""
+    return f"{done}, {len(result.failed)} failed{more}: {key}: {reason}"

@@ -45,5 +45,8 @@ class CountingStore(Store):
     def list(self, prefix=""):
         return self._call("list", prefix)
 
+    def list_level(self, prefix="", *, token=None, limit=1000):
+        return self._call("list_level", prefix, token=token, limit=limit)
+
     def close(self) -> None:
         self.inner.close()

@@ -489,6 +489,22 @@ def test_set_persist(root: Path) -> None:
     assert_consistent(cache)
 
 
+def test_eviction_candidates_and_persisted_size(root: Path, clock: None) -> None:
+    cache = Cache(root, 1000)
+    assert cache.eviction_candidates(5) == [] and cache.persisted_size() == 0
+    for key in "abcd":
+        put(cache, key, 100, persist=key == "b")
+    cache.touch("a")  # least recently used first: c, d, a (b is persisted)
+    assert [e.key for e in cache.eviction_candidates(5)] == ["c", "d", "a"]
+    assert [e.key for e in cache.eviction_candidates(2)] == ["c", "d"]
+    assert cache.persisted_size() == 100
+    cache.set_persist("c", True)
+    assert cache.persisted_size() == 200 and cache.eviction_candidates(1)[0].key == "d"
+    put(cache, "e", 700)  # needs 100 more bytes: the first candidate, d, goes
+    assert sorted(sizes(cache)) == ["a", "b", "c", "e"]
+    assert_consistent(cache)
+
+
 def test_clear_frees_only_unpinned_entries(root: Path) -> None:
     cache = Cache(root, 1000)
     pinned = put(cache, "pinned", 100, persist=True)

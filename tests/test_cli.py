@@ -433,3 +433,26 @@ def test_a_pipe_as_the_file_is_read_whole(config: Config) -> None:
     assert result.returncode == 0, result.stderr
     assert "(0 B)" not in result.stdout
     assert run("dm_pull", "--key", "p", "--output", "-").stdout == "hello\n"
+
+
+def test_ls_level_lists_one_level(config: Config) -> None:
+    assert configure(config).returncode == 0
+    with Manager(config) as manager:
+        for key in ("team/a/v1", "team/a/v2", "team/b", "top"):
+            manager.push(b"x" * 100, key)
+        manager.set_persist("team/b", True)
+        manager.delete("top")
+    result = run("dm_ls", "--level")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["team/", "top"]
+    result = run("dm_ls", "team/", "--level", "--long")
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["prefix", "team/a/"]
+    assert "persisted" in lines[1] and lines[1].endswith("team/b")
+    assert lines[-1].startswith("1 prefix, 1 key, ")
+    data = json.loads(run("dm_ls", "team/", "--level", "--json").stdout)
+    assert data["prefix"] == "team/" and data["prefixes"] == ["team/a/"] and not data["more"]
+    assert [(k["key"], k["cached"], k["persist"]) for k in data["keys"]] == [
+        ("team/b", True, True)
+    ]
+    assert run("dm_ls", "nothing/", "--level").stdout == ""

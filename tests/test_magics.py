@@ -5,11 +5,9 @@ both branches of ``%%dm_cache``, key completion and the one-line error display."
 from __future__ import annotations
 
 import atexit
-import importlib.machinery
 import os
 import subprocess
 import sys
-import types
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -375,17 +373,21 @@ def test_status_shows_the_store_and_the_cache(shell, configured, capsys) -> None
     assert "entries:    2 cached, 1 persisted\n" in out and out.endswith("  a\n")
 
 
-def test_panel_says_it_is_not_there_yet(shell, capsys) -> None:
-    assert run(shell, "%dm_panel") is None
-    assert "panel is not available in this version" in capsys.readouterr().out
+def test_panel_shows_the_panel_of_the_default_store(shell, local) -> None:
+    from daman.panel import Panel
+
+    dm.push(1, "team/a")
+    panel = run(shell, "p = %dm_panel\np")
+    try:
+        assert isinstance(panel, Panel) and panel.model.manager is dm.get_manager()
+        panel.model.wait()
+        assert [row.name for row in panel.model.rows] == ["team/"]
+    finally:
+        panel.close()
 
 
-def test_panel_shows_the_panel_once_it_exists(shell, monkeypatch) -> None:
-    panel = types.ModuleType("daman.panel")
-    panel.__spec__ = importlib.machinery.ModuleSpec("daman.panel", None)
-    panel.show = lambda: "the panel"  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "daman.panel", panel)
-    assert run(shell, "p = %dm_panel\np") == "the panel"
+def test_panel_without_a_configuration_says_so_in_one_line(shell, capsys) -> None:
+    assert "not configured" in fail(shell, "%dm_panel", capsys)
 
 
 # -- %%dm_cache --------------------------------------------------------------------------------
@@ -496,30 +498,65 @@ def counting(local, monkeypatch) -> Iterator[CountingStore]:
     manager.close()
 
 
-def test_completion_lists_once_within_the_ttl(shell, counting) -> None:
+def test_completion_lists_once_per_level_within_the_ttl(shell, counting) -> None:
     dm.get_manager().push(0, "team/a")
-    completer = shell.magics_manager.registry["DamanMagics"].completer
     now = [1000.0]
-    completer.clock = lambda: now[0]
+    dm.api.get_manager().listings.clock = lambda: now[0]  # the counting manager
     assert completions(shell, "%dm_pull ") == ["team/"]
+    assert completions(shell, "%dm_pull t") == ["team/"]  # filters the level: no request
+    assert counting.calls["list_level"] == 1
     now[0] += COMPLETION_TTL / 2
-    assert completions(shell, "%dm_pull team/") == ["team/a"]  # from the first listing
-    assert counting.calls["list"] == 1
+    assert completions(shell, "%dm_pull team/") == ["team/a"]  # another level: one request
+    assert completions(shell, "%dm_pull team/") == ["team/a"]
+    assert counting.calls["list_level"] == 2
 
     now[0] += COMPLETION_TTL
     assert completions(shell, "%dm_pull team/") == ["team/a"]
-    assert counting.calls["list"] == 2
+    assert counting.calls["list_level"] == 3
 
     run(shell, "x = 1\n%dm_push x --key team/x")  # a push makes the next keystroke list again
     assert completions(shell, "%dm_pull team/") == ["team/a", "team/x"]
-    assert counting.calls["list"] == 3
+    assert counting.calls["list_level"] == 4
+    assert counting.calls["list"] == 0  # never the whole bucket
 
 
 def test_ls_feeds_the_completion(shell, counting) -> None:
     dm.get_manager().push(0, "team/a")
     run(shell, "%dm_ls")
     assert completions(shell, "%dm_pull t") == ["team/"]
-    assert counting.calls["list"] == 1
+    assert completions(shell, "%dm_pull team/") == ["team/a"]
+    assert counting.calls["list"] == 1 and counting.calls["list_level"] == 0
+
+
+def test_completion_of_a_level_longer_than_a_page_asks_for_what_is_typed(
+    shell, counting, monkeypatch
+) -> None:
+    monkeypatch.setattr(dm.magics, "LEVEL_PAGE", 3)
+    for key in ("a", "b", "c", "k/1", "kx", "ky", "z"):
+        dm.api.get_manager().push(0, key)
+    assert completions(shell, "%dm_pull k") == ["k/", "kx", "ky"]
+    assert counting.calls["list_level"] == 2  # the level (truncated), then the names "k..."
+    assert completions(shell, "%dm_pull kx") == ["kx"]  # filters the "k" listing
+    assert counting.calls["list_level"] == 2
+
+
+def test_completion_does_not_wait_on_an_unreachable_store_at_every_tab(
+    shell, local, monkeypatch
+) -> None:
+    manager = dm.get_manager()
+    calls = []
+
+    def unreachable(*args, **kwargs):
+        calls.append(args)
+        raise dm.StoreUnavailableError("cannot reach the store")
+
+    monkeypatch.setattr(manager.store, "list_level", unreachable)
+    assert completions(shell, "%dm_pull zzz_") == []
+    assert completions(shell, "%dm_pull zzz_/zzz_") == []
+    assert len(calls) == 1  # quiet for LISTING_TTL seconds after a failure
+    manager.listings.clock = lambda: 1e12  # much later
+    assert completions(shell, "%dm_pull zzz_/zzz_") == []
+    assert len(calls) == 2
 
 
 def test_completion_without_a_configuration_offers_no_keys(shell, capsys) -> None:
@@ -531,7 +568,7 @@ def test_completion_leaves_other_lines_alone(shell, counting) -> None:
     shell.user_ns["my_variable"] = 1
     assert "my_variable" in completions(shell, "my_var")
     assert "%dm_pull" in completions(shell, "%dm_pu")
-    assert counting.calls["list"] == 0
+    assert counting.calls["list"] == counting.calls["list_level"] == 0
 
 
 def test_completion_follows_a_new_configuration(shell, tmp_path) -> None:

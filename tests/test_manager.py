@@ -24,6 +24,7 @@ from daman import (
     KeyNotFoundError,
     LocalFileError,
     Manager,
+    NotCachedError,
     NotCachedWarning,
     OfflineWarning,
     SerializationError,
@@ -707,3 +708,131 @@ def test_pull_file_onto_a_folder_is_a_clear_error(manager: Manager, tmp_path: Pa
     with pytest.raises(LocalFileError, match=r"cannot use .*no/such/dir/f"):
         manager.pull_file("b", tmp_path / "no" / "such" / "dir" / "f")
     assert sorted(p.name for p in tmp_path.iterdir() if "incomplete" in p.name) == []
+
+
+# -- one level, pins, the disc (what the panel and completion use) -----------------------------
+
+
+def test_ls_level_lists_one_level_with_cache_states(counting) -> None:
+    m, store = counting
+    for key in ("team/a/v1", "team/b", "team/c", "top"):
+        m.push(b"x", key)
+    m.set_persist("team/b", True)
+    m.delete("team/c")  # stored only
+    store.calls.clear()
+    level = m.ls_level("team/")
+    assert level.prefix == "team/" and level.prefixes == ["team/a/"] and level.token is None
+    assert [(k.key, k.cached, k.persist) for k in level.keys] == [
+        ("team/b", True, True),
+        ("team/c", False, False),
+    ]
+    assert store.calls == {"list_level": 1}
+    m.ls_level("team/")  # from the listing cache, with fresh states from the index
+    m.set_persist("team/b", False)
+    assert not m.ls_level("team/").keys[0].persist
+    assert store.calls == {"list_level": 1}
+    m.ls_level("team/", fresh=True)
+    assert store.calls == {"list_level": 2}
+    m.push(b"y", "team/d")  # the manager's own change: the next listing asks again
+    assert [k.key for k in m.ls_level("team/").keys] == ["team/b", "team/c", "team/d"]
+    assert store.calls["list_level"] == 3
+    m.delete("team/d", remote=True)
+    assert [k.key for k in m.ls_level("team/").keys] == ["team/b", "team/c"]
+    assert store.calls["list_level"] == 4
+
+
+def test_ls_level_pages(counting) -> None:
+    m, _ = counting
+    for n in range(5):
+        m.push(n, f"k{n}")
+    first = m.ls_level(limit=2)
+    assert [k.key for k in first.keys] == ["k0", "k1"] and first.token is not None
+    second = m.ls_level(limit=2, token=first.token)
+    assert [k.key for k in second.keys] == ["k2", "k3"]
+    with pytest.raises(InvalidKeyError):
+        m.ls_level("../")
+
+
+def test_ls_feeds_the_listing_cache(counting) -> None:
+    m, store = counting
+    m.push(1, "a/b/c")
+    m.ls()
+    store.calls.clear()
+    assert m.ls_level("").prefixes == ["a/"] and m.ls_level("a/b/").keys[0].key == "a/b/c"
+    assert store.calls == {}
+
+
+def test_pin_pins_a_cached_key_at_once(counting) -> None:
+    m, store = counting
+    m.push(b"x" * 1000, "k")
+    store.calls.clear()
+    entry = m.pin("k")
+    assert entry.persist and m.cache.get("k").persist
+    assert store.calls == {}  # no request: the copy is here
+
+
+def test_pin_fetches_a_key_not_cached_first(counting) -> None:
+    m, store = counting
+    m.push(b"x" * 1000, "k")
+    m.delete("k")
+    store.calls.clear()
+    heard: list[tuple[int, int]] = []
+    entry = m.pin("k", progress=lambda done, total: heard.append((done, total)))
+    assert entry.persist and m.cache.get("k").persist
+    assert store.calls == {"head": 1, "get": 1}
+    assert heard and heard[-1] == (entry.size, entry.size)  # reported, no tqdm bar
+    with pytest.raises(KeyNotFoundError):
+        m.pin("missing")
+
+
+def test_a_pin_that_cannot_fit_is_refused_before_downloading(make_config) -> None:
+    config = make_config(allocated_space=100_000)
+    store = CountingStore(open_store(config))
+    with Manager(config, store=store) as m:
+        m.push(os.urandom(60_000), "pinned", persist=True)
+        with pytest.warns(NotCachedWarning):
+            m.push(os.urandom(50_000), "big")
+        assert m.cache_refusal("small", 30_000, persist=True) is None
+        reason = m.cache_refusal("big", 50_000, persist=True)
+        assert reason is not None and "big (48.8 KiB) cannot be persisted" in reason
+        store.calls.clear()
+        with pytest.raises(NotCachedError) as caught:
+            m.pin("big")
+        assert str(caught.value) == m.cache_refusal("big", store.inner.head("big").size,
+                                                    persist=True)  # fmt: skip
+        assert store.calls == {"head": 1}  # nothing downloaded
+        assert m.cache.get("big") is None
+
+
+def test_without_an_allocation_everything_fits(manager: Manager) -> None:
+    assert manager.cache_refusal("k", 10**15, persist=True) is None
+
+
+def test_disc_tells_use_persisted_bytes_and_what_goes_next(manager: Manager) -> None:
+    for key in ("a", "b", "c"):
+        manager.push(os.urandom(1000), key, persist=key == "b")
+    manager.pull("a")  # a is now the most recently used
+    disc = manager.disc(next_to_evict=5)
+    entries = {e.key: e for e in manager.cache.entries()}
+    assert disc.used == sum(e.size for e in entries.values()) and disc.entries == 3
+    assert disc.persisted == entries["b"].size and disc.allocated is None and disc.free is None
+    assert [e.key for e in disc.next_to_evict] == ["c", "a"]
+    assert disc.local_dir == manager.cache.root
+
+
+def test_fetch_reports_progress_to_the_caller_instead_of_a_bar(make_config, monkeypatch) -> None:
+    import tqdm.auto
+
+    config = make_config(progress=True)
+    with Manager(config) as m:
+        data = os.urandom(9 * 1024 * 1024)  # above the bar's threshold
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tqdm's own warning outside a notebook
+            m.push(data, "big")
+        m.delete("big")
+        monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: pytest.fail("a bar was drawn"))
+        heard: list[tuple[int, int]] = []
+        entry = m.fetch("big", progress=lambda done, total: heard.append((done, total)))
+        assert heard[0] == (0, entry.size) and heard[-1] == (entry.size, entry.size)
+        done = [d for d, _ in heard]
+        assert done == sorted(done)  # in order, though parts arrive on several threads

@@ -22,6 +22,7 @@ from typing import Any
 
 import boto3
 import pytest
+from counting_store import CountingStore
 
 from daman.config import Config
 from daman.errors import (
@@ -628,7 +629,166 @@ def test_key_and_its_prefix_coexist(store: Store, tmp_path: Path) -> None:
     assert store.read_range("a/b/c", 0, 9) == b"innermost"
 
 
+# -- 7a. one level (list_level) -------------------------------------------------------------
+
+LEVEL_KEYS = ["a", "a/b", "a/c/d", "a/c/e", "a-b", "a0", "b", "z/y/x", "é"]
+
+
+def _names(level: Any) -> list[str]:
+    return [*level.prefixes, *(o.key for o in level.objects)]
+
+
+class _Sent:
+    """The S3 operations a client sends (a botocore ``before-send`` hook)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def __call__(self, event_name: str, **_: Any) -> None:
+        self.names.append(event_name.rsplit(".", 1)[-1])
+
+
+class _ViaList(CountingStore):
+    """The same store, its levels from Store.list_level's default (a walk of list())."""
+
+    list_level = Store.list_level
+
+
+def _all_pages(store: Store, prefix: str, limit: int) -> list[Any]:
+    pages = [store.list_level(prefix, limit=limit)]
+    while pages[-1].token is not None:
+        pages.append(store.list_level(prefix, token=pages[-1].token, limit=limit))
+        assert len(pages) < 50, "the token never ran out"
+    return pages
+
+
+def test_list_level_shows_one_level(store: Store, tmp_path: Path) -> None:
+    etags = {}
+    for n, key in enumerate(LEVEL_KEYS, start=1):
+        etags[key] = store.put(key, _write(tmp_path / f"src{n}", b"x" * n), overwrite=False).etag
+
+    for via in (store, _ViaList(store)):
+        root = via.list_level()
+        assert root.prefix == "" and root.token is None
+        assert root.prefixes == ["a/", "z/"]  # "z/y/x" rolls up into "z/"
+        assert [o.key for o in root.objects] == ["a", "a-b", "a0", "b", "é"]
+        for info in root.objects:
+            assert info.size == LEVEL_KEYS.index(info.key) + 1, info.key
+            assert info.etag == etags[info.key], info.key
+            assert info.last_modified is not None
+        assert _names(via.list_level("a/")) == ["a/c/", "a/b"]
+        assert _names(via.list_level("a/c/")) == ["a/c/d", "a/c/e"]
+        assert _names(via.list_level("z/")) == ["z/y/"]
+        assert _names(via.list_level("z/y/")) == ["z/y/x"]
+        # A partial last part filters the level's names by their start.
+        assert _names(via.list_level("a")) == ["a/", "a", "a-b", "a0"]
+        assert _names(via.list_level("a/c")) == ["a/c/"]
+        assert _names(via.list_level("é")) == ["é"]
+        assert _names(via.list_level("nothing/")) == []
+        assert _names(via.list_level("a/b/")) == []  # a key is not a prefix
+
+
+def test_list_level_of_empty_store_is_empty(store: Store) -> None:
+    level = store.list_level()
+    assert (level.prefixes, level.objects, level.token) == ([], [], None)
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 4, 1000])
+def test_list_level_pages(store: Store, tmp_path: Path, limit: int) -> None:
+    """A key 'a' and a prefix 'a/' side by side, paged at every boundary: each page holds at
+    most ``limit`` names, and the pages together are the level, each name once."""
+    for n, key in enumerate([*LEVEL_KEYS, "a/x", "m/1", "m/2", "n"]):
+        store.put(key, _write(tmp_path / f"src{n}", b"x"), overwrite=False)
+    expected = ["a", "a-b", "a/", "a0", "b", "m/", "n", "z/", "é"]  # by name, as S3 orders
+
+    for via in (store, _ViaList(store)):
+        pages = _all_pages(via, "", limit)
+        for page in pages:
+            assert 0 < len(_names(page)) <= limit
+            assert page.prefix == ""
+        listed = sorted(name for page in pages for name in _names(page))
+        assert listed == expected
+        assert len(pages) == -(-len(expected) // limit)
+        assert [o.key for p in _all_pages(via, "a/", limit) for o in p.objects] == ["a/b", "a/x"]
+
+
+def test_list_level_skips_what_is_not_an_object(
+    backend: str, store: Store, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    store.put("team/v1", _write(tmp_path / "v1", b"v1"), overwrite=False)
+    store.put("top", _write(tmp_path / "top", b"top"), overwrite=False)
+    if backend == "local":  # what other programs and crashed pushes leave in a shared folder
+        root = tmp_path / "store"
+        _write(root / "notes.txt", b"not an object")
+        _write(root / ".top.daman.0123abcd.incomplete", b"partial")
+        _write(root / "foreign" / "readme.md", b"not an object")
+        (root / "empty" / "deeper").mkdir(parents=True)
+        _write(root / "odd.daman" / "x.daman", b"a folder no key can name")
+    else:  # "folder" markers made in the S3 console, and a name no key can have
+        raw = _raw_client(request.getfixturevalue("s3_endpoint"))
+        name, outer = _split(request.getfixturevalue("bucket"))
+        for marker in ("team/", "empty/", "bad//x"):
+            raw.put_object(Bucket=name, Key=f"{outer}{marker}", Body=b"")
+        raw.close()
+    # S3 rolls a marker up into its prefix before daman sees it: "empty/" and "bad/" are
+    # shown (one request cannot tell), and are empty when opened.
+    extra = ["bad/", "empty/"] if backend == "s3" else []
+    assert _names(store.list_level()) == [*extra, "team/", "top"]
+    assert _names(store.list_level("team/")) == ["team/v1"]
+    assert _names(store.list_level("empty/")) == []
+    assert _names(store.list_level("bad/")) == []
+
+
+def test_s3_list_level_sends_one_request_per_page(s3_endpoint: str, bucket: str) -> None:
+    store = S3Store.from_config(_s3_config(bucket, s3_endpoint))
+    raw = _raw_client(s3_endpoint)
+    name, outer = _split(bucket)
+    try:
+        for p in range(5):
+            for k in range(40):
+                raw.put_object(Bucket=name, Key=f"{outer}p{p}/k{k:03d}", Body=b"x")
+        raw.put_object(Bucket=name, Key=f"{outer}loose", Body=b"x")
+        sent = _Sent()
+        store.client.meta.events.register("before-send.s3.*", sent)
+        params: list[dict[str, Any]] = []
+        store.client.meta.events.register(
+            "provide-client-params.s3.ListObjectsV2", lambda params, **_: params_seen(params)
+        )
+
+        def params_seen(given: dict[str, Any]) -> None:
+            params.append(dict(given))
+
+        level = store.list_level()
+        assert _names(level) == ["p0/", "p1/", "p2/", "p3/", "p4/", "loose"]
+        assert sent.names == ["ListObjectsV2"]
+        assert params[0]["Delimiter"] == "/" and params[0]["MaxKeys"] == 1000
+        pages = _all_pages(store, "p1/", 15)
+        assert [len(page.objects) for page in pages] == [15, 15, 10]
+        assert sent.names.count("ListObjectsV2") == 4
+        assert [p.get("MaxKeys") for p in params[1:]] == [15, 15, 15]
+    finally:
+        store.close()
+        _empty_bucket(raw, name, outer)
+        raw.close()
+
+
 # -- 7b. local-folder specifics ------------------------------------------------------------
+
+
+def test_local_list_level_reads_only_the_objects_of_its_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import daman.store.local as local
+
+    store = LocalStore(tmp_path / "store")
+    (tmp_path / "store").mkdir()
+    for key in ["k1", "k2", "k3", *(f"deep/{n:02d}" for n in range(20))]:
+        store.put(key, _write(tmp_path / "src", b"x"), overwrite=False)
+    read: list[str] = []
+    info = local._info
+    monkeypatch.setattr(local, "_info", lambda key, f: read.append(key) or info(key, f))
+    assert _names(store.list_level(limit=3)) == ["deep/", "k1", "k2"]
+    assert read == ["k1", "k2"]  # not the 20 keys under deep/
 
 
 def test_local_temp_and_foreign_files_are_never_listed(tmp_path: Path) -> None:

@@ -113,8 +113,10 @@ class Store(abc.ABC):
         """Every key starting with ``prefix``, in lexicographic order."""
 
     def list_level(self, prefix: str = "", *, token: str | None = None, limit: int = 1000) -> Level:
-        """One level under ``prefix`` (which is empty or ends with ``/``): at most ``limit``
-        entries (sub-prefixes and keys together) per page, ``token`` continuing a page.
+        """One level under ``prefix`` (empty or ending with ``/``; a partial last part such
+        as ``team/mo`` lists the names of ``team/`` starting with ``mo``): at most ``limit``
+        entries (sub-prefixes and keys together) per page, ``token`` (from the previous page,
+        opaque) continuing it.
 
         This default walks :meth:`list`, so it reads every key under ``prefix``; backends
         override it with their native delimiter listing (one request per page)."""

@@ -42,7 +42,7 @@ from ..errors import (
 from ..files import TEMP_NAME, atomic_write
 from ..keys import validate_key, validate_prefix
 from ..serialize import TRAILER, file_reader, read_footer
-from .base import ObjectInfo, Progress, Store, Written, _no_progress, _no_range
+from .base import Level, ObjectInfo, Progress, Store, Written, _no_progress, _no_range
 
 SUFFIX = ".daman"
 ASIDE = ".aside"
@@ -78,6 +78,17 @@ def _remove_if_abandoned(path: Path, now: float) -> None:
                 path.unlink()
     finally:
         os.close(fd)
+
+
+def _valid(key: str) -> bool:
+    """Whether ``key``, made from names found in the folder, is one this store can hold:
+    foreign files (a name that is not UTF-8, a part ending in .daman that is not the last)
+    are not listed, as keys that could not be pulled."""
+    try:
+        validate_key(key)
+    except InvalidKeyError:
+        return False
+    return not any(part.endswith(SUFFIX) for part in key.split("/")[:-1])
 
 
 def _stat_info(key: str, st: os.stat_result, etag: str | None = None) -> ObjectInfo:
@@ -123,6 +134,15 @@ def _put_back(aside: Path, dest: Path) -> bool:
         return False
     aside.unlink(missing_ok=True)
     return restored
+
+
+def _holds_objects(folder: str) -> bool:
+    """Whether a daman object lies anywhere under ``folder``; stops at the first one, which
+    is usually in the folder's own first read."""
+    for _folder, _dirs, files in os.walk(folder):
+        if any(name.endswith(SUFFIX) for name in files):
+            return True
+    return False
 
 
 def _copy(src: IO[bytes], dst: IO[bytes], progress: Progress) -> None:
@@ -383,7 +403,7 @@ class LocalStore(Store):
                 if not name.endswith(SUFFIX):  # temp files end in .incomplete
                     continue
                 key = (name if rel == "." else f"{rel}/{name}")[: -len(SUFFIX)]
-                if key.startswith(prefix):
+                if key.startswith(prefix) and _valid(key):
                     path = os.path.join(folder, name)
                     try:
                         with open(path, "rb") as f:
@@ -393,3 +413,51 @@ class LocalStore(Store):
                     except PermissionError:  # listed all the same; reading it will say why
                         found.append(_stat_info(key, os.stat(path)))
         return iter(sorted(found, key=lambda info: info.key))
+
+    @_mapped
+    def list_level(self, prefix: str = "", *, token: str | None = None, limit: int = 1000) -> Level:
+        """One ``os.scandir`` of the level's folder. Sub-folders become sub-prefixes only when
+        a daman object lies under them (a folder emptied by a concurrent delete, or another
+        program's, is not a prefix); files that are not objects are skipped. ``token`` is the
+        last name of the previous page."""
+        validate_prefix(prefix)
+        self._require_root()
+        level, _, start = prefix.rpartition("/")
+        level = f"{level}/" if level else ""
+        folder = self.root.joinpath(*level.split("/")[:-1]) if level else self.root
+        names: list[tuple[str, str | None]] = []  # (name in listing order, file path or None)
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            entries = []
+        for entry in entries:
+            if not entry.name.startswith(start):
+                continue
+            if entry.name.endswith(SUFFIX) and entry.is_file():
+                key = level + entry.name[: -len(SUFFIX)]
+                if _valid(key):
+                    names.append((key, entry.path))
+            elif (
+                entry.is_dir(follow_symlinks=False)  # as list() does: os.walk does not follow
+                and not entry.name.endswith(SUFFIX)
+                and _valid(level + entry.name)
+                and _holds_objects(entry.path)
+            ):
+                names.append((f"{level}{entry.name}/", None))
+        names.sort()
+        if token is not None:
+            names = [item for item in names if item[0] > token]
+        page, more = names[: max(1, limit)], len(names) > max(1, limit)
+        objects = []
+        for key, path in page:
+            if path is None:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    objects.append(_info(key, f))
+            except FileNotFoundError:  # deleted while we listed
+                continue
+            except PermissionError:  # listed all the same; reading it will say why
+                objects.append(_stat_info(key, os.stat(path)))
+        prefixes = [name for name, path in page if path is None]
+        return Level(prefix, prefixes, objects, page[-1][0] if more else None)

@@ -55,7 +55,7 @@ from ..errors import (
     StoreUnavailableError,
 )
 from ..keys import validate_key, validate_prefix
-from .base import ObjectInfo, Progress, Store, Written, _no_progress, _no_range
+from .base import Level, ObjectInfo, Progress, Store, Written, _no_progress, _no_range
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 MIN_PART_SIZE = 8 * 1024 * 1024
@@ -588,6 +588,38 @@ class S3Store(Store):
                     except InvalidKeyError:  # e.g. "folder/" markers made by other S3 tools
                         continue
                     yield ObjectInfo(key, item["Size"], item["ETag"], item.get("LastModified"))
+
+    def list_level(self, prefix: str = "", *, token: str | None = None, limit: int = 1000) -> Level:
+        """One ``list_objects_v2`` request with ``Delimiter="/"``: S3 rolls every key below
+        the level up into its sub-prefix, so a level costs one request per ``limit`` entries
+        however many keys lie below it. ``token`` is S3's own continuation token."""
+        validate_prefix(prefix)
+        request: dict[str, Any] = dict(
+            Bucket=self.bucket, Prefix=self.prefix + prefix, Delimiter="/", MaxKeys=max(1, limit)
+        )
+        if token is not None:
+            request["ContinuationToken"] = token
+        with self._errors():
+            page = self.client.list_objects_v2(**request)
+        start = len(self.prefix)
+        prefixes = []
+        for item in page.get("CommonPrefixes", []):
+            name = item["Prefix"][start:]
+            try:
+                validate_prefix(name)
+            except InvalidKeyError:  # "a//": an empty part no key can have
+                continue
+            prefixes.append(name)
+        objects = []
+        for item in page.get("Contents", []):
+            key = item["Key"][start:]
+            try:
+                validate_key(key)
+            except InvalidKeyError:  # e.g. "folder/" markers made by other S3 tools
+                continue
+            objects.append(ObjectInfo(key, item["Size"], item["ETag"], item.get("LastModified")))
+        more = page.get("IsTruncated") and page.get("NextContinuationToken")
+        return Level(prefix, sorted(prefixes), sorted(objects, key=lambda o: o.key), more or None)
 
     def close(self) -> None:
         client = self._client.made()  # a forked child leaves its parent's client alone

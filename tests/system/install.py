@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "build"
+CHROMIUM = Path("/usr/bin/chromium")
 
 Part = tuple[str, Callable[[], bool], Callable[[], None]]
 """(name, is it there?, install it)."""
@@ -99,6 +100,13 @@ def install_other_python() -> None:
     pip = [str(OTHER_PYTHON_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
     run(*pip, "--upgrade", "pip")
     run(*pip, "-e", str(ROOT), "numpy")
+
+
+@part("chromium (Debian's, for the panel's browser tests)", lambda: CHROMIUM.exists())
+def _chromium() -> None:
+    # Debian's package, not `playwright install`: Playwright drives it through
+    # executable_path, and the registry stays the only download.
+    apt_install("chromium")
 
 
 def main(argv: list[str] | None = None) -> int:
