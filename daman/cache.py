@@ -108,6 +108,15 @@ class CacheEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class CachedState:
+    """What the cache holds of a key, as a listing needs it."""
+
+    persist: bool
+    etag: str
+    """The version cached: compared with the store's to tell an outdated copy."""
+
+
+@dataclasses.dataclass(frozen=True)
 class CacheUsage:
     used: int
     allocated: int | None
@@ -455,16 +464,17 @@ class Cache:
         )
         return [file for _, file in rows]
 
-    def states(self, keys: list[str]) -> dict[str, bool]:
-        """``{key: persist}`` for those of ``keys`` that are cached (one query per 500)."""
-        found: dict[str, bool] = {}
+    def states(self, keys: list[str]) -> dict[str, CachedState]:
+        """What is cached of ``keys`` (those that are): pinned or not, which version (one
+        query per 500 keys)."""
+        found: dict[str, CachedState] = {}
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for key, persist in self._query(
-                f"SELECT key, persist FROM entries WHERE key IN ({marks})", chunk
+            for key, persist, etag in self._query(
+                f"SELECT key, persist, etag FROM entries WHERE key IN ({marks})", chunk
             ):
-                found[key] = bool(persist)
+                found[key] = CachedState(bool(persist), etag)
         return found
 
     def entries(self) -> list[CacheEntry]:

@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import functools
 import getpass
-import json
 import os
 import sys
 import warnings
@@ -22,13 +21,22 @@ from .config import CHECKSUM_MODES, SERVICES, Config, format_size, load_config
 from .credentials import write_aws_credentials
 from .errors import DamanError, DamanWarning, InvalidArgumentError
 from .manager import LevelListing, Manager
+from .serialize import FileBytes
 
 Main = Callable[[Sequence[str] | None], int]
 COMMANDS: dict[str, Main] = {}
 
 
+class _Parser(argparse.ArgumentParser):
+    def _print_message(self, message: str, file: Any = None) -> None:
+        # argparse swallows a failed write of --help or a usage error: let it through, to be
+        # told as one line (or a closed pipe, quietly) by _guarded.
+        if message:
+            (file or sys.stderr).write(message)
+
+
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
@@ -146,7 +154,7 @@ def _secret(value: str | None, what: str) -> str | None:
 
 
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=repr))
+    print(report.to_json(data))
 
 
 # -- setup ---------------------------------------------------------------------------------
@@ -308,8 +316,9 @@ def push_main(argv: Sequence[str] | None = None) -> int:
         "dm_push",
         "Share a file's bytes under a key, so that scripts outside Python can share data\n"
         "too. In Python, dm.pull(KEY) returns them as bytes; dm_pull --key KEY --output FILE\n"
-        "writes them back to a file. A file is streamed from disc, not loaded into memory;\n"
-        "stdin ('-') and pipes are read into memory first.\n\n"
+        "writes them back to a file. A file, a pipe or stdin ('-') is streamed through in\n"
+        "chunks, never loaded into memory whole; a file that changes while it is read is\n"
+        "refused (nothing is pushed).\n\n"
         "examples:\n"
         "  dm_push --key team/raw/2026-11.csv --file export.csv --meta 'nightly export'\n"
         "  some-tool | dm_push --key team/raw/latest --file -",
@@ -329,7 +338,10 @@ def push_main(argv: Sequence[str] | None = None) -> int:
         with _manager(args.quiet) as manager:
             options = dict(meta=args.meta, force=args.force, persist=args.persist)
             if args.file == "-":
-                info = manager.push(sys.stdin.buffer.read(), args.key, **options)
+                if sys.stdin is None:
+                    raise InvalidArgumentError("stdin is closed: nothing to push (or --file PATH).")
+                stdin = FileBytes(sys.stdin.buffer, "stdin")
+                info = manager.push(stdin, args.key, **options)
             else:
                 info = manager.push_file(args.file, args.key, **options)
         # The stored size, as dm_ls and dm_info show it.

@@ -109,7 +109,9 @@ class Config:
     """Ask the store (one HEAD) whether a cached copy is current before using it."""
     checksums: str = "when_supported"
     """boto3 request checksums; ``"when_required"`` for S3-compatible stores that reject them."""
-    connect_timeout: float = 10.0
+    connect_timeout: float = 5.0
+    """Seconds to wait for a connection; a store that drops packets fails a transfer after
+    max_attempts of these (a cached copy's freshness check gives up after 2 x 2 s)."""
     read_timeout: float = 60.0
     max_attempts: int = 5
     progress: bool = True

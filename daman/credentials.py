@@ -113,7 +113,7 @@ def write_aws_credentials(
     _check("profile", profile)
     path = path or credentials_path()
     try:
-        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        text = path.read_bytes().decode("utf-8") if path.exists() else ""  # keeps \r\n
         merged, removed = merge_credentials(text, profile, access_key_id, secret_access_key)
         write_private_text(path, merged)
         if path.parent == expand("~/.aws", "~/.aws"):

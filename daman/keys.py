@@ -52,12 +52,21 @@ def validate_key(key: object) -> str:
 
 
 def validate_prefix(prefix: object) -> str:
-    """A listing prefix: empty, or a key-like string that may end with '/'."""
+    """A listing prefix: any text that some valid key starts with (``""``, ``"team/"``,
+    ``"team/da"``, ``"."``, ``"a "``): its complete parts must be valid parts of a key; its
+    last, partial part must be how a valid part can begin."""
     if prefix == "":
         return ""
     if not isinstance(prefix, str):
         raise InvalidKeyError(prefix, f"a prefix must be a str, not {type(prefix).__name__}")
-    validate_key(prefix[:-1] if prefix.endswith("/") and len(prefix) > 1 else prefix)
+    *complete, partial = prefix.split("/")
+    # The partial part is completed by some valid part: "" -> "x", "." -> ".x", "a " -> "a x".
+    unfinished = not partial or partial[-1].isspace() or partial in (".", "..")
+    probe = "/".join([*complete, partial + "x" if unfinished else partial])
+    try:
+        validate_key(probe)
+    except InvalidKeyError as exc:
+        raise InvalidKeyError(prefix, f"no key starts with it ({exc.reason})") from None
     return prefix
 
 
@@ -68,10 +77,17 @@ def key_digest(key: str) -> str:
 
 def variable_name(key: str) -> str:
     """The last '/'-part of ``key`` as a Python identifier: ``'sales/2026-11'`` ->
-    ``'_2026_11'``, ``'models/class'`` -> ``'class_'``."""
+    ``'_2026_11'``, ``'models/class'`` -> ``'class_'``; ``""`` when it gives no name fit to
+    bind (``'v/€'`` would give ``_``, IPython's last result): the caller asks for one."""
     name = "".join(c if ("_" + c).isidentifier() else "_" for c in key.rsplit("/", 1)[-1])
     if not name.isidentifier():  # starts with a digit
         name = "_" + name
     if keyword.iskeyword(name):
         name += "_"
+    if not name.strip("_") or _IPYTHON_NAMES.fullmatch(name):
+        return ""
     return name
+
+
+_IPYTHON_NAMES = re.compile(r"_\d+|_i+\d*|_[oid]h|In|Out|exit|quit|get_ipython")
+"""Names IPython keeps its own values under (results, inputs, history)."""

@@ -41,6 +41,7 @@ from .serialize import MAGIC, TRAILER, Footer, dumps_meta, write_object
 from .store import ObjectInfo, Store
 
 if TYPE_CHECKING:
+    from .cache import CachedState
     from .manager import ObjectDetails
 
 FORMAT = "daman 0.2"
@@ -194,7 +195,7 @@ def convert_download(
 
 
 def details(
-    key: str, info: ObjectInfo, states: dict[str, bool], signing_key: bytes | None
+    key: str, info: ObjectInfo, states: dict[str, CachedState], signing_key: bytes | None
 ) -> ObjectDetails:
     """What ``info`` shows for a daman 0.2 object: size, md5, dates; its meta is inside it."""
     from .manager import ObjectDetails
@@ -216,7 +217,7 @@ def details(
         cloudpickle="",
         meta=None,
         cached=key in states,
-        persist=states.get(key, False),
+        persist=key in states and states[key].persist,
         legacy=True,
         md5=expected_md5(info) or "",
     )

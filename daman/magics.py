@@ -123,20 +123,51 @@ _KEY_COMMAND = re.compile(
 _VALUE_OPTIONS = {"--as"}
 
 
-def key_fragment(line: str, first_line: bool = True) -> str | None:
-    """The part of a key typed at the end of ``line`` (the text before the cursor), or None
-    when the cursor is not where a key goes (another command, an option, a second word)."""
+def _words(args: str) -> list[tuple[str, str]]:
+    """``args`` split as the magics split their line (shlex, POSIX), keeping an unclosed
+    quote at the end: ``(raw text, text without its quotes)`` per word; the last word is
+    ``("", "")`` when ``args`` ends with whitespace."""
+    words: list[tuple[str, str]] = []
+    raw = text = ""
+    quote = None
+    for char in args:
+        if quote:
+            raw += char
+            if char == quote:
+                quote = None
+            else:
+                text += char
+        elif char in "'\"":
+            quote = char
+            raw += char
+        elif char.isspace():
+            if raw:
+                words.append((raw, text))
+            raw = text = ""
+        else:
+            raw += char
+            text += char
+    words.append((raw, text))
+    return words
+
+
+def key_fragment(line: str, first_line: bool = True) -> tuple[str, str] | None:
+    """The part of a key typed at the end of ``line`` (the text before the cursor), as
+    ``(raw text, the key's text)`` (they differ when the key is quoted: it holds spaces),
+    or None when the cursor is not where a key goes (another command, an option, a second
+    word)."""
     match = _KEY_COMMAND.match(line)
     if match is None or (match["cmd"] == "%%dm_cache" and not first_line):
         return None
-    *before, fragment = re.split(r"\s+", match["args"])
-    if fragment.startswith("-") or (before and before[-1] in _VALUE_OPTIONS):
+    *before, (raw, fragment) = _words(match["args"])
+    words = [text for _, text in before]
+    if raw.startswith("-") or (words and words[-1] in _VALUE_OPTIONS):
         return None
-    for i, word in enumerate(before):
-        is_value = i > 0 and before[i - 1] in _VALUE_OPTIONS
+    for i, word in enumerate(words):
+        is_value = i > 0 and words[i - 1] in _VALUE_OPTIONS
         if not word.startswith("-") and not is_value:
             return None  # the key is already there
-    return fragment
+    return raw, fragment
 
 
 class KeyCompleter:
@@ -191,15 +222,31 @@ class KeyCompleter:
             page = manager.ls_level(fragment, limit=LEVEL_PAGE)
         return [*page.prefixes, *(item.key for item in page.keys)]
 
+    @staticmethod
+    def quoted(completions: list[str], raw: str) -> list[str]:
+        """``completions`` as they are to be typed after ``raw``: quoted when the user opened
+        a quote or the key holds spaces or quotes (the magics split their line as a shell
+        does); a whole key's quote is closed, a prefix's stays open for the next TAB."""
+        typed = []
+        for name in completions:
+            quote = raw[:1] if raw[:1] in ("'", '"') else ""
+            if not quote and any(c.isspace() or c in "'\"" for c in name):
+                quote = "'" if '"' in name else '"'
+            close = quote if quote and not name.endswith("/") else ""
+            typed.append(f"{quote}{name}{close}")
+        return typed
+
     # Priority 1: asked before the built-in matchers (priority 0), which it then suppresses.
     @context_matcher(priority=1)
     def matcher(self, context: CompletionContext) -> SimpleMatcherResult:
-        fragment = key_fragment(context.text_until_cursor, context.cursor_line == 0)
-        if fragment is None:
+        found = key_fragment(context.text_until_cursor, context.cursor_line == 0)
+        if found is None:
             return {"completions": []}
+        raw, fragment = found
+        typed = self.quoted(self.complete(fragment), raw)
         return {
-            "completions": [SimpleCompletion(k, type="daman key") for k in self.complete(fragment)],
-            "matched_fragment": fragment,
+            "completions": [SimpleCompletion(k, type="daman key") for k in typed],
+            "matched_fragment": raw,
             "suppress": True,  # file and Python-name completions make no sense for a key
             "ordered": True,
         }
@@ -274,6 +321,11 @@ class DamanMagics(Magics):
             args.key, force=args.force, persist=args.persist, memory_only=args.memory_only
         )
         var = args.var or variable_name(args.key)
+        if not var:
+            raise UsageError(
+                f"{args.key!r} gives no Python name to bind; name the variable: "
+                f"%dm_pull {shlex.quote(args.key)} --as NAME"
+            )
         self.shell.push({var: pulled.obj, f"{var}_meta": pulled.meta})
         size = format_size(pulled.size)
         print(f"pulled {args.key} from {_where(pulled.source)} ({size}) into {var}, {var}_meta")
@@ -346,34 +398,24 @@ class DamanMagics(Magics):
             _check_identifier(var, "VAR")
         manager = api.get_manager()
         names = ", ".join(args.vars)
-        if manager.exists(args.key):
-            pulled = manager.load(args.key)
-            values = pulled.obj
-            if not isinstance(values, dict):
-                raise InvalidArgumentError(
-                    f"{args.key!r} holds a {type(values).__name__}, not variables stored by "
-                    "%%dm_cache; choose another key."
-                )
-            missing = [var for var in args.vars if var not in values]
-            if missing:
-                raise InvalidArgumentError(
-                    f"{args.key!r} holds {', '.join(values) or 'no variables'}, not "
-                    f"{', '.join(missing)}; choose another key, or delete this one "
-                    f"(%dm_delete {args.key} --remote) to run the cell again."
-                )
-            self.shell.push({var: values[var] for var in args.vars})
+        found = manager.cached_cell(args.key, args.vars)
+        if found is not None:
+            values, pulled = found
+            self.shell.push(values)
             where, size = _where(pulled.source), format_size(pulled.size)
             print(f"{args.key}: set {names} from {where} ({size}); cell not run")
             return
+        before = {var: self.shell.user_ns[var] for var in args.vars if var in self.shell.user_ns}
         if not self.shell.run_cell(cell, store_history=False).success:
             raise InvalidArgumentError(f"the cell failed; nothing was pushed to {args.key!r}.")
-        missing = [var for var in args.vars if var not in self.shell.user_ns]
-        if missing:
-            raise InvalidArgumentError(
-                f"the cell did not set {', '.join(missing)}; nothing was pushed to {args.key!r}."
-            )
-        values = {var: self.shell.user_ns[var] for var in args.vars}
-        info = manager.push(values, args.key, meta={"variables": args.vars, "cell": cell})
+        info = manager.push_cell(
+            args.key,
+            args.vars,
+            before=before,
+            after=self.shell.user_ns,
+            code=self.shell.transform_cell(cell),
+            cell=cell,
+        )
         print(f"{args.key}: ran the cell and pushed {names} ({format_size(info.size)})")
 
 

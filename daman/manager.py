@@ -10,17 +10,16 @@ import contextlib
 import contextvars
 import dataclasses
 import enum
-import mmap
 import os
-import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 from . import legacy as legacy_format
-from .cache import Cache, CacheEntry
+from .cache import Cache, CachedState, CacheEntry
+from .cells import assigned_names, cell_outputs, stored_variables
 from .config import Config, format_size
 from .errors import (
     DamanError,
@@ -55,7 +54,7 @@ from .serialize import (
     verify_file,
     write_object,
 )
-from .store import ObjectInfo, Store, open_store
+from .store import ObjectInfo, Store, WriteUnconfirmedError, open_store
 
 if TYPE_CHECKING:
     from .panel import Panel
@@ -142,6 +141,34 @@ class KeyListing:
     persist: bool
     legacy: bool | None = None
     """A daman 0.2 object (``dm_migrate`` converts it); None when not checked."""
+    outdated: bool = False
+    """Cached here, but the store holds a newer version (someone pushed again)."""
+    etag: str = ""
+    """The stored version, as the listing saw it."""
+
+    @classmethod
+    def of(
+        cls, info: ObjectInfo, state: CachedState | None, *, legacy: bool | None = None
+    ) -> KeyListing:
+        """A listed object, with what this machine's cache holds of it (``state``)."""
+        return cls(
+            info.key,
+            info.size,
+            info.last_modified,
+            cached=state is not None,
+            persist=state is not None and state.persist,
+            legacy=legacy,
+            outdated=state is not None and bool(info.etag) and state.etag != info.etag,
+            etag=info.etag,
+        )
+
+    def seen_by(self, state: CachedState | None) -> KeyListing:
+        """This listing after the cache changed (a pull, a pin, a delete)."""
+        return KeyListing.of(
+            ObjectInfo(self.key, self.size, self.etag, self.last_modified),
+            state,
+            legacy=self.legacy,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +223,8 @@ class ObjectDetails:
     holds_code: bool | None = None
     """Whether it holds code pickled by value, which loads only under the writer's Python
     minor version; None for objects pushed before daman recorded it."""
+    outdated: bool = False
+    """Cached here, but the store holds a newer version."""
     legacy: bool = False
     """A daman 0.2 object: no sha256, writer, versions or readable meta until ``dm_migrate``
     converts it."""
@@ -418,8 +447,14 @@ class Manager:
                 progress.start(size)
                 try:
                     info = self.store.put(key, tmp, overwrite=force, progress=progress)
-                except KeyExistsError:
-                    info = self._written_by_this_push(key, footer)  # a retry met our write
+                except (KeyExistsError, WriteUnconfirmedError) as exc:
+                    # A retry met our own write (its first answer was lost): look at what
+                    # is stored; it is ours if its footer is this push's (a random push_id).
+                    info = self._written_by_this_push(key, footer)
+                    if info is None and isinstance(exc, WriteUnconfirmedError):
+                        raise StoreUnavailableError(
+                            f"{exc}, and the stored object is not this push's. Push again."
+                        ) from None
                     if info is None:
                         raise
                 finally:
@@ -437,20 +472,15 @@ class Manager:
         force: bool = False,
         persist: bool = False,
     ) -> ObjectInfo:
-        """Push a file's bytes (pulled back as ``bytes``); a regular file is streamed from
-        disc, not loaded; a pipe is read into memory first."""
+        """Push a file's bytes (pulled back as ``bytes``), read in chunks as they are written
+        (a file or a pipe: none of it is held in memory). A regular file that changes while it
+        is read is refused, and nothing is pushed."""
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed below
         except OSError as exc:
             raise InvalidArgumentError(f"cannot read {path}: {exc.strerror or exc}.") from None
         with f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):  # a pipe or a device: no size to map, read it
-                return self.push(f.read(), key, meta=meta, force=force, persist=persist)
-            if st.st_size == 0:
-                return self.push(b"", key, meta=meta, force=force, persist=persist)
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                return self.push(FileBytes(mapped), key, meta=meta, force=force, persist=persist)
+            return self.push(FileBytes(f, str(path)), key, meta=meta, force=force, persist=persist)
 
     def pull(
         self,
@@ -568,7 +598,7 @@ class Manager:
         offline_reason: Exception | None = None
         if entry is not None and self.config.check_current:
             try:
-                remote = self.store.head(key).etag
+                remote = self.store.head_current(key).etag
             except (StoreUnavailableError, StorageNotFoundError) as exc:
                 remote, offline_reason = Remote.UNREACHABLE, exc
             except KeyNotFoundError:
@@ -705,16 +735,15 @@ class Manager:
         if not (local or remote):
             raise InvalidArgumentError("nothing to delete: pass local=True and/or remote=True.")
         from_store = from_cache = False
-        try:
-            if remote:
+        if remote:  # first: if the store fails, nothing changed here either
+            try:
                 with contextlib.suppress(KeyNotFoundError):
                     self.store.delete(key)
                     from_store = True
-        finally:  # the cached copy goes even if the store failed: it was asked for too
-            if remote:
+            finally:
                 self.listings.forget()
-            if local:
-                from_cache = self.cache.remove(key)
+        if local:
+            from_cache = self.cache.remove(key)
         deleted = Deleted(key, local=from_cache, remote=from_store)
         if from_cache or from_store:
             return deleted
@@ -732,6 +761,47 @@ class Manager:
         if not stored:
             raise KeyNotFoundError(key, f"the local cache or {self.store.describe()}")
         return deleted
+
+    def cached_cell(self, key: str, names: Sequence[str]) -> tuple[dict[str, Any], Pulled] | None:
+        """``%%dm_cache``'s question: the variables ``names`` stored under ``key`` (and where
+        they came from), or None when the store does not hold the key and the cell is to run.
+        Offline, a cached copy is used (with an OfflineWarning), as ``pull`` does; a key
+        deleted from the store is computed again, whatever copies machines still hold."""
+        validate_key(key)
+        try:
+            self.store.head_current(key)
+        except KeyNotFoundError:
+            self.cache.remove(key)  # deleted for everyone so that the cell runs again
+            return None
+        except (StoreUnavailableError, StorageNotFoundError):
+            if self.cache.get(key) is None:
+                raise
+        pulled = self.load(key)
+        return stored_variables(key, pulled.obj, names), pulled
+
+    def push_cell(
+        self,
+        key: str,
+        names: Sequence[str],
+        *,
+        before: Mapping[str, Any],
+        after: Mapping[str, Any],
+        code: str,
+        cell: str,
+    ) -> ObjectInfo:
+        """Push what a cell computed: the variables ``names`` it set (see
+        :func:`cells.cell_outputs`: ``before``/``after`` are the namespace around the run,
+        ``code`` the cell as Python), with the cell's source as meta. A variable the cell
+        did not set (even one an earlier cell left) is an error, and nothing is pushed."""
+        values, missing = cell_outputs(names, before, after, assigned_names(code))
+        if missing:
+            earlier = [name for name in missing if name in after]
+            why = f" ({', '.join(earlier)} only left by an earlier cell)" if earlier else ""
+            raise InvalidArgumentError(
+                f"the cell did not set {', '.join(missing)}{why}; nothing was pushed to "
+                f"{key!r}."
+            )
+        return self.push(values, key, meta={"variables": list(names), "cell": cell})
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` is in the store (one HEAD)."""
@@ -775,9 +845,10 @@ class Manager:
             cloudpickle=footer.cloudpickle,
             meta=meta,
             cached=key in states,
-            persist=states.get(key, False),
+            persist=key in states and states[key].persist,
             libraries=dict(footer.libraries),
             holds_code=footer.code,
+            outdated=key in states and bool(remote.etag) and states[key].etag != remote.etag,
         )
 
     def _remote_details(self, key: str) -> tuple[Footer, Any, ObjectInfo] | ObjectDetails:
@@ -819,14 +890,7 @@ class Manager:
             states = self.cache.states([info.key for info in page])
             old = legacy_format.find(self.store, page) if legacy else None
             listing.extend(
-                KeyListing(
-                    i.key,
-                    i.size,
-                    i.last_modified,
-                    i.key in states,
-                    states.get(i.key, False),
-                    legacy=None if old is None else i.key in old,
-                )
+                KeyListing.of(i, states.get(i.key), legacy=None if old is None else i.key in old)
                 for i in page
             )
             page.clear()
@@ -861,10 +925,7 @@ class Manager:
             level = self.store.list_level(prefix, token=token, limit=limit)
             self.listings.put(level, token=token, limit=limit, since=since)
         states = self.cache.states([info.key for info in level.objects])
-        keys = [
-            KeyListing(i.key, i.size, i.last_modified, i.key in states, states.get(i.key, False))
-            for i in level.objects
-        ]
+        keys = [KeyListing.of(info, states.get(info.key)) for info in level.objects]
         return LevelListing(prefix, list(level.prefixes), keys, level.token)
 
     def usage(self) -> Usage:

@@ -557,17 +557,15 @@ class PanelModel:
         disc = self.manager.disc(NEXT_TO_EVICT)
         with self._lock:
             for n, page in enumerate(self.pages):
-                fresh = [
-                    dataclasses.replace(
-                        item, cached=item.key in states, persist=states.get(item.key, False)
-                    )
-                    for item in page.keys
-                ]
+                fresh = [item.seen_by(states.get(item.key)) for item in page.keys]
                 self.pages[n] = dataclasses.replace(page, keys=fresh)
             if self.details is not None:
                 key = self.details.key
                 self.details = dataclasses.replace(
-                    self.details, cached=key in states, persist=states.get(key, False)
+                    self.details,
+                    cached=key in states,
+                    persist=key in states and states[key].persist,
+                    outdated=key in states and states[key].etag != self.details.etag,
                 )
             self.disc = disc
             self._say(message, error=error)

@@ -4,6 +4,8 @@ panel) so that each one says the same thing the same way."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import shlex
 from collections.abc import Sequence
 from datetime import datetime
@@ -25,6 +27,28 @@ from .manager import (
 from .migrate import MigrationReport, SetupImport
 
 
+def jsonable(value: Any) -> Any:
+    """``value`` as strict JSON can hold it, whatever a meta holds: keys become text, floats
+    that JSON cannot write (NaN, infinities) become ``"NaN"``, ``"Infinity"``,
+    ``"-Infinity"``, other objects their ``repr``."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {(k if isinstance(k, str) else repr(k)): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(item) for item in value]
+    return repr(value)
+
+
+def to_json(data: Any) -> str:
+    """What ``--json`` prints: parses with any strict JSON parser."""
+    return json.dumps(jsonable(data), indent=2, allow_nan=False)
+
+
 def when(moment: datetime | None) -> str:
     """Local time to the minute, or ``-`` when the store does not say."""
     return moment.astimezone().strftime("%Y-%m-%d %H:%M") if moment else "-"
@@ -35,8 +59,10 @@ def count(n: int, one: str, many: str) -> str:
 
 
 def state(item: KeyListing | ObjectDetails) -> str:
-    """Where a key is, seen from this machine: ``persisted``, ``cached`` or only ``stored``."""
-    return "persisted" if item.persist else "cached" if item.cached else "stored"
+    """Where a key is, seen from this machine: ``persisted``, ``cached`` or only ``stored``;
+    ``(outdated)`` when the cached copy is an older version than the store's."""
+    where = "persisted" if item.persist else "cached" if item.cached else "stored"
+    return f"{where} (outdated)" if item.outdated else where
 
 
 def listing_data(listing: Sequence[KeyListing]) -> list[dict[str, Any]]:
@@ -47,6 +73,7 @@ def listing_data(listing: Sequence[KeyListing]) -> list[dict[str, Any]]:
             last_modified=item.last_modified.isoformat() if item.last_modified else None,
             cached=item.cached,
             persist=item.persist,
+            outdated=item.outdated,
             legacy=item.legacy,
         )
         for item in listing
@@ -57,10 +84,10 @@ def listing_lines(listing: Sequence[KeyListing]) -> list[str]:
     """One line per key (size, date, cache state, key), then a total."""
     lines = []
     for item in listing:
-        state = "persisted" if item.persist else "cached" if item.cached else "-"
+        where = state(item) if item.cached else "-"
         mark = "  (daman 0.2: run dm_migrate)" if item.legacy else ""
         lines.append(
-            f"{format_size(item.size):>10}  {when(item.last_modified)}  {state:<9}  {item.key}"
+            f"{format_size(item.size):>10}  {when(item.last_modified)}  {where:<9}  {item.key}"
             + mark
         )
     total = sum(item.size for item in listing)
@@ -88,8 +115,11 @@ def details_data(details: ObjectDetails) -> dict[str, Any]:
         pushed_at=details.pushed_at,
         python=details.python,
         cloudpickle=details.cloudpickle,
+        libraries=details.libraries,
+        holds_code=details.holds_code,
         cached=details.cached,
         persist=details.persist,
+        outdated=details.outdated,
         meta=details.meta,
     )
 
@@ -104,6 +134,17 @@ def details_lines(details: ObjectDetails) -> list[str]:
         fields["meta"] = "inside the object: dm.pull shows it"
     else:
         fields["meta"] = repr(details.meta)
+        fields["libraries"] = (
+            ", ".join(f"{name} {version}" for name, version in details.libraries.items()) or "-"
+        )
+        fields["holds_code"] = {
+            True: f"yes: functions or classes pickled by value load under Python "
+            f"{'.'.join(details.python.split('.')[:2])} only",
+            False: "no",
+            None: "not recorded",
+        }[details.holds_code]
+        fields["cached"] = state(details) if details.cached else "no"
+        del fields["persist"], fields["outdated"]
     return [f"{name + ':':<15}{value}" for name, value in fields.items()]
 
 

@@ -32,6 +32,7 @@ import pickle
 import re
 import secrets
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -44,6 +45,7 @@ import cloudpickle
 from .errors import (
     DeserializationError,
     IntegrityError,
+    InvalidArgumentError,
     SerializationError,
     UntrustedObjectError,
     VersionMismatchWarning,
@@ -60,6 +62,7 @@ _PAD = bytes(ALIGN)
 _HASH_CHUNK = 8 * 1024 * 1024
 _MAP_MIN_BYTES = 1024 * 1024  # out-of-band buffers this large are read into fresh mappings
 _PARALLEL_HASH_BYTES = 4 * 1024 * 1024
+_FILE_CHUNK = 8 * 1024 * 1024
 CODE_MARK = b"cloudpickle"
 """In a pickle stream, the sign of code pickled by value (see ``_HashingWriter._watch``)."""
 
@@ -96,6 +99,8 @@ class Footer:
     libraries: tuple[tuple[str, str], ...] = ()
     """``(module, version)`` of the main data libraries loaded when it was pushed (numpy,
     pandas, ..., and the module of the object's type): what a colleague needs to load it."""
+    readonly: tuple[int, ...] = ()
+    """Which out-of-band buffers were read-only (a load gives them back as ``bytes``)."""
 
     @property
     def file_size(self) -> int:
@@ -141,7 +146,7 @@ class Footer:
             )
 
 
-_LATER_FIELDS = ("key", "code", "libraries")
+_LATER_FIELDS = ("key", "code", "libraries", "readonly")
 """Footer fields added after signing existed: a signature covers them only when they are
 set, so that objects signed before they existed still verify."""
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(Footer)}
@@ -222,14 +227,46 @@ class _HashingWriter:
 
 
 class FileBytes:
-    """A file's contents that pickle as ``bytes`` written out-of-band: pushing a file does
-    not hold it in memory, and any Python reads it back as plain ``bytes``."""
+    """A file's contents, pickled as ``bytes`` written out-of-band in chunks as they are
+    read: pushing a file or a pipe holds none of it in memory (nor maps it: a file truncated
+    by someone else meanwhile would kill the process with SIGBUS), and any Python reads it
+    back as plain ``bytes``. A regular file that changes while it is read is refused."""
 
-    def __init__(self, buffer: Any) -> None:
-        self.buffer = buffer
+    def __init__(self, f: IO[bytes], name: str) -> None:
+        self.f = f
+        self.name = name
+        self.placeholder = pickle.PickleBuffer(b"")
+        """What the pickle stream refers to; :func:`write_object` puts the file there."""
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return bytes, (pickle.PickleBuffer(self.buffer),)
+        return bytes, (self.placeholder,)
+
+    def copy_to(self, write: Callable[[Any], object]) -> int:
+        """Write the file's bytes through ``write``; how many."""
+        fd = self.f.fileno()
+        before = os.fstat(fd)
+        done = 0
+        while True:
+            try:
+                chunk = self.f.read(_FILE_CHUNK)
+            except OSError as exc:
+                raise InvalidArgumentError(
+                    f"cannot read {self.name} ({exc.strerror or exc}); nothing was pushed."
+                ) from None
+            if not chunk:
+                break
+            write(chunk)  # a full disc here is the cache's, and passes as it is
+            done += len(chunk)
+        after = os.fstat(fd)
+        regular = stat.S_ISREG(before.st_mode) and before.st_size > 0  # not /proc, FUSE, pipes
+        changed = (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
+        if regular and (done != before.st_size or changed):
+            raise InvalidArgumentError(
+                f"{self.name} changed while it was being pushed ({before.st_size} bytes when "
+                f"the push began, {after.st_size} at its end); nothing was pushed. Push it "
+                "again once it is complete."
+            )
+        return done
 
 
 def dumps_meta(meta: Any) -> bytes:
@@ -270,10 +307,18 @@ def write_object(
     stream = (0, out.pos)
     out.watching = False
     spans = []
-    for buf in buffers:
-        raw = buf.raw()
+    readonly = []
+    files = {id(obj.placeholder): obj} if isinstance(obj, FileBytes) else {}
+    for index, buf in enumerate(buffers):
         out.pad_to(ALIGN)
-        spans.append((out.pos, raw.nbytes))
+        start = out.pos
+        if id(buf) in files:
+            spans.append((start, files[id(buf)].copy_to(out.write)))
+            continue
+        raw = buf.raw()
+        spans.append((start, raw.nbytes))
+        if raw.readonly:
+            readonly.append(index)
         out.write(raw)
         raw.release()
     buffers.clear()
@@ -295,6 +340,7 @@ def write_object(
         key=key,
         code=out.saw_code,
         libraries=_library_versions(obj),
+        readonly=tuple(readonly),
     )
     if signing_key is not None:
         footer = footer.signed(signing_key, key)
@@ -341,6 +387,7 @@ def parse_footer(tail: bytes, file_size: int) -> Footer | int:
                 "libraries": tuple(
                     (str(name), str(version)) for name, version in known.get("libraries", ())
                 ),
+                "readonly": tuple(int(index) for index in known.get("readonly", ())),
             }
         )
         if not isinstance(footer.key, str) or footer.code not in (None, True, False):
@@ -558,17 +605,68 @@ def _uninitialised(length: int) -> bytearray | mmap.mmap:
 
 def load_object(f: IO[bytes], footer: Footer, *, allow_version_mismatch: bool = False) -> Any:
     """Unpickle the object from an open file, reading each out-of-band buffer into its own
-    writable memory (one copy from disc into the object, none more)."""
+    memory (one copy from disc into the object, none more): ``bytes`` for a read-only buffer,
+    writable memory otherwise. The result has the types ``pickle.loads`` of the object would
+    give (a bare ``PickleBuffer`` comes back as ``bytearray`` or ``bytes``)."""
     fd = f.fileno()
     stream = bytearray(footer.stream[1])
     _read_into(fd, stream, footer.stream[0])
     check_code(footer, stream, "the object", allow_version_mismatch=allow_version_mismatch)
-    buffers = []
-    for offset, length in footer.buffers:
+    buffers: list[Any] = []
+    mapped: set[int] = set()
+    for index, (offset, length) in enumerate(footer.buffers):
+        if index in footer.readonly and length < _MAX_READ:
+            buffers.append(_read_bytes(fd, length, offset))  # as pickle would: bytes
+            continue
         buf = _uninitialised(length)
         _read_into(fd, buf, offset)
         buffers.append(buf)
-    return _unpickle(lambda: pickle.loads(stream, buffers=buffers), footer, "the object")
+        if isinstance(buf, mmap.mmap):
+            mapped.add(id(buf))
+    obj = _unpickle(lambda: pickle.loads(stream, buffers=buffers), footer, "the object")
+    return _as_pickle_types(obj, mapped) if mapped else obj
+
+
+_MAX_READ = 2**31 - 4096  # what one read(2) returns at most on Linux
+_FIXUP_NODES = 100_000
+
+
+def _read_bytes(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise IntegrityError("the file is shorter than its footer says: it was truncated.")
+    return data
+
+
+def _as_pickle_types(obj: Any, mapped: set[int]) -> Any:
+    """Large buffers are read into anonymous mappings, which numpy and friends take as they
+    take a ``bytearray``; a bare ``PickleBuffer`` would come back as the mapping itself. Find
+    those among built-in containers (not inside other objects; at most _FIXUP_NODES looked
+    at) and give ``pickle.loads``'s types: ``bytearray``, or ``bytes`` when read-only."""
+    seen: set[int] = set()
+    budget = [_FIXUP_NODES]
+
+    def fix(value: Any) -> Any:
+        if id(value) in mapped:
+            return bytearray(value)
+        if type(value) is memoryview and id(value.obj) in mapped:
+            return bytes(value)
+        if type(value) not in (list, dict, tuple, set) or id(value) in seen or budget[0] <= 0:
+            return value
+        seen.add(id(value))
+        budget[0] -= len(value)
+        if type(value) is list:
+            value[:] = [fix(item) for item in value]
+        elif type(value) is dict:
+            for key, item in value.items():
+                value[key] = fix(item)
+        elif type(value) is tuple:
+            fixed = tuple(fix(item) for item in value)
+            if any(a is not b for a, b in zip(fixed, value, strict=True)):
+                return fixed
+        return value
+
+    return fix(obj)
 
 
 def _minor(version: str) -> str:

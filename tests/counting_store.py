@@ -27,6 +27,9 @@ class CountingStore(Store):
     def head(self, key):
         return self._call("head", key)
 
+    def head_current(self, key):
+        return self._call("head", key)
+
     def put(self, key, path, **kw):
         return self._call("put", key, path, **kw)
 

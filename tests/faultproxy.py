@@ -19,6 +19,12 @@ chunked bodies are de-chunked), numbered, and shown to a *plan*: a callable that
 ``"flip"``
     forward, then answer with one bit flipped in the middle of the body (corruption in
     transit that TCP did not catch).
+``"short"``
+    forward a ranged GET, then answer with only the first half of the range, as a complete
+    and well-formed 206 whose Content-Range says so (servers may send less than asked).
+``"nosuchupload"``
+    answer 404 ``NoSuchUpload`` without forwarding, as some servers answer a retried
+    CompleteMultipartUpload whose first attempt completed.
 
 ``FaultProxy.faults`` counts the faults injected by kind; ``FaultProxy.log`` lists every
 request as ``(number, method, target, range, fault)``. Plans are built with :func:`nth`,
@@ -42,8 +48,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
-FAULTS = ("500", "503", "drop", "reset", "lost", "cut", "flip")
-NOT_FORWARDED = ("500", "503", "drop", "reset")
+FAULTS = ("500", "503", "drop", "reset", "lost", "cut", "flip", "short", "nosuchupload")
+NOT_FORWARDED = ("500", "503", "drop", "reset", "nosuchupload")
 
 _ERROR_BODY = (
     '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
@@ -52,6 +58,7 @@ _ERROR_BODY = (
 _STATUS = {
     "500": (500, "Internal Server Error", "InternalError"),
     "503": (503, "Service Unavailable", "ServiceUnavailable"),
+    "nosuchupload": (404, "Not Found", "NoSuchUpload"),
 }
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "te"}
 
@@ -316,10 +323,18 @@ class FaultProxy:
             flipped = bytearray(data)
             flipped[len(flipped) // 2] ^= 0x10
             data = bytes(flipped)
+        content_range = response.getheader("Content-Range")
+        if fault == "short" and response.status == 206 and content_range and len(data) > 1:
+            first, _, rest = content_range.removeprefix("bytes ").partition("-")
+            total = rest.partition("/")[2]
+            data = data[: len(data) // 2]
+            content_range = f"bytes {first}-{int(first) + len(data) - 1}/{total}"
         head = [f"HTTP/1.1 {response.status} {response.reason}"]
         for name, value in response.getheaders():
             if name.lower() in _HOP_BY_HOP:
                 continue
+            if name.lower() == "content-range":
+                value = content_range or value
             if name.lower() == "content-length" and method != "HEAD":
                 continue
             head.append(f"{name}: {value}")

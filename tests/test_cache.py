@@ -13,7 +13,6 @@ import itertools
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,7 @@ import pytest
 
 import daman.cache as cache_module
 from daman.cache import Cache, CacheEntry, CacheUsage
+from daman.errors import LocalFileError
 from daman.keys import key_digest
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -54,6 +54,11 @@ def put(cache: Cache, key: str, nbytes: int, *, persist: bool = False) -> CacheE
     entry = cache.add(key, tmp, etag=f"etag-{key}-{nbytes}", sha256=sha256_of(tmp), persist=persist)
     assert entry is not None, f"adding {key!r} ({nbytes} bytes) unexpectedly did not fit"
     return entry
+
+
+def persisted(cache: Cache, keys: list[str]) -> dict[str, bool]:
+    """``{key: persist}`` of the cached ones among ``keys``."""
+    return {key: state.persist for key, state in cache.states(keys).items()}
 
 
 def journal(cache: Cache) -> list[tuple[str, str]]:
@@ -161,7 +166,7 @@ def test_add_get_round_trip(root: Path, nbytes: int, persist: bool) -> None:
     assert entry.accessed == 1  # the first use of this cache
     assert cache.get("team/data/v1") == entry
     assert cache.usage() == CacheUsage(used=nbytes, allocated=None, count=1)
-    assert cache.states(["team/data/v1"]) == {"team/data/v1": persist}
+    assert persisted(cache, ["team/data/v1"]) == {"team/data/v1": persist}
     assert_consistent(cache)
 
 
@@ -233,7 +238,7 @@ def test_replacing_keeps_a_persisted_entry_persisted(
     entry = put(cache, "k", 20, persist=new_persist)
     assert entry.persist is expected
     assert cache.get("k").persist is expected
-    assert cache.states(["k"]) == {"k": expected}
+    assert persisted(cache, ["k"]) == {"k": expected}
     assert_consistent(cache)
 
 
@@ -365,7 +370,7 @@ def test_a_failure_after_the_rename_rolls_everything_back(root: Path, replacing:
     data = tmp.read_bytes()
     before = snapshot(cache)
 
-    with pytest.raises(sqlite3.IntegrityError, match="injected failure"):
+    with pytest.raises(LocalFileError, match="injected failure"):
         cache.add("boom", tmp, etag="e", sha256="s")
 
     assert tmp.read_bytes() == data  # moved back out of objects/
@@ -440,7 +445,7 @@ def test_get_of_a_damaged_file_is_none_and_drops_the_row(root: Path, damage, per
 
     assert cache.get("k") is None
 
-    assert cache.states(["k", "keep"]) == {"keep": False}
+    assert persisted(cache, ["k", "keep"]) == {"keep": False}
     assert not entry.path.exists()
     assert cache.usage() == CacheUsage(used=100, allocated=10_000, count=1)
     assert cache.get("keep") == keep
@@ -479,7 +484,7 @@ def test_set_persist(root: Path) -> None:
     cache = Cache(root)
     put(cache, "k", 10)
     assert cache.set_persist("k", True) is True
-    assert cache.get("k").persist and cache.states(["k"]) == {"k": True}
+    assert cache.get("k").persist and persisted(cache, ["k"]) == {"k": True}
     assert cache.set_persist("k", True) is True  # already pinned: still cached
     assert cache.set_persist("k", False) is True
     assert not cache.get("k").persist
@@ -489,7 +494,7 @@ def test_set_persist(root: Path) -> None:
     assert_consistent(cache)
 
 
-def test_eviction_candidates_and_persisted_size(root: Path, clock: None) -> None:
+def test_eviction_candidates_and_persisted_size(root: Path) -> None:
     cache = Cache(root, 1000)
     assert cache.eviction_candidates(5) == [] and cache.persisted_size() == 0
     for key in "abcd":
@@ -559,10 +564,10 @@ def test_states_of_many_keys(root: Path) -> None:
     asked = [f"k/{i}" for i in range(1560)] + ["missing/a", "missing/b"]
     random.Random(5).shuffle(asked)
 
-    assert cache.states(asked) == expected
-    assert cache.states(asked[:3] * 400) == {k: expected[k] for k in asked[:3] if k in expected}
-    assert cache.states([]) == {}
-    assert cache.states(["missing/a"]) == {}
+    assert persisted(cache, asked) == expected
+    assert persisted(cache, asked[:3] * 400) == {k: expected[k] for k in asked[:3] if k in expected}
+    assert persisted(cache, []) == {}
+    assert persisted(cache, ["missing/a"]) == {}
 
 
 def test_entries(root: Path) -> None:
@@ -865,7 +870,7 @@ def test_reconcile_repairs_missing_files_and_orphans(root: Path) -> None:
     (cache.objects_dir / journaled).write_bytes(b"journaled")
     add_journal_row(cache, journaled, "j")  # recovery's to unlink, not counted as an orphan
 
-    assert cache.reconcile() == {"dropped_rows": 2, "orphan_files": 1}
+    assert cache.reconcile() == {"dropped_rows": 2, "orphan_files": 1, "rebuilt_index": None}
 
     # Only a file named as the cache names its files is an orphan of the cache's to delete.
     assert (cache.objects_dir / "stray-file").read_bytes() == b"nobody's"
@@ -873,7 +878,7 @@ def test_reconcile_repairs_missing_files_and_orphans(root: Path) -> None:
     assert sizes(cache) == {"intact": 10}
     assert cache.get("intact") == intact
     assert_consistent(cache)
-    assert cache.reconcile() == {"dropped_rows": 0, "orphan_files": 0}
+    assert cache.reconcile() == {"dropped_rows": 0, "orphan_files": 0, "rebuilt_index": None}
 
 
 def test_reconcile_of_a_healthy_cache_changes_nothing(root: Path) -> None:
@@ -881,7 +886,7 @@ def test_reconcile_of_a_healthy_cache_changes_nothing(root: Path) -> None:
     put(cache, "a", 10)
     put(cache, "b", 20, persist=True)
     before = snapshot(cache)
-    assert cache.reconcile() == {"dropped_rows": 0, "orphan_files": 0}
+    assert cache.reconcile() == {"dropped_rows": 0, "orphan_files": 0, "rebuilt_index": None}
     assert snapshot(cache) == before
 
 

@@ -556,9 +556,10 @@ def test_an_uncached_pull_asks_the_store_once(config: Config, tmp_path: Path) ->
 @pytest.mark.parametrize("backend", ["s3"])
 def test_requests_sent_by_a_small_push_and_a_cached_pull(manager: Manager) -> None:
     sent: list[str] = []
-    manager.store.client.meta.events.register(
-        "before-send.s3", lambda request, **_: sent.append(request.method)
-    )
+    for client in (manager.store.client, manager.store._quick_client.get()):
+        client.meta.events.register(
+            "before-send.s3", lambda request, **_: sent.append(request.method)
+        )
     manager.push({"small": 1}, "k")
     assert sent == ["PUT"]  # one conditional PUT
     sent.clear()

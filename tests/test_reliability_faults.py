@@ -256,6 +256,10 @@ def _retried(log: list[tuple[int, str, str, str, str | None]]) -> bool:
 
 
 GET_ONLY = method_is("GET")
+
+
+def _same_range_end(request) -> object:
+    return request.method, request.target, request.headers.get("range", "").rpartition("-")[2]
 TRANSIENT = {
     "500": (["500"], None),
     "503": (["503"], None),
@@ -280,6 +284,8 @@ def test_transient_faults_are_retried_until_the_operation_succeeds(
     plan = fraction(0.35, kinds, seed=len(kind), match=match or (lambda _: True))
     if kind == "flip-get":  # a corrupted download is fetched twice in all: once per object
         plan = at_most(1, plan, same=lambda request: request.target)
+    elif kind == "cut-get":  # a cut range is resumed where it broke: the same end, a new start
+        plan = at_most(2, plan, same=_same_range_end)
     else:
         plan = at_most(2, plan)
     with FaultProxy(s3_endpoint, plan) as proxy:

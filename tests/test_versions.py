@@ -191,9 +191,9 @@ def test_signatures_made_before_the_new_footer_fields_still_verify() -> None:
     secret = b"team secret"
     data = ser.dump_to_bytes({"x": 1})
     footer = ser.parse_footer(data, len(data))
-    old = dataclasses.replace(footer, key="", code=None, libraries=())
+    old = dataclasses.replace(footer, key="", code=None, libraries=(), readonly=())
     fields = dataclasses.asdict(old)
-    for name in ("signature", "key", "code", "libraries"):
+    for name in ("signature", "key", "code", "libraries", "readonly"):
         del fields[name]
     message = json.dumps(fields, sort_keys=True).encode() + b"\0" + b"team/k"
     signature = hmac.new(secret, message, "sha256").hexdigest()

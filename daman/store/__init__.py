@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ..config import Config
-from .base import Level, ObjectInfo, Progress, Store
+from .base import Level, ObjectInfo, Progress, Store, WriteUnconfirmedError
 
-__all__ = ["Level", "ObjectInfo", "Progress", "Store", "open_store"]
+__all__ = ["Level", "ObjectInfo", "Progress", "Store", "WriteUnconfirmedError", "open_store"]
 
 
 def open_store(config: Config) -> Store:

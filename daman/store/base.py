@@ -18,7 +18,14 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 
-from ..errors import DamanError
+from ..errors import DamanError, StoreUnavailableError
+
+
+class WriteUnconfirmedError(StoreUnavailableError):
+    """The store's answer to a write was lost and asking again could not tell whether the
+    write happened (S3-compatible servers answer a retried CompleteMultipartUpload with
+    NoSuchUpload when the first attempt completed). The caller looks at what is stored."""
+
 
 Progress = Callable[[int], object]
 """Called with a number of bytes just transferred."""
@@ -74,6 +81,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def head(self, key: str) -> ObjectInfo:
         """Size and version of ``key``; ``KeyNotFoundError`` if absent."""
+
+    def head_current(self, key: str) -> ObjectInfo:
+        """:meth:`head` for a cached copy's freshness check: a backend that can should give
+        up sooner on an unreachable store, since a cached copy is there to be used."""
+        return self.head(key)
 
     @abc.abstractmethod
     def put(

@@ -31,7 +31,6 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     ConnectionClosedError,
-    EndpointConnectionError,
     HTTPClientError,
     IncompleteReadError,
     NoCredentialsError,
@@ -39,6 +38,9 @@ from botocore.exceptions import (
     ProfileNotFound,
     ReadTimeoutError,
     ResponseStreamingError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
 )
 
 from .. import forksafe
@@ -55,9 +57,22 @@ from ..errors import (
     StoreUnavailableError,
 )
 from ..keys import validate_key, validate_prefix
-from .base import Level, ObjectInfo, Progress, Store, Written, _no_progress, _no_range
+from .base import (
+    Level,
+    ObjectInfo,
+    Progress,
+    Store,
+    WriteUnconfirmedError,
+    Written,
+    _no_progress,
+    _no_range,
+)
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
+QUICK_CONNECT_TIMEOUT = 2.0
+QUICK_READ_TIMEOUT = 10.0
+QUICK_ATTEMPTS = 2
+"""A cached copy's freshness check gives up after about 2 x 2 s on an unreachable store."""
 MIN_PART_SIZE = 8 * 1024 * 1024
 MAX_PARTS = 10_000
 TRANSFER_THREADS = 8
@@ -151,12 +166,17 @@ def _error_code(exc: ClientError) -> str:
 
 class S3Store(Store):
     def __init__(
-        self, make_client: Callable[[], Any], storage_name: str, max_attempts: int = 5
+        self,
+        make_client: Callable[[], Any],
+        storage_name: str,
+        max_attempts: int = 5,
+        make_quick_client: Callable[[], Any] | None = None,
     ) -> None:
         bucket, _, prefix = storage_name.strip("/").partition("/")
         # A forked child makes its own client: a pooled keep-alive connection used by two
         # processes crosses their answers (the parent's is neither used nor closed).
         self._client = forksafe.PerProcess(make_client, make_client())
+        self._quick_client = forksafe.PerProcess(make_quick_client or make_client)
         self.bucket = bucket
         self.prefix = f"{prefix}/" if prefix else ""
         self.max_attempts = max_attempts
@@ -164,16 +184,19 @@ class S3Store(Store):
 
     @classmethod
     def from_config(cls, config: Config) -> S3Store:
-        boto_config = BotoConfig(
-            connect_timeout=config.connect_timeout,
-            read_timeout=config.read_timeout,
-            retries={"max_attempts": config.max_attempts, "mode": "standard"},
-            max_pool_connections=TRANSFER_THREADS * 2,
-            request_checksum_calculation=config.checksums,
-            response_checksum_validation="when_required",
-        )
-
-        def make_client() -> Any:
+        def make_client(
+            connect: float = config.connect_timeout,
+            read: float = config.read_timeout,
+            attempts: int = config.max_attempts,
+        ) -> Any:
+            boto_config = BotoConfig(
+                connect_timeout=connect,
+                read_timeout=read,
+                retries={"max_attempts": attempts, "mode": "standard"},
+                max_pool_connections=TRANSFER_THREADS * 2,
+                request_checksum_calculation=config.checksums,
+                response_checksum_validation="when_required",
+            )
             return boto3.session.Session().client(
                 "s3",
                 endpoint_url=config.endpoint_url or None,
@@ -181,8 +204,17 @@ class S3Store(Store):
                 config=boto_config,
             )
 
+        def make_quick_client() -> Any:
+            # Asking whether a cached copy is current must not keep a pull waiting for long
+            # on an unreachable store: the cached copy is there to be used.
+            return make_client(
+                min(config.connect_timeout, QUICK_CONNECT_TIMEOUT),
+                min(config.read_timeout, QUICK_READ_TIMEOUT),
+                min(config.max_attempts, QUICK_ATTEMPTS),
+            )
+
         try:
-            return cls(make_client, config.storage_name, config.max_attempts)
+            return cls(make_client, config.storage_name, config.max_attempts, make_quick_client)
         except (NoCredentialsError, PartialCredentialsError):  # checked when the client is made
             raise _credentials_error() from None
         except ProfileNotFound as exc:
@@ -235,7 +267,8 @@ class S3Store(Store):
                     "attempts. Try again later."
                 )
             return DamanError(f"{where} refused the request ({code}: {message}).")
-        if isinstance(exc, (EndpointConnectionError, HTTPClientError, *_TRANSIENT_READ_ERRORS)):
+        # Refused, timed out (a host that drops packets), TLS failures, broken answers.
+        if isinstance(exc, (BotoConnectionError, HTTPClientError, *_TRANSIENT_READ_ERRORS)):
             return StoreUnavailableError(
                 f"cannot reach {where} ({exc}). Check the network and the endpoint; a cached "
                 "copy is still used by pull when there is one."
@@ -294,9 +327,15 @@ class S3Store(Store):
         raise AssertionError("unreachable")
 
     def head(self, key: str) -> ObjectInfo:
+        return self._head(key, self.client)
+
+    def head_current(self, key: str) -> ObjectInfo:
+        return self._head(key, self._quick_client.get())
+
+    def _head(self, key: str, client: Any) -> ObjectInfo:
         def once() -> dict[str, Any]:
             with self._errors(key):
-                r = self.client.head_object(Bucket=self.bucket, Key=self._name(key))
+                r = client.head_object(Bucket=self.bucket, Key=self._name(key))
             return _complete(r, "ContentLength", "ETag")
 
         r = self._idempotent(once)
@@ -403,13 +442,23 @@ class S3Store(Store):
             finally:
                 os.close(fd)
             with self._errors(key):
-                r = self.client.complete_multipart_upload(
-                    Bucket=self.bucket,
-                    Key=name,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": parts},
-                    **condition,
-                )
+                try:
+                    r = self.client.complete_multipart_upload(
+                        Bucket=self.bucket,
+                        Key=name,
+                        UploadId=upload_id,
+                        MultipartUpload={"Parts": parts},
+                        **condition,
+                    )
+                except ClientError as exc:
+                    if _error_code(exc) != "NoSuchUpload":
+                        raise
+                    # The upload is gone: completed by an earlier attempt whose answer was
+                    # lost (some servers answer the retry so), or aborted by someone else.
+                    completed = True  # nothing left to abort
+                    raise WriteUnconfirmedError(
+                        f"{self.describe()} lost track of the upload of {key!r} (NoSuchUpload)"
+                    ) from None
             completed = True
             return ObjectInfo(key, size, r.get("ETag", ""))
         finally:
@@ -453,24 +502,38 @@ class S3Store(Store):
         progress: Progress,
         on_written: Written = _no_range,
         stop: threading.Event | None = None,
+        *,
+        resume_at: int | None = None,
     ) -> None:
-        """Fetch one range into ``fd``, retrying a stream that breaks mid-body."""
+        """Fetch bytes ``start..end`` into ``fd`` (those before ``resume_at`` are there
+        already). A stream that breaks, or an answer shorter than asked (a server may send
+        less than the range), is resumed where it stopped, up to ``max_attempts`` times."""
+        offset = start if resume_at is None else resume_at
         for attempt in range(1, self.max_attempts + 1):
             if stop is not None and stop.is_set():
                 raise _Stopped
-            offset = start
             try:
-                _, chunks = self._get_range(key, start, end, etag)
-                with self._errors(key):
-                    for chunk in chunks:
-                        if stop is not None and stop.is_set():
-                            raise _Stopped
-                        _pwrite_all(fd, chunk, offset)
-                        offset += len(chunk)
+                if offset <= end:
+                    r, chunks = self._get_range(key, offset, end, etag)
+                    answered = _CONTENT_RANGE.match(r.get("ContentRange") or "")
+                    if answered is None or int(answered.group(1)) != offset:
+                        raise StoreUnavailableError(
+                            f"{self.describe()} answered another range than bytes {offset}-{end}"
+                        )
+                    with self._errors(key):
+                        for chunk in chunks:
+                            if stop is not None and stop.is_set():
+                                raise _Stopped
+                            chunk = chunk[: end + 1 - offset]  # never past the range
+                            _pwrite_all(fd, chunk, offset)
+                            offset += len(chunk)
                 if offset != end + 1:
-                    raise StoreUnavailableError(f"short read of {key!r} from {self.describe()}")
-                on_written(start, offset - start)
-                progress(offset - start)
+                    raise StoreUnavailableError(
+                        f"{key!r} came short from {self.describe()}: {end + 1 - offset} of "
+                        f"{end + 1 - start} bytes missing after {attempt} attempts"
+                    )
+                on_written(start, end + 1 - start)
+                progress(end + 1 - start)
                 return
             except StoreUnavailableError:
                 if attempt == self.max_attempts:
@@ -528,8 +591,10 @@ class S3Store(Store):
                     offset += len(chunk)
             out.flush()
             if offset != first_len:
-                # The first stream broke: fetch that range again with retries.
-                self._fetch_part(key, fd, 0, first_len - 1, info.etag, progress, on_written)
+                # The first stream broke (or came short): fetch the rest of it, with retries.
+                self._fetch_part(
+                    key, fd, 0, first_len - 1, info.etag, progress, on_written, resume_at=offset
+                )
             else:
                 on_written(0, offset)
                 progress(offset)
@@ -622,6 +687,7 @@ class S3Store(Store):
         return Level(prefix, sorted(prefixes), sorted(objects, key=lambda o: o.key), more or None)
 
     def close(self) -> None:
-        client = self._client.made()  # a forked child leaves its parent's client alone
-        if client is not None:
-            client.close()
+        for made in (self._client, self._quick_client):
+            client = made.made()  # a forked child leaves its parent's clients alone
+            if client is not None:
+                client.close()
