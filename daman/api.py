@@ -182,10 +182,24 @@ def push(
 
 
 def pull(
-    key: str, force: bool = False, persist: bool = False, memory_only: bool = False
+    key: str,
+    force: bool = False,
+    persist: bool = False,
+    memory_only: bool = False,
+    *,
+    allow_version_mismatch: bool = False,
+    mmap: bool = False,
 ) -> tuple[Any, Any]:
-    """``obj, meta = dm.pull(key)``; see :meth:`Manager.pull`."""
-    return get_manager().pull(key, force=force, persist=persist, memory_only=memory_only)
+    """``obj, meta = dm.pull(key)``; ``mmap=True`` maps its arrays from the cached file
+    (zero-copy, read-only); see :meth:`Manager.pull`."""
+    return get_manager().pull(
+        key,
+        force=force,
+        persist=persist,
+        memory_only=memory_only,
+        allow_version_mismatch=allow_version_mismatch,
+        mmap=mmap,
+    )
 
 
 def fetch(key: str, force: bool = False, persist: bool = False) -> CacheEntry:

@@ -43,6 +43,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from . import forksafe
 from .errors import DamanError, LocalFileError, RepairWarning, os_errors, warn
@@ -77,10 +78,21 @@ _SCHEMA = (
     """CREATE TRIGGER IF NOT EXISTS entries_resize AFTER UPDATE OF size ON entries BEGIN
         UPDATE totals SET size = size - OLD.size + NEW.size;
     END""",
+    # Versions that left the index while mapped (a zero-copy pull's arrays are alive): kept
+    # on disc and counted against the allocation until their last mapping goes.
+    "CREATE TABLE IF NOT EXISTS retired (file TEXT PRIMARY KEY, key TEXT NOT NULL, "
+    "size INTEGER NOT NULL)",
+    """CREATE TRIGGER IF NOT EXISTS retired_insert AFTER INSERT ON retired BEGIN
+        UPDATE totals SET size = size + NEW.size;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS retired_delete AFTER DELETE ON retired BEGIN
+        UPDATE totals SET size = size - OLD.size;
+    END""",
 )
 _COLUMNS = "key, file, size, etag, sha256, created, accessed, persist"
-SCHEMA_VERSION = 1
-"""``PRAGMA user_version``: 0 = before the use sequence (``accessed`` held wall-clock times)."""
+SCHEMA_VERSION = 2
+"""``PRAGMA user_version``: 0 = before the use sequence (``accessed`` held wall-clock times),
+1 = before mapped versions were kept (``retired``)."""
 _NEXT_USE = "UPDATE totals SET seq = seq + 1 RETURNING seq"
 _OBJECT_FILE = re.compile(r"[0-9a-f]{64}\.[0-9a-f]{12}")
 """The names ``add`` gives cached files: ``<sha256 of the key>.<random>``."""
@@ -167,6 +179,7 @@ class Cache:
         self._local = threading.local()
         self._stripes: dict[str, threading.Lock] = {}
         self._stripes_lock = threading.Lock()
+        self._temp_locks: dict[str, int] = {}  # temp file -> the descriptor locking it
         forksafe.at_fork_in_child(self, Cache._after_fork_in_child)
         try:
             self._migrate()
@@ -215,6 +228,7 @@ class Cache:
                 db.close()
         self._stripes = {}
         self._stripes_lock = threading.Lock()
+        self._temp_locks = {}
 
     def _db(self) -> sqlite3.Connection:
         """This thread's connection (made in this process: never one a parent made)."""
@@ -277,7 +291,7 @@ class Cache:
         """Set a damaged index aside (``index.sqlite3.damaged-<time>``) and make a new one
         from the cached files, whose footers name their keys; returns the entries kept.
         Pins and the order of use are lost; versions are checked again on the next pull."""
-        from .serialize import footer_of  # the one place the cache reads the file format
+        from .serialize import StoredFile  # the one place the cache reads the file format
 
         self.close()
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -293,7 +307,7 @@ class Cache:
                 continue  # not a name the cache gives: not ours
             try:
                 with open(path, "rb") as f:
-                    footer, st = footer_of(f), os.fstat(f.fileno())
+                    footer, st = StoredFile(f).footer, os.fstat(f.fileno())
                 key = footer.key if key_digest(footer.key) == path.name[:64] else ""
             except (OSError, DamanError):
                 key = ""
@@ -339,6 +353,7 @@ class Cache:
             except BaseException:
                 if db.in_transaction:  # also when COMMIT itself failed (disc full, I/O error)
                     db.execute("ROLLBACK")
+                self._release_claim()  # files it claimed stay as they were
                 raise
 
     def _stripe_lock(self, stripe: str) -> threading.Lock:
@@ -405,16 +420,25 @@ class Cache:
         # named *.incomplete is locked from birth, so an unlocked one is abandoned.
         with forksafe.sqlite_section():  # no fork between opening and tracking
             fd = os.open(born, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # at once: a file not yet locked looks abandoned
             forksafe.track_fd(fd)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             os.rename(born, path)
+            self._temp_locks[str(path)] = fd
             yield path
         finally:
+            self._temp_locks.pop(str(path), None)
             born.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
             forksafe.untrack_fd(fd)
             os.close(fd)
+
+    def _temp_lock(self, tmp: Path, *, held: bool) -> None:
+        """Take back (or put again) the writer's lock on a temp file of ours: once the file
+        is in ``objects/`` it is a cached file, which only a mapping may lock."""
+        fd = self._temp_locks.get(str(tmp))
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX if held else fcntl.LOCK_UN)
 
     def _entry(self, row: tuple) -> CacheEntry:
         key, file, size, etag, sha256, created, accessed, persist = row
@@ -426,9 +450,80 @@ class Cache:
         for file in files:
             if _OBJECT_FILE.fullmatch(file):  # a damaged index cannot name a file elsewhere
                 (self.objects_dir / file).unlink(missing_ok=True)
+            self._release_claim(file)
         if files:
             with self._write() as db:
                 db.executemany("DELETE FROM journal WHERE file = ?", [(f,) for f in files])
+
+    def _claim(self, file: str) -> bool:
+        """Lock a cached file exclusively, from the transaction that forgets it until it is
+        unlinked, so that no mapping can start on it meanwhile; False if a mapping holds it
+        (a zero-copy pull's arrays are alive somewhere): then it stays on disc."""
+        claims: dict[str, int] = self._local.__dict__.setdefault("claims", {})
+        if file in claims:
+            return True
+        try:
+            with forksafe.sqlite_section():  # no fork between opening and tracking
+                fd = os.open(self.objects_dir / file, os.O_RDONLY | os.O_CLOEXEC)
+                forksafe.track_fd(fd)
+        except FileNotFoundError:
+            return True  # gone already: nothing maps it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            forksafe.untrack_fd(fd)
+            os.close(fd)
+            return False
+        claims[file] = fd
+        return True
+
+    def _release_claim(self, file: str | None = None) -> None:
+        """Let go of one claimed file (or all of this thread's, when a transaction failed)."""
+        claims: dict[str, int] = self._local.__dict__.setdefault("claims", {})
+        for name in [file] if file is not None else list(claims):
+            fd = claims.pop(name, None)
+            if fd is not None:
+                forksafe.untrack_fd(fd)
+                os.close(fd)
+
+    def lease(self, entry: CacheEntry, f: IO[bytes]) -> bool:
+        """Hold ``entry``'s file (open as ``f``) for a zero-copy load: a shared lock on ``f``
+        that every mapping of it keeps (a mapping holds a duplicate of the descriptor), so
+        that while any array from it is alive, in this process or a forked one, eviction,
+        replacement and deletion leave the file on disc (and counted); the kernel drops the
+        lock when the last mapping goes or the process dies. False (nothing held) if the
+        entry moved on to another version meanwhile."""
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # waits while an eviction of it finishes
+        current = self._query("SELECT file FROM entries WHERE key = ?", (entry.key,))
+        if current and current[0][0] == entry.path.name:
+            return True
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return False
+
+    def _reclaim_retired(self) -> None:
+        """Remove the retired versions whose last mapping has gone."""
+        for file, _key in self._query("SELECT file, key FROM retired"):
+            if self._claim(file):
+                with self._write() as db:
+                    db.execute("DELETE FROM retired WHERE file = ?", (file,))
+                if _OBJECT_FILE.fullmatch(file):
+                    (self.objects_dir / file).unlink(missing_ok=True)
+                self._release_claim(file)
+
+    def mapped(self) -> list[tuple[str, int, bool]]:
+        """``(key, size, current)`` of every cached file a zero-copy pull maps now, in any
+        process: current versions, and older ones kept until unmapped (``current`` False)."""
+        found = []
+        rows = self._query(
+            "SELECT key, file, size, 1 FROM entries "
+            "UNION ALL SELECT key, file, size, 0 FROM retired"
+        )
+        for key, file, size, current in rows:
+            if self._claim(file):
+                self._release_claim(file)
+            else:
+                found.append((key, size, bool(current)))
+        return found
 
     # -- reading -------------------------------------------------------------------------
 
@@ -457,12 +552,21 @@ class Cache:
 
     def _forget(self, db: sqlite3.Connection, rows: list[tuple[str, str]]) -> list[str]:
         """Delete these ``(key, file)`` entries inside the open transaction; their files are
-        journaled, for unlinking after the commit. Returns the files."""
+        journaled (and claimed), for unlinking after the commit, except those a mapping holds:
+        retired, kept and counted until unmapped. Returns the files to unlink."""
+        unlink, retire = [], []
+        for key, file in rows:
+            (unlink if self._claim(file) else retire).append((key, file))
+        db.executemany(
+            "INSERT OR IGNORE INTO retired (file, key, size) SELECT file, key, size FROM entries "
+            "WHERE key = ? AND file = ?",
+            retire,
+        )
         db.executemany("DELETE FROM entries WHERE key = ? AND file = ?", rows)
         db.executemany(
-            "INSERT OR IGNORE INTO journal (file, key) VALUES (?, ?)", [(f, k) for k, f in rows]
+            "INSERT OR IGNORE INTO journal (file, key) VALUES (?, ?)", [(f, k) for k, f in unlink]
         )
-        return [file for _, file in rows]
+        return [file for _, file in unlink]
 
     def states(self, keys: list[str]) -> dict[str, CachedState]:
         """What is cached of ``keys`` (those that are): pinned or not, which version (one
@@ -541,9 +645,11 @@ class Cache:
                     old = db.execute(
                         "SELECT file, size, persist FROM entries WHERE key = ?", (key,)
                     ).fetchone()
-                    need = size - (old[1] if old else 0)
+                    old_mapped = bool(old) and not self._claim(old[0])
+                    need = size - (old[1] if old and not old_mapped else 0)
                     evicted = self._evict(db, need, exclude=key, may_evict=evict)
                     os.replace(tmp_path, final)
+                    self._temp_lock(tmp_path, held=False)
                     now = time.time()
                     (use,) = db.execute(_NEXT_USE).fetchone()
                     persist = persist or bool(old and old[2])
@@ -553,10 +659,17 @@ class Cache:
                             "created = ?, accessed = ?, persist = ? WHERE key = ?",
                             (file, size, etag, sha256, now, use, int(persist), key),
                         )
-                        db.execute(
-                            "INSERT OR IGNORE INTO journal (file, key) VALUES (?, ?)", (old[0], key)
-                        )
-                        evicted.append(old[0])
+                        if old_mapped:  # kept, and counted, until its last mapping goes
+                            db.execute(
+                                "INSERT OR IGNORE INTO retired VALUES (?, ?, ?)",
+                                (old[0], key, old[1]),
+                            )
+                        else:
+                            db.execute(
+                                "INSERT OR IGNORE INTO journal (file, key) VALUES (?, ?)",
+                                (old[0], key),
+                            )
+                            evicted.append(old[0])
                     else:
                         db.execute(
                             "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -566,6 +679,7 @@ class Cache:
             except BaseException as exc:
                 if final.exists() and not tmp_path.exists():
                     os.replace(final, tmp_path)  # give the caller its file back
+                    self._temp_lock(tmp_path, held=True)
                 with self._write() as db:
                     db.execute("DELETE FROM journal WHERE file = ?", (file,))
                 if isinstance(exc, _DoesNotFit):
@@ -597,18 +711,22 @@ class Cache:
         if over > 0 and not may_evict:
             raise _DoesNotFit
         evicted: list[str] = []
+        after = -1  # the use order of the last entry looked at: mapped ones are passed over
         while over > 0:
             rows = db.execute(
-                "SELECT key, file, size FROM entries WHERE persist = 0 AND key != ? "
-                "ORDER BY accessed LIMIT ?",
-                (exclude, _EVICT_BATCH),
+                "SELECT key, file, size, accessed FROM entries WHERE persist = 0 AND key != ? "
+                "AND accessed > ? ORDER BY accessed LIMIT ?",
+                (exclude, after, _EVICT_BATCH),
             ).fetchall()
             if not rows:
                 if best_effort:
                     break
                 raise _DoesNotFit
             chosen = []
-            for key, file, size in rows:
+            for key, file, size, accessed in rows:
+                after = accessed
+                if not self._claim(file):
+                    continue  # mapped by a zero-copy pull: it stays
                 chosen.append((key, file))
                 over -= size
                 if over <= 0:
@@ -676,6 +794,7 @@ class Cache:
                         db.execute("DELETE FROM journal WHERE file = ?", (file,))
                 else:
                     self._unlink_journaled([file])
+        self._reclaim_retired()
         for tmp in self.tmp_dir.iterdir():
             match = _TEMP_FILE.fullmatch(tmp.name)
             if match is None:
@@ -702,23 +821,30 @@ class Cache:
             if not ok:
                 self.discard(entry)
                 dropped += 1
-        referenced = {row[0] for row in self._query("SELECT file FROM entries")}
-        journaled = {row[0] for row in self._query("SELECT file FROM journal")}
+        known = {
+            row[0]
+            for row in self._query(
+                "SELECT file FROM entries UNION ALL SELECT file FROM journal "
+                "UNION ALL SELECT file FROM retired"
+            )
+        }
         orphans = 0
         for path in self.objects_dir.iterdir():
             if not _OBJECT_FILE.fullmatch(path.name):
                 continue  # not a name this cache gives: not ours to delete
-            if path.name not in referenced and path.name not in journaled:
+            if path.name not in known:
                 # Re-check under the index lock: an add may have committed since we looked.
                 with self._write() as db:
                     still_orphan = not db.execute(
                         "SELECT 1 FROM entries WHERE file = ? UNION ALL "
-                        "SELECT 1 FROM journal WHERE file = ?",
-                        (path.name, path.name),
+                        "SELECT 1 FROM journal WHERE file = ? UNION ALL "
+                        "SELECT 1 FROM retired WHERE file = ?",
+                        (path.name, path.name, path.name),
                     ).fetchone()
-                    if still_orphan:
+                    if still_orphan and self._claim(path.name):  # never a mapped file
                         path.unlink(missing_ok=True)
                         orphans += 1
+                    self._release_claim(path.name)
         return {"dropped_rows": dropped, "orphan_files": orphans, "rebuilt_index": rebuilt}
 
     def close(self) -> None:

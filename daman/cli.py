@@ -518,11 +518,13 @@ def status_main(argv: Sequence[str] | None = None) -> int:
     def action() -> None:
         with _manager(args.quiet) as manager:
             usage = manager.usage()
+            mapped = manager.mapped()
             local_dir = manager.cache.root
         if args.json:
-            _print_json(report.usage_data(usage, local_dir))
+            data = report.usage_data(usage, local_dir)
+            _print_json({**data, "mapped": report.mapped_data(mapped)})
         else:
-            print("\n".join(report.usage_lines(usage, local_dir)))
+            print("\n".join(report.usage_lines(usage, local_dir) + report.mapped_lines(mapped)))
 
     return _run("dm_status", action)
 

@@ -132,6 +132,11 @@ class NotCachedWarning(DamanWarning):
     """An object could not be kept in the local cache (it does not fit the allocation)."""
 
 
+class NotMappedWarning(DamanWarning):
+    """A pull asked for a mapped (zero-copy) load got an ordinary one: the object has no
+    local copy to map (``memory_only``, or it does not fit in the allocation)."""
+
+
 class ConfigWarning(DamanWarning):
     """Something in the saved configuration was ignored or reset."""
 

@@ -309,6 +309,12 @@ class DamanMagics(Magics):
     @argument("--force", action="store_true", help="download even if the cached copy is current")
     @argument("--persist", action="store_true", help="pin the local copy against eviction")
     @argument("--memory-only", action="store_true", help="load it without keeping a local copy")
+    @argument(
+        "--mmap",
+        action="store_true",
+        help="map its numpy arrays read-only from the cached file (zero-copy); np.array(x) "
+        "makes a writable copy",
+    )
     @_one_line_errors
     def dm_pull(self, line: str) -> Any:
         """Pull a key into a variable (and its meta into VAR_meta); ``x = %dm_pull KEY`` also
@@ -318,7 +324,11 @@ class DamanMagics(Magics):
             _check_identifier(args.var, "--as")
         bare = _is_bare_statement(self.shell, "dm_pull", line)  # before the namespace changes
         pulled = api.get_manager().load(
-            args.key, force=args.force, persist=args.persist, memory_only=args.memory_only
+            args.key,
+            force=args.force,
+            persist=args.persist,
+            memory_only=args.memory_only,
+            mmap=args.mmap,
         )
         var = args.var or variable_name(args.key)
         if not var:
@@ -375,7 +385,8 @@ class DamanMagics(Magics):
         """The store in use, the local cache's use against its allocation and the persisted
         entries (the same as ``dm_status``; asks nothing of the store)."""
         manager = api.get_manager()
-        print("\n".join(report.usage_lines(manager.usage(), manager.cache.root)))
+        lines = report.usage_lines(manager.usage(), manager.cache.root)
+        print("\n".join(lines + report.mapped_lines(manager.mapped())))
 
     @line_magic
     @_one_line_errors

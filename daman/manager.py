@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import legacy as legacy_format
 from .cache import Cache, CachedState, CacheEntry
@@ -29,6 +29,7 @@ from .errors import (
     KeyNotFoundError,
     NotCachedError,
     NotCachedWarning,
+    NotMappedWarning,
     OfflineWarning,
     StorageNotFoundError,
     StoreUnavailableError,
@@ -44,14 +45,10 @@ from .serialize import (
     FileBytes,
     Footer,
     PrefixHasher,
-    check_meta,
+    StoredFile,
     dumps_meta,
-    file_reader,
-    footer_of,
     load_meta,
-    load_object,
     read_footer,
-    verify_file,
     write_object,
 )
 from .store import ObjectInfo, Store, WriteUnconfirmedError, open_store
@@ -128,6 +125,16 @@ class Deleted:
     """The cached copy was removed (False: there was none here)."""
     remote: bool
     """The stored object was removed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MappedFile:
+    """A cached file that a zero-copy pull maps now, in some process: kept and counted."""
+
+    key: str
+    size: int
+    current: bool
+    """False: an older version of the key, kept only until its arrays are gone."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -490,18 +497,22 @@ class Manager:
         memory_only: bool = False,
         *,
         allow_version_mismatch: bool = False,
+        mmap: bool = False,
     ) -> tuple[Any, Any]:
         """``(obj, meta)`` for ``key``, from the local cache when it is there and current.
 
         Never fails because of the allocation: an object that cannot be cached is returned
         with a :class:`NotCachedWarning`. Code pickled by value under another Python minor
-        version is refused (it can crash the interpreter) unless ``allow_version_mismatch``."""
+        version is refused (it can crash the interpreter) unless ``allow_version_mismatch``.
+        With ``mmap``, its numpy arrays are mapped read-only from the cached file (no copy,
+        nothing read until touched); the file stays on disc, and counted, while they live."""
         pulled = self.load(
             key,
             force=force,
             persist=persist,
             memory_only=memory_only,
             allow_version_mismatch=allow_version_mismatch,
+            mmap=mmap,
         )
         return pulled.obj, pulled.meta
 
@@ -513,18 +524,38 @@ class Manager:
         memory_only: bool = False,
         *,
         allow_version_mismatch: bool = False,
+        mmap: bool = False,
     ) -> Pulled:
         """:meth:`pull`, also telling where the object came from and its stored size."""
         if memory_only and persist:
             raise InvalidArgumentError(
                 "persist=True pins a local copy; memory_only=True keeps none."
             )
-        opened = self._open_current(key, force=force, persist=persist, keep=not memory_only)
-        with opened as (f, footer, source, _):
-            allow = allow_version_mismatch
-            obj = load_object(f, footer, allow_version_mismatch=allow)
-            meta = load_meta(file_reader(f), footer, allow_version_mismatch=allow)
-            return Pulled(obj, meta, source, footer.file_size)
+        if mmap and memory_only:
+            warn(
+                f"{key!r} is loaded into memory, not mapped: memory_only=True keeps no local "
+                "copy to map.",
+                NotMappedWarning,
+            )
+            mmap = False
+        allow = allow_version_mismatch
+        opened = self._open_current(
+            key, force=force, persist=persist, keep=not memory_only, mapped=mmap
+        )
+        with opened as (stored, source, entry):
+            if mmap and entry is not None and self.cache.lease(entry, stored.f):
+                obj = stored.load_mapped(allow_version_mismatch=allow)
+            else:
+                if mmap:
+                    warn(
+                        f"{key!r} is loaded into memory, not mapped: it is not in the local "
+                        "cache (it does not fit in allocated_space, or another process "
+                        "removed it meanwhile).",
+                        NotMappedWarning,
+                    )
+                obj = stored.load(allow_version_mismatch=allow)
+            meta = stored.meta(allow_version_mismatch=allow)
+            return Pulled(obj, meta, source, stored.size)
 
     def pull_bytes(self, key: str, force: bool = False, persist: bool = False) -> bytes:
         """The bytes stored under ``key`` (by :meth:`push_file`, ``dm_push`` or a push of a
@@ -567,7 +598,7 @@ class Manager:
         try:
             for _ in range(_FETCH_ATTEMPTS):
                 with self._open_current(key, force=force, persist=persist, keep=True) as opened:
-                    kept = opened[3]
+                    kept = opened[2]
                 if kept is None:
                     raise NotCachedError(
                         f"{key!r} does not fit in the local cache (allocated_space "
@@ -587,11 +618,12 @@ class Manager:
 
     @contextlib.contextmanager
     def _open_current(
-        self, key: str, *, force: bool, persist: bool, keep: bool
-    ) -> Iterator[tuple[IO[bytes], Footer, Source, CacheEntry | None]]:
-        """An open, verified file holding the current version of ``key``: the cached copy
+        self, key: str, *, force: bool, persist: bool, keep: bool, mapped: bool = False
+    ) -> Iterator[tuple[StoredFile, Source, CacheEntry | None]]:
+        """An open, checked file holding the current version of ``key``: the cached copy
         when it is current, else a fresh download (kept in the cache when ``keep``), with
-        the cache entry holding it (None if it is not cached)."""
+        the cache entry holding it (None if it is not cached). ``mapped``: its buffers will
+        be mapped, not read (a signed hit checks what can run code, not every byte)."""
         validate_key(key)
         entry = None if force else self.cache.get(key)
         remote: str | Remote = Remote.UNCHECKED
@@ -618,15 +650,19 @@ class Manager:
             )
         if action is not PullAction.DOWNLOAD:
             assert entry is not None
-            opened = self._open_cached(entry, persist)
-            if opened is not None:
-                with opened[0]:
-                    yield (*opened, "cache", entry)
+            stored = self._open_cached(entry, persist, mapped=mapped)
+            if stored is not None:
+                with stored.f:
+                    yield stored, "cache", entry
                 return
-        with self._download(key, entry, force=force, persist=persist, keep=keep) as opened:
+        with self._download(
+            key, entry, force=force, persist=persist, keep=keep, mapped=mapped
+        ) as opened:
             yield opened
 
-    def _open_cached(self, entry: CacheEntry, persist: bool) -> tuple[IO[bytes], Footer] | None:
+    def _open_cached(
+        self, entry: CacheEntry, persist: bool, *, mapped: bool = False
+    ) -> StoredFile | None:
         """Open a cache hit; None if the file vanished (evicted meanwhile) or is damaged.
         The open file stays readable even if another process evicts the entry."""
         try:
@@ -634,12 +670,14 @@ class Manager:
         except FileNotFoundError:
             return None
         try:
+            stored = StoredFile(f)  # the size, footer and meta are checked on every hit
             if self.signing_key is None:
-                footer = footer_of(f)  # the size, footer and meta are checked on every hit
-                check_meta(file_reader(f), footer)
+                stored.check_meta()
+            elif mapped:  # what unpickling can run; the mapped buffers are data only
+                stored.check_executable()
             else:  # a cache folder is a trust boundary too: hash and signature on every hit
-                footer = verify_file(f)
-            self._check_identity(footer, entry.key, last=True)
+                stored.verify()
+            self._check_identity(stored.footer, entry.key, last=True)
         except IntegrityError:
             f.close()
             self.cache.discard(entry)
@@ -647,7 +685,7 @@ class Manager:
         self.cache.touch(entry.key)
         if persist and not entry.persist:
             self.cache.set_persist(entry.key, True)
-        return f, footer
+        return stored
 
     @contextlib.contextmanager
     def _download(
@@ -658,40 +696,42 @@ class Manager:
         force: bool,
         persist: bool,
         keep: bool,
-    ) -> Iterator[tuple[IO[bytes], Footer, Source, CacheEntry | None]]:
+        mapped: bool = False,
+    ) -> Iterator[tuple[StoredFile, Source, CacheEntry | None]]:
         with self.cache.temp_file() as tmp:
             # The key's lock covers fetching and caching, not the caller's unpickling: one
             # download of a key at a time on this machine, nobody waits on someone's load.
             with self.cache.key_lock(key):
-                opened = None
+                stored = None
                 kept: CacheEntry | None = None
                 source: Source = "cache"
                 if not force:
                     fresh = self.cache.get(key)
                     if fresh is not None and fresh.etag != (stale and stale.etag):
-                        opened = self._open_cached(fresh, persist)  # fetched while we waited
+                        # fetched by another process while we waited for the key's lock
+                        stored = self._open_cached(fresh, persist, mapped=mapped)
                         kept = fresh
-                if opened is None:
-                    f, footer, info = self._fetch_verified(key, tmp)
-                    opened, source = (f, footer), "store"
+                if stored is None:
+                    stored, info = self._fetch_verified(key, tmp)
+                    source = "store"
                     if keep or stale is not None:
                         # A memory-only pull replaces an outdated copy (it must not be served
                         # again) but evicts nothing to make room for the new one.
                         try:
                             kept = self._keep(
-                                key, tmp, etag=info.etag, sha256=footer.sha256,
+                                key, tmp, etag=info.etag, sha256=stored.footer.sha256,
                                 persist=persist, verb="pulled", evict=keep,
                             )  # fmt: skip
                         except BaseException:
-                            f.close()
+                            stored.f.close()
                             raise
-            with opened[0]:
-                yield (*opened, source, kept)
+            with stored.f:
+                yield stored, source, kept
 
-    def _fetch_verified(self, key: str, tmp: Path) -> tuple[IO[bytes], Footer, ObjectInfo]:
-        """Download ``key`` into ``tmp`` and check its sha256 before anything unpickles it (a
+    def _fetch_verified(self, key: str, tmp: Path) -> tuple[StoredFile, ObjectInfo]:
+        """Download ``key`` into ``tmp`` and check every byte before anything unpickles it (a
         corrupted transfer, or an answer holding another key's object, is tried again).
-        Returns the file open, its footer, its version."""
+        Returns the file, open, and its version."""
         for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
             f = open(tmp, "rb")  # noqa: SIM115 - returned open, or closed below
             hasher = PrefixHasher(f.fileno())  # hashes the file while it arrives
@@ -709,11 +749,12 @@ class Manager:
                     )
                 # A daman 0.2 object is checked and rewritten in today's format here, so that
                 # the cache never holds the old format.
-                footer = legacy_format.convert_download(f, tmp, key, info, self.signing_key)
-                if footer is None:
-                    footer = verify_file(f, hasher=hasher)
-                self._check_identity(footer, key, last=attempt == _DOWNLOAD_ATTEMPTS)
-                return f, footer, info
+                converted = legacy_format.convert_download(f, tmp, key, info, self.signing_key)
+                stored = StoredFile(f, converted)
+                if converted is None:
+                    stored.verify(hasher)
+                self._check_identity(stored.footer, key, last=attempt == _DOWNLOAD_ATTEMPTS)
+                return stored, info
             except UntrustedObjectError:
                 f.close()
                 raise  # the same bytes again would be refused again
@@ -828,9 +869,10 @@ class Manager:
                 OfflineWarning,
             )
             with open(entry.path, "rb") as f:
-                footer = footer_of(f)
+                stored = StoredFile(f)
+                footer = stored.footer
                 self._check_identity(footer, key, last=True)
-                meta = load_meta(file_reader(f), footer)
+                meta = stored.meta()
             remote = ObjectInfo(key, entry.size, entry.etag, None)
         states = self.cache.states([key])
         return ObjectDetails(
@@ -961,10 +1003,11 @@ class Manager:
                 continue  # evicted or replaced since the listing
             with f:
                 try:
-                    footer = verify_file(f)
-                    if footer.sha256 != entry.sha256:
+                    stored = StoredFile(f)
+                    stored.verify()
+                    if stored.footer.sha256 != entry.sha256:
                         raise IntegrityError("not the version the index recorded")
-                    self._check_identity(footer, entry.key, last=True)
+                    self._check_identity(stored.footer, entry.key, last=True)
                 except UntrustedObjectError:
                     untrusted.append(entry.key)
                     self.cache.discard(entry)
@@ -979,6 +1022,11 @@ class Manager:
             untrusted=untrusted,
             **repaired,
         )
+
+    def mapped(self) -> list[MappedFile]:
+        """The cached files that zero-copy pulls map now (in any process), which eviction,
+        replacement and deletion leave in place until their arrays are gone."""
+        return [MappedFile(key, size, current) for key, size, current in self.cache.mapped()]
 
     def disc(self, next_to_evict: int = 5) -> Disc:
         """Local disc use, persisted bytes and the entries eviction would remove next; from

@@ -20,6 +20,7 @@ from .manager import (
     Disc,
     KeyListing,
     LevelListing,
+    MappedFile,
     ObjectDetails,
     Usage,
     VerifyReport,
@@ -338,3 +339,18 @@ def bulk_result_line(result: BulkResult) -> str:
     key, reason = result.failed[0]
     more = f" (and {len(result.failed) - 1} more)" if len(result.failed) > 1 else ""
     return f"{done}, {len(result.failed)} failed{more}: {key}: {reason}"
+
+
+def mapped_data(mapped: Sequence[MappedFile]) -> list[dict[str, Any]]:
+    return [dict(key=m.key, size=m.size, current=m.current) for m in mapped]
+
+
+def mapped_lines(mapped: Sequence[MappedFile]) -> list[str]:
+    """The files zero-copy pulls map now: they stay on disc (and count) until unmapped."""
+    if not mapped:
+        return []
+    names = ", ".join(
+        f"{m.key} ({format_size(m.size)}{'' if m.current else ', an older version'})"
+        for m in mapped
+    )
+    return [f"mapped:     {names}"]

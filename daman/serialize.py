@@ -23,13 +23,11 @@ import dataclasses
 import getpass
 import hashlib
 import hmac
-import importlib.metadata
 import io
 import json
 import mmap
 import os
 import pickle
-import re
 import secrets
 import socket
 import stat
@@ -48,11 +46,11 @@ from .errors import (
     InvalidArgumentError,
     SerializationError,
     UntrustedObjectError,
-    VersionMismatchWarning,
-    warn,
 )
+from .versions import CODE_MARK, check_code, describe_failure, library_versions
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2 adds the hashes of the pickle stream and of each buffer; format 1 objects still load."""
 MAGIC = b"DAMAN\x00v1"
 TRAILER = struct.Struct("<8sQ")
 ALIGN = 64
@@ -63,8 +61,7 @@ _HASH_CHUNK = 8 * 1024 * 1024
 _MAP_MIN_BYTES = 1024 * 1024  # out-of-band buffers this large are read into fresh mappings
 _PARALLEL_HASH_BYTES = 4 * 1024 * 1024
 _FILE_CHUNK = 8 * 1024 * 1024
-CODE_MARK = b"cloudpickle"
-"""In a pickle stream, the sign of code pickled by value (see ``_HashingWriter._watch``)."""
+
 
 ReadAt = Callable[[int, int], bytes]
 """``read_at(offset, length) -> bytes``: how the reader reaches a file, local or remote."""
@@ -101,6 +98,12 @@ class Footer:
     pandas, ..., and the module of the object's type): what a colleague needs to load it."""
     readonly: tuple[int, ...] = ()
     """Which out-of-band buffers were read-only (a load gives them back as ``bytes``)."""
+    stream_sha256: str = ""
+    """Format 2: the pickle stream's sha256. With ``meta_sha256`` it covers all that can run
+    code when unpickled, so a signed, mapped cache hit checks these and the signature and
+    never reads the buffers (they hold data only)."""
+    buffer_sha256: tuple[str, ...] = ()
+    """Format 2: each out-of-band buffer's sha256 (``verify`` checks them)."""
 
     @property
     def file_size(self) -> int:
@@ -146,24 +149,10 @@ class Footer:
             )
 
 
-_LATER_FIELDS = ("key", "code", "libraries", "readonly")
+_LATER_FIELDS = ("key", "code", "libraries", "readonly", "stream_sha256", "buffer_sha256")
 """Footer fields added after signing existed: a signature covers them only when they are
 set, so that objects signed before they existed still verify."""
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(Footer)}
-LIBRARIES = ("numpy", "pandas", "pyarrow", "polars", "scipy", "sklearn", "torch", "xarray")
-"""Libraries whose versions a push records when they are loaded (never imported for it)."""
-
-
-def _library_versions(obj: Any) -> tuple[tuple[str, str], ...]:
-    names = {*LIBRARIES, type(obj).__module__.partition(".")[0]} - {"builtins", "__main__"}
-    found = []
-    for name in sorted(names):
-        version = getattr(sys.modules.get(name), "__version__", None)
-        if isinstance(version, str):
-            found.append((name, version))
-    return tuple(found)
-
-
 def _writer_identity() -> str:
     try:
         user = getpass.getuser()
@@ -178,6 +167,8 @@ class _HashingWriter:
     def __init__(self, f: IO[bytes]) -> None:
         self._f = f
         self.sha = hashlib.sha256()
+        self.part: Any = None
+        """A second hash of the part being written (the stream, one buffer), or None."""
         self.pos = 0
         self.error: OSError | None = None
         """What writing the file raised, to tell it from what the object's pickling raised."""
@@ -208,7 +199,7 @@ class _HashingWriter:
         if view.nbytes >= _PARALLEL_HASH_BYTES:
             # hashlib and file writes both release the GIL: hash a large buffer on a second
             # core while the first copies it to the file.
-            hasher = threading.Thread(target=self.sha.update, args=(view,))
+            hasher = threading.Thread(target=self._hash, args=(view,))
             hasher.start()
             try:
                 self._f.write(view)
@@ -216,9 +207,16 @@ class _HashingWriter:
                 hasher.join()
         else:
             self._f.write(view)
-            self.sha.update(view)
+            self._hash(view)
         self.pos += view.nbytes
         return view.nbytes
+
+    def _hash(self, view: memoryview) -> None:
+        for start in range(0, view.nbytes, _HASH_CHUNK):  # both hashes on one chunk in cache
+            chunk = view[start : start + _HASH_CHUNK]
+            self.sha.update(chunk)
+            if self.part is not None:
+                self.part.update(chunk)
 
     def pad_to(self, align: int) -> None:
         gap = -self.pos % align
@@ -291,6 +289,7 @@ def write_object(
     (signed when a ``signing_key`` is given)."""
     out = _HashingWriter(f)
     buffers: list[pickle.PickleBuffer] = []
+    out.part = hashlib.sha256()
     try:
         cloudpickle.dump(obj, out, protocol=PROTOCOL, buffer_callback=buffers.append)
     except OSError as exc:
@@ -305,22 +304,26 @@ def write_object(
             "daman stores what cloudpickle can pickle; convert or drop the offending part."
         ) from exc
     stream = (0, out.pos)
+    stream_sha256 = out.part.hexdigest()
     out.watching = False
-    spans = []
-    readonly = []
+    spans, buffer_sha256, readonly = [], [], []
     files = {id(obj.placeholder): obj} if isinstance(obj, FileBytes) else {}
     for index, buf in enumerate(buffers):
+        out.part = None
         out.pad_to(ALIGN)
         start = out.pos
+        out.part = hashlib.sha256()
         if id(buf) in files:
             spans.append((start, files[id(buf)].copy_to(out.write)))
-            continue
-        raw = buf.raw()
-        spans.append((start, raw.nbytes))
-        if raw.readonly:
-            readonly.append(index)
-        out.write(raw)
-        raw.release()
+        else:
+            raw = buf.raw()
+            spans.append((start, raw.nbytes))
+            if raw.readonly:
+                readonly.append(index)
+            out.write(raw)
+            raw.release()
+        buffer_sha256.append(out.part.hexdigest())
+    out.part = None
     buffers.clear()
     meta_span = (out.pos, len(meta_bytes))
     out.write(meta_bytes)
@@ -339,8 +342,10 @@ def write_object(
         push_id=secrets.token_hex(8),
         key=key,
         code=out.saw_code,
-        libraries=_library_versions(obj),
+        libraries=library_versions(obj),
         readonly=tuple(readonly),
+        stream_sha256=stream_sha256,
+        buffer_sha256=tuple(buffer_sha256),
     )
     if signing_key is not None:
         footer = footer.signed(signing_key, key)
@@ -388,6 +393,7 @@ def parse_footer(tail: bytes, file_size: int) -> Footer | int:
                     (str(name), str(version)) for name, version in known.get("libraries", ())
                 ),
                 "readonly": tuple(int(index) for index in known.get("readonly", ())),
+                "buffer_sha256": tuple(str(h) for h in known.get("buffer_sha256", ())),
             }
         )
         if not isinstance(footer.key, str) or footer.code not in (None, True, False):
@@ -402,10 +408,14 @@ def parse_footer(tail: bytes, file_size: int) -> Footer | int:
     return footer
 
 
-def read_footer(read_at: ReadAt, file_size: int, tail: bytes = b"") -> Footer:
-    """Read the footer through ``read_at``, reusing ``tail`` (the file's last bytes) if given."""
+def read_footer(
+    read_at: ReadAt, file_size: int, tail: bytes = b"", *, guess: int = TAIL_GUESS
+) -> Footer:
+    """Read the footer through ``read_at``, reusing ``tail`` (the file's last bytes) if given,
+    else reading the last ``guess`` bytes first (a remote store: one request usually holds
+    the footer; a local file: the trailer, then exactly the footer)."""
     if len(tail) < min(file_size, TRAILER.size):
-        tail = read_at(max(0, file_size - TAIL_GUESS), min(file_size, TAIL_GUESS))
+        tail = read_at(max(0, file_size - guess), min(file_size, guess))
     parsed = parse_footer(tail, file_size)
     if isinstance(parsed, int):
         tail = read_at(file_size - parsed, parsed)
@@ -434,10 +444,6 @@ def file_reader(f: IO[bytes]) -> ReadAt:
         return bytes(buf)
 
     return read_at
-
-
-def footer_of(f: IO[bytes]) -> Footer:
-    return read_footer(file_reader(f), os.fstat(f.fileno()).st_size)
 
 
 class PrefixHasher:
@@ -519,51 +525,38 @@ class PrefixHasher:
         self.close()
         if self._failed or self._hashed > footer.payload_size:
             return None
-        sha, offset = self._sha, self._hashed
-        while offset < footer.payload_size:
-            chunk = os.pread(self._fd, min(_HASH_CHUNK, footer.payload_size - offset), offset)
-            if not chunk:
-                return None
-            sha.update(chunk)
-            offset += len(chunk)
-        return sha.hexdigest()
-
-
-def verify_file(
-    f: IO[bytes], footer: Footer | None = None, hasher: PrefixHasher | None = None
-) -> Footer:
-    """Check the sha256 of everything before the footer; raise :class:`IntegrityError` if wrong.
-    A ``hasher`` that followed the file's download saves most of the reading and hashing."""
-    footer = footer or footer_of(f)
-    digest = hasher.digest(footer) if hasher is not None else None
-    if digest is None:
-        sha = hashlib.sha256()
-        fd, offset, remaining = f.fileno(), 0, footer.payload_size
-        while remaining:
-            chunk = os.pread(fd, min(_HASH_CHUNK, remaining), offset)
-            if not chunk:
-                break
-            sha.update(chunk)
-            offset += len(chunk)
-            remaining -= len(chunk)
-        digest = sha.hexdigest() if not remaining else ""
-    if digest != footer.sha256:
-        raise IntegrityError(
-            "checksum mismatch: the object's bytes differ from what was written "
-            "(corrupted in storage or in transit). Pull it again with force=True."
+        return sha256_range(
+            self._fd, self._hashed, footer.payload_size - self._hashed, sha=self._sha
         )
-    return footer
 
 
-def check_meta(read_at: ReadAt, footer: Footer) -> None:
-    """Raise :class:`IntegrityError` if the meta's bytes do not match ``meta_sha256`` (cheap:
-    the meta is small; files written before meta_sha256 existed pass)."""
-    if footer.meta_sha256:
-        offset, length = footer.meta
-        if hashlib.sha256(read_at(offset, length)).hexdigest() != footer.meta_sha256:
-            raise IntegrityError(
-                "checksum mismatch in the meta: the object was corrupted in storage or in transit."
-            )
+def sha256_range(fd: int, offset: int, length: int, *, sha: Any = None) -> str | None:
+    """The sha256 of ``length`` bytes of ``fd`` from ``offset`` (continuing ``sha``, a hash
+    of the bytes before them, if given); None if the file is shorter."""
+    sha = sha or hashlib.sha256()
+    while length:
+        chunk = os.pread(fd, min(_HASH_CHUNK, length), offset)
+        if not chunk:
+            return None
+        sha.update(chunk)
+        offset += len(chunk)
+        length -= len(chunk)
+    return sha.hexdigest()
+
+
+def _mismatch(what: str) -> IntegrityError:
+    return IntegrityError(
+        f"checksum mismatch in {what}: the object's bytes differ from what was written "
+        "(corrupted in storage or in transit). Pull it again with force=True."
+    )
+
+
+def unpickle_meta(data: bytes, footer: Footer, *, allow_version_mismatch: bool = False) -> Any:
+    """The meta from its bytes, after checking them against ``meta_sha256``."""
+    if footer.meta_sha256 and hashlib.sha256(data).hexdigest() != footer.meta_sha256:
+        raise _mismatch("the meta")
+    check_code(footer, data, "the meta", allow_version_mismatch=allow_version_mismatch)
+    return _unpickle(lambda: pickle.loads(data), footer, "the meta")
 
 
 def load_meta(
@@ -574,19 +567,108 @@ def load_meta(
     *,
     allow_version_mismatch: bool = False,
 ) -> Any:
-    """Unpickle the meta, taking its bytes from ``tail`` when they are already there."""
+    """Unpickle a remote object's meta, taking its bytes from ``tail`` when they are there."""
     offset, length = footer.meta
     tail_start = file_size - len(tail)
     if tail and offset >= tail_start:
         data = tail[offset - tail_start : offset - tail_start + length]
     else:
         data = read_at(offset, length)
-    if footer.meta_sha256 and hashlib.sha256(data).hexdigest() != footer.meta_sha256:
-        raise IntegrityError(
-            "checksum mismatch in the meta: the object was corrupted in storage or in transit."
+    return unpickle_meta(data, footer, allow_version_mismatch=allow_version_mismatch)
+
+
+class StoredFile:
+    """An object file, opened once: its footer is read once (the trailer, then exactly the
+    footer: two small reads), then the file is checked and loaded as the caller asks. The
+    one place that knows what each check covers:
+
+    - :meth:`check_meta`: the meta's hash (cheap: every cache hit);
+    - :meth:`check_executable`: what can run code when unpickled, the pickle stream and the
+      meta (format 2: their hashes; format 1 has no stream hash: the whole payload);
+    - :meth:`verify`: every payload byte (downloads, ``verify()``, signed hits of format 1).
+    """
+
+    def __init__(self, f: IO[bytes], footer: Footer | None = None) -> None:
+        self.f = f
+        self.fd = f.fileno()
+        self.size = os.fstat(self.fd).st_size
+        self.footer = footer or read_footer(self.read_at, self.size, guess=TRAILER.size)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return _read_bytes(self.fd, length, offset)
+
+    def check_meta(self) -> None:
+        """The meta's bytes against ``meta_sha256`` (objects from before it existed pass)."""
+        offset, length = self.footer.meta
+        expected = self.footer.meta_sha256
+        if expected and hashlib.sha256(self.read_at(offset, length)).hexdigest() != expected:
+            raise _mismatch("the meta")
+
+    def verify(self, hasher: PrefixHasher | None = None) -> None:
+        """Every payload byte against the footer's sha256; a ``hasher`` that followed the
+        file's download saves most of the reading and hashing."""
+        digest = hasher.digest(self.footer) if hasher is not None else None
+        if digest is None:
+            digest = sha256_range(self.fd, 0, self.footer.payload_size)
+        if digest != self.footer.sha256:
+            raise _mismatch("the object")
+
+    def check_executable(self) -> None:
+        """What unpickling can run (the stream and the meta) is what was written; the
+        buffers, data only, are not read (format 2)."""
+        if not self.footer.stream_sha256:
+            self.verify()
+            return
+        offset, length = self.footer.stream
+        if sha256_range(self.fd, offset, length) != self.footer.stream_sha256:
+            raise _mismatch("the pickle stream")
+        self.check_meta()
+
+    def meta(self, *, allow_version_mismatch: bool = False) -> Any:
+        offset, length = self.footer.meta
+        return unpickle_meta(
+            self.read_at(offset, length), self.footer, allow_version_mismatch=allow_version_mismatch
         )
-    check_code(footer, data, "the meta", allow_version_mismatch=allow_version_mismatch)
-    return _unpickle(lambda: pickle.loads(data), footer, "the meta")
+
+    def _stream(self, allow_version_mismatch: bool) -> bytearray:
+        offset, length = self.footer.stream
+        stream = bytearray(length)
+        _read_into(self.fd, stream, offset)
+        check_code(self.footer, stream, "the object", allow_version_mismatch=allow_version_mismatch)
+        return stream
+
+    def load(self, *, allow_version_mismatch: bool = False) -> Any:
+        """The object, each out-of-band buffer read into its own memory (one copy from disc
+        into the object, none more): ``bytes`` for a read-only buffer, writable memory
+        otherwise; the types ``pickle.loads`` of the object would give."""
+        footer = self.footer
+        stream = self._stream(allow_version_mismatch)
+        buffers: list[Any] = []
+        mapped: set[int] = set()
+        for index, (offset, length) in enumerate(footer.buffers):
+            if index in footer.readonly and length < _MAX_READ:
+                buffers.append(_read_bytes(self.fd, length, offset))  # as pickle would
+                continue
+            buf = _uninitialised(length)
+            _read_into(self.fd, buf, offset)
+            buffers.append(buf)
+            if isinstance(buf, mmap.mmap):
+                mapped.add(id(buf))
+        obj = _unpickle(lambda: pickle.loads(stream, buffers=buffers), footer, "the object")
+        return _as_pickle_types(obj, mapped) if mapped else obj
+
+    def load_mapped(self, *, allow_version_mismatch: bool = False) -> Any:
+        """The object with its out-of-band buffers (numpy arrays) mapped read-only from the
+        file: nothing is copied or read until touched. The mapping lives as long as the
+        arrays; it keeps this file's descriptor (a duplicate), so a lock taken on it before
+        (the cache's lease) lasts exactly as long."""
+        stream = self._stream(allow_version_mismatch)
+        if not self.footer.buffers:
+            return _unpickle(lambda: pickle.loads(stream), self.footer, "the object")
+        whole = memoryview(mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ))
+        buffers = [whole[offset : offset + length] for offset, length in self.footer.buffers]
+        del whole
+        return _unpickle(lambda: pickle.loads(stream, buffers=buffers), self.footer, "the object")
 
 
 def _uninitialised(length: int) -> bytearray | mmap.mmap:
@@ -667,100 +749,6 @@ def _as_pickle_types(obj: Any, mapped: set[int]) -> Any:
         return value
 
     return fix(obj)
-
-
-def _minor(version: str) -> str:
-    return ".".join(version.split(".")[:2])
-
-
-def version_problem(footer: Footer) -> str | None:
-    """A sentence describing a writer/reader version gap that can break loading code pickled
-    by value, or None."""
-    here_py = sys.version.split()[0]
-    gaps = []
-    if _minor(footer.python) != _minor(here_py):
-        gaps.append(f"Python {footer.python} (here {here_py})")
-    if _minor(footer.cloudpickle) != _minor(cloudpickle.__version__):
-        gaps.append(f"cloudpickle {footer.cloudpickle} (here {cloudpickle.__version__})")
-    if not gaps:
-        return None
-    return "written with " + " and ".join(gaps)
-
-
-def check_code(
-    footer: Footer, data: bytes | bytearray, what: str, *, allow_version_mismatch: bool
-) -> None:
-    """Before unpickling ``data`` (the stream or the meta): refuse code pickled by value under
-    another Python minor version, which can crash this interpreter (``SystemError: unknown
-    opcode``, a segfault on ``repr``), unless explicitly allowed; warn when allowed, or when
-    only cloudpickle's version differs. Plain data crosses versions and passes silently."""
-    problem = version_problem(footer)
-    if problem is None:
-        return
-    if what == "the object" and footer.code is not None:
-        holds_code = footer.code
-    else:  # written before the flag existed, or the meta: look (memchr speed)
-        holds_code = CODE_MARK in data
-    if not holds_code:
-        return
-    same_python = _minor(footer.python) == _minor(sys.version.split()[0])
-    if not same_python and not allow_version_mismatch:
-        raise DeserializationError(
-            f"refusing to load {what}: it holds code (functions or classes pickled by value) "
-            f"{problem}, and code from another Python version can crash this interpreter. "
-            f"Push it again from Python {_minor(sys.version.split()[0])}, or push data rather "
-            "than code (import functions from a module); to load it anyway pass "
-            "allow_version_mismatch=True."
-        )
-    warn(
-        f"{what} holds code pickled by value {problem}; it may not load or may behave "
-        "differently. Match the writer's versions if it fails.",
-        VersionMismatchWarning,
-    )
-
-
-_MAX_DETAIL = 200
-_MODULE_IN_MESSAGE = re.compile(r"<module '([\w.]+)'")
-
-
-def _short(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
-
-
-def _local_version(module: str) -> str | None:
-    loaded = getattr(sys.modules.get(module), "__version__", None)
-    if isinstance(loaded, str):
-        return loaded
-    try:
-        return importlib.metadata.version(module)
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return None
-
-
-def describe_failure(exc: BaseException, footer: Footer, what: str) -> str:
-    """A short message for an unpickling failure: the error (cut short: a pandas mismatch can
-    print a whole column), the module involved and its versions there and here."""
-    module = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
-    if module is None:
-        found = _MODULE_IN_MESSAGE.search(str(exc))
-        module = found[1] if found else None
-    written = dict(footer.libraries)
-    hint = "Install the modules it needs in the versions that wrote it"
-    if module:
-        top = module.partition(".")[0]
-        there, here = written.get(top), _local_version(top)
-        if there and there != here:
-            hint = (
-                f"It was written with {top} {there} (here {here or 'not installed'}): "
-                f"install {top}=={there}"
-            )
-        elif here is None:
-            hint = f"It needs {top}, which is not installed here: install it"
-    problem = version_problem(footer)
-    also = f"; it was {problem}" if problem else ""
-    detail = f"{type(exc).__name__}: {_short(str(exc))}"
-    return f"{what} could not be unpickled ({detail}). {hint}{also}."
 
 
 def _unpickle(load: Callable[[], Any], footer: Footer, what: str) -> Any:

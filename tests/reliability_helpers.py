@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from daman import Config, Manager
-from daman.serialize import verify_file
+from daman.serialize import StoredFile
 
 TESTS = Path(__file__).resolve().parent
 
@@ -126,7 +126,9 @@ def assert_cache_consistent(manager: Manager, allocation: int | None = None) -> 
     assert cache._db().execute("SELECT COUNT(*) FROM journal").fetchone() == (0,)
     for entry in entries:
         with open(entry.path, "rb") as f:
-            assert verify_file(f).sha256 == entry.sha256, f"cached {entry.key!r} is damaged"
+            stored = StoredFile(f)
+            stored.verify()
+            assert stored.footer.sha256 == entry.sha256, f"cached {entry.key!r} is damaged"
     if allocation is not None:
         assert usage.used <= allocation, (usage.used, allocation)
 

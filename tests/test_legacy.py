@@ -19,7 +19,7 @@ from daman import (
     report,
 )
 from daman.legacy import recognise
-from daman.serialize import TRAILER, verify_file
+from daman.serialize import TRAILER, StoredFile
 from daman.store import ObjectInfo
 
 KEY = "signing-key-of-the-team"
@@ -43,7 +43,9 @@ def test_a_02_object_pulls_like_any_other_then_comes_from_the_cache(
     # The cache holds today's format (converted on the way in): its own checks pass on it.
     entry = manager.cache.get("team/frame")
     with open(entry.path, "rb") as f:
-        footer = verify_file(f)
+        stored = StoredFile(f)
+        stored.verify()
+        footer = stored.footer
     assert footer.sha256 == entry.sha256 and "converted from daman 0.2" in footer.pushed_by
     assert manager.verify().ok
     again = manager.load("team/frame")
@@ -74,7 +76,7 @@ def test_fetch_and_memory_only_pulls_of_a_02_object(manager: Manager, config: Co
     entry = manager.fetch("a", persist=True)
     assert entry.persist
     with open(entry.path, "rb") as f:
-        verify_file(f)
+        StoredFile(f).verify()
 
 
 def test_a_02_object_changed_in_the_store_is_downloaded_again(

@@ -575,7 +575,7 @@ def test_push_file_round_trips_its_bytes_out_of_band(manager: Manager, tmp_path:
     entry = manager.cache.get("files/blob")
     assert entry is not None and entry.size < len(data) + 4096  # the bytes once, not twice
     with open(entry.path, "rb") as f:
-        footer = ser.footer_of(f)
+        footer = ser.StoredFile(f).footer
         assert len(footer.buffers) == 1 and footer.buffers[0][1] == len(data)
         f.seek(0)
         stream = f.read(footer.stream[1])

@@ -27,7 +27,7 @@ from reliability_helpers import (
 )
 
 from daman import Config, KeyExistsError, KeyNotFoundError, Manager
-from daman.serialize import file_reader, footer_of, load_meta, load_object
+from daman.serialize import StoredFile
 from daman.store.s3 import MULTIPART_THRESHOLD
 
 MiB = 1024 * 1024
@@ -71,7 +71,7 @@ CRASH = """
     elif point == "after-upload":  # stored, not yet in the local cache
         manager_module.Manager._keep = die
     elif point == "before-verify":  # downloaded, sha256 not yet checked
-        manager_module.verify_file = die
+        manager_module.StoredFile.verify = die
     elif point in ("cache-rename", "after-cache-rename"):
         def replace(src, dst):
             if not str(dst).startswith(objects_dir):
@@ -84,7 +84,7 @@ CRASH = """
     elif point == "after-cache-commit":  # committed, old/evicted files not yet unlinked
         cache_module.Cache._unlink_journaled = die
     elif point == "unpickling":  # cached; the caller's load is under way
-        manager_module.load_object = die
+        manager_module.StoredFile.load = die
     else:
         raise SystemExit(f"unknown point {point}")
 
@@ -131,8 +131,8 @@ def cached_version(manager: Manager, key: str) -> str | None:
     if entry is None:
         return None
     with open(entry.path, "rb") as f:
-        footer = footer_of(f)
-        return check_object(load_object(f, footer), load_meta(file_reader(f), footer), key)
+        stored = StoredFile(f)
+        return check_object(stored.load(), stored.meta(), key)
 
 
 def stored_version(config: Config, tmp_path: Path, key: str) -> str | None:

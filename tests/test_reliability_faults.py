@@ -52,7 +52,7 @@ from daman import (
     StoreUnavailableError,
 )
 from daman.manager import _DOWNLOAD_ATTEMPTS
-from daman.serialize import TRAILER, footer_of
+from daman.serialize import TRAILER, StoredFile
 from daman.store import open_store
 from daman.store.s3 import MULTIPART_THRESHOLD
 
@@ -119,7 +119,7 @@ def _flip(path: Path, offset: int) -> None:
 def _damage(path: Path, how: str) -> None:
     data = path.read_bytes()
     with open(path, "rb") as f:
-        footer = footer_of(f)
+        footer = StoredFile(f).footer
     if how == "truncated":
         path.write_bytes(data[: len(data) // 2])
     elif how == "extended":

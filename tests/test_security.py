@@ -64,7 +64,7 @@ def test_signed_round_trip_and_info(signed: Manager) -> None:
     assert signed.pull("k") == ({"a": 1}, {"m": 2})  # cache hit: hash and signature again
     assert signed.info("k").meta == {"m": 2}
     with open(signed.cache.get("k").path, "rb") as f:
-        footer = ser.footer_of(f)
+        footer = ser.StoredFile(f).footer
     assert len(footer.signature) == 64 and footer.meta_sha256
 
 
@@ -97,7 +97,7 @@ def test_a_forged_object_with_a_copied_signature_is_refused(signed: Manager, tmp
     marker = tmp_path / "ran"
     signed.push("genuine", "k")
     with open(signed.cache.get("k").path, "rb") as f:
-        genuine_signature = ser.footer_of(f).signature
+        genuine_signature = ser.StoredFile(f).footer.signature
     put_raw(signed, "k", forged(Trap(marker), genuine_signature, meta=Trap(marker)))
     with pytest.raises(UntrustedObjectError, match="does not match"):
         signed.pull("k")

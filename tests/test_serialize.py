@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from daman import serialize as ser
+from daman import versions
 from daman.errors import (
     DeserializationError,
     IntegrityError,
@@ -29,8 +30,9 @@ def write(path: Path, obj: object, meta: object = None) -> ser.Footer:
 
 def read(path: Path) -> tuple[object, object]:
     with open(path, "rb") as f:
-        footer = ser.verify_file(f)
-        return ser.load_object(f, footer), ser.load_meta(ser.file_reader(f), footer)
+        stored = ser.StoredFile(f)
+        stored.verify()
+        return stored.load(), stored.meta()
 
 
 def test_round_trip_of_mixed_objects(tmp_path: Path) -> None:
@@ -218,11 +220,11 @@ def test_code_from_another_python_is_refused_data_is_not(
         warnings.simplefilter("always")
         if outcome == "refused":
             with pytest.raises(DeserializationError, match="allow_version_mismatch=True"):
-                ser.check_code(footer, data, "the object", allow_version_mismatch=False)
-            ser.check_code(footer, data, "the object", allow_version_mismatch=True)  # allowed
+                versions.check_code(footer, data, "the object", allow_version_mismatch=False)
+            versions.check_code(footer, data, "the object", allow_version_mismatch=True)  # allowed
             outcome = "warns"  # ...with a warning
         else:
-            ser.check_code(footer, data, "the object", allow_version_mismatch=False)
+            versions.check_code(footer, data, "the object", allow_version_mismatch=False)
     warned = [w for w in caught if issubclass(w.category, VersionMismatchWarning)]
     assert bool(warned) == (outcome == "warns")
 
@@ -326,9 +328,11 @@ def test_the_prefix_hasher_checks_a_file_written_in_any_order(tmp_path: Path) ->
             try:
                 if flip:
                     with pytest.raises(IntegrityError, match="checksum mismatch"):
-                        ser.verify_file(out, hasher=hasher)
+                        ser.StoredFile(out).verify(hasher)
                 else:
-                    footer = ser.verify_file(out, hasher=hasher)
+                    stored = ser.StoredFile(out)
+                    stored.verify(hasher)
+                    footer = stored.footer
                     assert footer.sha256 == ser.parse_footer(data, len(data)).sha256
             finally:
                 hasher.close()

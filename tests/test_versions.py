@@ -191,9 +191,12 @@ def test_signatures_made_before_the_new_footer_fields_still_verify() -> None:
     secret = b"team secret"
     data = ser.dump_to_bytes({"x": 1})
     footer = ser.parse_footer(data, len(data))
-    old = dataclasses.replace(footer, key="", code=None, libraries=(), readonly=())
+    old = dataclasses.replace(
+        footer, format=1, key="", code=None, libraries=(), readonly=(), stream_sha256="",
+        buffer_sha256=(),
+    )  # fmt: skip
     fields = dataclasses.asdict(old)
-    for name in ("signature", "key", "code", "libraries", "readonly"):
+    for name in ("signature", *ser._LATER_FIELDS):
         del fields[name]
     message = json.dumps(fields, sort_keys=True).encode() + b"\0" + b"team/k"
     signature = hmac.new(secret, message, "sha256").hexdigest()
