@@ -16,6 +16,8 @@ this process, in batches of operations. Sections (``--only``):
     rss       peak RSS pushing / pulling a 1 GiB array, over the array's size
     panel     opening the panel (its first level) on 100,000 keys under 100 prefixes vs
               dm.ls() of the whole bucket: requests sent and time to the first table
+    mapped    zero-copy cached pulls (``mmap=True``) of a 1 GiB array and DataFrame vs
+              ``pickle.load`` / an ordinary pull; their memory; ``np.sum`` over them
 
 ``--profile [OP]`` adds a py-spy profile of one of daman's large-array operations (default: the
 one with the worst ratio). ``--candidate DIR`` also measures the daman package in DIR (a
@@ -55,7 +57,7 @@ from common import (
 )
 
 MiB = 2**20
-SECTIONS = ("large", "keys", "evict", "rss", "panel")
+SECTIONS = ("large", "keys", "evict", "rss", "panel", "mapped")
 
 
 @dataclasses.dataclass
@@ -765,6 +767,27 @@ def section_panel(ctx: Context) -> None:
 # -- reporting -------------------------------------------------------------------------------
 
 
+def run_mapped(ctx: Context) -> None:
+    """Zero-copy cached pulls (bench/mapped.py), each measurement in a fresh process."""
+    from mapped import section_mapped
+
+    def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+        result = subprocess.run(
+            [sys.executable, str(HERE / "mapped.py"), json.dumps(spec)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"mapped child {spec} failed:\n{result.stderr}")
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def row(what: str, baseline: str, ours: list[float], base: list[float], unit: str,
+            target: float | None, target_text: str, paired: bool) -> None:  # fmt: skip
+        ctx.rows.append(Row("mapped", what, baseline, ours, base, unit, target, target_text,
+                            paired))  # fmt: skip
+
+    section_mapped(ctx, run_child=run_child, interleaved=interleaved, row=row)
+
+
 def fmt_value(v: float, unit: str) -> str:
     if unit == "x size":
         return f"{v:.2f}x"
@@ -1001,6 +1024,8 @@ def main() -> None:
             section_rss(ctx)
         if "panel" in sections:
             section_panel(ctx)
+        if "mapped" in sections:
+            run_mapped(ctx)
         server_rss = server.rss()
     finally:
         server.stop()
