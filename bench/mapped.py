@@ -69,6 +69,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         with open(path, "rb") as f:  # both sides read from the page cache
             while f.read(1 << 24):
                 pass
+    if spec["kind"] == "frame":
+        import pandas  # noqa: F401 - imported untimed, as a notebook has it already
     manager = None if op == "pickle_load" else _manager(spec)  # made (and imported) untimed
     if manager is not None:
         manager.cache.get(spec["key"])  # and its index opened

@@ -121,7 +121,7 @@ def test_unload_removes_the_magics_and_the_completer(shell, capsys) -> None:
 def test_help_shows_the_flags(shell, capsys) -> None:
     run(shell, "%dm_pull?")
     out = capsys.readouterr().out
-    assert "%dm_pull [--as VAR] [--force] [--persist] [--memory-only] key" in out
+    assert "%dm_pull [--as VAR] [--force] [--persist] [--memory-only] [--mmap] key" in out
 
 
 # -- %dm_push and %dm_pull ---------------------------------------------------------------------
