@@ -67,8 +67,8 @@ def configure(
     base = _saved_fields()
     if "storage_name" not in given and "storage_name" not in base:
         raise ConfigError(
-            "storage_name is required the first time: a bucket (service='aws') or a folder "
-            "(service='local')."
+            "storage_name is required the first time: a bucket (service='aws' or 'gcs'), a "
+            "container (service='azure') or a folder (service='local')."
         )
     config = Config.from_dict({**base, **given})
     if config.service == "local":

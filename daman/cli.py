@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import api, report
-from .config import Config, format_size, load_config
+from .config import SERVICES, Config, format_size, load_config
 from .credentials import write_aws_credentials
 from .errors import DamanError
 from .manager import Manager
@@ -129,12 +129,23 @@ def configure_main(argv: Sequence[str] | None = None) -> int:
         "examples:\n"
         "  dm_configure --service local --storage_name ~/shared/daman-store\n"
         "  dm_configure --service aws --storage_name my-bucket/team-a --allocated_space 20GiB\n"
-        "  dm_configure --service aws --storage_name data --endpoint_url http://minio:9000",
+        "  dm_configure --service aws --storage_name data --endpoint_url http://minio:9000\n"
+        "  dm_configure --service gcs --storage_name my-bucket/team-a\n"
+        "  dm_configure --service azure --storage_name my-container/team-a \\\n"
+        "      --endpoint_url https://myaccount.blob.core.windows.net",
     )
     parser.add_argument(
-        "--storage_name", required=True, help="bucket[/prefix] (aws) or a folder (local)"
+        "--storage_name",
+        required=True,
+        help="bucket[/prefix] (aws, gcs), container[/prefix] (azure) or a folder (local)",
     )
-    parser.add_argument("--service", required=True, choices=["aws", "local"], help="store type")
+    parser.add_argument(
+        "--service",
+        required=True,
+        choices=list(SERVICES),
+        help="store type: aws (S3 and S3-compatible), gcs (Google Cloud Storage), azure "
+        "(Azure Blob Storage) or local (a folder)",
+    )
     # Optional settings left out keep their saved value (or their default the first time).
     parser.add_argument(
         "--local_dir", default=argparse.SUPPRESS, help="local cache folder (default ~/.daman/data)"
@@ -148,7 +159,8 @@ def configure_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--endpoint_url",
         default=argparse.SUPPRESS,
-        help="S3-compatible endpoint (MinIO, Ceph, R2, ...); 'none' to clear it",
+        help="S3-compatible endpoint (MinIO, Ceph, R2, ...), the Azure account's blob URL, or "
+        "an emulator's URL; 'none' to clear it",
     )
     parser.add_argument(
         "--signing_key",

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from .errors import ConfigError, NotConfiguredError
 
-SERVICES = ("aws", "local")
-Service = Literal["aws", "local"]
+SERVICES = ("aws", "local", "gcs", "azure")
+Service = Literal["aws", "local", "gcs", "azure"]
 CHECKSUM_MODES = ("when_supported", "when_required")
 SIGNING_KEY_ENV = "DAMAN_SIGNING_KEY"
 
@@ -28,6 +28,9 @@ _UNITS = {
     "t": 10**12, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }  # fmt: skip
+# Google's bucket names (dots allowed, so up to 222 characters) and Azure's container names.
+_GCS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+_AZURE_CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 
 
@@ -79,8 +82,9 @@ def format_size(n: int | None) -> str:
 class Config:
     """Everything a :class:`~daman.manager.Manager` needs to know.
 
-    ``storage_name`` is a bucket, optionally followed by ``/prefix`` (``service="aws"``), or a
-    folder (``service="local"``).
+    ``storage_name`` is a bucket (``service="aws"`` or ``"gcs"``) or a container
+    (``service="azure"``), optionally followed by ``/prefix``, or a folder
+    (``service="local"``).
     """
 
     storage_name: str
@@ -103,11 +107,15 @@ class Config:
 
     def __post_init__(self) -> None:
         if not isinstance(self.storage_name, str) or not self.storage_name.strip():
-            raise ConfigError("storage_name is required: a bucket name (aws) or a folder (local).")
+            raise ConfigError(
+                "storage_name is required: a bucket (aws, gcs), a container (azure) or a folder "
+                "(local)."
+            )
         if self.service not in SERVICES:
             raise ConfigError(
                 f"unknown service {self.service!r}: choose one of {', '.join(SERVICES)}."
             )
+        self._check_cloud_name()
         if self.checksums not in CHECKSUM_MODES:
             raise ConfigError(
                 f"unknown checksums mode {self.checksums!r}: choose one of "
@@ -121,6 +129,20 @@ class Config:
             )
         if self.connect_timeout <= 0 or self.read_timeout <= 0 or self.max_attempts < 1:
             raise ConfigError("timeouts must be > 0 seconds and max_attempts >= 1.")
+
+    def _check_cloud_name(self) -> None:
+        """GCS buckets and Azure containers have strict names; say so before any request."""
+        name = self.storage_name.strip("/").partition("/")[0]
+        if self.service == "gcs" and not _GCS_BUCKET.match(name):
+            raise ConfigError(
+                f"invalid GCS bucket name {name!r}: 3-222 lowercase letters, digits, '-', '_' "
+                "and '.', starting and ending with a letter or digit."
+            )
+        if self.service == "azure" and not _AZURE_CONTAINER.match(name):
+            raise ConfigError(
+                f"invalid Azure container name {name!r}: 3-63 lowercase letters, digits and "
+                "single '-' between them."
+            )
 
     @property
     def signing_secret(self) -> bytes | None:
@@ -184,7 +206,8 @@ def load_config(path: Path | None = None) -> Config:
     except FileNotFoundError:
         raise NotConfiguredError(
             f"daman is not configured ({path} does not exist). Run "
-            "`dm_configure --storage_name NAME --service {aws,local}` or call dm.configure(...)."
+            "`dm_configure --storage_name NAME --service {aws,gcs,azure,local}` or call "
+            "dm.configure(...)."
         ) from None
     try:
         data = json.loads(text)
