@@ -498,31 +498,61 @@ class GCSStore(Store):
                     yield self._info(key, blob)
 
     def list_level(self, prefix: str = "", *, token: str | None = None, limit: int = 1000) -> Level:
+        """One request per page in the usual case. The token is the last name returned (a
+        key, or a sub-prefix ending in '/'); the next page asks for names from just after it
+        (``startOffset``). GCS counts objects and prefixes together against ``maxResults``,
+        fake-gcs-server counts objects only: either way a page is cut at ``limit`` entries
+        and at the last object the server returned, past which its answer may be partial."""
         validate_prefix(prefix)
         if prefix and not prefix.endswith("/"):
             raise InvalidKeyError(prefix, "a level's prefix is empty or ends with '/'")
-        with self._errors():
-            found = self.client.list_blobs(
-                self.bucket_name,
-                prefix=self.prefix + prefix,
-                delimiter="/",
-                max_results=limit,  # GCS counts objects and prefixes together, as we do
-                page_token=token,
-                fields="items(name,size,generation,updated),prefixes,nextPageToken",
-                timeout=self.timeout,
-                retry=self._retry(),
-            )
-            page = next(found.pages)
-            objects = [
-                self._info(key, blob)
-                for blob in page
-                if (key := self._key_of(blob.name)) is not None
-            ]
-            prefixes = sorted(
-                sub for name in page.prefixes if (sub := self._sub_prefix(name)) is not None
-            )
-            next_token = found.next_page_token
-        return Level(prefix, prefixes, sorted(objects, key=lambda o: o.key), next_token or None)
+        after = token
+        while True:
+            # Past a sub-prefix "a/": from "a0" on ('0' follows '/'), skipping all under it.
+            start = None if after is None else after[:-1] + "0" if after.endswith("/") else after
+            with self._errors():
+                found = self.client.list_blobs(
+                    self.bucket_name,
+                    prefix=self.prefix + prefix,
+                    delimiter="/",
+                    # One more: the start is inclusive, and may be the last page's last key.
+                    max_results=limit + 1,
+                    start_offset=None if start is None else self.prefix + start,
+                    fields="items(name,size,generation,updated),prefixes,nextPageToken",
+                    timeout=self.timeout,
+                    retry=self._retry(),
+                )
+                page = next(found.pages)
+                blobs = list(page)
+                raw_prefixes = list(page.prefixes)
+                more = bool(found.next_page_token)
+            bound = blobs[-1].name[len(self.prefix) :] if more and blobs else None
+            entries: list[tuple[str, ObjectInfo | None]] = []
+            for blob in blobs:
+                key = self._key_of(blob.name)
+                if key is not None and (after is None or key > after):
+                    entries.append((key, self._info(key, blob)))
+            for name in raw_prefixes:
+                sub = self._sub_prefix(name)
+                in_page = (after is None or sub > after) and (bound is None or sub < bound)
+                if sub is not None and in_page:
+                    entries.append((sub, None))
+            entries.sort(key=lambda entry: entry[0])
+            page_entries = entries[:limit]
+            if page_entries or not more:
+                break
+            # A page of names that are not keys: go on past them.
+            names = [b.name for b in blobs] + raw_prefixes
+            if not names:
+                break
+            after = max(names)[len(self.prefix) :]
+        cut = len(entries) > limit or more
+        return Level(
+            prefix,
+            [name for name, info in page_entries if info is None],
+            [info for _, info in page_entries if info is not None],
+            page_entries[-1][0] if cut and page_entries else None,
+        )
 
     def _sub_prefix(self, name: str) -> str | None:
         sub = name[len(self.prefix) :]
