@@ -211,6 +211,8 @@ def test_get_tells_the_size_first_and_every_range_once(
 # -- fork: a child never uses its parent's connections ---------------------------------------
 
 _FORKED: Store | None = None
+_TOGETHER: Any = None  # a Barrier the forked workers inherit
+_PARENTS_CLIENT: Any = None
 
 
 def _child_rounds(args: tuple[int, int, str]) -> list[str]:
@@ -218,8 +220,15 @@ def _child_rounds(args: tuple[int, int, str]) -> list[str]:
     the store inherited from the parent."""
     worker, rounds, folder = args
     assert _FORKED is not None
+    # The direct check: the child's client (and so its connection pool) is its own.
+    assert _FORKED.client is not _PARENTS_CLIENT  # type: ignore[attr-defined]
     digests = []
     for n in range(rounds):
+        # All workers send at the same moment: on a shared kept-alive socket, requests and
+        # answers would cross (a broken fork safety fails here most of the time).
+        _TOGETHER.wait(30)
+        for _ in range(3):
+            _FORKED.head("parent")
         data = f"worker {worker} round {n} ".encode() * (1000 + 37 * worker)
         src = _write(Path(folder) / f"src-{worker}-{n}", data)
         _FORKED.put(f"fork/{worker}", src, overwrite=True)
@@ -238,16 +247,20 @@ def test_forked_children_use_their_own_connections(
 ) -> None:
     """The store is used in the parent (its connection pool now holds kept-alive sockets),
     then a fork pool's children push and pull their own keys through the store object they
-    inherited: each gets its own bytes back, every round, and the parent still works."""
-    global _FORKED
+    inherited, all starting each round at once: each gets its own bytes back, every round,
+    each uses a client of its own, and the parent still works. (Without the fork check the
+    crossed answers show in most runs; the client check fails in every run.)"""
+    global _FORKED, _TOGETHER, _PARENTS_CLIENT
+    workers, rounds = 6, 8
     store = open_store(make_config())
     _FORKED = store
+    _TOGETHER = multiprocessing.get_context("fork").Barrier(workers)
     try:
         src = _write(tmp_path / "parent", b"parent " * 1000)
         store.put("parent", src, overwrite=False)
         store.get("parent", tmp_path / "parent-got")
         store.head("parent")
-        workers, rounds = 4, 6
+        _PARENTS_CLIENT = store.client  # type: ignore[attr-defined]
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             results = pool.map(
                 _child_rounds, [(w, rounds, str(tmp_path)) for w in range(workers)], chunksize=1
@@ -260,7 +273,7 @@ def test_forked_children_use_their_own_connections(
         assert (tmp_path / "parent-again").read_bytes() == src.read_bytes()
         assert sorted(i.key for i in store.list("fork/")) == [f"fork/{w}" for w in range(workers)]
     finally:
-        _FORKED = None
+        _FORKED = _TOGETHER = _PARENTS_CLIENT = None
         store.close()
 
 
