@@ -10,6 +10,7 @@ SDKs is patched.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing
 import os
@@ -198,6 +199,8 @@ def test_get_tells_the_size_first_and_every_range_once(
 
     store.get("k", tmp_path / "dest", on_size=on_size, on_written=on_written)
     assert (tmp_path / "dest").read_bytes() == data
+    if size == 0 and not events:  # no bytes arrive: hearing the size is optional (S3 does not)
+        return
     assert events[0] == ("size", size, 0)
     covered = sorted((o, n) for kind, o, n in events[1:] if kind == "written")
     assert all(kind == "written" for kind, _, _ in events[1:])
@@ -512,9 +515,16 @@ def _call(store: Store, operation: str, tmp_path: Path) -> object:
     return calls[operation]()
 
 
-@pytest.fixture(params=["closed-port", "black-hole"])
-def dead_endpoint(request: pytest.FixtureRequest) -> Iterator[str]:
-    if request.param == "closed-port":
+# Every operation against a refused connection; a few against a server that never answers
+# (each waits out the read timeout, so not all of them).
+DEAD = [("closed-port", op) for op in OPERATIONS] + [
+    ("black-hole", op) for op in ("check", "head", "get", "put-large", "list_level")
+]
+
+
+@contextlib.contextmanager
+def _dead_endpoint(mode: str) -> Iterator[str]:
+    if mode == "closed-port":
         yield closed_port()
     else:
         with black_hole() as url:
@@ -523,14 +533,21 @@ def dead_endpoint(request: pytest.FixtureRequest) -> Iterator[str]:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", CLOUDS)
-@pytest.mark.parametrize("operation", OPERATIONS)
+@pytest.mark.parametrize(("mode", "operation"), DEAD, ids=[f"{m}-{o}" for m, o in DEAD])
 def test_unreachable_endpoint_fails_with_one_line(
-    backend: str, dead_endpoint: str, operation: str, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+    backend: str, mode: str, operation: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A refused connection or a server that never answers: StoreUnavailableError naming the
     store, bounded by connect_timeout/read_timeout and max_attempts (the test's timeout is
     the hang detector); nothing is left at ``dest``."""
+    with _dead_endpoint(mode) as dead_endpoint:
+        _fail_against(backend, dead_endpoint, operation, tmp_path, monkeypatch)
+
+
+def _fail_against(
+    backend: str, dead_endpoint: str, operation: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     if backend == "azure":
         monkeypatch.setenv("AZURE_STORAGE_KEY", clouds.AZURITE_KEY)
         endpoint = dead_endpoint + "/devstoreaccount1"
