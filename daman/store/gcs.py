@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 import os
 import re
 import threading
@@ -163,20 +164,22 @@ class GCSStore(Store):
     def _blob(self, key: str, generation: int | None = None) -> Any:
         return _blob_class()(self.prefix + validate_key(key), self._bucket(), generation=generation)
 
-    def _retry(self) -> Any:
-        """The SDK's retry policy (which errors are transient), bounded: at most
-        ``max_attempts`` retries of a request, backing off from 0.2 s, and no new attempt
-        after a deadline that fits that many. (For uploads and downloads the SDK keeps its
-        own predicate but honours the delays and the deadline.)"""
+    def _retry(self, requests: int = 1) -> Any:
+        """The SDK's retry policy (its own test of which errors are transient), bounded: at
+        most ``max_attempts`` retries per request (``requests`` of them share one policy: the
+        chunks of one upload), backing off from 0.2 s to 4 s. The deadline only stops a
+        request that keeps failing slowly: it fits every attempt waiting out both timeouts."""
         from google.cloud.storage.retry import DEFAULT_RETRY
 
         count = itertools.count(1)
         transient = DEFAULT_RETRY._predicate
+        allowed = self.max_attempts * max(1, requests)
 
         def predicate(exc: Exception) -> bool:
-            return bool(transient(exc)) and next(count) <= self.max_attempts
+            return bool(transient(exc)) and next(count) <= allowed
 
-        deadline = sum(min(4.0, 0.2 * 2**i) for i in range(self.max_attempts)) + 0.1
+        attempts = self.max_attempts + 1
+        deadline = attempts * (sum(self.timeout) + 4.0)
         return (
             DEFAULT_RETRY.with_predicate(predicate)
             .with_delay(initial=0.2, maximum=4.0, multiplier=2.0)
@@ -269,22 +272,30 @@ class GCSStore(Store):
 
     def _raise_if_bucket_missing(self) -> None:
         # A missing object and an object in a missing bucket both answer 404: ask about the
-        # bucket once per store, on the first 404 only.
+        # bucket once per store, on the first 404 only (a one-entry listing, which needs no
+        # more rights than using the bucket does).
         if self._bucket_exists:
             return
-        exists = True
-        with contextlib.suppress(Exception):
-            exists = self._bucket().exists(timeout=self.timeout, retry=self._retry())
-        if not exists:
-            raise self._bucket_missing()
+        from google.api_core.exceptions import NotFound
+
+        try:
+            blobs = self.client.list_blobs(
+                self.bucket_name, max_results=1, timeout=self.timeout, retry=self._retry()
+            )
+            next(iter(blobs), None)
+        except NotFound:
+            raise self._bucket_missing() from None
+        except Exception:  # unreachable, refused...: the 404 stands as it is
+            return
         self._bucket_exists = True
 
     # -- Store interface -----------------------------------------------------------------
 
     def check(self) -> None:
         with self._errors():
-            self._bucket().reload(timeout=self.timeout, retry=self._retry())
-            # Listing needs storage.objects.list, which reading the bucket's metadata does not.
+            # One listing: it needs storage.objects.list, which every role that can use the
+            # bucket has (reading the bucket's metadata needs storage.buckets.get, which the
+            # object roles lack); a missing bucket answers 404.
             blobs = self.client.list_blobs(
                 self.bucket_name, max_results=1, timeout=self.timeout, retry=self._retry()
             )
@@ -315,8 +326,9 @@ class GCSStore(Store):
             blob.chunk_size = CHUNK_SIZE  # resumable, in chunks: memory stays at one chunk
         with open(path, "rb") as f, self._errors(key):
             reader = _ProgressReader(f, progress if size > SIMPLE_UPLOAD_LIMIT else _no_progress)
+            chunks = math.ceil(size / CHUNK_SIZE) if size > SIMPLE_UPLOAD_LIMIT else 1
             blob.upload_from_file(
-                reader, size=size, timeout=self.timeout, retry=self._retry(), **condition
+                reader, size=size, timeout=self.timeout, retry=self._retry(chunks), **condition
             )
         if size <= SIMPLE_UPLOAD_LIMIT:
             progress(size)
