@@ -62,7 +62,7 @@ def test_config_parses_allocated_space() -> None:
     ("fields", "message"),
     [
         ({"storage_name": ""}, "storage_name is required"),
-        ({"storage_name": "b", "service": "gcs"}, "unknown service"),
+        ({"storage_name": "b", "service": "gcp"}, "unknown service"),
         ({"storage_name": "b", "checksums": "never"}, "unknown checksums"),
         ({"storage_name": "b", "allocated_space": "big"}, "invalid size"),
         ({"storage_name": "b", "connect_timeout": 0}, "timeouts"),
