@@ -1,8 +1,9 @@
 """What the cloud backends (``gcs.py``, ``azure.py``) share about moving one object in parts:
-a small pool that stops at the first failing part, positional writes, part ranges, progress
-told from several threads, and a fork-safe holder for an SDK client.
+a small pool that stops at the first failing part, part ranges, a file object that SDKs
+stream downloads into at positions, and a fork-safe holder for an SDK client.
 
-``s3.py`` has its own copies of the first three (it predates this module).
+``s3.py`` has its own copies of the pool and the part sizes (it predates this module); it
+could use these.
 """
 
 from __future__ import annotations

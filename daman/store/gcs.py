@@ -50,7 +50,6 @@ from ._transfer import (
     MiB,
     ObjectChangedError,
     PositionalWriter,
-    Stopped,
     ranges,
     run_parallel,
 )
@@ -62,7 +61,6 @@ CHUNK_SIZE = 8 * MiB
 """Resumable-upload chunk (a multiple of 256 KiB, as GCS requires)."""
 FIRST_READ = 8 * MiB
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
-_EXTRA = "gcs"
 
 
 def _sdk() -> Any:
@@ -346,9 +344,8 @@ class GCSStore(Store):
         on_write: Written,
         stop: threading.Event | None = None,
     ) -> Any:
-        """Bytes ``start..end`` (inclusive) of ``key`` into ``fd`` at ``start``; a negative
-        ``start`` with no ``end`` is a suffix. The SDK retries a broken stream from where it
-        broke, pinned to the generation. Returns the blob (generation, ``total``)."""
+        """Bytes ``start..end`` (inclusive) of one generation of ``key`` into ``fd`` at
+        ``start``. The SDK retries a broken stream from where it broke. Returns the blob."""
         blob = self._blob(key, generation)
         writer = PositionalWriter(fd, max(start, 0), on_write, stop)
         with self._errors(key):
@@ -632,4 +629,4 @@ class _ProgressReader:
         return getattr(self._f, name)
 
 
-__all__ = ["GCSStore", "Stopped", "make_client"]
+__all__ = ["GCSStore", "make_client"]
