@@ -99,11 +99,14 @@ def configure(
         if value is not _UNSET
     }
     base = _saved_fields(overridden=set(given))
-    for name, what in (("storage_name", "a bucket or a folder"), ("service", "aws or local")):
+    for name, what in (
+        ("storage_name", "a bucket, a container or a folder"),
+        ("service", "aws, gcs, azure or local"),
+    ):
         if name not in given and name not in base:
             raise ConfigError(
                 f"{name} is required the first time ({what}): dm_configure --storage_name NAME "
-                "--service {aws,local}, or dm.configure(storage_name=..., service=...)."
+                "--service {aws,gcs,azure,local}, or dm.configure(storage_name=..., service=...)."
             )
     config = Config.from_dict({**base, **given})
     if config.local_dir:  # saved absolute: it must not depend on where daman runs

@@ -228,16 +228,27 @@ def configure_main(argv: Sequence[str] | None = None) -> int:
         "  dm_configure --service local --storage_name ~/shared/daman-store\n"
         "  dm_configure --service aws --storage_name my-bucket/team-a --allocated_space 20GiB\n"
         "  dm_configure --service aws --storage_name data --endpoint_url http://minio:9000\n"
+        "  dm_configure --service gcs --storage_name my-bucket/team-a\n"
+        "  dm_configure --service azure --storage_name my-container/team-a \\\n"
+        "      --endpoint_url https://myaccount.blob.core.windows.net\n"
         "  dm_configure --signing_key        (asks for the team's secret without echo)\n"
         "  dm_configure --read_timeout 120  (change one setting, keep the others)",
     )
     # Settings left out keep their saved value (or their default the first time).
     keep = argparse.SUPPRESS
     parser.add_argument(
-        "--storage_name", default=keep, help="bucket[/prefix] or s3://bucket/prefix (aws), or a "
-        "folder (local); required the first time"
-    )  # fmt: skip
-    parser.add_argument("--service", default=keep, choices=SERVICES, help="store type")
+        "--storage_name",
+        default=keep,
+        help="bucket[/prefix] or s3://bucket/prefix (aws, gcs), container[/prefix] (azure), or "
+        "a folder (local); required the first time",
+    )
+    parser.add_argument(
+        "--service",
+        default=keep,
+        choices=list(SERVICES),
+        help="store type: aws (S3 and S3-compatible), gcs (Google Cloud Storage), azure "
+        "(Azure Blob Storage) or local (a folder); required the first time",
+    )
     parser.add_argument(
         "--local_dir", default=keep, help="local cache folder (default ~/.daman/data)"
     )
@@ -250,7 +261,8 @@ def configure_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--endpoint_url",
         default=keep,
-        help="S3-compatible endpoint (MinIO, Ceph, R2, ...); 'none' to clear it",
+        help="S3-compatible endpoint (MinIO, Ceph, R2, ...), the Azure account's blob URL, or "
+        "an emulator's URL; 'none' to clear it",
     )
     parser.add_argument("--region", default=keep, help="AWS region; 'none' to clear it")
     parser.add_argument(

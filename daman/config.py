@@ -18,8 +18,8 @@ from typing import Any, Literal
 from .errors import ConfigError, NotConfiguredError
 from .files import atomic_write
 
-SERVICES = ("aws", "local")
-Service = Literal["aws", "local"]
+SERVICES = ("aws", "local", "gcs", "azure")
+Service = Literal["aws", "local", "gcs", "azure"]
 CHECKSUM_MODES = ("when_supported", "when_required")
 SIGNING_KEY_ENV = "DAMAN_SIGNING_KEY"
 
@@ -30,6 +30,9 @@ _UNITS = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }  # fmt: skip
 _URL = re.compile(r"^https?://[^/\s]+")
+# Google's bucket names (dots allowed, so up to 222 characters) and Azure's container names.
+_GCS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+_AZURE_CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 
 
@@ -95,8 +98,9 @@ def format_size(n: int | None) -> str:
 class Config:
     """Everything a :class:`~daman.manager.Manager` needs to know.
 
-    ``storage_name`` is a bucket, optionally followed by ``/prefix`` (``service="aws"``), or a
-    folder (``service="local"``).
+    ``storage_name`` is a bucket (``service="aws"`` or ``"gcs"``) or a container
+    (``service="azure"``), optionally followed by ``/prefix``, or a folder
+    (``service="local"``).
     """
 
     storage_name: str
@@ -123,6 +127,22 @@ class Config:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             object.__setattr__(self, field.name, check_field(field.name, value))
+        self._check_cloud_name()
+
+    def _check_cloud_name(self) -> None:
+        """GCS buckets and Azure containers have strict names; say so before any request."""
+        name = self.storage_name.strip("/").partition("/")[0]
+        if self.service == "gcs" and not _GCS_BUCKET.match(name):
+            raise ConfigError(
+                f"invalid GCS bucket name {name!r}: 3-222 lowercase letters, digits, '-', '_' "
+                "and '.', starting and ending with a letter or digit. Fix it with "
+                "`dm_configure --storage_name BUCKET`."
+            )
+        if self.service == "azure" and not _AZURE_CONTAINER.match(name):
+            raise ConfigError(
+                f"invalid Azure container name {name!r}: 3-63 lowercase letters, digits and "
+                "single '-' between them. Fix it with `dm_configure --storage_name CONTAINER`."
+            )
 
     @property
     def signing_secret(self) -> bytes | None:
@@ -273,7 +293,8 @@ def read_config_fields(path: Path | None = None) -> dict[str, Any]:
 
         raise NotConfiguredError(
             f"daman is not configured ({path} does not exist). Run "
-            "`dm_configure --storage_name NAME --service {aws,local}` or call dm.configure(...)."
+            "`dm_configure --storage_name NAME --service {aws,gcs,azure,local}` or call "
+            "dm.configure(...)."
             + legacy_setup_hint()
         ) from None
     except UnicodeDecodeError:

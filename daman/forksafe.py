@@ -133,6 +133,15 @@ class PerProcess(Generic[T]):
         """The value if this process made it already, else None (nothing is made)."""
         return self._value if self._pid == os.getpid() else None
 
+    def close(self, closer: Callable[[T], object]) -> None:
+        """``closer(value)`` if this process made it (a child leaves its parent's alone);
+        the next :meth:`get` makes a new one."""
+        with self._lock:
+            value = self.made()
+            self._value, self._pid = None, None
+        if value is not None:
+            closer(value)
+
 
 def _before() -> None:
     _gate.close_before_fork()

@@ -7,7 +7,12 @@
   endpoint instead.
 - ``daman_home``: ``DAMAN_HOME``, ``HOME`` and the AWS config files point into a temp folder,
   so no test touches the real ``~/.daman`` or ``~/.aws``.
-- ``config`` / ``manager``: parametrised over both backends (``local`` and ``s3``).
+- ``gcs_endpoint`` / ``azure_endpoint``: fake-gcs-server and Azurite on 127.0.0.1 for the
+  whole session, started on first use (``tests/clouds.py``); ``gcs_bucket`` /
+  ``azure_container``: a fresh bucket or container per test. ``DAMAN_TEST_GCS_BUCKET`` and
+  ``DAMAN_TEST_AZURE_CONTAINER`` point them at a real account instead.
+- ``config`` / ``manager``: parametrised over the backends (``local``, ``s3``, ``gcs``,
+  ``azure``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import clouds
 import pytest
 
 import daman
@@ -26,6 +32,35 @@ from daman import Config, Manager
 
 TEST_ENDPOINT = os.environ.get("DAMAN_TEST_S3_ENDPOINT")
 TEST_BUCKET = os.environ.get("DAMAN_TEST_S3_BUCKET")
+BACKENDS = ["local", "s3", "gcs", "azure"]
+
+
+# fake-gcs-server checks ifGenerationMatch on multipart uploads only, not on the resumable
+# uploads daman sends above 8 MiB (tests/test_store_clouds.py proves it still does not): a race
+# of two large creates can only be judged against real GCS (DAMAN_TEST_GCS_BUCKET).
+_LARGE_RACES = {
+    "test_concurrent_creates_exactly_one_wins",
+    "test_two_processes_pushing_one_new_key_exactly_one_wins",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if clouds.GCS_BUCKET:
+        return
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if (
+            callspec is not None
+            and getattr(item, "originalname", "") in _LARGE_RACES
+            and callspec.params.get("backend") == "gcs"
+            and "multipart" in callspec.id
+        ):
+            item.add_marker(
+                pytest.mark.skip(
+                    reason="fake-gcs-server does not check ifGenerationMatch on resumable "
+                    "uploads; set DAMAN_TEST_GCS_BUCKET to run this race against real GCS"
+                )
+            )
 
 
 class _SerializedApp:
@@ -89,6 +124,47 @@ def bucket(s3_endpoint: str) -> str:
     return name
 
 
+@pytest.fixture(scope="session")
+def gcs_endpoint() -> Iterator[str | None]:
+    """fake-gcs-server's URL, or the endpoint (None: Google's) of DAMAN_TEST_GCS_BUCKET."""
+    if clouds.GCS_BUCKET:
+        yield clouds.GCS_ENDPOINT
+        return
+    with clouds.fake_gcs_server() as url:
+        yield url
+
+
+@pytest.fixture
+def gcs_bucket(gcs_endpoint: str | None) -> Iterator[str]:
+    """A fresh bucket per test (or a fresh prefix in DAMAN_TEST_GCS_BUCKET)."""
+    client = clouds.gcs_client(gcs_endpoint)
+    name = clouds.new_gcs_bucket(client)
+    yield name
+    clouds.empty_gcs(client, name)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def azure_endpoint() -> Iterator[str | None]:
+    """Azurite's account URL (its key in AZURE_STORAGE_KEY for the session, nothing else of
+    Azure's in the environment), or DAMAN_TEST_AZURE_ENDPOINT with a real container."""
+    if clouds.AZURE_CONTAINER:
+        yield clouds.AZURE_ENDPOINT
+        return
+    with clouds.azurite() as url, clouds.environment(clouds.emulator_environment()):
+        yield url
+
+
+@pytest.fixture
+def azure_container(azure_endpoint: str | None) -> Iterator[str]:
+    """A fresh container per test (or a fresh prefix in DAMAN_TEST_AZURE_CONTAINER)."""
+    client = clouds.azure_client(azure_endpoint)
+    name = clouds.new_azure_container(client)
+    yield name
+    clouds.empty_azure(client, name)
+    client.close()
+
+
 @pytest.fixture(autouse=True)
 def daman_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     home = tmp_path / "home"
@@ -102,7 +178,7 @@ def daman_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     daman.reset()
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
@@ -119,6 +195,17 @@ def make_config(tmp_path: Path, backend: str, request: pytest.FixtureRequest):
                 storage_name=request.getfixturevalue("bucket"),
                 endpoint_url=endpoint,
                 region="us-east-1",
+                connect_timeout=5,
+                read_timeout=30,
+                max_attempts=3,
+            )
+        elif backend in ("gcs", "azure"):
+            base = dict(
+                service=backend,
+                storage_name=request.getfixturevalue(
+                    "gcs_bucket" if backend == "gcs" else "azure_container"
+                ),
+                endpoint_url=request.getfixturevalue(f"{backend}_endpoint"),
                 connect_timeout=5,
                 read_timeout=30,
                 max_attempts=3,

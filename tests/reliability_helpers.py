@@ -156,6 +156,10 @@ def store_leftovers(config: Config) -> list[str]:
     if config.service == "local":
         root = Path(config.storage_name)
         return sorted(str(p) for p in root.rglob("*") if p.name.endswith(".incomplete"))
+    if config.service in ("gcs", "azure"):
+        # An abandoned resumable upload (GCS) or uncommitted blocks (Azure) are invisible to
+        # listings and expire on their own: nothing to find, nothing billed as an object.
+        return []
     import boto3
 
     bucket, _, prefix = config.storage_name.partition("/")

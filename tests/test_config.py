@@ -66,6 +66,7 @@ def test_config_parses_allocated_space() -> None:
         ({"storage_name": 5}, "storage_name"),
         ({"storage_name": "s3://"}, "storage_name"),
         ({"storage_name": "b", "service": "dropbox"}, "service"),
+        ({"storage_name": "b", "service": "gcp"}, "service"),
         ({"storage_name": "b", "checksums": "never"}, "checksums"),
         ({"storage_name": "b", "allocated_space": "big"}, "allocated_space"),
         ({"storage_name": "b", "allocated_space": "1" * 400}, "allocated_space"),

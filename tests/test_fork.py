@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from faultproxy import FaultProxy
@@ -38,11 +39,13 @@ fork = multiprocessing.get_context("fork")
 @pytest.fixture
 def keepalive_config(make_config, backend: str, request: pytest.FixtureRequest) -> Iterator[Config]:
     """A configuration whose S3 endpoint keeps connections alive (the proxy in front of moto)."""
+    config = make_config()
     if backend == "local":
-        yield make_config()
+        yield config
         return
-    with FaultProxy(request.getfixturevalue("s3_endpoint")) as proxy:
-        yield make_config(endpoint_url=proxy.url)
+    endpoint = urlsplit(config.endpoint_url)
+    with FaultProxy(f"{endpoint.scheme}://{endpoint.netloc}") as proxy:
+        yield make_config(endpoint_url=proxy.url + endpoint.path)
 
 
 def _pull_and_check(index: int) -> tuple[int, str]:

@@ -13,6 +13,14 @@ def open_store(config: Config) -> Store:
         from .local import LocalStore
 
         return LocalStore(config.storage_name)
+    if config.service == "gcs":
+        from .gcs import GCSStore  # the SDKs are optional extras, imported only when used
+
+        return GCSStore.from_config(config)
+    if config.service == "azure":
+        from .azure import AzureStore
+
+        return AzureStore.from_config(config)
     from .s3 import S3Store
 
     return S3Store.from_config(config)

@@ -109,6 +109,20 @@ def _chromium() -> None:
     apt_install("chromium")
 
 
+NODE = BUILD / "node"
+AZURITE = NODE / "node_modules" / ".bin" / "azurite-blob"
+
+
+@part("azurite (npm, the Azure Blob Storage emulator)", AZURITE.exists)
+def install_azurite() -> None:
+    # Node and npm are on the machine (Debian's nodejs/npm otherwise); Azurite 3 lands in
+    # build/node, out of git, where tests/clouds.py looks for it.
+    if shutil.which("npm") is None:
+        apt_install("nodejs", "npm")
+    NODE.mkdir(parents=True, exist_ok=True)
+    run("npm", "install", "--prefix", str(NODE), "--no-audit", "--no-fund", "azurite@3")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="report only, install nothing")
