@@ -579,6 +579,7 @@ def test_completion_follows_a_new_configuration(shell, tmp_path) -> None:
         assert completions(shell, "%dm_pull ") == [f"{name}/"]  # within the TTL
 
 
+@pytest.mark.parametrize("backend", ["local", "s3"])  # daman 0.2 knew S3 (and copies in folders)
 def test_a_daman_02_object_is_pulled_described_and_marked(
     shell: InteractiveShell, configured: dm.Config, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -240,7 +240,9 @@ def test_sigkill_at_random_moments(make_config, tmp_path: Path) -> None:
             time.sleep(rng.uniform(0.2, 1.0))
             assert child.poll() is None, f"round {round_}: " + child.stderr.read()
             child.kill()
-            out, _ = child.communicate(timeout=60)
+            # read(), not communicate(): readline() may have buffered the first version too
+            out = child.stdout.read()
+            child.wait(timeout=60)
         finally:
             kill_all([child])
         assert child.returncode == -signal.SIGKILL

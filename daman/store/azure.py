@@ -374,9 +374,7 @@ class AzureStore(Store):
                     yield self._info(key, props)
 
     def list_level(self, prefix: str = "", *, token: str | None = None, limit: int = 1000) -> Level:
-        validate_prefix(prefix)
-        if prefix and not prefix.endswith("/"):
-            raise InvalidKeyError(prefix, "a level's prefix is empty or ends with '/'")
+        validate_prefix(prefix)  # a partial last part ("team/mo") narrows the level
         from azure.storage.blob import BlobPrefix
 
         prefixes: list[str] = []

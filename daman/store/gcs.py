@@ -514,9 +514,7 @@ class GCSStore(Store):
         (``startOffset``). GCS counts objects and prefixes together against ``maxResults``,
         fake-gcs-server counts objects only: either way a page is cut at ``limit`` entries
         and at the last object the server returned, past which its answer may be partial."""
-        validate_prefix(prefix)
-        if prefix and not prefix.endswith("/"):
-            raise InvalidKeyError(prefix, "a level's prefix is empty or ends with '/'")
+        validate_prefix(prefix)  # a partial last part ("team/mo") narrows the level
         after = token
         while True:
             # Past a sub-prefix "a/": from "a0" on ('0' follows '/'), skipping all under it.
