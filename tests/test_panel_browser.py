@@ -125,14 +125,18 @@ def site(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return {"config": config, "work": work}
 
 
-@pytest.fixture(scope="session")
-def voila_url(site: dict[str, Any]) -> Iterator[str]:
-    config, work = site["config"], site["work"]
+def _write_notebook(path: Path) -> None:
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(CELL)])
     notebook.metadata["kernelspec"] = {
         "name": "python3", "display_name": "Python 3", "language": "python",
     }  # fmt: skip
-    nbformat.write(notebook, work / "panel.ipynb")
+    nbformat.write(notebook, path)
+
+
+@pytest.fixture(scope="session")
+def voila_url(site: dict[str, Any]) -> Iterator[str]:
+    config, work = site["config"], site["work"]
+    _write_notebook(work / "panel.ipynb")
     home = work / "home"
     home.mkdir()
     env = {
@@ -297,3 +301,85 @@ def test_the_panel_at_work(page: Any) -> None:
     page.get_by_title("select team/model/v2").check()
     expect(page.get_by_text("2 selected", exact=False)).to_be_visible()
     expect(_button(page, re.compile(r"pull 1 key: downloads"))).to_be_visible()
+
+
+# -- the same panel in JupyterLab 4 and Notebook 7 ----------------------------------------------
+
+APPS = {
+    # app: (command, the page of the notebook)
+    "jupyterlab": (
+        ["jupyter-lab", "--LabApp.expose_app_in_browser=True"],
+        "lab/tree/panel.ipynb?reset",
+    ),
+    "notebook7": (
+        ["jupyter-notebook", "--JupyterNotebookApp.expose_app_in_browser=True"],
+        "notebooks/panel.ipynb",
+    ),
+}
+
+
+@pytest.mark.parametrize("app", list(APPS))
+def test_the_panel_renders_in_jupyterlab_and_notebook_7(
+    app: str, browser: Any, site: dict[str, Any], tmp_path: Path
+) -> None:
+    """Core ipywidgets only: the same widget draws in JupyterLab 4 and Notebook 7 (their own
+    widget managers), run as a person runs a notebook there (Run All)."""
+    from playwright.sync_api import expect
+
+    config = site["config"]
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    _write_notebook(folder / "panel.ipynb")
+    home = tmp_path / "app-home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "DAMAN_HOME": str(home / ".daman"),
+        "JUPYTER_PLATFORM_DIRS": "1",
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
+        "DAMAN_PANEL_STORE": config.storage_name,
+        "DAMAN_PANEL_ENDPOINT": config.endpoint_url,
+        "DAMAN_PANEL_CACHE": config.local_dir,
+    }
+    command, path = APPS[app]
+    port = _free_port()
+    log = tmp_path / f"{app}.log"
+    exe = Path(sys.executable).with_name(command[0])
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                str(exe), *command[1:], "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+                "--allow-root", "--IdentityProvider.token=", "--ServerApp.password=",
+                f"--ServerApp.root_dir={folder}", f"--LabApp.workspaces_dir={tmp_path / 'ws'}",
+                f"--LabApp.user_settings_dir={tmp_path / 'settings'}",
+            ],
+            cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        page.set_default_timeout(90_000)
+        try:
+            _wait_port(proc, port, log)
+            page.goto(f"http://127.0.0.1:{port}/{path}")
+            page.wait_for_selector(".jp-Notebook .jp-Cell")
+            page.wait_for_function("() => window.jupyterapp !== undefined")
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            output = page.locator(".jp-OutputArea")
+            expect(output.get_by_role("button", name="team/", exact=True)).to_be_visible(
+                timeout=120_000
+            )
+            expect(output.get_by_text(re.compile(r"of 64\.0 MiB"))).to_be_visible()
+            output.get_by_role("button", name="team/", exact=True).first.click()
+            expect(output.get_by_role("button", name="model/", exact=True)).to_be_visible()
+        finally:
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / f"panel-in-{app}.png"))
+            context.close()
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
