@@ -60,6 +60,17 @@ class Level:
     """Pass it back as ``token`` for the next page; None on the last page."""
 
 
+def s3_location(storage_name: str) -> tuple[str, str]:
+    """``(bucket, prefix)`` of an S3 storage name ``bucket[/prefix]``; the prefix is empty or
+    ends with ``/``."""
+    bucket, _, prefix = storage_name.strip("/").partition("/")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+def describe_s3(bucket: str, prefix: str) -> str:
+    return f"s3://{bucket}/{prefix}"
+
+
 def _no_progress(_: int) -> None:
     return None
 
