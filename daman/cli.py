@@ -516,13 +516,14 @@ def status_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def action() -> None:
-        with _manager(args.quiet) as manager:
-            usage = manager.usage()
-            local_dir = manager.cache.root
-        if args.json:
-            _print_json(report.usage_data(usage, local_dir))
+        with _manager(args.quiet) as manager:  # the persisted entries are read in here
+            usage, local_dir = manager.usage(), manager.cache.root
+            data = report.usage_data(usage, local_dir) if args.json else None
+            lines = None if args.json else report.usage_lines(usage, local_dir)
+        if data is not None:
+            _print_json(data)
         else:
-            print("\n".join(report.usage_lines(usage, local_dir)))
+            print("\n".join(lines or []))
 
     return _run("dm_status", action)
 
@@ -560,11 +561,11 @@ def clear_main(argv: Sequence[str] | None = None) -> int:
 
     def action() -> None:
         with _manager(args.quiet) as manager:
-            before = len(manager.usage().entries)
+            before = manager.usage().count
             freed = manager.clear()
             after = manager.usage()
-        evicted = report.count(before - len(after.entries), "entry", "entries")
-        kept = report.count(len(after.entries), "persisted entry", "persisted entries")
+        evicted = report.count(before - after.count, "entry", "entries")
+        kept = report.count(after.count, "persisted entry", "persisted entries")
         print(f"freed {format_size(freed)} ({evicted}); kept {kept} ({format_size(after.used)})")
 
     return _run("dm_clear", action)

@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import dataclasses
 import enum
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -17,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
+from . import forksafe
 from . import legacy as legacy_format
 from .cache import Cache, CachedState, CacheEntry
 from .cells import assigned_names, cell_outputs, stored_variables
@@ -54,7 +56,7 @@ from .serialize import (
     verify_file,
     write_object,
 )
-from .store import ObjectInfo, Store, WriteUnconfirmedError, open_store
+from .store import ObjectInfo, Store, WriteUnconfirmedError, describe_store, open_store
 
 if TYPE_CHECKING:
     from .panel import Panel
@@ -234,17 +236,32 @@ class ObjectDetails:
 
 @dataclasses.dataclass(frozen=True)
 class Usage:
-    """Local disc use against the allocation."""
+    """Local disc use against the allocation. The totals come from the sums the index keeps
+    (instant at any number of entries); ``entries`` and ``persisted`` are read from the index
+    when first asked, and kept."""
 
     used: int
     allocated: int | None
-    entries: list[CacheEntry]
+    count: int
+    """How many entries the cache holds."""
     store: str = ""
     """The store in use, as messages name it."""
+    cache: Cache | None = dataclasses.field(default=None, repr=False, compare=False)
+    """Where ``entries`` and ``persisted`` are read from."""
 
-    @property
+    @functools.cached_property
+    def entries(self) -> list[CacheEntry]:
+        """Every cached entry, most recently used first (one row per entry: a long list for
+        a large cache)."""
+        return self.cache.entries() if self.cache is not None else []
+
+    @functools.cached_property
     def persisted(self) -> list[CacheEntry]:
-        return [entry for entry in self.entries if entry.persist]
+        """The persisted entries, most recently used first (read through the LRU index, not
+        every row)."""
+        if "entries" in self.__dict__ or self.cache is None:
+            return [entry for entry in self.entries if entry.persist]
+        return self.cache.persisted_entries()
 
     @property
     def free(self) -> int | None:
@@ -253,7 +270,7 @@ class Usage:
     def __str__(self) -> str:
         return (
             f"{format_size(self.used)} used of {format_size(self.allocated)} "
-            f"({len(self.entries)} entries, {sum(e.persist for e in self.entries)} persisted)"
+            f"({self.count} entries, {len(self.persisted)} persisted)"
         )
 
 
@@ -349,14 +366,33 @@ class Manager:
     ) -> None:
         config.check_folders()
         self.config = config
-        self.store = store or open_store(config)
+        self._store = store
+        self._store_lock = threading.Lock()
+        forksafe.at_fork_in_child(self, Manager._after_fork_in_child)
         self.cache = cache or Cache(config.cache_dir, config.allocated_space)
         self.signing_key = config.signing_secret
         self.listings = ListingCache()
         """Level listings kept a few seconds, shared by the panel and key completion."""
 
+    @property
+    def store(self) -> Store:
+        """The store, opened on first use: what only looks at the local cache (``usage``,
+        ``set_persist``, ``clear``, ``verify``, ``disc``: dm_status, dm_persist, dm_clear,
+        dm_verify) makes no client and, for S3, does not import boto3."""
+        store = self._store
+        if store is None:
+            with self._store_lock:
+                if self._store is None:
+                    self._store = open_store(self.config)
+                store = self._store
+        return store
+
+    def _after_fork_in_child(self) -> None:
+        self._store_lock = threading.Lock()  # another thread may have held it at the fork
+
     def close(self) -> None:
-        self.store.close()
+        if self._store is not None:
+            self._store.close()
         self.cache.close()
 
     def __enter__(self) -> Manager:
@@ -929,14 +965,16 @@ class Manager:
         return LevelListing(prefix, list(level.prefixes), keys, level.token)
 
     def usage(self) -> Usage:
-        """Local disc use against the allocation, every cached entry (most recently used
-        first) and the store in use; asks nothing of the store."""
-        entries = self.cache.entries()
+        """Local disc use against the allocation and the store in use, from the index's totals;
+        every cached entry (most recently used first) when ``entries`` is read. Asks nothing
+        of the store (nor opens it)."""
+        totals = self.cache.usage()
         return Usage(
-            used=sum(e.size for e in entries),
-            allocated=self.cache.allocated_space,
-            entries=entries,
-            store=self.store.describe(),
+            used=totals.used,
+            allocated=totals.allocated,
+            count=totals.count,
+            store=describe_store(self.config) if self._store is None else self.store.describe(),
+            cache=self.cache,
         )
 
     def verify(self, key: str | None = None) -> VerifyReport:

@@ -837,3 +837,23 @@ def test_fetch_reports_progress_to_the_caller_instead_of_a_bar(make_config, monk
         assert heard[0] == (0, entry.size) and heard[-1] == (entry.size, entry.size)
         done = [d for d, _ in heard]
         assert done == sorted(done)  # in order, though parts arrive on several threads
+
+
+def test_usage_is_the_index_totals_and_lists_entries_only_when_asked(
+    manager: Manager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 50,000 entries a listing takes 0.4 s; the totals are kept by the index. The
+    persisted entries (dm_status) are read through the LRU index, not every row."""
+    for i in range(4):
+        manager.push(bytes(100 * (i + 1)), f"u/{i}", persist=i == 1)
+    listed: list[str] = []
+    real_entries = type(manager.cache).entries
+    monkeypatch.setattr(
+        type(manager.cache), "entries", lambda self: listed.append("all") or real_entries(self)
+    )
+    usage = manager.usage()
+    assert (usage.used, usage.count) == (manager.cache.usage().used, 4) and listed == []
+    assert [e.key for e in usage.persisted] == ["u/1"] and listed == []
+    assert str(usage).endswith("(4 entries, 1 persisted)") and listed == []
+    assert [e.key for e in usage.entries] == ["u/3", "u/2", "u/1", "u/0"] and listed == ["all"]
+    assert usage.used == sum(e.size for e in usage.entries)
