@@ -556,6 +556,23 @@ class Cache:
                 found[key] = CachedState(bool(persist), etag)
         return found
 
+    def states_under(self, prefix: str) -> dict[str, CachedState]:
+        """What is cached of the keys starting with ``prefix`` (one range read of the
+        primary key, as a listing of that prefix needs it)."""
+        sql = "SELECT key, persist, etag FROM entries"
+        params: tuple[str, ...] = ()
+        if prefix:
+            sql += " WHERE key >= ?"  # UTF-8 text compares as code points: a range
+            params = (prefix,)
+            if ord(prefix[-1]) < 0x10FFFF:
+                sql += " AND key < ?"
+                params += (prefix[:-1] + chr(ord(prefix[-1]) + 1),)
+        return {
+            key: CachedState(bool(persist), etag)
+            for key, persist, etag in self._query(sql, params)
+            if key.startswith(prefix)
+        }
+
     def entries(self) -> list[CacheEntry]:
         self.flush_uses()  # listed in the order of use: this process's hits included
         rows = self._query(f"SELECT {_COLUMNS} FROM entries ORDER BY accessed DESC")

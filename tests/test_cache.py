@@ -1255,3 +1255,14 @@ def test_a_forked_child_leaves_its_parents_hits_to_the_parent(root: Path) -> Non
     assert order["b"] > order["c"] > order["a"]  # the child's hit is in; the parent's is not
     cache.close()
     assert _accessed(root)["a"] > _accessed(root)["b"]
+
+
+def test_states_under_a_prefix(root: Path) -> None:
+    cache = Cache(root)
+    keys = ["a", "a/b", "a/c/d", "a0", "ab", "b", "\U0010ffff/x", "\U0010ffff"]
+    for key in keys:
+        put(cache, key, 1, persist=key == "a/b")
+    for prefix in ["", "a", "a/", "a/c", "b", "c", "\U0010ffff", "\U0010ffff/"]:
+        found = cache.states_under(prefix)
+        assert sorted(found) == sorted(key for key in keys if key.startswith(prefix)), prefix
+    assert cache.states_under("a/")["a/b"].persist and not cache.states_under("a/")["a/c/d"].persist

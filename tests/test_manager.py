@@ -857,3 +857,33 @@ def test_usage_is_the_index_totals_and_lists_entries_only_when_asked(
     assert str(usage).endswith("(4 entries, 1 persisted)") and listed == []
     assert [e.key for e in usage.entries] == ["u/3", "u/2", "u/1", "u/0"] and listed == ["all"]
     assert usage.used == sum(e.size for e in usage.entries)
+
+
+def test_ls_of_a_folder_reads_the_versions_of_cached_keys_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version is a footer read per file; only cached keys need one (is the copy
+    outdated?). A copy outdated by another machine's push still says so."""
+    import daman.store.local as local
+    from daman import ObjectInfo
+    from daman.manager import KeyListing
+
+    store = tmp_path / "store"
+    store.mkdir()
+    config = Config(storage_name=str(store), service="local", local_dir=str(tmp_path / "c"))
+    with Manager(config) as me, Manager(config.replace(local_dir=str(tmp_path / "o"))) as other:
+        for i in range(10):
+            me.push(i, f"k/{i}")
+        me.delete("k/5")  # stored, not cached here
+        other.push("new", "k/3", force=True)  # cached here, outdated
+        read: list[str] = []
+        real_info = local._info
+        monkeypatch.setattr(local, "_info", lambda key, f: read.append(key) or real_info(key, f))
+        listing = {item.key: item for item in me.ls("k/")}
+        assert sorted(read) == sorted(f"k/{i}" for i in range(10) if i != 5)
+        assert [key for key, item in listing.items() if item.outdated] == ["k/3"]
+        assert not listing["k/5"].cached and listing["k/5"].etag == ""
+        assert all(listing[f"k/{i}"].cached for i in range(10) if i != 5)
+    info = ObjectInfo("k", 1, "", None)
+    assert KeyListing.of(info, None) == KeyListing("k", 1, None, False, False, None, False, "")
+    assert vars(KeyListing.of(info, None)) == vars(KeyListing("k", 1, None, False, False))

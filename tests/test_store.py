@@ -1353,3 +1353,41 @@ def test_one_pool_per_store_and_process(bucket: str, s3_endpoint: str, tmp_path:
     store.close()
     store.put("d", src, overwrite=False)  # a closed store's next transfer makes a new pool
     assert store.head("d").size == src.stat().st_size
+
+
+def test_a_quick_local_listing_reads_only_the_versions_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder's versions are in each file's footer (a read per file): ``list_fast`` gives
+    sizes and dates from ``stat`` and reads the versions of the keys named only."""
+    import daman.store.local as local
+    from daman.serialize import dump_to_bytes
+
+    root = tmp_path / "store"
+    root.mkdir()
+    store = LocalStore(root)
+    for key in ("a", "b/c", "b/d", "e/f/g"):
+        store.put(key, _write(tmp_path / "src", dump_to_bytes(key, key=key)), overwrite=False)
+    (root / "b" / "x.daman.incomplete").write_bytes(b"a push under way")
+    (root / "link.daman").symlink_to(root / "e")  # a link to a folder: neither walked nor listed
+    full = {info.key: info for info in store.list()}
+    read: list[str] = []
+    real_info = local._info
+    monkeypatch.setattr(local, "_info", lambda key, f: read.append(key) or real_info(key, f))
+    quick = list(store.list_fast(versions={"b/d", "z"}))
+    assert [info.key for info in quick] == sorted(full) == ["a", "b/c", "b/d", "e/f/g"]
+    assert read == ["b/d"]
+    for info in quick:
+        expected = full[info.key]
+        assert (info.size, info.last_modified) == (expected.size, expected.last_modified)
+        assert info.etag == (expected.etag if info.key == "b/d" else "")
+    assert [info.key for info in store.list_fast("b/")] == ["b/c", "b/d"]
+    assert [info.key for info in store.list_fast("e/f/g")] == ["e/f/g"]
+
+
+def test_a_listed_object_info_is_the_constructors() -> None:
+    from datetime import datetime, timezone
+
+    when = datetime.now(timezone.utc)
+    made, listed = ObjectInfo("k", 3, "e", when), ObjectInfo.listed("k", 3, "e", when)
+    assert made == listed and vars(made) == vars(listed) and hash(made) == hash(listed)
