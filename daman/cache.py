@@ -102,7 +102,7 @@ _TEMP_FILE = re.compile(r"\d+-[0-9a-f]{32}\.(incomplete|new)")
 _ADDING = ".adding"
 _ADDING_FILE = re.compile(r"([0-9a-f]{64}\.[0-9a-f]{12})\.adding")
 """``tmp/<objects file>.adding``: the mark of a file ``add`` is moving into ``objects/``."""
-TOUCH_BATCH = 100
+TOUCH_BATCH = 1000
 """Hits recorded in memory before they are written to the index."""
 TOUCH_SECONDS = 1.0
 """The longest a hit stays unwritten (a timer writes it)."""

@@ -39,7 +39,7 @@ from .errors import (
     os_errors,
     warn,
 )
-from .files import atomic_write
+from .files import atomic_write, open_empty
 from .keys import validate_key, validate_prefix
 from .listing import ListingCache
 from .serialize import (
@@ -502,7 +502,7 @@ class Manager:
         meta_bytes = dumps_meta(meta)
         with self.cache.temp_file() as tmp:
             with _disc_errors(self.cache.root):
-                with open(tmp, "wb", buffering=_WRITE_BUFFER) as f:
+                with open_empty(tmp, buffering=_WRITE_BUFFER) as f:
                     footer = write_object(obj, meta_bytes, f, self.signing_key, key)
                 size = tmp.stat().st_size
             with self._progress(f"push {key}") as progress:

@@ -39,7 +39,7 @@ from ..errors import (
     StoreUnavailableError,
     map_os_error,
 )
-from ..files import TEMP_NAME, atomic_write
+from ..files import TEMP_NAME, atomic_write, open_empty
 from ..keys import is_valid_key, validate_key, validate_prefix
 from ..serialize import TRAILER, file_reader, read_footer
 from .base import Level, ObjectInfo, Progress, Store, Written, _no_progress, _no_range
@@ -342,7 +342,7 @@ class LocalStore(Store):
         # The open file keeps its version even if the key is replaced while we copy.
         with self._os_errors():
             src = self._open(key)
-        with src, open(dest, "wb") as out:
+        with src, open_empty(dest) as out:
             with self._os_errors():
                 info = _info(key, src)
             on_size(info.size)

@@ -60,6 +60,7 @@ from ..errors import (
     StorageNotFoundError,
     StoreUnavailableError,
 )
+from ..files import open_empty
 from ..keys import validate_key, validate_prefix
 from .base import (
     Level,
@@ -211,6 +212,17 @@ def split(size: int, start: int = 0) -> list[tuple[int, int]]:
     count = max(1, size // part_size_for(size))
     part = -(-size // count)
     return [(start + offset, min(part, size - offset)) for offset in range(0, size, part)]
+
+
+def _whole(path: Path, size: int) -> bytes:
+    """The file's bytes, for a single PUT: botocore sends a file object with ``Expect:
+    100-continue``, a round trip to the server before the body; bytes (at most
+    MULTIPART_THRESHOLD of them, as a multipart upload holds its parts) go at once."""
+    with open(path, "rb", buffering=0) as f:
+        data = f.read(size + 1)
+    if len(data) != size:
+        raise OSError(f"{path} changed size while it was being uploaded")
+    return data
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -413,8 +425,10 @@ class S3Store(Store):
         size = os.path.getsize(path)
         condition = {} if overwrite else {"IfNoneMatch": "*"}
         if size <= MULTIPART_THRESHOLD:
-            with self._errors(key), open(path, "rb") as body:
-                r = self.client.put_object(Bucket=self.bucket, Key=name, Body=body, **condition)
+            with self._errors(key):
+                r = self.client.put_object(
+                    Bucket=self.bucket, Key=name, Body=_whole(path, size), **condition
+                )
             progress(size)
             # Written, but the answer was cut: an unknown version makes the next pull fetch it.
             return ObjectInfo(key, size, r.get("ETag", ""))
@@ -433,7 +447,8 @@ class S3Store(Store):
         condition = {"IfMatch": etag}
         try:
             if size <= MULTIPART_THRESHOLD:
-                with self._errors(key), open(path, "rb") as body:
+                body = _whole(path, size)
+                with self._errors(key):
                     r = self.client.put_object(Bucket=self.bucket, Key=name, Body=body, **condition)
                 progress(size)
                 return ObjectInfo(key, size, r.get("ETag", ""))
@@ -645,7 +660,7 @@ class S3Store(Store):
         # S3 always keeps user metadata: {} (not None) says an object has none.
         info = ObjectInfo(key, total, r["ETag"], r.get("LastModified"), r.get("Metadata") or {})
         on_size(total)
-        with open(dest, "wb") as out:
+        with open_empty(dest) as out:
             fd = out.fileno()
             # The rest, in parallel parts pinned to this version, starts now, while this
             # thread reads the first response: nothing waits for the first range to end.
