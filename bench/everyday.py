@@ -410,6 +410,7 @@ def section_local(ctx: Context) -> None:
 
 
 def status_rows(ctx: Context) -> None:
+    import daman
     from daman import Config
     from daman.config import save_config
 
@@ -437,9 +438,10 @@ def status_rows(ctx: Context) -> None:
     def run(kind: str, code: str | None = None) -> str:
         env = dict(os.environ, DAMAN_HOME=str(homes[kind]), HOME=str(homes[kind]))
         argv = ["-c", code] if code else ["-m", "daman", "status"]
-        result = subprocess.run(
-            [sys.executable, *argv], capture_output=True, text=True, env=env, check=False
-        )
+        result = subprocess.run(  # not in the worktree: ``-c``/``-m`` put the cwd first
+            [sys.executable, *argv], capture_output=True, text=True, env=env, check=False,
+            cwd=homes[kind],
+        )  # fmt: skip
         if result.returncode != 0:
             raise RuntimeError(f"dm_status ({kind}) failed: {result.stderr}")
         return result.stdout
@@ -461,10 +463,12 @@ def status_rows(ctx: Context) -> None:
         )
     )
     probe = (
-        "import sys\nfrom daman.cli import COMMANDS\nCOMMANDS['status'](['--json'])\n"
-        "print('boto3 imported:', 'boto3' in sys.modules)"
+        "import sys, daman\nfrom daman.cli import COMMANDS\nCOMMANDS['status'](['--json'])\n"
+        "print(daman.__file__)\nprint('boto3 imported:', 'boto3' in sys.modules)"
     )
-    said = run("s3", probe).strip().splitlines()[-1]
+    *_, imported, said = run("s3", probe).strip().splitlines()
+    if imported != daman.__file__:
+        raise RuntimeError(f"the dm_status child imported {imported}")
     ctx.note("local", f"`dm_status` with an S3 configuration, in a fresh process: {said}.")
 
 
@@ -700,11 +704,13 @@ while time.perf_counter() < end:
         manager.pull(key)
     done += len(keys)
 manager.close()
-print(json.dumps({"done": done}), flush=True)
+import daman
+print(json.dumps({"done": done, "daman": daman.__file__}), flush=True)
 """
 
 
 def section_shared(ctx: Context) -> None:
+    import daman
     from daman import Config, Manager
 
     s = sizes(ctx)
@@ -736,6 +742,7 @@ def section_shared(ctx: Context) -> None:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
+                cwd=home,  # not the worktree: ``-c`` puts the cwd first on sys.path
             )
             for _ in range(processes)
         ]
@@ -750,7 +757,10 @@ def section_shared(ctx: Context) -> None:
             out, _ = child.communicate(timeout=120)
             if child.returncode != 0:
                 raise RuntimeError(f"a shared-cache child failed ({child.returncode})")
-            done += json.loads(out.strip().splitlines()[-1])["done"]
+            answer = json.loads(out.strip().splitlines()[-1])
+            if answer["daman"] != daman.__file__:
+                raise RuntimeError(f"a shared-cache child imported {answer['daman']}")
+            done += answer["done"]
         return s.shared_seconds / done
 
     n = s.shared_processes
