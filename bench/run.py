@@ -887,7 +887,7 @@ def main() -> None:
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.perf_counter()
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    work = Path(tempfile.mkdtemp(prefix="daman-bench-", dir=args.workdir))
+    work = Path(tempfile.mkdtemp(prefix="daman-bench-", dir=args.workdir)).resolve()
     server = MotoServer(work / "moto.log", plain=args.plain_moto)
     candidate = args.candidate.resolve() if args.candidate else None
     if candidate and not (candidate / "daman" / "__init__.py").exists():
