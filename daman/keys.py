@@ -58,13 +58,12 @@ glance unless a part is ``.`` or ``..`` or too long (listings check many keys)."
 
 def is_valid_key(key: str) -> bool:
     """Whether :func:`validate_key` accepts ``key``; most keys answer with one regex."""
-    if (
-        len(key) <= MAX_SEGMENT_BYTES
-        and _PLAIN_KEY.fullmatch(key)
-        and (".." not in key and "/./" not in key and key != "." and not key.startswith("./")
-             and not key.endswith("/."))
-    ):
-        return True
+    if len(key) <= MAX_SEGMENT_BYTES and _PLAIN_KEY.fullmatch(key):
+        if "." not in key:
+            return True
+        parts = key.split("/")
+        if "." not in parts and ".." not in parts:
+            return True
     try:
         validate_key(key)
     except InvalidKeyError:

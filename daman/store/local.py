@@ -20,6 +20,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import operator
 import os
 import uuid
 from collections.abc import Callable, Collection, Iterator
@@ -422,7 +423,7 @@ class LocalStore(Store):
             except PermissionError:  # listed all the same; reading it will say why
                 st = entry.stat()
             found.append(ObjectInfo.listed(key, st.st_size, "", when(st.st_mtime, utc)))
-        return iter(sorted(found, key=lambda info: info.key))
+        return iter(sorted(found, key=operator.attrgetter("key")))
 
     def _files(self, prefix: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
         """``(key, entry)`` of the object files whose keys start with ``prefix``: a walk of
