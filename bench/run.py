@@ -18,6 +18,9 @@ this process, in batches of operations. Sections (``--only``):
               dm.ls() of the whole bucket: requests sent and time to the first table
     mapped    zero-copy cached pulls (``mmap=True``) of a 1 GiB array and DataFrame vs
               ``pickle.load`` / an ordinary pull; their memory; ``np.sum`` over them
+    small, medium, local, shared
+              everyday calls (issue 13): tiny and medium objects, commands that need no
+              store, cache hits from several processes; see bench/everyday.py
 
 ``--profile [OP]`` adds a py-spy profile of one of daman's large-array operations (default: the
 one with the worst ratio). ``--candidate DIR`` also measures the daman package in DIR (a
@@ -42,10 +45,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import everyday
 from common import (
     HERE,
     MotoServer,
@@ -55,9 +59,10 @@ from common import (
     raw_client,
     set_dummy_credentials,
 )
+from harness import Context, Row, ensure_bucket, format_requests, interleaved, per_op
 
 MiB = 2**20
-SECTIONS = ("large", "keys", "evict", "rss", "panel", "mapped")
+SECTIONS = ("large", "keys", "evict", "rss", "panel", "mapped", *everyday.SECTIONS)
 
 
 @dataclasses.dataclass
@@ -81,115 +86,6 @@ FULL = Sizes(
 QUICK = Sizes(
     32, {"push": 3, "pull_uncached": 3, "pull_cached": 5}, 100, 2_000, 1_000, 25, 3, 64, 1
 )
-
-
-@dataclasses.dataclass
-class Row:
-    """One line of the results table."""
-
-    section: str
-    what: str
-    baseline: str
-    ours: list[float]
-    base: list[float]
-    unit: str  # "s", "ms", "x size"
-    target: float | None = None
-    target_text: str = ""
-    paired: bool = True  # ratios of same-repetition pairs; else the figure is `ours` itself
-
-    @property
-    def ratios(self) -> list[float]:
-        return [o / b for o, b in zip(self.ours, self.base, strict=True)]
-
-    @property
-    def figure(self) -> float:
-        return statistics.median(self.ratios if self.paired else self.ours)
-
-    @property
-    def spread(self) -> tuple[float, float]:
-        values = self.ratios if self.paired else self.ours
-        return min(values), max(values)
-
-    @property
-    def met(self) -> str:
-        if self.target is None:
-            return ""
-        return "yes" if self.figure <= self.target else "**no**"
-
-
-@dataclasses.dataclass
-class Context:
-    sizes: Sizes
-    quick: bool
-    server: MotoServer
-    work: Path
-    candidate: Path | None = None
-    rows: list[Row] = dataclasses.field(default_factory=list)
-    requests: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
-    notes: dict[str, list[str]] = dataclasses.field(
-        default_factory=lambda: collections.defaultdict(list)
-    )
-
-    def log(self, message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-    def note(self, section: str, text: str) -> None:
-        self.notes[section].append(text)
-
-    @property
-    def sides(self) -> list[str]:
-        return ["raw", "daman"] + (["candidate"] if self.candidate else [])
-
-    def child(self, side: str, **spec: Any) -> dict[str, Any]:
-        """One measurement in a fresh process; ``side`` is raw, daman, or candidate (daman
-        imported from --candidate)."""
-        spec.setdefault("endpoint", self.server.endpoint)
-        spec["impl"] = "raw" if side == "raw" else "daman"
-        spec["cache"] = str(Path(spec["work"]) / f"cache-{side}")
-        env = dict(os.environ)
-        if side == "candidate":
-            env["PYTHONPATH"] = os.pathsep.join(
-                [str(self.candidate), *filter(None, [env.get("PYTHONPATH")])]
-            )
-        result = subprocess.run(
-            [sys.executable, str(HERE / "child.py"), json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            check=False,
-            env=env,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"child {spec} failed:\n{result.stderr}")
-        answer = json.loads(result.stdout.strip().splitlines()[-1])
-        candidate = str(self.candidate / "daman") if self.candidate else None
-        if side != "raw" and (side == "candidate") != (answer["daman"] == candidate):
-            raise RuntimeError(f"the {side} child imported daman from {answer['daman']}")
-        return answer
-
-
-def interleaved(repeat: int, *sides: str) -> Iterator[tuple[int, str]]:
-    """(rep, side) in the order A B, B A, A B, ...: drift hits all sides alike."""
-    for rep in range(repeat):
-        for side in sides if rep % 2 == 0 else sides[::-1]:
-            yield rep, side
-
-
-def format_requests(counts: dict[str, float]) -> str:
-    if not counts:
-        return "none"
-    parts = []
-    for name, n in sorted(counts.items()):
-        n_text = f"{n:g}" if float(n).is_integer() else f"{n:.2f}"
-        parts.append(f"{name} x{n_text}")
-    return ", ".join(parts) + f" (total {sum(counts.values()):g})"
-
-
-def per_op(counts: dict[str, int], ops: int) -> dict[str, float]:
-    return {name: n / ops for name, n in counts.items()}
-
-
-def ensure_bucket(client: Any, bucket: str) -> None:
-    client.create_bucket(Bucket=bucket)
 
 
 # -- large: a 256 MiB array ------------------------------------------------------------------
@@ -792,7 +688,9 @@ def fmt_value(v: float, unit: str) -> str:
     if unit == "x size":
         return f"{v:.2f}x"
     if unit == "ms":
-        return f"{v:.2f} ms"
+        return f"{v:.2f} ms" if v >= 0.1 else f"{v:.3f} ms"
+    if unit == "ops/s":
+        return f"{v:,.0f}/s"
     return f"{v:.3f} s"
 
 
@@ -816,11 +714,17 @@ def table(rows: list[Row], targets_only: bool) -> list[str]:
         if targets_only != (r.target is not None):
             continue
         lo, hi = (_ratio(x) for x in r.spread)
-        if r.paired:
+        if r.best:
+            figure = f"{_ratio(r.figure)}x best/best (pairs {lo}-{hi})"
+        elif r.paired:
             figure = f"{_ratio(r.figure)}x ({lo}-{hi})"
-        else:
+        elif r.unit == "x size":
             figure = f"{_ratio(r.figure)}x size ({lo}-{hi})"
-        ours, base = fmt_stats(r.ours, r.unit), fmt_stats(r.base, r.unit)
+        else:  # an absolute figure: daman's own median and range
+            low, high = (fmt_value(x, r.unit) for x in r.spread)
+            figure = f"{fmt_value(r.figure, r.unit)} ({low}-{high})"
+        ours = fmt_stats(r.ours, r.unit)
+        base = fmt_stats(r.base, r.unit) if r.base else "-"
         lines.append(
             f"| {r.what} | {r.baseline} | {ours} | {base} | {figure} | {r.target_text} | {r.met} |"
         )
@@ -940,7 +844,7 @@ def write_report(
         "(they belong to files, not to the process), except pages of files the process maps.",
         "- Arrays are float64 from `numpy.random.default_rng(0).random`.",
     ]
-    for section in ("keys", "evict", "panel", "profile"):
+    for section in ("keys", "evict", "panel", *everyday.SECTIONS, "profile"):
         if ctx.notes.get(section):
             out += ["", f"### {section}", ""] + [
                 f"- {n}" if "\n" not in n else n for n in ctx.notes[section]
@@ -1006,7 +910,7 @@ def main() -> None:
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.perf_counter()
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    work = Path(tempfile.mkdtemp(prefix="daman-bench-", dir=args.workdir))
+    work = Path(tempfile.mkdtemp(prefix="daman-bench-", dir=args.workdir)).resolve()
     server = MotoServer(work / "moto.log", plain=args.plain_moto)
     candidate = args.candidate.resolve() if args.candidate else None
     if candidate and not (candidate / "daman" / "__init__.py").exists():
@@ -1026,6 +930,9 @@ def main() -> None:
             section_panel(ctx)
         if "mapped" in sections:
             run_mapped(ctx)
+        for name in everyday.SECTIONS:
+            if name in sections:
+                everyday.run_section(ctx, name)
         server_rss = server.rss()
     finally:
         server.stop()

@@ -7,19 +7,30 @@
       objects/<sha256(key)>.<random>      one file per cached version of a key
       tmp/<pid>-<random>.incomplete       files being written (downloads, pushes), each
                                           flock-ed by its writer from birth to removal
+      tmp/<objects file>.adding           a hard link to a file ``add`` is moving into
+                                          objects/, locked until its transaction is over
       locks/ab.lock            256 lock stripes; a key's stripe is ab = sha256(key)[:2]
 
 Least recently used means least recently *used*, not oldest by the wall clock: every use takes
 the next number of a sequence kept in the index (``totals.seq``), so a clock that jumps (a
-laptop corrected by NTP, a VM resumed) cannot reorder eviction.
+laptop corrected by NTP, a VM resumed) cannot reorder eviction. A cache hit (``touch``) costs no
+write lock: its use is kept in memory, in order, and written with the process's next write to
+the index (so always before this process evicts anything), after ``TOUCH_BATCH`` hits, at most
+``TOUCH_SECONDS`` after it happened, before entries are listed in LRU order, and at ``close``
+and exit. What that relaxes: another process sharing ``local_dir`` sees a hit up to
+``TOUCH_SECONDS`` (or ``TOUCH_BATCH`` hits) late, and numbered when it is written rather than
+when it happened, so it may evict an entry this process used within that window; a process
+that ends without exit handlers (``os._exit``, a kill) loses its last unwritten hits.
 
 Invariants, restored on open after any crash:
 
 - a row in ``entries`` exists only while its file exists with the recorded size, and
   ``totals.size`` (kept by triggers) equals the sum of the entries' sizes;
-- a file in ``objects/`` without a row is listed in ``journal`` until it is unlinked: files
-  are journaled *before* they are renamed into place and when their row is deleted, so a
-  SIGKILL at any point leaves only files the next open can find without scanning the cache;
+- a file in ``objects/`` without a row is listed in ``journal`` until it is unlinked, or has
+  a ``tmp/<file>.adding`` link: a file being added gets that link (locked) before it is
+  renamed into place and loses it once the row is committed (one write transaction), files
+  whose row is deleted are journaled in the same transaction, so a SIGKILL at any point
+  leaves only files the next open can find without scanning the cache;
 - once an operation has finished, ``totals.size <= allocated_space``. Eviction deletes the
   least recently used rows that are not persisted, in small batches (never a scan), inside
   the transaction that adds the new entry, so concurrent processes cannot over-commit.
@@ -32,6 +43,7 @@ A forked child never uses its parent's SQLite connections or locks (see ``forksa
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import fcntl
@@ -41,6 +53,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -98,6 +111,13 @@ _OBJECT_FILE = re.compile(r"[0-9a-f]{64}\.[0-9a-f]{12}")
 """The names ``add`` gives cached files: ``<sha256 of the key>.<random>``."""
 _TEMP_FILE = re.compile(r"\d+-[0-9a-f]{32}\.(incomplete|new)")
 """The names ``temp_file`` gives: ``<pid>-<random>.incomplete`` (``.new`` until locked)."""
+_ADDING = ".adding"
+_ADDING_FILE = re.compile(r"([0-9a-f]{64}\.[0-9a-f]{12})\.adding")
+"""``tmp/<objects file>.adding``: the mark of a file ``add`` is moving into ``objects/``."""
+TOUCH_BATCH = 1000
+"""Hits recorded in memory before they are written to the index."""
+TOUCH_SECONDS = 1.0
+"""The longest a hit stays unwritten (a timer writes it)."""
 _DAMAGED = ("malformed", "not a database", "corrupt", "no such table", "no such column")
 """What SQLite says of an index that is damaged (or not daman's)."""
 _EVICT_BATCH = 64
@@ -162,6 +182,21 @@ class IndexDamagedError(LocalFileError):
     """The cache's index cannot be read; ``Cache.rebuild`` makes a new one."""
 
 
+_open_caches: weakref.WeakSet[Cache] = weakref.WeakSet()
+
+
+@atexit.register
+def _write_uses_at_exit() -> None:
+    for cache in list(_open_caches):
+        with contextlib.suppress(Exception):  # at exit: an index gone or damaged is no matter
+            cache.flush_uses()
+
+
+def _write_uses_later(cache: Cache) -> None:
+    with contextlib.suppress(Exception):  # a timer's thread: the next write tries again
+        cache.flush_uses()
+
+
 class Cache:
     """One ``local_dir``. Thread-safe; several processes may open the same folder, and a
     forked child may go on using a cache its parent opened."""
@@ -179,8 +214,15 @@ class Cache:
         self._local = threading.local()
         self._stripes: dict[str, threading.Lock] = {}
         self._stripes_lock = threading.Lock()
-        self._temp_locks: dict[str, int] = {}  # temp file -> the descriptor locking it
+        self._temp_locks: dict[str, int] = {}
+        """Temp files this process holds the lock of (``temp_file``): path -> descriptor."""
+        self._uses: dict[str, None] = {}
+        """Keys used (``touch``) and not yet written to the index, oldest use first."""
+        self._uses_lock = threading.Lock()
+        self._hits = 0  # touches since the uses were last written
+        self._uses_timer: threading.Timer | None = None
         forksafe.at_fork_in_child(self, Cache._after_fork_in_child)
+        _open_caches.add(self)
         try:
             self._migrate()
         except IndexDamagedError:
@@ -228,7 +270,11 @@ class Cache:
                 db.close()
         self._stripes = {}
         self._stripes_lock = threading.Lock()
-        self._temp_locks = {}
+        self._temp_locks = {}  # their locks are the parent's
+        self._uses = {}  # the parent's hits: the parent writes them
+        self._hits = 0
+        self._uses_lock = threading.Lock()
+        self._uses_timer = None  # threads do not survive a fork
 
     def _db(self) -> sqlite3.Connection:
         """This thread's connection (made in this process: never one a parent made)."""
@@ -344,17 +390,46 @@ class Cache:
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrades
-        that could deadlock between processes)."""
+        that could deadlock between processes). The hits recorded in memory are written
+        first, so that whatever the transaction decides (eviction) knows them."""
         with self._connection() as db:
             db.execute("BEGIN IMMEDIATE")
+            uses: list[str] = []
             try:
+                uses = self._take_uses()
+                if uses:
+                    (last,) = db.execute(
+                        "UPDATE totals SET seq = seq + ? RETURNING seq", (len(uses),)
+                    ).fetchone()
+                    db.executemany(
+                        "UPDATE entries SET accessed = ? WHERE key = ?",
+                        [(last - len(uses) + n, key) for n, key in enumerate(uses, start=1)],
+                    )
                 yield db
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:  # also when COMMIT itself failed (disc full, I/O error)
                     db.execute("ROLLBACK")
                 self._release_claim()  # files it claimed stay as they were
+                self._restore_uses(uses)
                 raise
+
+    def _take_uses(self) -> list[str]:
+        with self._uses_lock:
+            uses, self._uses, self._hits = list(self._uses), {}, 0
+            if self._uses_timer is not None:
+                self._uses_timer.cancel()
+                self._uses_timer = None
+        return uses
+
+    def _restore_uses(self, uses: list[str]) -> None:
+        """Put back hits whose transaction rolled back (before any recorded since)."""
+        if uses:
+            with self._uses_lock:
+                later, self._uses = self._uses, dict.fromkeys(uses)
+                for key in later:
+                    self._uses.pop(key, None)
+                    self._uses[key] = None
 
     def _stripe_lock(self, stripe: str) -> threading.Lock:
         with self._stripes_lock:
@@ -433,12 +508,12 @@ class Cache:
             forksafe.untrack_fd(fd)
             os.close(fd)
 
-    def _temp_lock(self, tmp: Path, *, held: bool) -> None:
-        """Take back (or put again) the writer's lock on a temp file of ours: once the file
-        is in ``objects/`` it is a cached file, which only a mapping may lock."""
+    def _release_temp_lock(self, tmp: Path) -> None:
+        """Drop the writer's lock on a temp file of ours that ``add`` moved into the cache
+        (the descriptor itself stays ``temp_file``'s to close)."""
         fd = self._temp_locks.get(str(tmp))
         if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX if held else fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _entry(self, row: tuple) -> CacheEntry:
         key, file, size, etag, sha256, created, accessed, persist = row
@@ -581,16 +656,44 @@ class Cache:
                 found[key] = CachedState(bool(persist), etag)
         return found
 
+    def states_under(self, prefix: str) -> dict[str, CachedState]:
+        """What is cached of the keys starting with ``prefix`` (one range read of the
+        primary key, as a listing of that prefix needs it)."""
+        sql = "SELECT key, persist, etag FROM entries"
+        params: tuple[str, ...] = ()
+        if prefix:
+            sql += " WHERE key >= ?"  # UTF-8 text compares as code points: a range
+            params = (prefix,)
+            if ord(prefix[-1]) < 0x10FFFF:
+                sql += " AND key < ?"
+                params += (prefix[:-1] + chr(ord(prefix[-1]) + 1),)
+        return {
+            key: CachedState(bool(persist), etag)
+            for key, persist, etag in self._query(sql, params)
+            if key.startswith(prefix)
+        }
+
     def entries(self) -> list[CacheEntry]:
+        self.flush_uses()  # listed in the order of use: this process's hits included
         rows = self._query(f"SELECT {_COLUMNS} FROM entries ORDER BY accessed DESC")
         return [self._entry(row) for row in rows]
 
     def eviction_candidates(self, limit: int) -> list[CacheEntry]:
         """The entries eviction would remove next, least recently used first: what the next
         push or pull that needs room takes (persisted entries never are)."""
+        self.flush_uses()
         rows = self._db().execute(
             f"SELECT {_COLUMNS} FROM entries WHERE persist = 0 ORDER BY accessed LIMIT ?",
             (limit,),
+        )
+        return [self._entry(row) for row in rows]
+
+    def persisted_entries(self) -> list[CacheEntry]:
+        """The persisted entries, most recently used first: the LRU index starts with
+        ``persist``, so this reads those rows only."""
+        self.flush_uses()
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM entries WHERE persist = 1 ORDER BY accessed DESC"
         )
         return [self._entry(row) for row in rows]
 
@@ -611,9 +714,29 @@ class Cache:
     # -- writing -------------------------------------------------------------------------
 
     def touch(self, key: str) -> None:
-        with self._write() as db:
-            (use,) = db.execute(_NEXT_USE).fetchone()
-            db.execute("UPDATE entries SET accessed = ? WHERE key = ?", (use, key))
+        """Record a use of ``key`` (a cache hit) for LRU eviction, without a write to the index
+        now: see the module's docstring for when it is written."""
+        with self._uses_lock:
+            self._uses.pop(key, None)
+            self._uses[key] = None
+            self._hits += 1
+            due = self._hits >= TOUCH_BATCH
+            if not due and self._uses_timer is None:
+                # The timer holds the cache: hits of a cache dropped unclosed are written too.
+                timer = threading.Timer(TOUCH_SECONDS, _write_uses_later, (self,))
+                timer.daemon = True  # never keeps the interpreter from exiting
+                timer.name = "daman-uses"
+                self._uses_timer = timer
+                timer.start()
+        if due:
+            self.flush_uses()
+
+    def flush_uses(self) -> None:
+        """Write the hits recorded in memory to the index (one write transaction; nothing to
+        do when there are none)."""
+        if self._uses:
+            with self._write():
+                pass  # _write writes them first
 
     def add(
         self,
@@ -637,9 +760,10 @@ class Cache:
             return None
         file = f"{key_digest(key)}.{uuid.uuid4().hex[:12]}"
         final = self.objects_dir / file
-        with self.key_lock(key):
-            with self._write() as db:  # journaled first: a crash after the rename leaves no orphan
-                db.execute("INSERT INTO journal (file, key) VALUES (?, ?)", (file, key))
+        with self.key_lock(key), self._marked(tmp_path, file) as marked:
+            if not marked:  # journaled first: a crash after the rename leaves no orphan
+                with self._write() as db:
+                    db.execute("INSERT INTO journal (file, key) VALUES (?, ?)", (file, key))
             try:
                 with self._write() as db:
                     old = db.execute(
@@ -649,7 +773,6 @@ class Cache:
                     need = size - (old[1] if old and not old_mapped else 0)
                     evicted = self._evict(db, need, exclude=key, may_evict=evict)
                     os.replace(tmp_path, final)
-                    self._temp_lock(tmp_path, held=False)
                     now = time.time()
                     (use,) = db.execute(_NEXT_USE).fetchone()
                     persist = persist or bool(old and old[2])
@@ -675,21 +798,56 @@ class Cache:
                             "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             (key, file, size, etag, sha256, now, use, int(persist)),
                         )
-                    db.execute("DELETE FROM journal WHERE file = ?", (file,))
+                    if not marked:
+                        db.execute("DELETE FROM journal WHERE file = ?", (file,))
             except BaseException as exc:
                 if final.exists() and not tmp_path.exists():
                     os.replace(final, tmp_path)  # give the caller its file back
-                    self._temp_lock(tmp_path, held=True)
-                with self._write() as db:
-                    db.execute("DELETE FROM journal WHERE file = ?", (file,))
+                if not marked:
+                    with self._write() as db:
+                        db.execute("DELETE FROM journal WHERE file = ?", (file,))
                 if isinstance(exc, _DoesNotFit):
                     # A cached older version is superseded by the one that did not fit:
                     # keeping it would let a pull without the current-check serve stale data.
                     self.remove(key, unless_etag=etag)
                     return None
                 raise
+        # Held until the row was committed (``_recover_add`` reads an unlocked mark as a
+        # dead add); now the file is a cached one, which only a mapping may lock.
+        self._release_temp_lock(tmp_path)
         self._unlink_journaled(evicted)
         return CacheEntry(key, final, size, etag, sha256, now, use, persist)
+
+    @contextlib.contextmanager
+    def _marked(self, tmp_path: Path, file: str) -> Iterator[bool]:
+        """``tmp/<file>.adding``, a hard link to ``tmp_path`` that stays locked while ``add``
+        renames the file into ``objects/`` and commits its row, so that ``add`` needs one
+        write transaction: if the process dies in between, the next ``recover`` finds the
+        file by the link's name (``objects/`` is never scanned). The lock is the one
+        ``temp_file`` holds, or one taken here on other files. Yields False when no such
+        link can be made (a file system without hard links, a file another process holds
+        locked): the caller then journals the file first, in a transaction of its own."""
+        marker = self.tmp_dir / f"{file}{_ADDING}"
+        fd = None
+        linked = False
+        try:
+            if str(tmp_path) not in self._temp_locks:  # not our temp file: lock it first
+                with forksafe.sqlite_section():  # no fork between opening and tracking
+                    fd = os.open(tmp_path, os.O_RDONLY | os.O_CLOEXEC)
+                    forksafe.track_fd(fd)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked before the link exists
+            os.link(tmp_path, marker)
+            linked = True
+        except OSError:  # also BlockingIOError: another process holds the file locked
+            pass
+        try:
+            yield linked
+        finally:
+            if linked:
+                marker.unlink(missing_ok=True)
+            if fd is not None:
+                forksafe.untrack_fd(fd)
+                os.close(fd)
 
     def _evict(
         self,
@@ -796,11 +954,33 @@ class Cache:
                     self._unlink_journaled([file])
         self._reclaim_retired()
         for tmp in self.tmp_dir.iterdir():
+            adding = _ADDING_FILE.fullmatch(tmp.name)
+            if adding is not None:
+                self._recover_add(tmp, adding[1])
+                continue
             match = _TEMP_FILE.fullmatch(tmp.name)
             if match is None:
                 continue  # not a name temp_file gives: not ours to delete
             # A *.new file is between creation and its lock: spare it a few seconds.
             _remove_if_abandoned(tmp, grace=_TEMP_GRACE_SECONDS if match[1] == "new" else 0)
+
+    def _recover_add(self, marker: Path, file: str) -> None:
+        """The mark of an add (see ``_marked``) that nobody holds locked: its process is
+        gone. The file it renamed into ``objects/`` stays only if its row was committed."""
+        try:
+            fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # removed meanwhile
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # the add is in progress
+            if not self._query("SELECT 1 FROM entries WHERE file = ?", (file,)):
+                (self.objects_dir / file).unlink(missing_ok=True)
+            marker.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
     def reconcile(self) -> dict[str, int | None]:
         """Full check (a scan of the index and the folder): rebuild a damaged index, drop
@@ -832,7 +1012,8 @@ class Cache:
         for path in self.objects_dir.iterdir():
             if not _OBJECT_FILE.fullmatch(path.name):
                 continue  # not a name this cache gives: not ours to delete
-            if path.name not in known:
+            adding = (self.tmp_dir / f"{path.name}{_ADDING}").exists()  # recover() decides
+            if path.name not in known and not adding:
                 # Re-check under the index lock: an add may have committed since we looked.
                 with self._write() as db:
                     still_orphan = not db.execute(
@@ -848,7 +1029,10 @@ class Cache:
         return {"dropped_rows": dropped, "orphan_files": orphans, "rebuilt_index": rebuilt}
 
     def close(self) -> None:
-        """Close this thread's connection (if this process made it)."""
+        """Write the hits recorded in memory, and close this thread's connection (if this
+        process made it)."""
+        with contextlib.suppress(DamanError):  # a damaged index: rebuild() keeps them
+            self.flush_uses()
         db = self._local.__dict__.pop("db", None)
         if db is not None and self._local.pid == os.getpid():
             with forksafe.sqlite_section():

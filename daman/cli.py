@@ -288,9 +288,7 @@ def configure_main(argv: Sequence[str] | None = None) -> int:
         choices=CHECKSUM_MODES,
         help="request checksums; when_required for S3-compatible stores that reject them",
     )
-    parser.add_argument(
-        "--connect_timeout", default=keep, type=float, help="seconds (default 10)"
-    )
+    parser.add_argument("--connect_timeout", default=keep, type=float, help="seconds (default 10)")
     parser.add_argument("--read_timeout", default=keep, type=float, help="seconds (default 60)")
     parser.add_argument(
         "--max_attempts", default=keep, type=int, help="tries per request (default 5)"
@@ -528,15 +526,16 @@ def status_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def action() -> None:
-        with _manager(args.quiet) as manager:
-            usage = manager.usage()
-            mapped = manager.mapped()
-            local_dir = manager.cache.root
+        with _manager(args.quiet) as manager:  # the persisted entries are read in here
+            usage, mapped, local_dir = manager.usage(), manager.mapped(), manager.cache.root
+            if args.json:
+                data = {**report.usage_data(usage, local_dir), "mapped": report.mapped_data(mapped)}
+            else:
+                lines = report.usage_lines(usage, local_dir) + report.mapped_lines(mapped)
         if args.json:
-            data = report.usage_data(usage, local_dir)
-            _print_json({**data, "mapped": report.mapped_data(mapped)})
+            _print_json(data)
         else:
-            print("\n".join(report.usage_lines(usage, local_dir) + report.mapped_lines(mapped)))
+            print("\n".join(lines))
 
     return _run("dm_status", action)
 
@@ -574,11 +573,11 @@ def clear_main(argv: Sequence[str] | None = None) -> int:
 
     def action() -> None:
         with _manager(args.quiet) as manager:
-            before = len(manager.usage().entries)
+            before = manager.usage().count
             freed = manager.clear()
             after = manager.usage()
-        evicted = report.count(before - len(after.entries), "entry", "entries")
-        kept = report.count(len(after.entries), "persisted entry", "persisted entries")
+        evicted = report.count(before - after.count, "entry", "entries")
+        kept = report.count(after.count, "persisted entry", "persisted entries")
         print(f"freed {format_size(freed)} ({evicted}); kept {kept} ({format_size(after.used)})")
 
     return _run("dm_clear", action)

@@ -294,8 +294,7 @@ def read_config_fields(path: Path | None = None) -> dict[str, Any]:
         raise NotConfiguredError(
             f"daman is not configured ({path} does not exist). Run "
             "`dm_configure --storage_name NAME --service {aws,gcs,azure,local}` or call "
-            "dm.configure(...)."
-            + legacy_setup_hint()
+            "dm.configure(...)." + legacy_setup_hint()
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(

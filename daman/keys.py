@@ -51,6 +51,26 @@ def validate_key(key: object) -> str:
     return key
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.\-]+(?:/[A-Za-z0-9_.\-]+)*")
+"""Keys of ASCII letters, digits, ``_``, ``.`` and ``-``, without empty parts: valid at a
+glance unless a part is ``.`` or ``..`` or too long (listings check many keys)."""
+
+
+def is_valid_key(key: str) -> bool:
+    """Whether :func:`validate_key` accepts ``key``; most keys answer with one regex."""
+    if len(key) <= MAX_SEGMENT_BYTES and _PLAIN_KEY.fullmatch(key):
+        if "." not in key:
+            return True
+        parts = key.split("/")
+        if "." not in parts and ".." not in parts:
+            return True
+    try:
+        validate_key(key)
+    except InvalidKeyError:
+        return False
+    return True
+
+
 def validate_prefix(prefix: object) -> str:
     """A listing prefix: any text that some valid key starts with (``""``, ``"team/"``,
     ``"team/da"``, ``"."``, ``"a "``): its complete parts must be valid parts of a key; its

@@ -70,14 +70,19 @@ class ListingCache:
             return  # a partial name: the level holding it was not listed whole
         prefixes: dict[str, set[str]] = {prefix: set()}
         objects: dict[str, list[ObjectInfo]] = {prefix: []}
+        levels: dict[str, str] = {"": prefix}  # folder under prefix -> its level
         for info in infos:
-            level = prefix
-            for part in info.key[len(prefix) :].split("/")[:-1]:
-                below = f"{level}{part}/"
-                prefixes[level].add(below)
-                prefixes.setdefault(below, set())
-                objects.setdefault(below, [])
-                level = below
+            folder = info.key[len(prefix) :].rpartition("/")[0]
+            level = levels.get(folder)
+            if level is None:  # keys come sorted: once per folder
+                level = prefix
+                for part in folder.split("/"):
+                    below = f"{level}{part}/"
+                    prefixes[level].add(below)
+                    prefixes.setdefault(below, set())
+                    objects.setdefault(below, [])
+                    level = below
+                levels[folder] = level
             objects[level].append(info)
         with self._lock:
             if since != self._generation:

@@ -10,6 +10,8 @@ import contextlib
 import contextvars
 import dataclasses
 import enum
+import functools
+import gc
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -17,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from . import forksafe
 from . import legacy as legacy_format
 from .cache import Cache, CachedState, CacheEntry
 from .cells import assigned_names, cell_outputs, stored_variables
@@ -37,7 +40,7 @@ from .errors import (
     os_errors,
     warn,
 )
-from .files import atomic_write
+from .files import atomic_write, open_empty
 from .keys import validate_key, validate_prefix
 from .listing import ListingCache
 from .serialize import (
@@ -51,7 +54,7 @@ from .serialize import (
     read_footer,
     write_object,
 )
-from .store import ObjectInfo, Store, WriteUnconfirmedError, open_store
+from .store import ObjectInfo, Store, WriteUnconfirmedError, describe_store, open_store
 
 if TYPE_CHECKING:
     from .panel import Panel
@@ -151,21 +154,31 @@ class KeyListing:
     outdated: bool = False
     """Cached here, but the store holds a newer version (someone pushed again)."""
     etag: str = ""
-    """The stored version, as the listing saw it."""
+    """The stored version, as the listing saw it; empty when the listing did not read it (a
+    local folder's listing reads the versions of the keys cached here only)."""
 
     @classmethod
     def of(
         cls, info: ObjectInfo, state: CachedState | None, *, legacy: bool | None = None
     ) -> KeyListing:
         """A listed object, with what this machine's cache holds of it (``state``)."""
+        if state is None:  # most keys of a long listing: made as ObjectInfo.listed makes its
+            listing = object.__new__(cls)  # own (the constructor's result, field for field)
+            fields = listing.__dict__
+            fields["key"], fields["size"] = info.key, info.size
+            fields["last_modified"], fields["cached"], fields["persist"] = (
+                info.last_modified, False, False,
+            )  # fmt: skip
+            fields["legacy"], fields["outdated"], fields["etag"] = legacy, False, info.etag
+            return listing
         return cls(
             info.key,
             info.size,
             info.last_modified,
-            cached=state is not None,
-            persist=state is not None and state.persist,
+            cached=True,
+            persist=state.persist,
             legacy=legacy,
-            outdated=state is not None and bool(info.etag) and state.etag != info.etag,
+            outdated=bool(info.etag) and state.etag != info.etag,
             etag=info.etag,
         )
 
@@ -241,17 +254,32 @@ class ObjectDetails:
 
 @dataclasses.dataclass(frozen=True)
 class Usage:
-    """Local disc use against the allocation."""
+    """Local disc use against the allocation. The totals come from the sums the index keeps
+    (instant at any number of entries); ``entries`` and ``persisted`` are read from the index
+    when first asked, and kept."""
 
     used: int
     allocated: int | None
-    entries: list[CacheEntry]
+    count: int
+    """How many entries the cache holds."""
     store: str = ""
     """The store in use, as messages name it."""
+    cache: Cache | None = dataclasses.field(default=None, repr=False, compare=False)
+    """Where ``entries`` and ``persisted`` are read from."""
 
-    @property
+    @functools.cached_property
+    def entries(self) -> list[CacheEntry]:
+        """Every cached entry, most recently used first (one row per entry: a long list for
+        a large cache)."""
+        return self.cache.entries() if self.cache is not None else []
+
+    @functools.cached_property
     def persisted(self) -> list[CacheEntry]:
-        return [entry for entry in self.entries if entry.persist]
+        """The persisted entries, most recently used first (read through the LRU index, not
+        every row)."""
+        if "entries" in self.__dict__ or self.cache is None:
+            return [entry for entry in self.entries if entry.persist]
+        return self.cache.persisted_entries()
 
     @property
     def free(self) -> int | None:
@@ -260,7 +288,7 @@ class Usage:
     def __str__(self) -> str:
         return (
             f"{format_size(self.used)} used of {format_size(self.allocated)} "
-            f"({len(self.entries)} entries, {sum(e.persist for e in self.entries)} persisted)"
+            f"({self.count} entries, {len(self.persisted)} persisted)"
         )
 
 
@@ -292,6 +320,21 @@ def _disc_errors(where: Path) -> contextlib.AbstractContextManager[None]:
     return os_errors(
         where, "Free some space, or lower allocated_space / move local_dir with dm_configure"
     )
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No garbage collection passes while a long listing is built: 100,000 keys make several
+    hundred thousand objects, none in a cycle, whose allocation alone triggers full passes
+    over every object of the process (a notebook's whole heap); in ``ls`` of a folder they
+    took 40 % of the time. The collector runs again, as before, once the listing is made."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _check_key(footer: Footer, key: str) -> None:
@@ -356,14 +399,33 @@ class Manager:
     ) -> None:
         config.check_folders()
         self.config = config
-        self.store = store or open_store(config)
+        self._store = store
+        self._store_lock = threading.Lock()
+        forksafe.at_fork_in_child(self, Manager._after_fork_in_child)
         self.cache = cache or Cache(config.cache_dir, config.allocated_space)
         self.signing_key = config.signing_secret
         self.listings = ListingCache()
         """Level listings kept a few seconds, shared by the panel and key completion."""
 
+    @property
+    def store(self) -> Store:
+        """The store, opened on first use: what only looks at the local cache (``usage``,
+        ``set_persist``, ``clear``, ``verify``, ``disc``: dm_status, dm_persist, dm_clear,
+        dm_verify) makes no client and, for S3, does not import boto3."""
+        store = self._store
+        if store is None:
+            with self._store_lock:
+                if self._store is None:
+                    self._store = open_store(self.config)
+                store = self._store
+        return store
+
+    def _after_fork_in_child(self) -> None:
+        self._store_lock = threading.Lock()  # another thread may have held it at the fork
+
     def close(self) -> None:
-        self.store.close()
+        if self._store is not None:
+            self._store.close()
         self.cache.close()
 
     def __enter__(self) -> Manager:
@@ -447,7 +509,7 @@ class Manager:
         meta_bytes = dumps_meta(meta)
         with self.cache.temp_file() as tmp:
             with _disc_errors(self.cache.root):
-                with open(tmp, "wb", buffering=_WRITE_BUFFER) as f:
+                with open_empty(tmp, buffering=_WRITE_BUFFER) as f:
                     footer = write_object(obj, meta_bytes, f, self.signing_key, key)
                 size = tmp.stat().st_size
             with self._progress(f"push {key}") as progress:
@@ -839,8 +901,7 @@ class Manager:
             earlier = [name for name in missing if name in after]
             why = f" ({', '.join(earlier)} only left by an earlier cell)" if earlier else ""
             raise InvalidArgumentError(
-                f"the cell did not set {', '.join(missing)}{why}; nothing was pushed to "
-                f"{key!r}."
+                f"the cell did not set {', '.join(missing)}{why}; nothing was pushed to {key!r}."
             )
         return self.push(values, key, meta={"variables": list(names), "cell": cell})
 
@@ -923,27 +984,20 @@ class Manager:
         ``legacy``, daman 0.2 objects are marked, at the cost of reading each key's last 16
         bytes (on S3 one small request per key, 8 at a time; a listing cannot tell)."""
         validate_prefix(prefix)
-        listing: list[KeyListing] = []
-        page: list[ObjectInfo] = []
-        seen: list[ObjectInfo] = []
         since = self.listings.generation
-
-        def flush() -> None:
-            states = self.cache.states([info.key for info in page])
-            old = legacy_format.find(self.store, page) if legacy else None
-            listing.extend(
-                KeyListing.of(i, states.get(i.key), legacy=None if old is None else i.key in old)
-                for i in page
-            )
-            page.clear()
-
-        for info in self.store.list(prefix):
-            page.append(info)
-            seen.append(info)
-            if len(page) == 1000:
-                flush()
-        flush()
-        self.listings.put_keys(prefix, seen, limit=LEVEL_PAGE, since=since)
+        # The versions of the keys cached here tell whether a copy is outdated; a folder
+        # store reads them from each file's footer, so it is asked for those keys only.
+        states = self.cache.states_under(prefix)
+        with _collector_paused():
+            infos = list(self.store.list_fast(prefix, versions=states.keys()))
+            if legacy:  # pages of 1,000 keys, 8 reads at a time
+                old: set[str] = set()
+                for start in range(0, len(infos), 1000):
+                    old |= legacy_format.find(self.store, infos[start : start + 1000])
+                listing = [KeyListing.of(i, states.get(i.key), legacy=i.key in old) for i in infos]
+            else:
+                listing = [KeyListing.of(i, states.get(i.key)) for i in infos]
+        self.listings.put_keys(prefix, infos, limit=LEVEL_PAGE, since=since)
         return listing
 
     def ls_level(
@@ -971,14 +1025,16 @@ class Manager:
         return LevelListing(prefix, list(level.prefixes), keys, level.token)
 
     def usage(self) -> Usage:
-        """Local disc use against the allocation, every cached entry (most recently used
-        first) and the store in use; asks nothing of the store."""
-        entries = self.cache.entries()
+        """Local disc use against the allocation and the store in use, from the index's totals;
+        every cached entry (most recently used first) when ``entries`` is read. Asks nothing
+        of the store (nor opens it)."""
+        totals = self.cache.usage()
         return Usage(
-            used=sum(e.size for e in entries),
-            allocated=self.cache.allocated_space,
-            entries=entries,
-            store=self.store.describe(),
+            used=totals.used,
+            allocated=totals.allocated,
+            count=totals.count,
+            store=describe_store(self.config) if self._store is None else self.store.describe(),
+            cache=self.cache,
         )
 
     def verify(self, key: str | None = None) -> VerifyReport:

@@ -156,7 +156,7 @@ def usage_data(usage: Usage, local_dir: Path) -> dict[str, Any]:
         used=usage.used,
         allocated=usage.allocated,
         free=usage.free,
-        entries=len(usage.entries),
+        entries=usage.count,
         persisted=[dict(key=e.key, size=e.size) for e in usage.persisted],
     )
 
@@ -167,7 +167,7 @@ def usage_lines(usage: Usage, local_dir: Path) -> list[str]:
         f"store:      {usage.store}",
         f"local_dir:  {local_dir}",
         f"used:       {format_size(usage.used)} of {format_size(usage.allocated)}{share}",
-        f"entries:    {len(usage.entries)} cached, {len(usage.persisted)} persisted",
+        f"entries:    {usage.count} cached, {len(usage.persisted)} persisted",
     ]
     lines += [f"  {format_size(entry.size):>10}  {entry.key}" for entry in usage.persisted]
     return lines

@@ -60,6 +60,10 @@ _PAD = bytes(ALIGN)
 _HASH_CHUNK = 8 * 1024 * 1024
 _MAP_MIN_BYTES = 1024 * 1024  # out-of-band buffers this large are read into fresh mappings
 _PARALLEL_HASH_BYTES = 4 * 1024 * 1024
+_INLINE_HASH_BYTES = 1024 * 1024
+"""Downloads up to this size are hashed inline once whole (``PrefixHasher.digest``): they
+arrive in one piece, so a thread could not overlap anything, and starting one costs more
+than hashing them."""
 _FILE_CHUNK = 8 * 1024 * 1024
 
 
@@ -153,6 +157,8 @@ _LATER_FIELDS = ("key", "code", "libraries", "readonly", "stream_sha256", "buffe
 """Footer fields added after signing existed: a signature covers them only when they are
 set, so that objects signed before they existed still verify."""
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(Footer)}
+
+
 def _writer_identity() -> str:
     try:
         user = getpass.getuser()
@@ -454,7 +460,8 @@ class PrefixHasher:
     the footer usually starts. Once the file is whole, ``digest(footer)`` hashes what is left
     of the payload, so the check costs a few MiB after the download instead of a second pass
     over the whole file. ``start(size)`` begins (or, for a download that restarted, begins
-    again); ``close()`` stops the thread."""
+    again); ``close()`` stops the thread. A file of at most ``_INLINE_HASH_BYTES`` gets no
+    thread: ``digest`` hashes all of it."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -475,8 +482,9 @@ class PrefixHasher:
         self.close()
         with self._cond:
             self._reset(size)
-        self._thread = threading.Thread(target=self._run, name="daman-hash", daemon=True)
-        self._thread.start()
+        if size > _INLINE_HASH_BYTES:
+            self._thread = threading.Thread(target=self._run, name="daman-hash", daemon=True)
+            self._thread.start()
 
     def written(self, offset: int, length: int) -> None:
         with self._cond:

@@ -251,9 +251,7 @@ def test_replacing_counts_the_old_size_as_freed(root: Path) -> None:
     assert_consistent(cache)
 
 
-def test_growing_replacement_evicts_others_but_never_its_own_old_file(
-    root: Path
-) -> None:
+def test_growing_replacement_evicts_others_but_never_its_own_old_file(root: Path) -> None:
     cache = Cache(root, 100)
     put(cache, "k", 40)  # the least recently used entry, yet not the one to evict
     put(cache, "a", 40)
@@ -1068,3 +1066,201 @@ def test_threads_sharing_one_cache(root: Path) -> None:
     assert errors == []
     assert cache.usage().count > 0
     assert_consistent(cache)
+
+
+# -- one write transaction per add, hits without a write lock (issue 13) -------------------------
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The write transactions the cache opens from now on (one item each)."""
+    opened: list[int] = []
+    real = Cache._write
+
+    def counted(self: Cache):  # type: ignore[no-untyped-def]
+        opened.append(1)
+        return real(self)
+
+    monkeypatch.setattr(Cache, "_write", counted)
+    return opened
+
+
+@pytest.mark.parametrize("source", ["temp_file", "another file"])
+def test_an_add_is_one_write_transaction(root: Path, writes: list[int], source: str) -> None:
+    """The new file is marked by a locked hard link in tmp/ (not a journal row committed in a
+    transaction of its own) before it is renamed into objects/."""
+    cache = Cache(root, 10_000)
+    put(cache, "old", 100)
+    writes.clear()
+    if source == "temp_file":
+        with cache.temp_file() as tmp:
+            tmp.write_bytes(os.urandom(100))
+            assert cache.add("k", tmp, etag="e", sha256=sha256_of(tmp)) is not None
+    else:
+        put(cache, "k", 100)
+    assert len(writes) == 1
+    assert sorted(path.name for path in cache.tmp_dir.iterdir()) == []
+    assert_consistent(cache)
+
+
+def _crashed_add(cache: Cache, key: str, *, committed: bool) -> tuple[Path, Path]:
+    """What an add killed between its rename into objects/ and its commit leaves (or, when
+    ``committed``, killed after the commit but before its mark was removed)."""
+    file = f"{key_digest(key)}.{os.urandom(6).hex()}"
+    final = cache.objects_dir / file
+    final.write_bytes(b"x" * 100)
+    marker = cache.tmp_dir / f"{file}.adding"
+    os.link(final, marker)
+    if committed:
+        cache._db().execute(
+            "INSERT INTO entries VALUES (?, ?, 100, 'e', 's', 0, 1, 0)", (key, file)
+        )
+    return final, marker
+
+
+@pytest.mark.parametrize("committed", [False, True])
+def test_an_add_killed_around_its_commit_is_recovered_through_its_mark(
+    root: Path, committed: bool
+) -> None:
+    cache = Cache(root, 10_000)
+    final, marker = _crashed_add(cache, "k", committed=committed)
+    cache.close()
+    again = Cache(root, 10_000)  # recovery on open: tmp/ is read, objects/ is not scanned
+    assert not marker.exists()
+    assert final.exists() == committed
+    assert sizes(again) == ({"k": 100} if committed else {})
+    assert_consistent(again)
+
+
+HOLD_MARK = """
+    import fcntl, os, sys
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_the_mark_of_an_add_in_progress_is_left_alone(root: Path) -> None:
+    """An add in another process holds its mark locked: neither recovery nor reconcile
+    touches its file, though no row or journal names it yet."""
+    cache = Cache(root, 10_000)
+    final, marker = _crashed_add(cache, "k", committed=False)
+    holder = run_python(HOLD_MARK, marker, stdin=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        Cache(root, 10_000).close()
+        cache.reconcile()
+        assert final.exists() and marker.exists()
+    finally:
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+    finish(holder)
+    cache.recover()  # the add is over (its process gone): now its file is an orphan
+    assert not final.exists() and not marker.exists()
+    assert_consistent(cache)
+
+
+def _accessed(root: Path) -> dict[str, int]:
+    """The index's order of use, as another process reads it."""
+    import sqlite3
+
+    db = sqlite3.connect(root / "index.sqlite3")
+    try:
+        return dict(db.execute("SELECT key, accessed FROM entries").fetchall())
+    finally:
+        db.close()
+
+
+def test_hits_take_no_write_lock_and_are_written_before_this_process_evicts(
+    root: Path, writes: list[int]
+) -> None:
+    cache = Cache(root, 300)
+    for key in "abc":
+        put(cache, key, 100)
+    before = _accessed(root)
+    writes.clear()
+    cache.touch("a")
+    cache.touch("a")
+    assert writes == [] and _accessed(root) == before  # kept in memory
+    put(cache, "d", 100)  # the add's transaction writes the hit first, then evicts b
+    assert sorted(sizes(cache)) == ["a", "c", "d"]
+    assert len(writes) == 2  # the add (the hit in it), then the evicted file's journal row
+    assert_consistent(cache)
+
+
+def test_hits_are_written_after_a_batch_after_a_while_and_at_close(
+    root: Path, writes: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = Cache(root)
+    for key in ("a", "b"):
+        put(cache, key, 10)
+    writes.clear()
+    for _ in range(cache_module.TOUCH_BATCH - 1):
+        cache.touch("a")
+    assert writes == []
+    cache.touch("b")  # the batch is full: one write for all of them
+    assert len(writes) == 1 and _accessed(root)["b"] > _accessed(root)["a"]
+
+    monkeypatch.setattr(cache_module, "TOUCH_SECONDS", 0.05)
+    cache.touch("a")  # a timer writes it soon, with nothing else happening here
+    deadline = time.monotonic() + 30
+    while _accessed(root)["a"] < _accessed(root)["b"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _accessed(root)["a"] > _accessed(root)["b"]
+
+    monkeypatch.setattr(cache_module, "TOUCH_SECONDS", 3600)
+    cache.touch("b")
+    assert _accessed(root)["a"] > _accessed(root)["b"]
+    cache.close()
+    assert _accessed(root)["b"] > _accessed(root)["a"]
+
+
+TOUCH_AND_EXIT = """
+    import sys
+    from daman.cache import Cache
+    Cache(sys.argv[1]).touch(sys.argv[2])  # never closed: the exit writes it
+"""
+
+
+def test_hits_are_written_when_the_process_exits(root: Path) -> None:
+    cache = Cache(root)
+    for key in ("a", "b"):
+        put(cache, key, 10)
+    cache.close()
+    finish(run_python(TOUCH_AND_EXIT, root, "a"))
+    assert [entry.key for entry in Cache(root).entries()] == ["a", "b"]
+
+
+def test_a_forked_child_leaves_its_parents_hits_to_the_parent(root: Path) -> None:
+    import multiprocessing
+
+    cache = Cache(root)
+    for key in ("a", "b", "c"):
+        put(cache, key, 10)
+    cache.touch("a")  # the parent's hit, not written yet
+
+    def child() -> None:
+        assert cache._uses == {}
+        cache.touch("b")
+        cache.close()  # writes the child's own hit only
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(60)
+    assert process.exitcode == 0
+    order = _accessed(root)
+    assert order["b"] > order["c"] > order["a"]  # the child's hit is in; the parent's is not
+    cache.close()
+    assert _accessed(root)["a"] > _accessed(root)["b"]
+
+
+def test_states_under_a_prefix(root: Path) -> None:
+    cache = Cache(root)
+    keys = ["a", "a/b", "a/c/d", "a0", "ab", "b", "\U0010ffff/x", "\U0010ffff"]
+    for key in keys:
+        put(cache, key, 1, persist=key == "a/b")
+    for prefix in ["", "a", "a/", "a/c", "b", "c", "\U0010ffff", "\U0010ffff/"]:
+        found = cache.states_under(prefix)
+        assert sorted(found) == sorted(key for key in keys if key.startswith(prefix)), prefix
+    assert cache.states_under("a/")["a/b"].persist and not cache.states_under("a/")["a/c/d"].persist

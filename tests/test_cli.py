@@ -452,7 +452,33 @@ def test_ls_level_lists_one_level(config: Config) -> None:
     assert lines[-1].startswith("1 prefix, 1 key, ")
     data = json.loads(run("dm_ls", "team/", "--level", "--json").stdout)
     assert data["prefix"] == "team/" and data["prefixes"] == ["team/a/"] and not data["more"]
-    assert [(k["key"], k["cached"], k["persist"]) for k in data["keys"]] == [
-        ("team/b", True, True)
-    ]
+    assert [(k["key"], k["cached"], k["persist"]) for k in data["keys"]] == [("team/b", True, True)]
     assert run("dm_ls", "nothing/", "--level").stdout == ""
+
+
+LOCAL_ONLY = """
+import sys
+import daman as dm
+from daman.cli import COMMANDS
+
+dm.configure(storage_name="no-such-bucket/team", service="aws", local_dir=sys.argv[1],
+             endpoint_url="http://127.0.0.1:9", check=False)
+assert COMMANDS["status"](["--json"]) == 0
+assert COMMANDS["clear"]([]) == 0
+assert COMMANDS["verify"](["--json"]) == 0
+assert COMMANDS["persist"](["--key", "k"]) == 1  # not cached: a daman error, not a client
+usage, disc = dm.usage(), dm.disc()
+assert usage.store == "s3://no-such-bucket/team/" and usage.count == 0 and disc.entries == 0
+print("boto3" in sys.modules, dm.get_manager()._store is None)
+"""
+
+
+def test_local_only_commands_with_an_s3_configuration_open_no_store(tmp_path: Path) -> None:
+    """dm_status, dm_clear, dm_verify, dm_persist, usage() and disc() read the local cache
+    only: no S3 client is made and boto3 is not even imported (it costs a third of a second)."""
+    result = subprocess.run(
+        [sys.executable, "-c", LOCAL_ONLY, str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False True"

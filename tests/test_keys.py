@@ -101,3 +101,28 @@ def test_traversal_forms_are_always_refused(before: list, bad: str, after: list)
     key = "/".join([*before, bad, *after])
     with pytest.raises(InvalidKeyError):
         validate_key(key)
+
+
+@pytest.mark.parametrize("key", VALID + INVALID + ["a..", "a/.", "./a", "x" * 200, "a/C:x"])
+def test_the_quick_check_agrees_with_validate_key(key: str) -> None:
+    from daman.keys import is_valid_key
+
+    try:
+        validate_key(key)
+        valid = True
+    except InvalidKeyError:
+        valid = False
+    assert is_valid_key(key) == valid
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="ab.-_/ :\\é\x00", max_size=12))
+def test_the_quick_check_agrees_with_validate_key_on_any_text(key: str) -> None:
+    from daman.keys import is_valid_key
+
+    try:
+        validate_key(key)
+        valid = True
+    except InvalidKeyError:
+        valid = False
+    assert is_valid_key(key) == valid

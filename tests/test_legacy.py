@@ -25,12 +25,11 @@ from daman.store import ObjectInfo
 KEY = "signing-key-of-the-team"
 
 
-
-
 @pytest.fixture(params=["local", "s3"])
 def backend(request: pytest.FixtureRequest) -> str:
     """daman 0.2 wrote to S3 only (copies may sit in a folder): not the cloud backends."""
     return request.param
+
 
 @pytest.fixture
 def no_joblib(monkeypatch: pytest.MonkeyPatch) -> None:

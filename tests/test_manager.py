@@ -606,6 +606,13 @@ def test_clear_frees_everything_but_persisted_entries(manager: Manager) -> None:
     assert manager.clear() == 0
 
 
+def test_usage_names_the_store_as_it_does_without_opening_it(config) -> None:
+    with Manager(config) as manager:
+        named = manager.usage().store  # the store is not opened for usage()
+        assert manager._store is None
+        assert named and named == manager.store.describe()
+
+
 def test_verify_finds_and_removes_damaged_copies(manager: Manager) -> None:
     for i in range(3):
         manager.push(np.arange(1000) + i, f"v/{i}")
@@ -636,10 +643,7 @@ def test_verify_finds_and_removes_damaged_copies(manager: Manager) -> None:
         manager.verify("never/cached")
 
 
-
-def test_a_memory_only_pull_of_a_newer_version_evicts_nothing(
-    make_config, tmp_path: Path
-) -> None:
+def test_a_memory_only_pull_of_a_newer_version_evicts_nothing(make_config, tmp_path: Path) -> None:
     """An outdated copy is cached and a colleague pushed a larger version: a memory-only pull
     returns it, drops the outdated copy, and keeps the new one only if it fits in free space
     (never evicting the working set for it)."""
@@ -837,3 +841,53 @@ def test_fetch_reports_progress_to_the_caller_instead_of_a_bar(make_config, monk
         assert heard[0] == (0, entry.size) and heard[-1] == (entry.size, entry.size)
         done = [d for d, _ in heard]
         assert done == sorted(done)  # in order, though parts arrive on several threads
+
+
+def test_usage_is_the_index_totals_and_lists_entries_only_when_asked(
+    manager: Manager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 50,000 entries a listing takes 0.4 s; the totals are kept by the index. The
+    persisted entries (dm_status) are read through the LRU index, not every row."""
+    for i in range(4):
+        manager.push(bytes(100 * (i + 1)), f"u/{i}", persist=i == 1)
+    listed: list[str] = []
+    real_entries = type(manager.cache).entries
+    monkeypatch.setattr(
+        type(manager.cache), "entries", lambda self: listed.append("all") or real_entries(self)
+    )
+    usage = manager.usage()
+    assert (usage.used, usage.count) == (manager.cache.usage().used, 4) and listed == []
+    assert [e.key for e in usage.persisted] == ["u/1"] and listed == []
+    assert str(usage).endswith("(4 entries, 1 persisted)") and listed == []
+    assert [e.key for e in usage.entries] == ["u/3", "u/2", "u/1", "u/0"] and listed == ["all"]
+    assert usage.used == sum(e.size for e in usage.entries)
+
+
+def test_ls_of_a_folder_reads_the_versions_of_cached_keys_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version is a footer read per file; only cached keys need one (is the copy
+    outdated?). A copy outdated by another machine's push still says so."""
+    import daman.store.local as local
+    from daman import ObjectInfo
+    from daman.manager import KeyListing
+
+    store = tmp_path / "store"
+    store.mkdir()
+    config = Config(storage_name=str(store), service="local", local_dir=str(tmp_path / "c"))
+    with Manager(config) as me, Manager(config.replace(local_dir=str(tmp_path / "o"))) as other:
+        for i in range(10):
+            me.push(i, f"k/{i}")
+        me.delete("k/5")  # stored, not cached here
+        other.push("new", "k/3", force=True)  # cached here, outdated
+        read: list[str] = []
+        real_info = local._info
+        monkeypatch.setattr(local, "_info", lambda key, f: read.append(key) or real_info(key, f))
+        listing = {item.key: item for item in me.ls("k/")}
+        assert sorted(read) == sorted(f"k/{i}" for i in range(10) if i != 5)
+        assert [key for key, item in listing.items() if item.outdated] == ["k/3"]
+        assert not listing["k/5"].cached and listing["k/5"].etag == ""
+        assert all(listing[f"k/{i}"].cached for i in range(10) if i != 5)
+    info = ObjectInfo("k", 1, "", None)
+    assert KeyListing.of(info, None) == KeyListing("k", 1, None, False, False, None, False, "")
+    assert vars(KeyListing.of(info, None)) == vars(KeyListing("k", 1, None, False, False))

@@ -83,9 +83,10 @@ def test_a_mapped_file_outlives_eviction_replacement_and_deletion(
     make_config, tmp_path: Path
 ) -> None:
     config = make_config(allocated_space=3 * MiB)
-    with Manager(config) as manager, Manager(
-        config.replace(local_dir=str(tmp_path / "colleague"))
-    ) as colleague:
+    with (
+        Manager(config) as manager,
+        Manager(config.replace(local_dir=str(tmp_path / "colleague"))) as colleague,
+    ):
         manager.push(np.full(MiB // 8, 1.0), "k")  # ~1 MiB
         arrays, _ = manager.pull("k", mmap=True)
         path = manager.cache.get("k").path

@@ -35,12 +35,11 @@ from daman.migrate import choose_local_dir, import_setup, migrate_store, read_le
 KEY = "signing-key-of-the-team"
 
 
-
-
 @pytest.fixture(params=["local", "s3"])
 def backend(request: pytest.FixtureRequest) -> str:
     """daman 0.2 wrote to S3 only (copies may sit in a folder): not the cloud backends."""
     return request.param
+
 
 def formats(manager: Manager, prefix: str = "") -> dict[str, bool | None]:
     return {item.key: item.legacy for item in manager.ls(prefix, legacy=True)}

@@ -260,6 +260,8 @@ GET_ONLY = method_is("GET")
 
 def _same_range_end(request) -> object:
     return request.method, request.target, request.headers.get("range", "").rpartition("-")[2]
+
+
 TRANSIENT = {
     "500": (["500"], None),
     "503": (["503"], None),

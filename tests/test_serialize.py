@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import mmap
@@ -336,3 +337,23 @@ def test_the_prefix_hasher_checks_a_file_written_in_any_order(tmp_path: Path) ->
                     assert footer.sha256 == ser.parse_footer(data, len(data)).sha256
             finally:
                 hasher.close()
+
+
+@pytest.mark.parametrize("nbytes", [1_000, 3 * 1024 * 1024])
+def test_the_prefix_hasher_hashes_small_files_inline(tmp_path: Path, nbytes: int) -> None:
+    """A small download arrives in one piece: nothing for a thread to overlap, and starting
+    one costs more than the hash. Larger ones are hashed by a thread as their ranges land."""
+    data = ser.dump_to_bytes(np.frombuffer(os.urandom(nbytes), np.uint8))
+    path = tmp_path / "o"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        hasher = ser.PrefixHasher(f.fileno())
+        hasher.start(len(data))
+        try:
+            assert (hasher._thread is None) == (len(data) <= ser._INLINE_HASH_BYTES)
+            hasher.written(0, len(data))
+            footer = ser.parse_footer(data, len(data))
+            assert hasher.digest(footer) == hashlib.sha256(data[: footer.payload_size]).hexdigest()
+            assert ser.StoredFile(f).footer == footer
+        finally:
+            hasher.close()

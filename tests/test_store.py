@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import math
 import os
 import socket
@@ -44,6 +45,7 @@ from daman.store.s3 import (
     MULTIPART_THRESHOLD,
     S3Store,
     part_size_for,
+    split,
 )
 
 MiB = 1024 * 1024
@@ -1248,3 +1250,159 @@ def test_s3_asks_about_the_bucket_only_on_its_first_404(bucket: str, s3_endpoint
         with pytest.raises(KeyNotFoundError):
             store.head("missing")
     assert sent == ["HEAD", "HEAD", "HEAD", "HEAD"]  # 3 object HEADs + 1 bucket HEAD
+
+
+# -- one request each way up to the threshold, balanced parts, one pool (issue 13) ------------
+
+
+def _sent(store: S3Store) -> list[tuple[str, str, int]]:
+    """(operation, Range header, body length) of every request ``store`` sends from now on."""
+    sent: list[tuple[str, str, int]] = []
+
+    def record(request: Any, event_name: str, **_: Any) -> None:
+        length = int(request.headers.get("Content-Length", -1))
+        sent.append((event_name.rsplit(".", 1)[-1], request.headers.get("Range", b""), length))
+
+    store.client.meta.events.register("before-send.s3", record)
+    return sent
+
+
+@pytest.mark.parametrize(
+    "size", [MULTIPART_THRESHOLD, MULTIPART_THRESHOLD + 1, 3 * MULTIPART_THRESHOLD + 5]
+)
+def test_requests_up_to_the_threshold_one_each_way_then_balanced_parts_and_no_head(
+    bucket: str, s3_endpoint: str, tmp_path: Path, size: int
+) -> None:
+    store = S3Store.from_config(_s3_config(bucket, s3_endpoint))
+    sent = _sent(store)
+    data = os.urandom(size)
+    store.put("k", _write(tmp_path / "src", data), overwrite=False)
+    uploads = [(op, n) for op, _, n in sent]
+    sent.clear()
+    store.get("k", tmp_path / "dest")
+    assert (tmp_path / "dest").read_bytes() == data
+    gets = [op for op, _, _ in sent]
+    if size <= MULTIPART_THRESHOLD:
+        assert [op for op, _ in uploads] == ["PutObject"]
+        assert gets == ["GetObject"]
+        return
+    assert "HeadObject" not in [op for op, _ in uploads]  # the conditional completion decides
+    parts = sorted(n for op, n in uploads if op == "UploadPart")
+    assert [op for op, _ in uploads].count("CreateMultipartUpload") == 1
+    assert sum(parts) == size and len(parts) >= 2
+    assert parts[0] >= MIN_PART_SIZE and parts[-1] - parts[0] <= len(parts)  # none tiny
+    assert gets[0] == "GetObject" and len(gets) == 1 + len(split(size - MULTIPART_THRESHOLD))
+
+
+@pytest.mark.parametrize(
+    "size", [1, MiB, MULTIPART_THRESHOLD + 1, 8 * MiB * 32 + 900, 80 * GiB + 1, 5 * TiB]
+)
+def test_split_covers_every_byte_in_parts_none_of_them_tiny(size: int) -> None:
+    parts = split(size, start=7)
+    assert parts[0][0] == 7 and sum(n for _, n in parts) == size
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(parts))
+    assert len(parts) <= MAX_PARTS and max(n for _, n in parts) <= 5 * GiB
+    if size >= 2 * MIN_PART_SIZE:
+        assert min(n for _, n in parts) >= MIN_PART_SIZE - len(parts)
+    assert max(n for _, n in parts) - min(n for _, n in parts) <= len(parts)
+
+
+def test_the_rest_of_a_download_starts_with_the_first_answer(
+    bucket: str, s3_endpoint: str, tmp_path: Path
+) -> None:
+    """Ranges past the first are asked for as soon as the first answer's headers give the
+    size, not once the first range has arrived."""
+    store = S3Store.from_config(_s3_config(bucket, s3_endpoint))
+    data = os.urandom(MULTIPART_THRESHOLD + 3 * MiB)
+    store.put("k", _write(tmp_path / "src", data), overwrite=False)
+    asked = threading.Event()
+    first_range_done = []
+
+    def record(request: Any, **_: Any) -> None:
+        if not request.headers.get("Range", b"").startswith(b"bytes=0-"):
+            asked.set()
+
+    store.client.meta.events.register("before-send.s3.GetObject", record)
+
+    def on_written(offset: int, length: int) -> None:
+        if offset == 0:  # the first chunk of the first range: wait for the rest to be asked
+            first_range_done.append(asked.wait(30))
+
+    store.get("k", tmp_path / "dest", on_written=on_written)
+    assert first_range_done == [True]
+    assert (tmp_path / "dest").read_bytes() == data
+
+
+def test_one_pool_per_store_and_process(bucket: str, s3_endpoint: str, tmp_path: Path) -> None:
+    """Transfers of one store share its threads; a forked child makes its own pool (the
+    parent's threads do not exist there: using its pool would hang)."""
+    import multiprocessing
+
+    store = S3Store.from_config(_s3_config(bucket, s3_endpoint))
+    src = _write(tmp_path / "src", os.urandom(MULTIPART_THRESHOLD + MiB))
+    seen: list[set[int]] = []
+    for key in ("a", "b"):
+        threads: set[int] = set()
+        note = functools.partial(lambda threads, n: threads.add(threading.get_ident()), threads)
+        store.put(key, src, overwrite=False, progress=note)
+        seen.append(threads)
+    assert seen[0] and seen[0] == seen[1] and threading.get_ident() not in seen[0]
+    parent_pool = store._pool.get()
+
+    def child(queue: Any) -> None:
+        threads: set[int] = set()
+        store.put("c", src, overwrite=False, progress=lambda n: threads.add(threading.get_ident()))
+        store.get("c", tmp_path / "child-dest")
+        queue.put((store._pool.get() is not parent_pool, bool(threads)))
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    process.join(120)
+    if process.is_alive():
+        process.kill()
+        pytest.fail("the forked child's transfer hung")
+    assert process.exitcode == 0 and queue.get(timeout=10) == (True, True)
+    assert (tmp_path / "child-dest").read_bytes() == src.read_bytes()
+    store.close()
+    store.put("d", src, overwrite=False)  # a closed store's next transfer makes a new pool
+    assert store.head("d").size == src.stat().st_size
+
+
+def test_a_quick_local_listing_reads_only_the_versions_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder's versions are in each file's footer (a read per file): ``list_fast`` gives
+    sizes and dates from ``stat`` and reads the versions of the keys named only."""
+    import daman.store.local as local
+    from daman.serialize import dump_to_bytes
+
+    root = tmp_path / "store"
+    root.mkdir()
+    store = LocalStore(root)
+    for key in ("a", "b/c", "b/d", "e/f/g"):
+        store.put(key, _write(tmp_path / "src", dump_to_bytes(key, key=key)), overwrite=False)
+    (root / "b" / "x.daman.incomplete").write_bytes(b"a push under way")
+    (root / "link.daman").symlink_to(root / "e")  # a link to a folder: neither walked nor listed
+    full = {info.key: info for info in store.list()}
+    read: list[str] = []
+    real_info = local._info
+    monkeypatch.setattr(local, "_info", lambda key, f: read.append(key) or real_info(key, f))
+    quick = list(store.list_fast(versions={"b/d", "z"}))
+    assert [info.key for info in quick] == sorted(full) == ["a", "b/c", "b/d", "e/f/g"]
+    assert read == ["b/d"]
+    for info in quick:
+        expected = full[info.key]
+        assert (info.size, info.last_modified) == (expected.size, expected.last_modified)
+        assert info.etag == (expected.etag if info.key == "b/d" else "")
+    assert [info.key for info in store.list_fast("b/")] == ["b/c", "b/d"]
+    assert [info.key for info in store.list_fast("e/f/g")] == ["e/f/g"]
+
+
+def test_a_listed_object_info_is_the_constructors() -> None:
+    from datetime import datetime, timezone
+
+    when = datetime.now(timezone.utc)
+    made, listed = ObjectInfo("k", 3, "e", when), ObjectInfo.listed("k", 3, "e", when)
+    assert made == listed and vars(made) == vars(listed) and hash(made) == hash(listed)

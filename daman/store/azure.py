@@ -47,7 +47,16 @@ from ..errors import (
 )
 from ..keys import validate_key, validate_prefix
 from ._transfer import TRANSFER_THREADS, MiB, ObjectChangedError, PositionalWriter
-from .base import Level, ObjectInfo, Progress, Store, Written, _no_progress, _no_range
+from .base import (
+    Level,
+    ObjectInfo,
+    Progress,
+    Store,
+    Written,
+    _no_progress,
+    _no_range,
+    bucket_and_prefix,
+)
 
 BLOCK_SIZE = 8 * MiB
 """Single PUT up to this size; above it, staged blocks of this size. Also the first read and
@@ -150,6 +159,16 @@ def _etag(value: str | None) -> str:
     return (value or "").strip('"')
 
 
+def describe_azure(config: Config) -> str:
+    """How messages name the store: ``azure://[account/]container/prefix`` (no client is
+    made)."""
+    account = config.endpoint_url or os.environ.get("AZURE_STORAGE_ACCOUNT") or ""
+    name = _account_of(account) if "://" in account else account
+    where = f"{name}/" if name else ""
+    container, prefix = bucket_and_prefix(config.storage_name)
+    return f"azure://{where}{container}/{prefix}"
+
+
 class _RangeNotSatisfiable(DamanError):
     """A ranged read beyond the blob's end."""
 
@@ -157,10 +176,8 @@ class _RangeNotSatisfiable(DamanError):
 class AzureStore(Store):
     def __init__(self, config: Config) -> None:
         _sdk()  # a missing extra is said at once, not at the first request
-        container, _, prefix = config.storage_name.strip("/").partition("/")
         self.config = config
-        self.container_name = container
-        self.prefix = f"{prefix}/" if prefix else ""
+        self.container_name, self.prefix = bucket_and_prefix(config.storage_name)
         self.max_attempts = config.max_attempts
         # A forked child makes its own client: sockets shared with the parent would mix two
         # processes' requests and answers (the parent's client is neither used nor closed).
@@ -172,10 +189,7 @@ class AzureStore(Store):
         return cls(config)
 
     def describe(self) -> str:
-        account = self.config.endpoint_url or os.environ.get("AZURE_STORAGE_ACCOUNT") or ""
-        name = _account_of(account) if "://" in account else account
-        where = f"{name}/" if name else ""
-        return f"azure://{where}{self.container_name}/{self.prefix}"
+        return describe_azure(self.config)
 
     @property
     def client(self) -> Any:

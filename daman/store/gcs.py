@@ -53,7 +53,16 @@ from ._transfer import (
     ranges,
     run_parallel,
 )
-from .base import Level, ObjectInfo, Progress, Store, Written, _no_progress, _no_range
+from .base import (
+    Level,
+    ObjectInfo,
+    Progress,
+    Store,
+    Written,
+    _no_progress,
+    _no_range,
+    bucket_and_prefix,
+)
 
 SIMPLE_UPLOAD_LIMIT = 8 * MiB
 """Objects up to this size go in one (multipart) request; the SDK's own limit for it."""
@@ -129,6 +138,11 @@ def _blob_class() -> type:
     return HeadersBlob
 
 
+def describe_gcs(config: Config) -> str:
+    """How messages name the store (no client is made)."""
+    return "gs://{}/{}".format(*bucket_and_prefix(config.storage_name))
+
+
 class _RangeNotSatisfiable(DamanError):
     """A ranged read beyond the object's end (or of an empty object)."""
 
@@ -136,10 +150,8 @@ class _RangeNotSatisfiable(DamanError):
 class GCSStore(Store):
     def __init__(self, config: Config) -> None:
         _sdk()  # a missing extra is said at once, not at the first request
-        bucket, _, prefix = config.storage_name.strip("/").partition("/")
         self.config = config
-        self.bucket_name = bucket
-        self.prefix = f"{prefix}/" if prefix else ""
+        self.bucket_name, self.prefix = bucket_and_prefix(config.storage_name)
         self.max_attempts = config.max_attempts
         self.timeout = (config.connect_timeout, config.read_timeout)
         # A forked child makes its own client: sockets shared with the parent would mix two
@@ -152,7 +164,7 @@ class GCSStore(Store):
         return cls(config)
 
     def describe(self) -> str:
-        return f"gs://{self.bucket_name}/{self.prefix}"
+        return describe_gcs(self.config)
 
     @property
     def client(self) -> Any:

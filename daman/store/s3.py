@@ -8,6 +8,10 @@ parallel multipart uploads alike (boto3's managed transfer cannot send the condi
 two machines pushing the same new key at once exactly one wins. Large downloads fetch ranges
 in parallel, each pinned to the first response's ETag (``IfMatch``), so a download never
 mixes two versions of an object.
+
+Objects up to ``MULTIPART_THRESHOLD`` travel in one request each way; larger ones in parts of
+about ``MIN_PART_SIZE`` (the last never much smaller than the others), on one pool of
+``TRANSFER_THREADS`` threads per store and process (a forked child makes its own).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from ..errors import (
     StorageNotFoundError,
     StoreUnavailableError,
 )
+from ..files import open_empty
 from ..keys import validate_key, validate_prefix
 from .base import (
     Level,
@@ -66,9 +71,15 @@ from .base import (
     Written,
     _no_progress,
     _no_range,
+    bucket_and_prefix,
+    describe_s3,
 )
 
-MULTIPART_THRESHOLD = 8 * 1024 * 1024
+MULTIPART_THRESHOLD = 17 * 1024 * 1024
+"""Objects up to this size are uploaded with one PUT and downloaded with one GET; larger ones
+in parallel parts. 16 MiB and a margin, so that 16 MiB of data and daman's footer still make
+one request: a multipart upload costs two more requests (create, complete), and parallel
+parts pay for themselves only once several of at least MIN_PART_SIZE travel at once."""
 QUICK_CONNECT_TIMEOUT = 2.0
 QUICK_READ_TIMEOUT = 10.0
 QUICK_ATTEMPTS = 2
@@ -124,33 +135,94 @@ class _Stopped(Exception):
     """Another part failed (or the user pressed Ctrl-C): this part stops early."""
 
 
-def _run_parallel(tasks: list[Callable[[threading.Event], T]]) -> list[T]:
-    """Run ``tasks`` on TRANSFER_THREADS threads and return their results in order. On the
-    first failure, or Ctrl-C, parts not yet started are cancelled and running ones are told
-    to stop, so an error surfaces at once rather than after the whole transfer."""
-    stop = threading.Event()
-    pool = ThreadPoolExecutor(TRANSFER_THREADS)
-    futures = []
-    try:
-        futures.extend(pool.submit(task, stop) for task in tasks)
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for future in done:
-            if future.exception() is not None:
-                raise future.exception()  # type: ignore[misc]
-        return [future.result() for future in futures]
-    except BaseException:
-        stop.set()
-        for future in futures:
+def _new_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="daman-transfer")
+
+
+class _Parts:
+    """The parts of one transfer, started at once on a pool shared with other transfers and
+    awaited later. On the first failure (or Ctrl-C in the waiting thread) ``wait`` cancels
+    the parts not yet started and tells running ones to stop (``stop``), so an error surfaces
+    at once rather than after the whole transfer; nothing returns before every started part
+    has ended, so the caller may close the file they write to or read from. ``failed`` tells
+    a caller streaming alongside that a part failed."""
+
+    def __init__(self, pool: ThreadPoolExecutor, tasks: list[Callable[[threading.Event], T]]):
+        self.stop = threading.Event()
+        self.failed = threading.Event()
+        self.futures = [pool.submit(self._run, task) for task in tasks]
+
+    def _run(self, task: Callable[[threading.Event], T]) -> T:
+        if self.stop.is_set():
+            raise _Stopped  # stopped before this part's turn came: it never starts
+        try:
+            return task(self.stop)
+        except BaseException:
+            self.failed.set()
+            raise
+
+    def wait(self) -> list[Any]:
+        """The parts' results in order, or the failure that stopped them."""
+        try:
+            done, _ = wait(self.futures, return_when=FIRST_EXCEPTION)
+            failed = any(future.exception() is not None for future in done)
+        except BaseException:
+            self.cancel()
+            raise
+        if failed:
+            self.cancel()
+            errors = [
+                future.exception()
+                for future in self.futures
+                if not future.cancelled() and future.exception() is not None
+            ]  # the parts told to stop say _Stopped: the cause is another part's error
+            raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])  # type: ignore[misc]
+        return [future.result() for future in self.futures]
+
+    def cancel(self) -> None:
+        """Stop: cancel what has not started, and wait until what has is over."""
+        self.stop.set()
+        for future in self.futures:
             future.cancel()
-        raise
-    finally:
-        pool.shutdown(wait=True)
+        wait(self.futures)
+
+
+def _run_parallel(
+    tasks: list[Callable[[threading.Event], T]], pool: ThreadPoolExecutor | None = None
+) -> list[T]:
+    """Run ``tasks`` on ``pool`` (a pool of TRANSFER_THREADS threads made for them, if none)
+    and return their results in order; see :class:`_Parts`."""
+    if pool is None:
+        with _new_pool() as own:
+            return _run_parallel(tasks, own)
+    return _Parts(pool, tasks).wait()
 
 
 def part_size_for(size: int) -> int:
     """Parts of at least 8 MiB, few enough for S3's 10,000-part limit, in whole MiB."""
     mib = 1024 * 1024
     return max(MIN_PART_SIZE, math.ceil(size / MAX_PARTS / mib) * mib)
+
+
+def split(size: int, start: int = 0) -> list[tuple[int, int]]:
+    """``(offset, length)`` of the parts of ``size`` bytes from ``start``: as many parts of at
+    least ``part_size_for(size)`` as fit (one at least), of equal size but the last, which is
+    at most one byte per part smaller. Never a tiny last part, which would cost a request
+    of its own for a few bytes."""
+    count = max(1, size // part_size_for(size))
+    part = -(-size // count)
+    return [(start + offset, min(part, size - offset)) for offset in range(0, size, part)]
+
+
+def _whole(path: Path, size: int) -> bytes:
+    """The file's bytes, for a single PUT: botocore sends a file object with ``Expect:
+    100-continue``, a round trip to the server before the body; bytes (at most
+    MULTIPART_THRESHOLD of them, as a multipart upload holds its parts) go at once."""
+    with open(path, "rb", buffering=0) as f:
+        data = f.read(size + 1)
+    if len(data) != size:
+        raise OSError(f"{path} changed size while it was being uploaded")
+    return data
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -172,13 +244,16 @@ class S3Store(Store):
         max_attempts: int = 5,
         make_quick_client: Callable[[], Any] | None = None,
     ) -> None:
-        bucket, _, prefix = storage_name.strip("/").partition("/")
+        bucket, prefix = bucket_and_prefix(storage_name)
         # A forked child makes its own client: a pooled keep-alive connection used by two
         # processes crosses their answers (the parent's is neither used nor closed).
         self._client = forksafe.PerProcess(make_client, make_client())
         self._quick_client = forksafe.PerProcess(make_quick_client or make_client)
+        # One pool for every transfer of this store: a transfer does not wait for threads to
+        # start. A forked child makes its own (its parent's threads do not exist there).
+        self._pool = forksafe.PerProcess(_new_pool)
         self.bucket = bucket
-        self.prefix = f"{prefix}/" if prefix else ""
+        self.prefix = prefix
         self.max_attempts = max_attempts
         self._bucket_exists = False  # once seen, a bare 404 can only mean a missing key
 
@@ -233,7 +308,7 @@ class S3Store(Store):
         return self._client.get()
 
     def describe(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
+        return describe_s3(self.bucket, self.prefix)
 
     def _name(self, key: str) -> str:
         return self.prefix + validate_key(key)
@@ -350,15 +425,15 @@ class S3Store(Store):
         size = os.path.getsize(path)
         condition = {} if overwrite else {"IfNoneMatch": "*"}
         if size <= MULTIPART_THRESHOLD:
-            with self._errors(key), open(path, "rb") as body:
-                r = self.client.put_object(Bucket=self.bucket, Key=name, Body=body, **condition)
+            with self._errors(key):
+                r = self.client.put_object(
+                    Bucket=self.bucket, Key=name, Body=_whole(path, size), **condition
+                )
             progress(size)
             # Written, but the answer was cut: an unknown version makes the next pull fetch it.
             return ObjectInfo(key, size, r.get("ETag", ""))
-        if not overwrite:  # fail before sending gigabytes; the condition below settles races
-            with contextlib.suppress(KeyNotFoundError):
-                self.head(key)
-                raise KeyExistsError(key)
+        # No HEAD first: the conditional completion settles whether the key exists (an
+        # existing key costs the parts' upload, a rare case, instead of a request per push).
         return self._put_multipart(key, name, path, size, condition, progress)
 
     def put_if_match(
@@ -372,7 +447,8 @@ class S3Store(Store):
         condition = {"IfMatch": etag}
         try:
             if size <= MULTIPART_THRESHOLD:
-                with self._errors(key), open(path, "rb") as body:
+                body = _whole(path, size)
+                with self._errors(key):
                     r = self.client.put_object(Bucket=self.bucket, Key=name, Body=body, **condition)
                 progress(size)
                 return ObjectInfo(key, size, r.get("ETag", ""))
@@ -394,7 +470,6 @@ class S3Store(Store):
         condition: dict[str, str],
         progress: Progress,
     ) -> ObjectInfo:
-        part = part_size_for(size)
         # As boto3's managed transfer does: name the part checksum up front and list each
         # part's checksum on completion, so the store checks every part end to end.
         checksum = (
@@ -411,11 +486,12 @@ class S3Store(Store):
             fd = os.open(path, os.O_RDONLY)
             try:
 
-                def send(number: int, stop: threading.Event) -> dict[str, Any]:
+                def send(
+                    number: int, offset: int, length: int, stop: threading.Event
+                ) -> dict[str, Any]:
                     if stop.is_set():
                         raise _Stopped
-                    offset = (number - 1) * part
-                    body = os.pread(fd, min(part, size - offset), offset)
+                    body = os.pread(fd, length, offset)
 
                     def upload() -> dict[str, Any]:
                         with self._errors(key):
@@ -437,7 +513,11 @@ class S3Store(Store):
                     return done
 
                 parts = _run_parallel(
-                    [functools.partial(send, n) for n in range(1, math.ceil(size / part) + 1)]
+                    [
+                        functools.partial(send, number, offset, length)
+                        for number, (offset, length) in enumerate(split(size), start=1)
+                    ],
+                    self._pool.get(),
                 )
             finally:
                 os.close(fd)
@@ -502,13 +582,11 @@ class S3Store(Store):
         progress: Progress,
         on_written: Written = _no_range,
         stop: threading.Event | None = None,
-        *,
-        resume_at: int | None = None,
     ) -> None:
-        """Fetch bytes ``start..end`` into ``fd`` (those before ``resume_at`` are there
-        already). A stream that breaks, or an answer shorter than asked (a server may send
-        less than the range), is resumed where it stopped, up to ``max_attempts`` times."""
-        offset = start if resume_at is None else resume_at
+        """Fetch bytes ``start..end`` into ``fd``. A stream that breaks, or an answer shorter
+        than asked (a server may send less than the range), is resumed where it stopped, up
+        to ``max_attempts`` times."""
+        offset = start
         for attempt in range(1, self.max_attempts + 1):
             if stop is not None and stop.is_set():
                 raise _Stopped
@@ -582,33 +660,43 @@ class S3Store(Store):
         # S3 always keeps user metadata: {} (not None) says an object has none.
         info = ObjectInfo(key, total, r["ETag"], r.get("LastModified"), r.get("Metadata") or {})
         on_size(total)
-        with open(dest, "wb") as out:
+        with open_empty(dest) as out:
             fd = out.fileno()
-            offset = 0
-            with contextlib.suppress(StoreUnavailableError), self._errors(key):
-                for chunk in chunks:
-                    out.write(chunk)
-                    offset += len(chunk)
-            out.flush()
-            if offset != first_len:
-                # The first stream broke (or came short): fetch the rest of it, with retries.
-                self._fetch_part(
-                    key, fd, 0, first_len - 1, info.etag, progress, on_written, resume_at=offset
-                )
-            else:
-                on_written(0, offset)
-                progress(offset)
+            # The rest, in parallel parts pinned to this version, starts now, while this
+            # thread reads the first response: nothing waits for the first range to end.
+            rest = None
             if total > first_len:
-                part = part_size_for(total)
-                ranges = [(s, min(s + part, total) - 1) for s in range(first_end + 1, total, part)]
-                _run_parallel(
-                    [
-                        functools.partial(
-                            self._fetch_part, key, fd, s, e, info.etag, progress, on_written
-                        )
-                        for s, e in ranges
-                    ]
+                fetch, etag = self._fetch_part, info.etag
+                rest = _Parts(
+                    self._pool.get(),
+                    [  # each called with the transfer's stop event as its last argument
+                        functools.partial(fetch, key, fd, s, s + n - 1, etag, progress, on_written)
+                        for s, n in split(total - first_len, start=first_len)
+                    ],
                 )
+            try:
+                offset = 0
+                with contextlib.suppress(StoreUnavailableError), self._errors(key):
+                    for chunk in chunks:
+                        if rest is not None and rest.failed.is_set():
+                            break  # a part failed: its error is raised below
+                        chunk = chunk[: first_len - offset]  # never past the range
+                        _pwrite_all(fd, chunk, offset)
+                        on_written(offset, len(chunk))  # hashed as it arrives
+                        progress(len(chunk))
+                        offset += len(chunk)
+                if offset != first_len and not (rest is not None and rest.failed.is_set()):
+                    # The first stream broke (or came short): fetch what it missed, with retries.
+                    self._fetch_part(
+                        key, fd, offset, first_len - 1, info.etag, progress, on_written,
+                        rest.stop if rest is not None else None,
+                    )  # fmt: skip
+                if rest is not None:
+                    rest.wait()
+            except BaseException:
+                if rest is not None:
+                    rest.cancel()  # every part has ended before ``out`` closes
+                raise
         return info
 
     def read_tail(self, key: str, length: int) -> tuple[bytes, ObjectInfo]:
@@ -691,3 +779,7 @@ class S3Store(Store):
             client = made.made()  # a forked child leaves its parent's clients alone
             if client is not None:
                 client.close()
+        pool = self._pool.made()  # and its parent's pool
+        if pool is not None:
+            self._pool = forksafe.PerProcess(_new_pool)  # a later transfer makes a new one
+            pool.shutdown(wait=True)

@@ -81,9 +81,13 @@ def other_python_candidates() -> list[Path]:
 
 def other_python_present() -> bool:
     python = OTHER_PYTHON_VENV / "bin" / "python"
-    return python.exists() and subprocess.run(
-        [str(python), "-c", "import daman, numpy"], capture_output=True
-    ).returncode == 0
+    return (
+        python.exists()
+        and subprocess.run(
+            [str(python), "-c", "import daman, numpy"], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 @part("a virtual environment of another Python minor version with daman", other_python_present)
