@@ -718,7 +718,8 @@ def test_nosuchupload_for_an_upload_that_is_not_ours_fails_clearly(
 def test_short_ranged_answers_are_resumed_for_the_missing_bytes(
     make_config, s3_endpoint: str, tmp_path: Path
 ) -> None:
-    from daman.store.s3 import MULTIPART_THRESHOLD, split
+    from daman.store._transfer import split
+    from daman.store.s3 import MULTIPART_THRESHOLD
 
     data = np.random.default_rng(0).integers(0, 255, 3 * MULTIPART_THRESHOLD, dtype=np.uint8)
     with Manager(make_config()) as pusher:

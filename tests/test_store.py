@@ -37,16 +37,10 @@ from daman.errors import (
     StoreUnavailableError,
 )
 from daman.store import open_store
+from daman.store._transfer import MAX_PARTS, MIN_PART_SIZE, part_size_for, split
 from daman.store.base import ObjectInfo, Store
 from daman.store.local import LocalStore
-from daman.store.s3 import (
-    MAX_PARTS,
-    MIN_PART_SIZE,
-    MULTIPART_THRESHOLD,
-    S3Store,
-    part_size_for,
-    split,
-)
+from daman.store.s3 import MULTIPART_THRESHOLD, S3Store
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -1153,7 +1147,7 @@ def test_local_store_maps_os_errors_to_daman_errors(tmp_path: Path, code: int, e
 
 def test_parallel_transfer_stops_at_the_first_failing_part() -> None:
     """A failing part cancels the parts not yet started and tells running ones to stop."""
-    import daman.store.s3 as s3
+    from daman.store import _transfer
 
     started: list[int] = []
     told_to_stop: list[bool] = []
@@ -1165,12 +1159,12 @@ def test_parallel_transfer_stops_at_the_first_failing_part() -> None:
         if number == 0:
             raise OSError("part 0 failed")
         told_to_stop.append(stop.wait(10))  # a running part, busy until told to stop
-        raise s3._Stopped
+        raise _transfer.Stopped
 
     tasks = [functools.partial(part, n) for n in range(200)]
     with pytest.raises(OSError, match="part 0 failed"):
-        s3._run_parallel(tasks)
-    assert len(started) <= s3.TRANSFER_THREADS + 1  # the rest were cancelled, never started
+        _transfer.run_parallel(tasks)
+    assert len(started) <= _transfer.TRANSFER_THREADS + 1  # the rest were cancelled, never started
     assert told_to_stop and all(told_to_stop)
 
 

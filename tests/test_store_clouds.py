@@ -610,8 +610,17 @@ def _is_upload(backend: str) -> Callable[[Any], bool]:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("size", [3_000, 9 * MiB], ids=["small", "staged"])
-@pytest.mark.parametrize("backend", CLOUDS)
+@pytest.mark.parametrize(
+    ("backend", "size"),
+    [
+        pytest.param(backend, size, id=f"{kind}-{backend}")
+        for backend in CLOUDS
+        for size, kind in ((3_000, "small"), (9 * MiB, "staged"))
+        # Not GCS's resumable upload: its chunks go to the URL the emulator hands out, which
+        # bypasses the fault proxy.
+        if not (backend == "gcs" and size > 8 * MiB)
+    ],
+)
 def test_a_lost_answer_to_a_conditional_create_is_our_own_write(
     backend: str, size: int, make_config: Callable[..., Config], request: pytest.FixtureRequest,
     tmp_path: Path,
@@ -619,8 +628,6 @@ def test_a_lost_answer_to_a_conditional_create_is_our_own_write(
     """The create reaches the store and is carried out, then the connection drops before the
     answer: the SDK retries, meets its own object (412 / 409), and the push still succeeds
     because the stored footer is this push's."""
-    if backend == "gcs" and size > 8 * MiB:
-        pytest.skip("a resumable upload's chunks go to the URL the emulator gives, not the proxy")
     endpoint = _emulated(backend, request)
     config = make_config()
     with FaultProxy(endpoint, first(1, "lost", _is_upload(backend))) as proxy:

@@ -1,10 +1,7 @@
-"""What the cloud backends (``gcs.py``, ``azure.py``) share about moving one object in parts:
-a small pool that stops at the first failing part, part ranges, and a file object that SDKs
-stream downloads into at positions.
-
-``s3.py`` has its own copies of the pool and the part sizes (it predates this module); it
-could use these.
-"""
+"""What the cloud backends (``s3.py``, ``gcs.py``, ``azure.py``) share about moving one
+object in parts: a pool whose transfers stop at their first failing part, the part sizes, a
+download that starts over when the object is replaced under it, and a file object that SDKs
+stream downloads into at positions."""
 
 from __future__ import annotations
 
@@ -13,15 +10,17 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from ..errors import DamanError
+from ..errors import DamanError, StoreUnavailableError
+from .base import ObjectInfo
 
 T = TypeVar("T")
 MiB = 1024 * 1024
 TRANSFER_THREADS = 8
 MIN_PART_SIZE = 8 * MiB
 MAX_PARTS = 10_000
+_DOWNLOAD_STARTS = 3
 
 
 class ObjectChangedError(DamanError):
@@ -32,38 +31,102 @@ class Stopped(Exception):
     """Another part failed (or the user pressed Ctrl-C): this part stops early."""
 
 
-def run_parallel(tasks: list[Callable[[threading.Event], T]]) -> list[T]:
-    """Run ``tasks`` on TRANSFER_THREADS threads and return their results in order. On the
-    first failure, or Ctrl-C, parts not yet started are cancelled and running ones are told
-    to stop (the event), so an error surfaces at once rather than after the whole transfer."""
-    stop = threading.Event()
-    pool = ThreadPoolExecutor(TRANSFER_THREADS)
-    futures = []
-    try:
-        futures.extend(pool.submit(task, stop) for task in tasks)
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for future in done:
-            if future.exception() is not None:
-                raise future.exception()  # type: ignore[misc]
-        return [future.result() for future in futures]
-    except BaseException:
-        stop.set()
-        for future in futures:
+def new_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="daman-transfer")
+
+
+class Parts:
+    """The parts of one transfer, started at once on a pool shared with other transfers and
+    awaited later. On the first failure (or Ctrl-C in the waiting thread) ``wait`` cancels
+    the parts not yet started and tells running ones to stop (``stop``), so an error surfaces
+    at once rather than after the whole transfer; nothing returns before every started part
+    has ended, so the caller may close the file they write to or read from. ``failed`` tells
+    a caller streaming alongside that a part failed."""
+
+    def __init__(self, pool: ThreadPoolExecutor, tasks: list[Callable[[threading.Event], T]]):
+        self.stop = threading.Event()
+        self.failed = threading.Event()
+        self.futures = [pool.submit(self._run, task) for task in tasks]
+
+    def _run(self, task: Callable[[threading.Event], T]) -> T:
+        if self.stop.is_set():
+            raise Stopped  # stopped before this part's turn came: it never starts
+        try:
+            return task(self.stop)
+        except BaseException:
+            self.failed.set()
+            raise
+
+    def wait(self) -> list[Any]:
+        """The parts' results in order, or the failure that stopped them."""
+        try:
+            done, _ = wait(self.futures, return_when=FIRST_EXCEPTION)
+            failed = any(future.exception() is not None for future in done)
+        except BaseException:
+            self.cancel()
+            raise
+        if failed:
+            self.cancel()
+            errors = [
+                future.exception()
+                for future in self.futures
+                if not future.cancelled() and future.exception() is not None
+            ]  # the parts told to stop say Stopped: the cause is another part's error
+            raise next((e for e in errors if not isinstance(e, Stopped)), errors[0])  # type: ignore[misc]
+        return [future.result() for future in self.futures]
+
+    def cancel(self) -> None:
+        """Stop: cancel what has not started, and wait until what has is over."""
+        self.stop.set()
+        for future in self.futures:
             future.cancel()
-        raise
-    finally:
-        pool.shutdown(wait=True)
+        wait(self.futures)
+
+
+def run_parallel(
+    tasks: list[Callable[[threading.Event], T]], pool: ThreadPoolExecutor | None = None
+) -> list[T]:
+    """Run ``tasks`` on ``pool`` (a pool of TRANSFER_THREADS threads made for them, if none)
+    and return their results in order; see :class:`Parts`."""
+    if pool is None:
+        with new_pool() as own:
+            return run_parallel(tasks, own)
+    return Parts(pool, tasks).wait()
 
 
 def part_size_for(size: int) -> int:
-    """Parts of at least 8 MiB, at most 10,000 of them, in whole MiB."""
+    """Parts of at least 8 MiB, few enough for S3's 10,000-part limit, in whole MiB."""
     return max(MIN_PART_SIZE, math.ceil(size / MAX_PARTS / MiB) * MiB)
 
 
+def split(size: int, start: int = 0) -> list[tuple[int, int]]:
+    """``(offset, length)`` of the parts of ``size`` bytes from ``start``: as many parts of at
+    least ``part_size_for(size)`` as fit (one at least), of equal size but the last, which is
+    at most one byte per part smaller. Never a tiny last part, which would cost a request
+    of its own for a few bytes."""
+    count = max(1, size // part_size_for(size))
+    part = -(-size // count)
+    return [(start + offset, min(part, size - offset)) for offset in range(0, size, part)]
+
+
 def ranges(start: int, total: int) -> list[tuple[int, int]]:
-    """``[start, total)`` cut into parts, as inclusive ``(first, last)`` byte pairs."""
-    part = part_size_for(total)
-    return [(s, min(s + part, total) - 1) for s in range(start, total, part)]
+    """``[start, total)`` cut into parts (see ``split``), as inclusive ``(first, last)``
+    byte pairs."""
+    return [(first, first + n - 1) for first, n in split(total - start, start=start)]
+
+
+def restarting_on_change(key: str, get_once: Callable[[], ObjectInfo]) -> ObjectInfo:
+    """``get_once()``, started over (up to three times in all) when the object was replaced
+    while it was read in parts: every part of a download is of one version."""
+    for attempt in range(1, _DOWNLOAD_STARTS + 1):
+        try:
+            return get_once()
+        except ObjectChangedError:
+            if attempt == _DOWNLOAD_STARTS:
+                raise StoreUnavailableError(
+                    f"{key!r} kept changing while it was downloaded. Try again."
+                ) from None
+    raise AssertionError("unreachable")
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

@@ -46,7 +46,13 @@ from ..errors import (
     StoreUnavailableError,
 )
 from ..keys import validate_key, validate_prefix
-from ._transfer import TRANSFER_THREADS, MiB, ObjectChangedError, PositionalWriter
+from ._transfer import (
+    TRANSFER_THREADS,
+    MiB,
+    ObjectChangedError,
+    PositionalWriter,
+    restarting_on_change,
+)
 from .base import (
     Level,
     ObjectInfo,
@@ -305,15 +311,9 @@ class AzureStore(Store):
         on_size: Progress = _no_progress,
         on_written: Written = _no_range,
     ) -> ObjectInfo:
-        for attempt in range(3):
-            try:
-                return self._get_once(key, dest, progress, on_size, on_written)
-            except ObjectChangedError:
-                if attempt == 2:
-                    raise StoreUnavailableError(
-                        f"{key!r} kept changing while it was downloaded. Try again."
-                    ) from None
-        raise AssertionError("unreachable")
+        return restarting_on_change(
+            key, lambda: self._get_once(key, dest, progress, on_size, on_written)
+        )
 
     def _get_once(
         self, key: str, dest: Path, progress: Progress, on_size: Progress, on_written: Written

@@ -51,6 +51,7 @@ from ._transfer import (
     ObjectChangedError,
     PositionalWriter,
     ranges,
+    restarting_on_change,
     run_parallel,
 )
 from .base import (
@@ -391,15 +392,9 @@ class GCSStore(Store):
         on_size: Progress = _no_progress,
         on_written: Written = _no_range,
     ) -> ObjectInfo:
-        for attempt in range(3):
-            try:
-                return self._get_once(key, dest, progress, on_size, on_written)
-            except ObjectChangedError:
-                if attempt == 2:
-                    raise StoreUnavailableError(
-                        f"{key!r} kept changing while it was downloaded. Try again."
-                    ) from None
-        raise AssertionError("unreachable")
+        return restarting_on_change(
+            key, lambda: self._get_once(key, dest, progress, on_size, on_written)
+        )
 
     def _get_once(
         self, key: str, dest: Path, progress: Progress, on_size: Progress, on_written: Written

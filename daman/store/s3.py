@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import random
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,6 +60,17 @@ from ..errors import (
 )
 from ..files import open_empty
 from ..keys import validate_key, validate_prefix
+from ._transfer import (
+    TRANSFER_THREADS,
+    ObjectChangedError,
+    Parts,
+    Stopped,
+    new_pool,
+    pwrite_all,
+    restarting_on_change,
+    run_parallel,
+    split,
+)
 from .base import (
     Level,
     ObjectInfo,
@@ -84,9 +93,6 @@ QUICK_CONNECT_TIMEOUT = 2.0
 QUICK_READ_TIMEOUT = 10.0
 QUICK_ATTEMPTS = 2
 """A cached copy's freshness check gives up after about 2 x 2 s on an unreachable store."""
-MIN_PART_SIZE = 8 * 1024 * 1024
-MAX_PARTS = 10_000
-TRANSFER_THREADS = 8
 _STREAM_CHUNK = 1024 * 1024
 T = TypeVar("T")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
@@ -100,10 +106,6 @@ _TRANSIENT_READ_ERRORS = (
     ConnectionClosedError,
     ResponseStreamingError,
 )
-
-
-class ObjectChangedError(DamanError):
-    """The object was replaced while we read it in parts; the download restarts."""
 
 
 class _IncompleteResponse(StoreUnavailableError):
@@ -131,89 +133,6 @@ def _credentials_error() -> CredentialsError:
     )
 
 
-class _Stopped(Exception):
-    """Another part failed (or the user pressed Ctrl-C): this part stops early."""
-
-
-def _new_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="daman-transfer")
-
-
-class _Parts:
-    """The parts of one transfer, started at once on a pool shared with other transfers and
-    awaited later. On the first failure (or Ctrl-C in the waiting thread) ``wait`` cancels
-    the parts not yet started and tells running ones to stop (``stop``), so an error surfaces
-    at once rather than after the whole transfer; nothing returns before every started part
-    has ended, so the caller may close the file they write to or read from. ``failed`` tells
-    a caller streaming alongside that a part failed."""
-
-    def __init__(self, pool: ThreadPoolExecutor, tasks: list[Callable[[threading.Event], T]]):
-        self.stop = threading.Event()
-        self.failed = threading.Event()
-        self.futures = [pool.submit(self._run, task) for task in tasks]
-
-    def _run(self, task: Callable[[threading.Event], T]) -> T:
-        if self.stop.is_set():
-            raise _Stopped  # stopped before this part's turn came: it never starts
-        try:
-            return task(self.stop)
-        except BaseException:
-            self.failed.set()
-            raise
-
-    def wait(self) -> list[Any]:
-        """The parts' results in order, or the failure that stopped them."""
-        try:
-            done, _ = wait(self.futures, return_when=FIRST_EXCEPTION)
-            failed = any(future.exception() is not None for future in done)
-        except BaseException:
-            self.cancel()
-            raise
-        if failed:
-            self.cancel()
-            errors = [
-                future.exception()
-                for future in self.futures
-                if not future.cancelled() and future.exception() is not None
-            ]  # the parts told to stop say _Stopped: the cause is another part's error
-            raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])  # type: ignore[misc]
-        return [future.result() for future in self.futures]
-
-    def cancel(self) -> None:
-        """Stop: cancel what has not started, and wait until what has is over."""
-        self.stop.set()
-        for future in self.futures:
-            future.cancel()
-        wait(self.futures)
-
-
-def _run_parallel(
-    tasks: list[Callable[[threading.Event], T]], pool: ThreadPoolExecutor | None = None
-) -> list[T]:
-    """Run ``tasks`` on ``pool`` (a pool of TRANSFER_THREADS threads made for them, if none)
-    and return their results in order; see :class:`_Parts`."""
-    if pool is None:
-        with _new_pool() as own:
-            return _run_parallel(tasks, own)
-    return _Parts(pool, tasks).wait()
-
-
-def part_size_for(size: int) -> int:
-    """Parts of at least 8 MiB, few enough for S3's 10,000-part limit, in whole MiB."""
-    mib = 1024 * 1024
-    return max(MIN_PART_SIZE, math.ceil(size / MAX_PARTS / mib) * mib)
-
-
-def split(size: int, start: int = 0) -> list[tuple[int, int]]:
-    """``(offset, length)`` of the parts of ``size`` bytes from ``start``: as many parts of at
-    least ``part_size_for(size)`` as fit (one at least), of equal size but the last, which is
-    at most one byte per part smaller. Never a tiny last part, which would cost a request
-    of its own for a few bytes."""
-    count = max(1, size // part_size_for(size))
-    part = -(-size // count)
-    return [(start + offset, min(part, size - offset)) for offset in range(0, size, part)]
-
-
 def _whole(path: Path, size: int) -> bytes:
     """The file's bytes, for a single PUT: botocore sends a file object with ``Expect:
     100-continue``, a round trip to the server before the body; bytes (at most
@@ -223,13 +142,6 @@ def _whole(path: Path, size: int) -> bytes:
     if len(data) != size:
         raise OSError(f"{path} changed size while it was being uploaded")
     return data
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
 
 
 def _error_code(exc: ClientError) -> str:
@@ -251,7 +163,7 @@ class S3Store(Store):
         self._quick_client = forksafe.PerProcess(make_quick_client or make_client)
         # One pool for every transfer of this store: a transfer does not wait for threads to
         # start. A forked child makes its own (its parent's threads do not exist there).
-        self._pool = forksafe.PerProcess(_new_pool)
+        self._pool = forksafe.PerProcess(new_pool)
         self.bucket = bucket
         self.prefix = prefix
         self.max_attempts = max_attempts
@@ -490,7 +402,7 @@ class S3Store(Store):
                     number: int, offset: int, length: int, stop: threading.Event
                 ) -> dict[str, Any]:
                     if stop.is_set():
-                        raise _Stopped
+                        raise Stopped
                     body = os.pread(fd, length, offset)
 
                     def upload() -> dict[str, Any]:
@@ -512,7 +424,7 @@ class S3Store(Store):
                         done["ChecksumCRC32"] = r["ChecksumCRC32"]
                     return done
 
-                parts = _run_parallel(
+                parts = run_parallel(
                     [
                         functools.partial(send, number, offset, length)
                         for number, (offset, length) in enumerate(split(size), start=1)
@@ -589,7 +501,7 @@ class S3Store(Store):
         offset = start
         for attempt in range(1, self.max_attempts + 1):
             if stop is not None and stop.is_set():
-                raise _Stopped
+                raise Stopped
             try:
                 if offset <= end:
                     r, chunks = self._get_range(key, offset, end, etag)
@@ -601,9 +513,9 @@ class S3Store(Store):
                     with self._errors(key):
                         for chunk in chunks:
                             if stop is not None and stop.is_set():
-                                raise _Stopped
+                                raise Stopped
                             chunk = chunk[: end + 1 - offset]  # never past the range
-                            _pwrite_all(fd, chunk, offset)
+                            pwrite_all(fd, chunk, offset)
                             offset += len(chunk)
                 if offset != end + 1:
                     raise StoreUnavailableError(
@@ -631,15 +543,9 @@ class S3Store(Store):
         on_size: Progress = _no_progress,
         on_written: Written = _no_range,
     ) -> ObjectInfo:
-        for attempt in range(3):
-            try:
-                return self._get_once(key, dest, progress, on_size, on_written)
-            except ObjectChangedError:
-                if attempt == 2:
-                    raise StoreUnavailableError(
-                        f"{key!r} kept changing while it was downloaded. Try again."
-                    ) from None
-        raise AssertionError("unreachable")
+        return restarting_on_change(
+            key, lambda: self._get_once(key, dest, progress, on_size, on_written)
+        )
 
     def _get_once(
         self, key: str, dest: Path, progress: Progress, on_size: Progress, on_written: Written
@@ -667,7 +573,7 @@ class S3Store(Store):
             rest = None
             if total > first_len:
                 fetch, etag = self._fetch_part, info.etag
-                rest = _Parts(
+                rest = Parts(
                     self._pool.get(),
                     [  # each called with the transfer's stop event as its last argument
                         functools.partial(fetch, key, fd, s, s + n - 1, etag, progress, on_written)
@@ -681,7 +587,7 @@ class S3Store(Store):
                         if rest is not None and rest.failed.is_set():
                             break  # a part failed: its error is raised below
                         chunk = chunk[: first_len - offset]  # never past the range
-                        _pwrite_all(fd, chunk, offset)
+                        pwrite_all(fd, chunk, offset)
                         on_written(offset, len(chunk))  # hashed as it arrives
                         progress(len(chunk))
                         offset += len(chunk)
@@ -781,5 +687,5 @@ class S3Store(Store):
                 client.close()
         pool = self._pool.made()  # and its parent's pool
         if pool is not None:
-            self._pool = forksafe.PerProcess(_new_pool)  # a later transfer makes a new one
+            self._pool = forksafe.PerProcess(new_pool)  # a later transfer makes a new one
             pool.shutdown(wait=True)
