@@ -62,12 +62,12 @@ from .errors import (
     UntrustedObjectError,
     VersionMismatchWarning,
 )
-from .manager import (
+from .manager import Manager
+from .results import (
     Deleted,
     Disc,
     KeyListing,
     LevelListing,
-    Manager,
     ObjectDetails,
     Pulled,
     Usage,

@@ -22,17 +22,8 @@ from .config import (
     save_config,
 )
 from .errors import ConfigError, ConfigWarning, NotConfiguredError, os_errors, warn
-from .manager import (
-    LEVEL_PAGE,
-    Deleted,
-    Disc,
-    KeyListing,
-    LevelListing,
-    Manager,
-    ObjectDetails,
-    Usage,
-    VerifyReport,
-)
+from .manager import LEVEL_PAGE, Manager
+from .results import Deleted, Disc, KeyListing, LevelListing, ObjectDetails, Usage, VerifyReport
 from .store import ObjectInfo, open_store
 
 if TYPE_CHECKING:

@@ -14,7 +14,8 @@ from typing import Literal
 
 from .config import format_size
 from .errors import DamanError, NotCachedError
-from .manager import KeyListing, Manager, TransferProgress
+from .manager import Manager, TransferProgress
+from .results import KeyListing
 
 BulkAction = Literal["pin", "unpin", "pull", "delete_local"]
 BULK_ACTIONS: tuple[BulkAction, ...] = ("pin", "unpin", "pull", "delete_local")

@@ -20,7 +20,8 @@ from . import __version__, api, report
 from .config import CHECKSUM_MODES, SERVICES, Config, format_size, load_config
 from .credentials import write_aws_credentials
 from .errors import DamanError, DamanWarning, InvalidArgumentError
-from .manager import LevelListing, Manager
+from .manager import Manager
+from .results import LevelListing
 from .serialize import FileBytes
 
 Main = Callable[[Sequence[str] | None], int]

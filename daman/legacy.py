@@ -42,7 +42,7 @@ from .store import ObjectInfo, Store
 
 if TYPE_CHECKING:
     from .cache import CachedState
-    from .manager import ObjectDetails
+    from .results import ObjectDetails
 
 FORMAT = "daman 0.2"
 INSTALL_HINT = 'pip install "daman[legacy]"'
@@ -198,7 +198,7 @@ def details(
     key: str, info: ObjectInfo, states: dict[str, CachedState], signing_key: bytes | None
 ) -> ObjectDetails:
     """What ``info`` shows for a daman 0.2 object: size, md5, dates; its meta is inside it."""
-    from .manager import ObjectDetails
+    from .results import ObjectDetails
 
     if signing_key is not None:
         raise UntrustedObjectError(

@@ -10,18 +10,16 @@ import contextlib
 import contextvars
 import dataclasses
 import enum
-import functools
 import gc
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from . import forksafe
 from . import legacy as legacy_format
-from .cache import Cache, CachedState, CacheEntry
+from .cache import Cache, CacheEntry
 from .cells import assigned_names, cell_outputs, stored_variables
 from .config import Config, format_size
 from .errors import (
@@ -43,6 +41,18 @@ from .errors import (
 from .files import atomic_write, open_empty
 from .keys import validate_key, validate_prefix
 from .listing import ListingCache
+from .results import (
+    Deleted,
+    Disc,
+    KeyListing,
+    LevelListing,
+    MappedFile,
+    ObjectDetails,
+    Pulled,
+    Source,
+    Usage,
+    VerifyReport,
+)
 from .serialize import (
     TAIL_GUESS,
     FileBytes,
@@ -102,218 +112,6 @@ def decide_pull(*, cached_etag: str | None, remote: str | Remote, force: bool) -
     if remote is Remote.MISSING:
         return PullAction.USE_CACHE_DELETED
     return PullAction.DOWNLOAD
-
-
-Source = Literal["cache", "store"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Pulled:
-    """What :meth:`Manager.load` returns."""
-
-    obj: Any
-    meta: Any
-    source: Source
-    """``"cache"``: the local copy was used; ``"store"``: it was downloaded."""
-    size: int
-    """The stored object's size in bytes (pickled, as on disc)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Deleted:
-    """What :meth:`Manager.delete` removed."""
-
-    key: str
-    local: bool
-    """The cached copy was removed (False: there was none here)."""
-    remote: bool
-    """The stored object was removed."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MappedFile:
-    """A cached file that a zero-copy pull maps now, in some process: kept and counted."""
-
-    key: str
-    size: int
-    current: bool
-    """False: an older version of the key, kept only until its arrays are gone."""
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyListing:
-    """One key as ``ls`` shows it."""
-
-    key: str
-    size: int
-    last_modified: datetime | None
-    cached: bool
-    persist: bool
-    legacy: bool | None = None
-    """A daman 0.2 object (``dm_migrate`` converts it); None when not checked."""
-    outdated: bool = False
-    """Cached here, but the store holds a newer version (someone pushed again)."""
-    etag: str = ""
-    """The stored version, as the listing saw it; empty when the listing did not read it (a
-    local folder's listing reads the versions of the keys cached here only)."""
-
-    @classmethod
-    def of(
-        cls, info: ObjectInfo, state: CachedState | None, *, legacy: bool | None = None
-    ) -> KeyListing:
-        """A listed object, with what this machine's cache holds of it (``state``)."""
-        if state is None:  # most keys of a long listing: made as ObjectInfo.listed makes its
-            listing = object.__new__(cls)  # own (the constructor's result, field for field)
-            fields = listing.__dict__
-            fields["key"], fields["size"] = info.key, info.size
-            fields["last_modified"], fields["cached"], fields["persist"] = (
-                info.last_modified, False, False,
-            )  # fmt: skip
-            fields["legacy"], fields["outdated"], fields["etag"] = legacy, False, info.etag
-            return listing
-        return cls(
-            info.key,
-            info.size,
-            info.last_modified,
-            cached=True,
-            persist=state.persist,
-            legacy=legacy,
-            outdated=bool(info.etag) and state.etag != info.etag,
-            etag=info.etag,
-        )
-
-    def seen_by(self, state: CachedState | None) -> KeyListing:
-        """This listing after the cache changed (a pull, a pin, a delete)."""
-        return KeyListing.of(
-            ObjectInfo(self.key, self.size, self.etag, self.last_modified),
-            state,
-            legacy=self.legacy,
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class LevelListing:
-    """One page of one level of the store, as ``ls_level`` shows it."""
-
-    prefix: str
-    prefixes: list[str]
-    """Sub-prefixes directly under ``prefix``, each ending with ``/``."""
-    keys: list[KeyListing]
-    """Keys directly under ``prefix``, with whether each is cached / persisted here."""
-    token: str | None
-    """Pass it back to ``ls_level`` for the next page; None on the last."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Disc:
-    """This machine's cache at a glance: what ``disc`` tells, from the index alone."""
-
-    used: int
-    allocated: int | None
-    persisted: int
-    """Bytes of persisted entries, which eviction never frees."""
-    entries: int
-    local_dir: Path
-    next_to_evict: list[CacheEntry]
-    """The entries eviction would remove next, least recently used first."""
-
-    @property
-    def free(self) -> int | None:
-        return None if self.allocated is None else max(0, self.allocated - self.used)
-
-
-@dataclasses.dataclass(frozen=True)
-class ObjectDetails:
-    """What ``info`` tells about a stored object without downloading it."""
-
-    key: str
-    size: int
-    etag: str
-    last_modified: datetime | None
-    sha256: str
-    pushed_by: str
-    pushed_at: str
-    python: str
-    cloudpickle: str
-    meta: Any
-    cached: bool
-    persist: bool
-    libraries: dict[str, str] = dataclasses.field(default_factory=dict)
-    """Versions of the main data libraries loaded where it was pushed (numpy, pandas, ...)."""
-    holds_code: bool | None = None
-    """Whether it holds code pickled by value, which loads only under the writer's Python
-    minor version; None for objects pushed before daman recorded it."""
-    outdated: bool = False
-    """Cached here, but the store holds a newer version."""
-    legacy: bool = False
-    """A daman 0.2 object: no sha256, writer, versions or readable meta until ``dm_migrate``
-    converts it."""
-    md5: str = ""
-    """A daman 0.2 object's md5, as stored with it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Usage:
-    """Local disc use against the allocation. The totals come from the sums the index keeps
-    (instant at any number of entries); ``entries`` and ``persisted`` are read from the index
-    when first asked, and kept."""
-
-    used: int
-    allocated: int | None
-    count: int
-    """How many entries the cache holds."""
-    store: str = ""
-    """The store in use, as messages name it."""
-    cache: Cache | None = dataclasses.field(default=None, repr=False, compare=False)
-    """Where ``entries`` and ``persisted`` are read from."""
-
-    @functools.cached_property
-    def entries(self) -> list[CacheEntry]:
-        """Every cached entry, most recently used first (one row per entry: a long list for
-        a large cache)."""
-        return self.cache.entries() if self.cache is not None else []
-
-    @functools.cached_property
-    def persisted(self) -> list[CacheEntry]:
-        """The persisted entries, most recently used first (read through the LRU index, not
-        every row)."""
-        if "entries" in self.__dict__ or self.cache is None:
-            return [entry for entry in self.entries if entry.persist]
-        return self.cache.persisted_entries()
-
-    @property
-    def free(self) -> int | None:
-        return None if self.allocated is None else max(0, self.allocated - self.used)
-
-    def __str__(self) -> str:
-        return (
-            f"{format_size(self.used)} used of {format_size(self.allocated)} "
-            f"({self.count} entries, {len(self.persisted)} persisted)"
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class VerifyReport:
-    """What ``verify`` checked and repaired. Every copy it removed is downloaded again by the
-    next pull of its key."""
-
-    checked: int
-    checked_bytes: int
-    damaged: list[str]
-    """Keys whose cached copy did not match its sha256 (removed)."""
-    untrusted: list[str]
-    """Keys whose cached copy is not signed with signing_key (removed)."""
-    dropped_rows: int
-    """Index entries whose file was missing or had the wrong size."""
-    orphan_files: int
-    """Files in the cache folder that no entry referred to (deleted)."""
-    rebuilt_index: int | None = None
-    """When the index was damaged: the entries it was rebuilt with (None: it was sound)."""
-
-    @property
-    def ok(self) -> bool:
-        repaired = self.dropped_rows or self.orphan_files or self.rebuilt_index is not None
-        return not (self.damaged or self.untrusted or repaired)
 
 
 def _disc_errors(where: Path) -> contextlib.AbstractContextManager[None]:

@@ -30,7 +30,8 @@ from .bulk import BulkAction, BulkPlan, plan_bulk, run_bulk
 from .config import format_size
 from .errors import DamanError, InvalidArgumentError, NotCachedError
 from .keys import validate_prefix, variable_name
-from .manager import LEVEL_PAGE, Disc, KeyListing, LevelListing, Manager, ObjectDetails
+from .manager import LEVEL_PAGE, Manager
+from .results import Disc, KeyListing, LevelListing, ObjectDetails
 
 PAGE_ROWS = 200
 """Rows shown at a time; "show more" adds as many."""

@@ -15,7 +15,8 @@ from typing import Any
 from .bulk import BulkPlan, BulkResult
 from .cache import CacheEntry
 from .config import format_size
-from .manager import (
+from .migrate import MigrationReport, SetupImport
+from .results import (
     Deleted,
     Disc,
     KeyListing,
@@ -25,7 +26,6 @@ from .manager import (
     Usage,
     VerifyReport,
 )
-from .migrate import MigrationReport, SetupImport
 
 
 def jsonable(value: Any) -> Any:

@@ -870,7 +870,7 @@ def test_ls_of_a_folder_reads_the_versions_of_cached_keys_only(
     outdated?). A copy outdated by another machine's push still says so."""
     import daman.store.local as local
     from daman import ObjectInfo
-    from daman.manager import KeyListing
+    from daman.results import KeyListing
 
     store = tmp_path / "store"
     store.mkdir()
