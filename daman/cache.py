@@ -3,13 +3,20 @@
 ::
 
     local_dir/
-      index.sqlite3            entries (one row per cached key), journal, totals
-      objects/<sha256(key)>.<random>      one file per cached version of a key
+      index.sqlite3            entries (one row per cached (key, version)), journal, totals
+      objects/<sha256(key)>.<random>      the file of a key's current version, as last seen
+      objects/<sha256(key NUL version)>.<random>
+                                          the file of one version pulled by its id
       tmp/<pid>-<random>.incomplete       files being written (downloads, pushes), each
                                           flock-ed by its writer from birth to removal
       tmp/<objects file>.adding           a hard link to a file ``add`` is moving into
                                           objects/, locked until its transaction is over
       locks/ab.lock            256 lock stripes; a key's stripe is ab = sha256(key)[:2]
+
+An entry is a key's *current* version (``version = ''``: the copy a pull of the key uses when
+the store says it is still current; a newer one replaces it) or one version of the key pulled
+by its id (``version = ID``: a version never changes, so its copy needs no check). Both kinds
+are evicted, pinned, counted and verified alike.
 
 Least recently used means least recently *used*, not oldest by the wall clock: every use takes
 the next number of a sequence kept in the index (``totals.seq``), so a clock that jumps (a
@@ -62,17 +69,20 @@ from . import forksafe
 from .errors import DamanError, LocalFileError, RepairWarning, os_errors, warn
 from .keys import key_digest
 
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS entries (
-        key TEXT PRIMARY KEY,
+_ENTRIES = """CREATE TABLE IF NOT EXISTS {name} (
+        key TEXT NOT NULL,
+        version TEXT NOT NULL DEFAULT '',  -- '': the key's current version; else a version id
         file TEXT NOT NULL,
         size INTEGER NOT NULL,
         etag TEXT NOT NULL,
         sha256 TEXT NOT NULL,
         created REAL NOT NULL,
         accessed INTEGER NOT NULL,  -- totals.seq at the last use: LRU order, not a time
-        persist INTEGER NOT NULL DEFAULT 0
-    )""",
+        persist INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (key, version)
+    )"""
+_SCHEMA = (
+    _ENTRIES.format(name="entries"),
     "CREATE INDEX IF NOT EXISTS entries_lru ON entries (persist, accessed)",
     "CREATE TABLE IF NOT EXISTS journal (file TEXT PRIMARY KEY, key TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS totals (
@@ -102,10 +112,12 @@ _SCHEMA = (
         UPDATE totals SET size = size - OLD.size;
     END""",
 )
-_COLUMNS = "key, file, size, etag, sha256, created, accessed, persist"
-SCHEMA_VERSION = 2
+_COLUMNS = "key, version, file, size, etag, sha256, created, accessed, persist"
+SCHEMA_VERSION = 3
 """``PRAGMA user_version``: 0 = before the use sequence (``accessed`` held wall-clock times),
-1 = before mapped versions were kept (``retired``)."""
+1 = before mapped versions were kept (``retired``), 2 = one entry per key (before versions)."""
+CURRENT = ""
+"""The ``version`` of a key's current-version entry."""
 _NEXT_USE = "UPDATE totals SET seq = seq + 1 RETURNING seq"
 _OBJECT_FILE = re.compile(r"[0-9a-f]{64}\.[0-9a-f]{12}")
 """The names ``add`` gives cached files: ``<sha256 of the key>.<random>``."""
@@ -137,6 +149,8 @@ class CacheEntry:
     accessed: int
     """Its place in the order of use (higher: used more recently); not a time."""
     persist: bool
+    version: str = CURRENT
+    """``""``: the key's current version, as last seen; else the id of the version held."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,8 +230,8 @@ class Cache:
         self._stripes_lock = threading.Lock()
         self._temp_locks: dict[str, int] = {}
         """Temp files this process holds the lock of (``temp_file``): path -> descriptor."""
-        self._uses: dict[str, None] = {}
-        """Keys used (``touch``) and not yet written to the index, oldest use first."""
+        self._uses: dict[tuple[str, str], None] = {}
+        """Entries used (``touch``: key, version) and not yet written, oldest use first."""
         self._uses_lock = threading.Lock()
         self._hits = 0  # touches since the uses were last written
         self._uses_timer: threading.Timer | None = None
@@ -252,6 +266,21 @@ class Cache:
                     "WHERE entries.key = ranked.key"
                 )
                 db.execute("UPDATE totals SET seq = (SELECT COUNT(*) FROM entries)")
+            columns = [row[1] for row in db.execute("PRAGMA table_info(entries)")]
+            if columns and "version" not in columns:
+                # An index of one entry per key: every entry becomes its key's current
+                # version. The primary key changes, so the table is made again (its rows
+                # copied: totals, pins and the order of use stay as they were).
+                for trigger in ("entries_insert", "entries_delete", "entries_resize"):
+                    db.execute(f"DROP TRIGGER IF EXISTS {trigger}")  # totals do not change
+                db.execute(_ENTRIES.format(name="entries_v3"))
+                db.execute(
+                    "INSERT INTO entries_v3 (key, version, file, size, etag, sha256, created, "
+                    "accessed, persist) SELECT key, '', file, size, etag, sha256, created, "
+                    "accessed, persist FROM entries"
+                )
+                db.execute("DROP TABLE entries")  # and its LRU index, made again below
+                db.execute("ALTER TABLE entries_v3 RENAME TO entries")
             for statement in _SCHEMA:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -336,7 +365,8 @@ class Cache:
     def rebuild(self, *, announce: bool = True) -> int:
         """Set a damaged index aside (``index.sqlite3.damaged-<time>``) and make a new one
         from the cached files, whose footers name their keys; returns the entries kept.
-        Pins and the order of use are lost; versions are checked again on the next pull."""
+        Pins, the order of use and the versions pulled by id (whose files are named for
+        their version) are lost; the rest is checked against the store on the next pull."""
         from .serialize import StoredFile  # the one place the cache reads the file format
 
         self.close()
@@ -370,7 +400,7 @@ class Cache:
                 st = newest[key]
                 # No ETag: the next pull asks the store whether this copy is current.
                 db.execute(
-                    "INSERT INTO entries VALUES (?, ?, ?, '', ?, ?, ?, 0)",
+                    f"INSERT INTO entries ({_COLUMNS}) VALUES (?, '', ?, ?, '', ?, ?, ?, 0)",
                     (key, file, st.st_size, sha256, st.st_mtime, use),
                 )
             db.execute("UPDATE totals SET seq = ?", (len(order),))
@@ -394,7 +424,7 @@ class Cache:
         first, so that whatever the transaction decides (eviction) knows them."""
         with self._connection() as db:
             db.execute("BEGIN IMMEDIATE")
-            uses: list[str] = []
+            uses: list[tuple[str, str]] = []
             try:
                 uses = self._take_uses()
                 if uses:
@@ -402,8 +432,8 @@ class Cache:
                         "UPDATE totals SET seq = seq + ? RETURNING seq", (len(uses),)
                     ).fetchone()
                     db.executemany(
-                        "UPDATE entries SET accessed = ? WHERE key = ?",
-                        [(last - len(uses) + n, key) for n, key in enumerate(uses, start=1)],
+                        "UPDATE entries SET accessed = ? WHERE key = ? AND version = ?",
+                        [(last - len(uses) + n, *use) for n, use in enumerate(uses, start=1)],
                     )
                 yield db
                 db.execute("COMMIT")
@@ -414,7 +444,7 @@ class Cache:
                 self._restore_uses(uses)
                 raise
 
-    def _take_uses(self) -> list[str]:
+    def _take_uses(self) -> list[tuple[str, str]]:
         with self._uses_lock:
             uses, self._uses, self._hits = list(self._uses), {}, 0
             if self._uses_timer is not None:
@@ -422,7 +452,7 @@ class Cache:
                 self._uses_timer = None
         return uses
 
-    def _restore_uses(self, uses: list[str]) -> None:
+    def _restore_uses(self, uses: list[tuple[str, str]]) -> None:
         """Put back hits whose transaction rolled back (before any recorded since)."""
         if uses:
             with self._uses_lock:
@@ -516,10 +546,11 @@ class Cache:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _entry(self, row: tuple) -> CacheEntry:
-        key, file, size, etag, sha256, created, accessed, persist = row
+        key, version, file, size, etag, sha256, created, accessed, persist = row
         return CacheEntry(
-            key, self.objects_dir / file, size, etag, sha256, created, accessed, bool(persist)
-        )
+            key, self.objects_dir / file, size, etag, sha256, created, accessed, bool(persist),
+            version,
+        )  # fmt: skip
 
     def _unlink_journaled(self, files: list[str]) -> None:
         for file in files:
@@ -569,7 +600,9 @@ class Cache:
         lock when the last mapping goes or the process dies. False (nothing held) if the
         entry moved on to another version meanwhile."""
         fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # waits while an eviction of it finishes
-        current = self._query("SELECT file FROM entries WHERE key = ?", (entry.key,))
+        current = self._query(
+            "SELECT file FROM entries WHERE key = ? AND version = ?", (entry.key, entry.version)
+        )
         if current and current[0][0] == entry.path.name:
             return True
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
@@ -585,27 +618,32 @@ class Cache:
                     (self.objects_dir / file).unlink(missing_ok=True)
                 self._release_claim(file)
 
-    def mapped(self) -> list[tuple[str, int, bool]]:
-        """``(key, size, current)`` of every cached file a zero-copy pull maps now, in any
-        process: current versions, and older ones kept until unmapped (``current`` False)."""
+    def mapped(self) -> list[tuple[str, int, bool, str]]:
+        """``(key, size, cached, version)`` of every cached file a zero-copy pull maps now, in
+        any process: entries of the index (``cached``: a key's current version, or a version
+        pulled by its id, ``version``), and files they replaced, kept until unmapped
+        (``cached`` False)."""
         found = []
         rows = self._query(
-            "SELECT key, file, size, 1 FROM entries "
-            "UNION ALL SELECT key, file, size, 0 FROM retired"
+            "SELECT key, file, size, 1, version FROM entries "
+            "UNION ALL SELECT key, file, size, 0, '' FROM retired"
         )
-        for key, file, size, current in rows:
+        for key, file, size, current, version in rows:
             if self._claim(file):
                 self._release_claim(file)
             else:
-                found.append((key, size, bool(current)))
+                found.append((key, size, bool(current), version))
         return found
 
     # -- reading -------------------------------------------------------------------------
 
-    def get(self, key: str) -> CacheEntry | None:
-        """The entry for ``key`` if its file is whole (size check on every hit), else None;
-        a row whose file is missing or the wrong size is dropped on the way."""
-        rows = self._query(f"SELECT {_COLUMNS} FROM entries WHERE key = ?", (key,))
+    def get(self, key: str, version: str = CURRENT) -> CacheEntry | None:
+        """The entry for ``key``'s current version (or for ``version``) if its file is whole
+        (size check on every hit), else None; a row whose file is missing or the wrong size
+        is dropped on the way."""
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM entries WHERE key = ? AND version = ?", (key, version)
+        )
         if not rows:
             return None
         entry = self._entry(rows[0])
@@ -643,15 +681,21 @@ class Cache:
         )
         return [file for _, file in unlink]
 
+    def entries_of(self, key: str) -> list[CacheEntry]:
+        """Every entry of ``key``: its current version and the versions pulled by id."""
+        rows = self._query(f"SELECT {_COLUMNS} FROM entries WHERE key = ? ORDER BY version", (key,))
+        return [self._entry(row) for row in rows]
+
     def states(self, keys: list[str]) -> dict[str, CachedState]:
-        """What is cached of ``keys`` (those that are): pinned or not, which version (one
-        query per 500 keys)."""
+        """What is cached of ``keys``' current versions (those that are): pinned or not,
+        which version (one query per 500 keys)."""
         found: dict[str, CachedState] = {}
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for key, persist, etag in self._query(
-                f"SELECT key, persist, etag FROM entries WHERE key IN ({marks})", chunk
+                f"SELECT key, persist, etag FROM entries WHERE key IN ({marks}) AND version = ''",
+                chunk,
             ):
                 found[key] = CachedState(bool(persist), etag)
         return found
@@ -659,10 +703,10 @@ class Cache:
     def states_under(self, prefix: str) -> dict[str, CachedState]:
         """What is cached of the keys starting with ``prefix`` (one range read of the
         primary key, as a listing of that prefix needs it)."""
-        sql = "SELECT key, persist, etag FROM entries"
+        sql = "SELECT key, persist, etag FROM entries WHERE version = ''"
         params: tuple[str, ...] = ()
         if prefix:
-            sql += " WHERE key >= ?"  # UTF-8 text compares as code points: a range
+            sql += " AND key >= ?"  # UTF-8 text compares as code points: a range
             params = (prefix,)
             if ord(prefix[-1]) < 0x10FFFF:
                 sql += " AND key < ?"
@@ -713,12 +757,13 @@ class Cache:
 
     # -- writing -------------------------------------------------------------------------
 
-    def touch(self, key: str) -> None:
-        """Record a use of ``key`` (a cache hit) for LRU eviction, without a write to the index
-        now: see the module's docstring for when it is written."""
+    def touch(self, key: str, version: str = CURRENT) -> None:
+        """Record a use of ``key``'s entry (a cache hit) for LRU eviction, without a write to
+        the index now: see the module's docstring for when it is written."""
+        use = (key, version)
         with self._uses_lock:
-            self._uses.pop(key, None)
-            self._uses[key] = None
+            self._uses.pop(use, None)
+            self._uses[use] = None
             self._hits += 1
             due = self._hits >= TOUCH_BATCH
             if not due and self._uses_timer is None:
@@ -747,18 +792,25 @@ class Cache:
         sha256: str,
         persist: bool = False,
         evict: bool = True,
+        version: str = CURRENT,
     ) -> CacheEntry | None:
-        """Move the finished file ``tmp_path`` into the cache as ``key``'s entry.
+        """Move the finished file ``tmp_path`` into the cache as the entry of ``key``'s
+        current version (or of ``version``, pulled by its id).
 
         Evicts least recently used, non-persisted entries to make room (unless ``evict`` is
         false: then it must fit in the free space). Returns None, and leaves ``tmp_path``
-        where it is, when the file cannot fit; an older version of the key is removed then,
-        since it is outdated. An entry that was persisted stays persisted when replaced."""
+        where it is, when the file cannot fit; an older copy of the key's current version is
+        removed then, since it is outdated. An entry that was persisted stays persisted when
+        replaced."""
         size = tmp_path.stat().st_size
         if self.allocated_space is not None and size > self.allocated_space:
-            self.remove(key, unless_etag=etag)  # superseded by the version that does not fit
+            if version == CURRENT:  # superseded by the version that does not fit
+                self.remove(key, unless_etag=etag, version=CURRENT)
             return None
-        file = f"{key_digest(key)}.{uuid.uuid4().hex[:12]}"
+        # A version pulled by id is named for its key and version: a rebuilt index, which
+        # can tell only the key of a file (its footer), does not take it for the current one.
+        named = key if version == CURRENT else f"{key}\0{version}"
+        file = f"{key_digest(named)}.{uuid.uuid4().hex[:12]}"
         final = self.objects_dir / file
         with self.key_lock(key), self._marked(tmp_path, file) as marked:
             if not marked:  # journaled first: a crash after the rename leaves no orphan
@@ -767,11 +819,12 @@ class Cache:
             try:
                 with self._write() as db:
                     old = db.execute(
-                        "SELECT file, size, persist FROM entries WHERE key = ?", (key,)
+                        "SELECT file, size, persist FROM entries WHERE key = ? AND version = ?",
+                        (key, version),
                     ).fetchone()
                     old_mapped = bool(old) and not self._claim(old[0])
                     need = size - (old[1] if old and not old_mapped else 0)
-                    evicted = self._evict(db, need, exclude=key, may_evict=evict)
+                    evicted = self._evict(db, need, exclude=(key, version), may_evict=evict)
                     os.replace(tmp_path, final)
                     now = time.time()
                     (use,) = db.execute(_NEXT_USE).fetchone()
@@ -779,8 +832,8 @@ class Cache:
                     if old:
                         db.execute(
                             "UPDATE entries SET file = ?, size = ?, etag = ?, sha256 = ?, "
-                            "created = ?, accessed = ?, persist = ? WHERE key = ?",
-                            (file, size, etag, sha256, now, use, int(persist), key),
+                            "created = ?, accessed = ?, persist = ? WHERE key = ? AND version = ?",
+                            (file, size, etag, sha256, now, use, int(persist), key, version),
                         )
                         if old_mapped:  # kept, and counted, until its last mapping goes
                             db.execute(
@@ -795,8 +848,8 @@ class Cache:
                             evicted.append(old[0])
                     else:
                         db.execute(
-                            "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            (key, file, size, etag, sha256, now, use, int(persist)),
+                            f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (key, version, file, size, etag, sha256, now, use, int(persist)),
                         )
                     if not marked:
                         db.execute("DELETE FROM journal WHERE file = ?", (file,))
@@ -809,14 +862,15 @@ class Cache:
                 if isinstance(exc, _DoesNotFit):
                     # A cached older version is superseded by the one that did not fit:
                     # keeping it would let a pull without the current-check serve stale data.
-                    self.remove(key, unless_etag=etag)
+                    if version == CURRENT:
+                        self.remove(key, unless_etag=etag, version=CURRENT)
                     return None
                 raise
         # Held until the row was committed (``_recover_add`` reads an unlocked mark as a
         # dead add); now the file is a cached one, which only a mapping may lock.
         self._release_temp_lock(tmp_path)
         self._unlink_journaled(evicted)
-        return CacheEntry(key, final, size, etag, sha256, now, use, persist)
+        return CacheEntry(key, final, size, etag, sha256, now, use, persist, version)
 
     @contextlib.contextmanager
     def _marked(self, tmp_path: Path, file: str) -> Iterator[bool]:
@@ -853,12 +907,13 @@ class Cache:
         self,
         db: sqlite3.Connection,
         need: int,
-        exclude: str,
+        exclude: tuple[str, str],
         *,
         best_effort: bool = False,
         may_evict: bool = True,
     ) -> list[str]:
-        """Forget LRU non-persisted entries (not ``exclude``) until ``need`` more bytes fit,
+        """Forget LRU non-persisted entries (not ``exclude``: a key and version) until ``need``
+        more bytes fit,
         in batches; returns their files, journaled for unlinking after commit. When even
         that is not enough (or nothing ``may_evict``): stop (``best_effort``) or raise
         ``_DoesNotFit``, which rolls the transaction back."""
@@ -872,17 +927,19 @@ class Cache:
         after = -1  # the use order of the last entry looked at: mapped ones are passed over
         while over > 0:
             rows = db.execute(
-                "SELECT key, file, size, accessed FROM entries WHERE persist = 0 AND key != ? "
+                "SELECT key, version, file, size, accessed FROM entries WHERE persist = 0 "
                 "AND accessed > ? ORDER BY accessed LIMIT ?",
-                (exclude, after, _EVICT_BATCH),
+                (after, _EVICT_BATCH),
             ).fetchall()
             if not rows:
                 if best_effort:
                     break
                 raise _DoesNotFit
             chosen = []
-            for key, file, size, accessed in rows:
+            for key, version, file, size, accessed in rows:
                 after = accessed
+                if (key, version) == exclude:
+                    continue
                 if not self._claim(file):
                     continue  # mapped by a zero-copy pull: it stays
                 chosen.append((key, file))
@@ -892,24 +949,31 @@ class Cache:
             evicted += self._forget(db, chosen)
         return evicted
 
-    def remove(self, key: str, *, unless_etag: str | None = None) -> bool:
-        """Delete ``key``'s entry and file (persisted or not); False if it was not cached.
-        With ``unless_etag``, only an entry holding another version is deleted."""
+    def remove(
+        self, key: str, *, unless_etag: str | None = None, version: str | None = None
+    ) -> bool:
+        """Delete ``key``'s entries and their files (persisted or not): every version cached,
+        or only ``version`` (``""``: the current one); False if none was cached. With
+        ``unless_etag``, only entries holding another stored version are deleted."""
+        sql, params = "SELECT file FROM entries WHERE key = ? AND etag != ?", [key, unless_etag]
+        if version is not None:
+            sql += " AND version = ?"
+            params.append(version)
         with self.key_lock(key), self._write() as db:
-            row = db.execute(
-                "SELECT file FROM entries WHERE key = ? AND etag != ?", (key, unless_etag or "")
-            ).fetchone()
-            if row is None:
+            params[1] = params[1] or ""
+            rows = db.execute(sql, params).fetchall()
+            if not rows:
                 return False
-            files = self._forget(db, [(key, row[0])])
+            files = self._forget(db, [(key, row[0]) for row in rows])
         self._unlink_journaled(files)
         return True
 
-    def set_persist(self, key: str, persist: bool) -> bool:
-        """Pin or unpin ``key``; False if it is not cached."""
+    def set_persist(self, key: str, persist: bool, *, version: str = CURRENT) -> bool:
+        """Pin or unpin ``key``'s current version (or ``version``); False if not cached."""
         with self._write() as db:
             changed = db.execute(
-                "UPDATE entries SET persist = ? WHERE key = ?", (int(persist), key)
+                "UPDATE entries SET persist = ? WHERE key = ? AND version = ?",
+                (int(persist), key, version),
             ).rowcount
         return bool(changed)
 
@@ -922,7 +986,7 @@ class Cache:
             return 0
         with self._write() as db:
             (before,) = db.execute("SELECT size FROM totals").fetchone()
-            files = self._evict(db, extra, exclude="", best_effort=True)
+            files = self._evict(db, extra, exclude=("", ""), best_effort=True)
             (after,) = db.execute("SELECT size FROM totals").fetchone()
         self._unlink_journaled(files)
         return before - after

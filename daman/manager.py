@@ -880,7 +880,10 @@ class Manager:
     def mapped(self) -> list[MappedFile]:
         """The cached files that zero-copy pulls map now (in any process), which eviction,
         replacement and deletion leave in place until their arrays are gone."""
-        return [MappedFile(key, size, current) for key, size, current in self.cache.mapped()]
+        return [
+            MappedFile(key, size, cached, version)
+            for key, size, cached, version in self.cache.mapped()
+        ]
 
     def disc(self, next_to_evict: int = 5) -> Disc:
         """Local disc use, persisted bytes and the entries eviction would remove next; from

@@ -46,7 +46,9 @@ class MappedFile:
     key: str
     size: int
     current: bool
-    """False: an older version of the key, kept only until its arrays are gone."""
+    """False: a file its entry no longer holds, kept only until its arrays are gone."""
+    version: str = ""
+    """The version id when the entry is a version pulled by its id; empty otherwise."""
 
 
 @dataclasses.dataclass(frozen=True)

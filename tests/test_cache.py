@@ -1113,7 +1113,9 @@ def _crashed_add(cache: Cache, key: str, *, committed: bool) -> tuple[Path, Path
     os.link(final, marker)
     if committed:
         cache._db().execute(
-            "INSERT INTO entries VALUES (?, ?, 100, 'e', 's', 0, 1, 0)", (key, file)
+            "INSERT INTO entries (key, file, size, etag, sha256, created, accessed, persist) "
+            "VALUES (?, ?, 100, 'e', 's', 0, 1, 0)",
+            (key, file),
         )
     return final, marker
 
