@@ -1290,3 +1290,71 @@ def test_states_under_a_prefix(root: Path) -> None:
         found = cache.states_under(prefix)
         assert sorted(found) == sorted(key for key in keys if key.startswith(prefix)), prefix
     assert cache.states_under("a/")["a/b"].persist and not cache.states_under("a/")["a/c/d"].persist
+
+
+# -- upgrading an index made by the previous release -------------------------------------------
+
+RELEASE_SCHEMA = (
+    """CREATE TABLE entries (
+        key TEXT PRIMARY KEY, file TEXT NOT NULL, size INTEGER NOT NULL, etag TEXT NOT NULL,
+        sha256 TEXT NOT NULL, created REAL NOT NULL, accessed INTEGER NOT NULL,
+        persist INTEGER NOT NULL DEFAULT 0)""",
+    "CREATE INDEX entries_lru ON entries (persist, accessed)",
+    "CREATE TABLE journal (file TEXT PRIMARY KEY, key TEXT NOT NULL)",
+    """CREATE TABLE totals (id INTEGER PRIMARY KEY CHECK (id = 0), size INTEGER NOT NULL,
+        count INTEGER NOT NULL, seq INTEGER NOT NULL DEFAULT 0)""",
+    "INSERT INTO totals (id, size, count) VALUES (0, 0, 0)",
+    """CREATE TRIGGER entries_insert AFTER INSERT ON entries BEGIN
+        UPDATE totals SET size = size + NEW.size, count = count + 1; END""",
+    """CREATE TRIGGER entries_delete AFTER DELETE ON entries BEGIN
+        UPDATE totals SET size = size - OLD.size, count = count - 1; END""",
+    """CREATE TRIGGER entries_resize AFTER UPDATE OF size ON entries BEGIN
+        UPDATE totals SET size = size - OLD.size + NEW.size; END""",
+    "CREATE TABLE retired (file TEXT PRIMARY KEY, key TEXT NOT NULL, size INTEGER NOT NULL)",
+    """CREATE TRIGGER retired_insert AFTER INSERT ON retired BEGIN
+        UPDATE totals SET size = size + NEW.size; END""",
+    """CREATE TRIGGER retired_delete AFTER DELETE ON retired BEGIN
+        UPDATE totals SET size = size - OLD.size; END""",
+    "PRAGMA user_version = 2",
+)
+"""The index of the release before versions (``SCHEMA_VERSION`` 2: one entry per key)."""
+
+
+def test_an_index_of_the_previous_release_keeps_its_entries_pins_and_order(root: Path) -> None:
+    import sqlite3
+
+    (root / "objects").mkdir(parents=True)
+    db = sqlite3.connect(root / "index.sqlite3")
+    for statement in RELEASE_SCHEMA:
+        db.execute(statement)
+    for use, (key, persist) in enumerate([("b", 1), ("a", 0), ("c", 0)], start=1):
+        file = f"{key_digest(key)}.{'0' * 12}"
+        (root / "objects" / file).write_bytes(b"x" * 1000)
+        db.execute(
+            "INSERT INTO entries VALUES (?, ?, 1000, ?, 'sha', 1.7e9, ?, ?)",
+            (key, file, f"etag-{key}", use, persist),
+        )
+    db.execute("UPDATE totals SET seq = 3")
+    db.commit()
+    db.close()
+
+    cache = Cache(root, 5000)
+    assert cache._query("PRAGMA user_version") == [(cache_module.SCHEMA_VERSION,)]
+    assert cache_module.SCHEMA_VERSION == 3
+    entries = cache.entries()
+    assert [(e.key, e.version) for e in entries] == [("c", ""), ("a", ""), ("b", "")]  # LRU kept
+    assert [e.key for e in entries if e.persist] == ["b"]  # pins kept
+    assert cache.get("a") is not None and cache.get("a").etag == "etag-a"
+    assert cache.usage().used == 3000 and cache.usage().count == 3
+    # A version by id is cached beside the current one; eviction takes the least used (b is
+    # pinned: a goes), and the totals stay right.
+    with cache.temp_file() as tmp:
+        tmp.write_bytes(b"y" * 2500)
+        cache.add("c", tmp, etag="v1", sha256="s", version="20261130T000000.000Z-1a2b3c4d")
+    assert sorted((e.key, e.version) for e in cache.entries()) == [
+        ("b", ""), ("c", ""), ("c", "20261130T000000.000Z-1a2b3c4d")
+    ]  # fmt: skip
+    assert cache.usage().used == 4500 and cache.usage().count == 3
+    cache.close()
+    again = Cache(root, 5000)  # opening it again changes nothing
+    assert again.usage().used == 4500 and len(again.entries()) == 3

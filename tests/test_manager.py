@@ -561,7 +561,11 @@ def test_requests_sent_by_a_small_push_and_a_cached_pull(manager: Manager) -> No
             "before-send.s3", lambda request, **_: sent.append(request.method)
         )
     manager.push({"small": 1}, "k")
-    assert sent == ["PUT"]  # one conditional PUT
+    assert sent == ["PUT", "PUT"]  # the version's record, then the key (both conditional)
+    sent.clear()
+    manager.push({"small": 2}, "k", force=True)
+    # the replaced version's footer (it has its record), the record, a copy on S3's side
+    assert sent == ["GET", "PUT", "PUT"]
     sent.clear()
     manager.pull("k")
     assert sent == ["HEAD"]  # the current-check, nothing else
