@@ -48,7 +48,7 @@ def validate_key(key: object) -> str:
         raise InvalidKeyError(key, "a key cannot start with '/'")
     if _DRIVE.match(key):
         raise InvalidKeyError(key, "a key cannot start with a drive letter")
-    if key.startswith(HISTORY + "/"):
+    if key == HISTORY or key.startswith(HISTORY + "/"):  # (the name too: a folder's test)
         raise InvalidKeyError(key, f"{HISTORY}/ is reserved for the versions daman keeps")
     for segment in key.split("/"):
         if segment == "":

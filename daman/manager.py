@@ -41,7 +41,7 @@ from .errors import (
     warn,
 )
 from .files import atomic_write, open_empty
-from .keys import VERSION_ID, record_name, validate_key, validate_prefix
+from .keys import validate_key, validate_prefix
 from .listing import ListingCache
 from .results import (
     Deleted,
@@ -138,6 +138,11 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def _pin(version: str | None) -> dict[str, str]:
+    """The keyword that reads one version a bucket keeps (none: the name as it is now)."""
+    return {"version": version} if version else {}
 
 
 def _check_key(footer: Footer, key: str) -> None:
@@ -322,34 +327,42 @@ class Manager:
             )
         return info
 
+    def _versions(self) -> versions.Keeper:
+        """Who keeps the store's versions: the bucket (S3 versioning) or daman."""
+        keeper = self.__dict__.get("_keeper")
+        if keeper is None or keeper.store is not self.store:
+            keeper = self.__dict__["_keeper"] = versions.keeper(self.store)
+        return keeper
+
+    def _keep_replaced(self, key: str) -> None:
+        """Record ``key``'s current version if it has no record yet (pushed before
+        versions existed), before it is replaced or deleted."""
+        with self.cache.temp_file() as old:
+            versions.record_unrecorded(
+                self.store, key, lambda dest: self._download_footer(key, dest), old
+            )
+
     def _publish(self, key: str, tmp: Path, footer: Footer, *, force: bool) -> ObjectInfo:
         """Store the finished file ``tmp`` (written with ``footer``, which holds its version
-        id) as a new version of ``key``: its record first, then the key (see
-        ``daman.history``); with ``force``, an unrecorded version it replaces is recorded
-        first. The oldest records beyond ``keep_versions`` go last."""
+        id) as a new version of ``key`` (see ``daman.history``: its record first, then the
+        key, unless the bucket keeps versions itself). The oldest versions beyond
+        ``keep_versions`` go last."""
+        keeper = self._versions()
         size = tmp.stat().st_size
-        record = record_name(key, footer.version)
         try:
-            if force:
-                with self.cache.temp_file() as old:
-                    versions.record_unrecorded(
-                        self.store, key, lambda dest: self._download_footer(key, dest), old
-                    )
             with self._progress(f"push {key}") as progress:
-                progress.start(2 * size)  # the record, then the key (often copied, not sent)
-                versions.record(self.store, key, footer.version, tmp, progress=progress)
+                progress.start(keeper.sends(size, overwrite=force))
                 try:
-                    info = self.store.put_copy(
-                        key, tmp, source=record, overwrite=force, progress=progress
-                    )
+                    info = keeper.write(
+                        key, tmp, footer, force=force, progress=progress,
+                        keep_replaced=lambda: self._keep_replaced(key),
+                    )  # fmt: skip
                 except (KeyExistsError, WriteUnconfirmedError) as exc:
                     # A retry met our own write (its first answer was lost): look at what
                     # is stored; it is ours if its footer is this push's (a random push_id).
                     found = self._written_by_this_push(key, footer)
                     if found is None and isinstance(exc, KeyExistsError):
-                        # another push's key: this version never became one of its versions
-                        with contextlib.suppress(DamanError):
-                            self.store.delete(record)
+                        keeper.withdraw(key, footer)  # never one of the key's versions
                     if found is None and isinstance(exc, WriteUnconfirmedError):
                         raise StoreUnavailableError(
                             f"{exc}, and the stored object is not this push's. Push again."
@@ -357,7 +370,7 @@ class Manager:
                     if found is None:
                         raise
                     info = found
-            versions.prune(self.store, key, keep=self.config.keep_versions, protect=footer.version)
+            keeper.prune(key, keep=self.config.keep_versions, footer=footer, info=info)
         finally:
             self.listings.forget()  # even a failed put may have changed the store
         return info
@@ -591,8 +604,7 @@ class Manager:
         """:meth:`_open_current` for one version of ``key``: a version never changes, so a
         cached copy is used without asking the store (``force``: downloaded again)."""
         validate_key(key)
-        if not isinstance(version, str) or not VERSION_ID.fullmatch(version):
-            raise VersionNotFoundError(key, str(version))
+        self._source(key, version)  # a valid id
         entry = None if force else self.cache.get(key, version)
         stored = None if entry is None else self._open_cached(entry, persist, mapped=mapped)
         if stored is not None:
@@ -620,16 +632,24 @@ class Manager:
             with stored.f:
                 yield stored, source, kept
 
+    def _source(self, key: str, version: object) -> versions.Listed:
+        """Where ``version`` of ``key`` is read (a VersionNotFoundError for an id that
+        cannot be one)."""
+        keeper = self._versions()
+        if not isinstance(version, str) or not keeper.valid(version):
+            raise VersionNotFoundError(key, str(version), self.store.describe())
+        return keeper.source(key, version)
+
     def _fetch_version(self, key: str, version: str, tmp: Path) -> tuple[StoredFile, ObjectInfo]:
-        """Download ``version`` of ``key``, checked: its record, or, for a version pushed
-        before versions existed (no record), the key itself while it is still that one."""
+        """Download ``version`` of ``key``, checked: its record (or the bucket's version),
+        or, for a version pushed before versions existed (no record), the key itself while
+        it is still that one."""
+        source = self._source(key, version)
         try:
-            return self._fetch_verified(key, tmp, name=record_name(key, version))
+            return self._fetch_verified(key, tmp, name=source.name, pinned=source.pinned)
         except KeyNotFoundError:
-            pass
-        found = versions.current_footer(self.store, key)
-        if found is None or (isinstance(found, Footer) and versions.version_of(found) != version):
-            raise VersionNotFoundError(key, version, self.store.describe())
+            if not self._versions().unrecorded(key, version):
+                raise VersionNotFoundError(key, version, self.store.describe()) from None
         stored, info = self._fetch_verified(key, tmp)
         if versions.version_of(stored.footer) != version:  # replaced meanwhile
             stored.f.close()
@@ -705,7 +725,7 @@ class Manager:
                 yield stored, source, kept
 
     def _fetch_verified(
-        self, key: str, tmp: Path, *, name: str | None = None
+        self, key: str, tmp: Path, *, name: str | None = None, pinned: str | None = None
     ) -> tuple[StoredFile, ObjectInfo]:
         """Download ``key`` (or the record ``name`` of one of its versions) into ``tmp`` and
         check every byte before anything unpickles it (a corrupted transfer, or an answer
@@ -729,6 +749,7 @@ class Manager:
                         progress=progress,
                         on_size=on_size,
                         on_written=hasher.written,
+                        **_pin(pinned),
                     )
                 # A daman 0.2 object is checked and rewritten in today's format here, so that
                 # the cache never holds the old format.
@@ -770,16 +791,13 @@ class Manager:
         from_store = from_cache = False
         if remote:  # first: if the store fails, nothing changed here either
             try:
-                if not all_versions:
-                    with self.cache.temp_file() as old:  # kept, to be restorable
-                        versions.record_unrecorded(
-                            self.store, key, lambda dest: self._download_footer(key, dest), old
-                        )
-                with contextlib.suppress(KeyNotFoundError):
-                    self.store.delete(key)
-                    from_store = True
-                if all_versions and versions.delete_records(self.store, key):
-                    from_store = True
+                keeper = self._versions()
+                if all_versions:
+                    from_store = keeper.delete_all(key)
+                else:
+                    with contextlib.suppress(KeyNotFoundError):
+                        keeper.delete(key, keep_replaced=lambda: self._keep_replaced(key))
+                        from_store = True
             finally:
                 self.listings.forget()
         if local:
@@ -807,42 +825,26 @@ class Manager:
         when the key was deleted: any version can be restored). One listing request, then
         one small ranged read per version (8 at a time) for its writer, time and meta."""
         validate_key(key)
-        found = versions.records(self.store, key)
-        current: Footer | str | None = versions.current_footer(self.store, key)
-        current_id = (
-            versions.version_of(current) if isinstance(current, Footer) else None
-        )  # a daman 0.2 object: none (dm_migrate gives it one)
+        found, current_id, exists = self._versions().versions(key)
 
-        def read(version: str, info: ObjectInfo) -> tuple[Footer, Any]:
-            name = info.key
+        def read(version: versions.Listed) -> tuple[Footer, Any]:
+            footer, meta, _ = self._footer_and_meta(key, version.name, version.pinned)
+            return footer, meta
 
-            def read_at(offset: int, length: int) -> bytes:
-                return self.store.read_range(name, offset, length)
-
-            tail, remote = self.store.read_tail(name, TAIL_GUESS)
-            footer = read_footer(read_at, remote.size, tail)
-            self._check_identity(footer, key, last=True)
-            return footer, load_meta(read_at, footer, tail, remote.size)
-
-        details = versions.read_all(read, found)
         listed: list[VersionInfo] = []
-        for version, info in found.items():
-            got = details[version]
+        for version, got in zip(found, versions.read_all(read, found), strict=True):
             if isinstance(got, tuple):
                 footer, meta = got
-                listed.append(self._version_info(version, footer, meta, current_id))
+                listed.append(self._version_info(version.version, footer, meta, current_id))
             else:  # damaged or untrusted: listed with what the listing says
-                listed.append(
-                    VersionInfo(version, info.size, "", "", "", "", None, False, readable=False)
-                )
-        if isinstance(current, Footer) and current_id not in found:
-            # pushed before versions existed (a history of one), or its record was pruned
-            footer, meta, _ = self._remote_details(key)  # type: ignore[misc]
-            listed.append(self._version_info(current_id or "", footer, meta, current_id))
-        listed.sort(key=lambda v: v.version, reverse=True)
-        if not listed and current is None:
+                unread = VersionInfo(
+                    version.version, version.size, "", "", "", "", None,
+                    version.version == current_id, readable=False,
+                )  # fmt: skip
+                listed.append(unread)
+        if not listed and not exists:
             raise KeyNotFoundError(key, self.store.describe())
-        return KeyHistory(key, tuple(listed), deleted=current is None)
+        return KeyHistory(key, tuple(listed), deleted=not exists)
 
     @staticmethod
     def _version_info(version: str, footer: Footer, meta: Any, current: str | None) -> VersionInfo:
@@ -975,16 +977,14 @@ class Manager:
         )
 
     def _version_details(self, key: str, version: str) -> ObjectDetails:
-        if not isinstance(version, str) or not VERSION_ID.fullmatch(version):
-            raise VersionNotFoundError(key, str(version))
+        source = self._source(key, version)
         try:
-            found = self._remote_details(key, name=record_name(key, version))
+            footer, meta, remote = self._footer_and_meta(key, source.name, source.pinned)
         except KeyNotFoundError:  # no record: the current version, if pushed before versions
             found = self._remote_details(key)
             if isinstance(found, ObjectDetails) or versions.version_of(found[0]) != version:
                 raise VersionNotFoundError(key, version, self.store.describe()) from None
-        assert not isinstance(found, ObjectDetails)  # a record is never a daman 0.2 object
-        footer, meta, remote = found
+            footer, meta, remote = found
         entry = self.cache.get(key, version)
         return ObjectDetails(
             key=key,
@@ -1003,19 +1003,31 @@ class Manager:
             holds_code=footer.code,
         )
 
-    def _remote_details(
-        self, key: str, *, name: str | None = None
-    ) -> tuple[Footer, Any, ObjectInfo] | ObjectDetails:
-        """The stored object's footer and meta (of ``key``, or of the record ``name`` of one
-        of its versions), read from its tail (asked again when the answer holds another
-        key's object); a daman 0.2 object's details."""
-        name = name or key
+    def _footer_and_meta(
+        self, key: str, name: str, pinned: str | None
+    ) -> tuple[Footer, Any, ObjectInfo]:
+        """One version's footer and meta, read from its tail: the record ``name``, or
+        ``key``'s version ``pinned`` in a bucket that keeps versions. Checked to be
+        ``key``'s (and signed, with signing on)."""
+        pin = _pin(pinned)
 
         def read_at(offset: int, length: int) -> bytes:
-            return self.store.read_range(name, offset, length)
+            return self.store.read_range(name, offset, length, **pin)
+
+        tail, remote = self.store.read_tail(name, TAIL_GUESS, **pin)
+        footer = read_footer(read_at, remote.size, tail)
+        self._check_identity(footer, key, last=True)
+        return footer, load_meta(read_at, footer, tail, remote.size), remote
+
+    def _remote_details(self, key: str) -> tuple[Footer, Any, ObjectInfo] | ObjectDetails:
+        """The stored object's footer and meta, read from its tail (asked again when the
+        answer holds another key's object); a daman 0.2 object's details."""
+
+        def read_at(offset: int, length: int) -> bytes:
+            return self.store.read_range(key, offset, length)
 
         for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
-            tail, remote = self.store.read_tail(name, TAIL_GUESS)
+            tail, remote = self.store.read_tail(key, TAIL_GUESS)
             if legacy_format.recognise(tail, remote):  # no footer: its meta is inside it
                 states = self.cache.states([key])
                 return legacy_format.details(key, remote, states, self.signing_key)
@@ -1113,9 +1125,7 @@ class Manager:
                 try:
                     stored = StoredFile(f)
                     stored.verify()
-                    if stored.footer.sha256 != entry.sha256 or (
-                        entry.version and versions.version_of(stored.footer) != entry.version
-                    ):
+                    if stored.footer.sha256 != entry.sha256:
                         raise IntegrityError("not the version the index recorded")
                     self._check_identity(stored.footer, entry.key, last=True)
                 except UntrustedObjectError:

@@ -19,12 +19,14 @@ from .migrate import MigrationReport, SetupImport
 from .results import (
     Deleted,
     Disc,
+    KeyHistory,
     KeyListing,
     LevelListing,
     MappedFile,
     ObjectDetails,
     Usage,
     VerifyReport,
+    VersionInfo,
 )
 
 
@@ -354,3 +356,51 @@ def mapped_lines(mapped: Sequence[MappedFile]) -> list[str]:
         for m in mapped
     )
     return [f"mapped:     {names}"]
+
+
+def history_data(history: KeyHistory) -> dict[str, Any]:
+    return dict(
+        key=history.key,
+        deleted=history.deleted,
+        versions=[
+            dict(
+                version=v.version,
+                current=v.current,
+                size=v.size,
+                pushed_by=v.pushed_by or None,
+                pushed_at=v.pushed_at or None,
+                python=v.python or None,
+                cloudpickle=v.cloudpickle or None,
+                restored_from=v.restored_from or None,
+                readable=v.readable,
+                meta=v.meta,
+            )
+            for v in history
+        ],
+    )
+
+
+def version_line(v: VersionInfo) -> str:
+    """One version, as ``dm_history``, ``%dm_history`` and the panel show it."""
+    mark = "*" if v.current else " "
+    if not v.readable:
+        return f"{mark} {v.version}  {format_size(v.size):>9}  (its footer cannot be read)"
+    restored = f"  restored from {v.restored_from}" if v.restored_from else ""
+    meta = f"  meta {v.meta_preview}" if v.meta_preview else ""
+    return (
+        f"{mark} {v.version}  {format_size(v.size):>9}  {v.pushed_at} by {v.pushed_by}  "
+        f"Python {v.python}, cloudpickle {v.cloudpickle}{restored}{meta}"
+    )
+
+
+def history_lines(history: KeyHistory) -> list[str]:
+    """A key's versions, newest first, the current one marked ``*``."""
+    n = count(len(history), "version", "versions")
+    head = f"{history.key}: {n}, newest first"
+    if history.deleted:
+        head += " (deleted from the store: restore one with dm_restore --key KEY --version ID)"
+    return [head, *(version_line(v) for v in history)]
+
+
+def restored_line(key: str, version: str) -> str:
+    return f"restored {key} to version {version} (a new version: the one it replaced is kept)"
