@@ -31,7 +31,7 @@ from .config import format_size
 from .errors import DamanError, InvalidArgumentError, NotCachedError
 from .keys import validate_prefix, variable_name
 from .manager import LEVEL_PAGE, Manager
-from .results import Disc, KeyListing, LevelListing, ObjectDetails
+from .results import Disc, KeyHistory, KeyListing, LevelListing, ObjectDetails
 
 PAGE_ROWS = 200
 """Rows shown at a time; "show more" adds as many."""
@@ -93,6 +93,8 @@ class PanelModel:
         self.selected: set[str] = set()
         self.focus: str | None = None
         self.details: ObjectDetails | None = None
+        self.history: KeyHistory | None = None
+        """The versions of the key whose details are shown, once asked (``show_versions``)."""
         self.disc: Disc | None = None
         self.message = ""
         self.error = False
@@ -370,7 +372,7 @@ class PanelModel:
     def show(self, key: str) -> Future[None]:
         """Show the details of ``key`` (``Manager.info``: one ranged read of its tail)."""
         with self._lock:
-            self.focus, self.details = key, None
+            self.focus, self.details, self.history = key, None, None
 
         def work() -> None:
             details = self._details_of(key)
@@ -382,6 +384,54 @@ class PanelModel:
 
     def _details_of(self, key: str) -> ObjectDetails:
         return self.manager.info(key)
+
+    def show_versions(self, key: str) -> Future[None]:
+        """List the versions of ``key`` in its details (``Manager.history``: one listing,
+        then a small read per version)."""
+
+        def work() -> None:
+            history = self.manager.history(key)
+            with self._lock:
+                if self.focus == key:
+                    self.history = history
+
+        return self._run(f"reading the versions of {key}", work)
+
+    def version_lines(self) -> list[tuple[str, str]]:
+        """``(version id, line)`` of each version listed, newest first (``*``: current)."""
+        history = self.history
+        if history is None or history.key != self.focus:
+            return []
+        return [(v.version, report.version_line(v)) for v in history]
+
+    def pull_version(self, key: str, version: str) -> Future[None]:
+        """Bring one version of ``key`` into this machine's cache, beside the current one."""
+        what = f"pull {key} version {version}"
+
+        def work() -> None:
+            entry = self.manager.fetch(key, version=version, progress=self._progress(what))
+            self._after_change(
+                f"pulled version {version} of {key} into the local cache "
+                f"({format_size(entry.size)}); dm.pull({key!r}, version={version!r}) loads it"
+            )
+
+        return self._run(what, work, transfer=True)
+
+    def restore(self, key: str, version: str) -> Future[None]:
+        """Make ``version`` the current version of ``key`` again, for everyone (a new
+        version: the one it replaces stays in the history); the details and versions are
+        read again."""
+        what = f"restore {key} to version {version}"
+
+        def work() -> None:
+            self.manager.restore(key, version=version)
+            details, history = self.manager.info(key), self.manager.history(key)
+            with self._lock:
+                if self.focus == key:
+                    self.details, self.history = details, history
+            self._after_change(report.restored_line(key, version))
+
+        return self._run(what, work, transfer=True)
 
     def select(self, key: str, *, on: bool) -> None:
         with self._lock:
@@ -458,8 +508,8 @@ class PanelModel:
         with self._lock:
             self.confirmation = Confirmation(
                 key,
-                f"Delete {key}{sized} from {self.store_name} for everyone? This cannot be "
-                "undone; this machine's copy goes too.",
+                f"Delete {key}{sized} from {self.store_name} for everyone? Its versions stay "
+                "(restore one from its versions); this machine's copies go too.",
                 f"delete {key} from the store",
             )
         self._changed()
@@ -486,7 +536,7 @@ class PanelModel:
                     self.pages[n] = dataclasses.replace(page, keys=keys)
                 self.selected.discard(key)
                 if self.focus == key:
-                    self.focus = self.details = None
+                    self.focus = self.details = self.history = None
             self._after_change(f"deleted {key} from {self.store_name}")
 
         return self._run(f"delete {key} from the store", work, transfer=True)
