@@ -101,8 +101,12 @@ def main() -> None:
                 for n in range(args.repeat):
                     for name, code in (("before", base), ("ours", ROOT)):
                         if store == "s3":
-                            where = dict(service="aws", storage_name=f"bench-{name}",
-                                         endpoint_url=server.endpoint, region="us-east-1")
+                            where = dict(
+                                service="aws",
+                                storage_name=f"bench-{name}",
+                                endpoint_url=server.endpoint,
+                                region="us-east-1",
+                            )
                         else:
                             where = dict(service="local", storage_name=str(tmp / f"folder-{name}"))
                         fields = dict(where, local_dir=str(tmp / f"cache-{store}-{name}-{n}"),
