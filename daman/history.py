@@ -159,11 +159,16 @@ class Records:
             self.store.delete(record_name(key, footer.version))
 
     def prune(self, key: str, *, keep: int | None, footer: Footer, info: ObjectInfo) -> None:
-        """Remove the oldest versions beyond ``keep`` (never the one just written)."""
+        """Remove the oldest versions beyond ``keep``: never the one just written, nor the
+        key's current one (a racing push may have replaced ours meanwhile)."""
         if keep is None:
             return
+        protect = {footer.version}
+        current = current_footer(self.store, key)
+        if current is not None and isinstance(current[0], Footer):
+            protect.add(version_of(current[0]))
         ids = sorted(records(self.store, key), reverse=True)
-        for version in [v for v in ids if v != footer.version][max(0, keep - 1) :]:
+        for version in [v for v in ids if v not in protect][max(0, keep - len(protect)) :]:
             with contextlib.suppress(KeyNotFoundError):  # a racing prune removed it first
                 self.store.delete(record_name(key, version))
 

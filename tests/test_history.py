@@ -300,3 +300,25 @@ def test_large_versions_are_kept_whole(config: Config, manager: Manager, tmp_pat
         np.testing.assert_array_equal(other.pull("big")[0], first + 1)
         np.testing.assert_array_equal(other.pull("big", version=history[1].version)[0], first)
         assert other.verify().damaged == []
+
+
+def test_racing_pushes_with_keep_versions_never_lose_the_current_version(
+    config: Config, tmp_path: Path
+) -> None:
+    capped = config.replace(keep_versions=3)
+    go = tmp_path / "go"
+    procs = [
+        spawn(capped.replace(local_dir=str(tmp_path / name)), RACER, go, name)
+        for name in ("a", "b")
+    ]
+    while len(list(tmp_path.glob("go-ready-*"))) < 2:
+        assert all(p.poll() is None for p in procs)
+    go.touch()
+    wait_all(procs)
+    with Manager(capped) as manager:
+        history = manager.history("race")
+        assert 1 <= len(history) <= 4  # 3, or one more when the last two pushes raced
+        (current,) = [v for v in history if v.current]
+        assert manager.pull("race", version=current.version) == manager.pull("race")
+        for v in history:
+            assert manager.pull("race", version=v.version)[0][1] in range(10)
