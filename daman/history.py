@@ -1,4 +1,12 @@
-"""The versions daman keeps of every key, on any store.
+"""The versions of every key: who keeps them, where they are read, how they are pruned.
+
+Two keepers behind one interface (:data:`Keeper`, chosen per store by :func:`keeper`):
+
+- :class:`BucketVersions`: an S3 bucket with versioning enabled keeps every write itself;
+  version ids are S3's VersionIds, a delete leaves a delete marker, and daman writes nothing
+  but the key (S3 guarantees that no racing write drops one).
+- :class:`Records`: anywhere else (S3 without versioning, GCS, Azure, a folder), daman
+  keeps them, as follows.
 
 Every push writes its object twice, by name: first as an immutable *record*
 ``.daman-history/<sha256 of the key>/<version id>`` (``daman.keys.record_name``), created
@@ -25,6 +33,10 @@ records: its history shows it deleted, and any version can be restored.
 
 Ids sort by the time of their push (to the millisecond, then the random part), so the newest
 is the greatest; the clocks of the machines that push decide that order.
+
+A bucket whose versioning is enabled after daman kept records lists S3's versions only (the
+records stay in the store, unlisted); a bucket whose versioning is suspended goes back to
+records.
 """
 
 from __future__ import annotations
