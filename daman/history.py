@@ -52,7 +52,7 @@ from . import legacy as legacy_format
 from .errors import DamanError, KeyExistsError, KeyNotFoundError
 from .keys import VERSION_ID, record_folder, record_name
 from .serialize import TAIL_GUESS, Footer, new_version_id, read_footer
-from .store import ObjectInfo, Progress, Store
+from .store import ObjectInfo, Progress, Store, WriteUnconfirmedError
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _READERS = 8
@@ -160,7 +160,7 @@ class Records:
         """The record first, then the key (see the module's docstring)."""
         if force:
             keep_replaced()
-        record(self.store, key, footer.version, tmp, progress=progress)
+        record(self.store, key, footer, tmp, progress=progress)
         return self.store.put_copy(
             key, tmp, source=record_name(key, footer.version), overwrite=force, progress=progress
         )
@@ -283,11 +283,24 @@ def record_unrecorded(
         store.put(record_name(key, version_of(footer)), tmp, overwrite=False)
 
 
-def record(store: Store, key: str, version: str, path: Path, *, progress: Progress) -> None:
-    """Create the record of ``version`` from the file at ``path``; a record already there
-    under that id holds the same object (ids are unique to a push), and is left alone."""
-    with contextlib.suppress(KeyExistsError):
-        store.put(record_name(key, version), path, overwrite=False, progress=progress)
+def record(store: Store, key: str, footer: Footer, path: Path, *, progress: Progress) -> None:
+    """Create the record of the version written with ``footer`` from the file at ``path``.
+    A record already there under its id is this push's own (ids are unique to a push: a
+    retry met the first create); an unconfirmed create is this push's if the record holds
+    this footer (a random push_id), and raises ``WriteUnconfirmedError`` otherwise."""
+    name = record_name(key, footer.version)
+    try:
+        store.put(name, path, overwrite=False, progress=progress)
+    except KeyExistsError:
+        pass
+    except WriteUnconfirmedError:
+        try:
+            tail, info = store.read_tail(name, TAIL_GUESS)
+            stored = read_footer(lambda o, n: store.read_range(name, o, n), info.size, tail)
+        except DamanError:
+            stored = None
+        if stored != footer:
+            raise
 
 
 def read_all(read: Callable[[Listed], object], found: list[Listed]) -> list[object]:
