@@ -322,3 +322,16 @@ def test_racing_pushes_with_keep_versions_never_lose_the_current_version(
         assert manager.pull("race", version=current.version) == manager.pull("race")
         for v in history:
             assert manager.pull("race", version=v.version)[0][1] in range(10)
+
+
+@pytest.mark.parametrize("config", ["local", "s3"], indirect=True)
+def test_an_old_version_can_be_mapped(manager: Manager) -> None:
+    manager.push(np.arange(1000), "k")
+    manager.push(np.arange(2000), "k", force=True)
+    old = manager.history("k")[1].version
+    arr, _ = manager.pull("k", version=old, mmap=True)
+    assert not arr.flags.writeable and arr[-1] == 999
+    mapped = manager.mapped()
+    assert [(m.key, m.current, m.version) for m in mapped] == [("k", True, old)]
+    manager.delete("k")  # the local copies: the mapped one stays on disc while mapped
+    assert manager.mapped()[0].current is False and arr[-1] == 999
