@@ -662,17 +662,30 @@ class S3Store(Store):
                 raise
         return info
 
+    def _read_small(
+        self, key: str, start: int, end: int | None, version: str | None
+    ) -> tuple[dict[str, Any], bytes]:
+        """GET a small range whole, asked again (up to max_attempts) when its stream breaks
+        midway (tails and footers: small enough to read again from their start)."""
+        for attempt in range(1, self.max_attempts + 1):
+            r, chunks = self._get_range(key, start, end, None, version)
+            try:
+                with self._errors(key):
+                    return r, b"".join(chunks)
+            except StoreUnavailableError:
+                if attempt == self.max_attempts:
+                    raise
+        raise AssertionError("unreachable")
+
     def read_tail(
         self, key: str, length: int, *, version: str | None = None
     ) -> tuple[bytes, ObjectInfo]:
         try:
             if length <= 0:
                 raise _RangeNotSatisfiable("empty range")
-            r, chunks = self._get_range(key, length, None, None, version)
+            r, data = self._read_small(key, length, None, version)
         except _RangeNotSatisfiable:
             return b"", self.head(key, version=version)
-        with self._errors(key):
-            data = b"".join(chunks)
         match = _CONTENT_RANGE.match(r.get("ContentRange", ""))
         total = int(match.group(3)) if match else len(data)
         metadata = r.get("Metadata") or {}
@@ -687,11 +700,9 @@ class S3Store(Store):
             self.head(key, version=version)  # still a KeyNotFoundError for a missing key
             return b""
         try:
-            _, chunks = self._get_range(key, offset, offset + length - 1, None, version)
+            return self._read_small(key, offset, offset + length - 1, version)[1]
         except _RangeNotSatisfiable:  # starts past the end, as reading a file there would
             return b""
-        with self._errors(key):
-            return b"".join(chunks)
 
     def delete(self, key: str) -> None:
         self.head(key)  # S3 deletes of missing keys succeed silently; we must say so
