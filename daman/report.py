@@ -159,7 +159,10 @@ def usage_data(usage: Usage, local_dir: Path) -> dict[str, Any]:
         allocated=usage.allocated,
         free=usage.free,
         entries=usage.count,
-        persisted=[dict(key=e.key, size=e.size) for e in usage.persisted],
+        persisted=[
+            dict(key=e.key, size=e.size, **({"version": e.version} if e.version else {}))
+            for e in usage.persisted
+        ],
     )
 
 
@@ -171,7 +174,11 @@ def usage_lines(usage: Usage, local_dir: Path) -> list[str]:
         f"used:       {format_size(usage.used)} of {format_size(usage.allocated)}{share}",
         f"entries:    {usage.count} cached, {len(usage.persisted)} persisted",
     ]
-    lines += [f"  {format_size(entry.size):>10}  {entry.key}" for entry in usage.persisted]
+    lines += [
+        f"  {format_size(entry.size):>10}  {entry.key}"
+        + (f"  (version {entry.version})" if entry.version else "")
+        for entry in usage.persisted
+    ]
     return lines
 
 

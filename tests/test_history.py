@@ -335,3 +335,19 @@ def test_an_old_version_can_be_mapped(manager: Manager) -> None:
     assert [(m.key, m.current, m.version) for m in mapped] == [("k", True, old)]
     manager.delete("k")  # the local copies: the mapped one stays on disc while mapped
     assert manager.mapped()[0].current is False and arr[-1] == 999
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+def test_a_version_pulled_with_persist_is_pinned_and_shown_as_such(manager: Manager) -> None:
+    from daman import report
+
+    manager.push(1, "k")
+    manager.push(2, "k", force=True)
+    old = manager.history("k")[1].version
+    manager.pull("k", version=old, persist=True)
+    assert manager.cache.get("k", old).persist and not manager.cache.get("k").persist
+    lines = report.usage_lines(manager.usage(), manager.cache.root)
+    assert lines[-1].endswith(f"k  (version {old})")
+    assert manager.cache.set_persist("k", False, version=old)
+    manager.clear()
+    assert manager.cache.entries() == []  # unpinned versions are evicted like any entry
