@@ -3,7 +3,8 @@
 ::
 
     local_dir/
-      index.sqlite3            entries (one row per cached key), journal, totals
+      index.sqlite3            entries (one row per cached key, naming its store), journal,
+                               totals
       objects/<sha256(key)>.<random>      one file per cached version of a key
       tmp/<pid>-<random>.incomplete       files being written (downloads, pushes), each
                                           flock-ed by its writer from birth to removal
@@ -74,7 +75,8 @@ _SCHEMA = (
         sha256 TEXT NOT NULL,
         created REAL NOT NULL,
         accessed INTEGER NOT NULL,  -- totals.seq at the last use: LRU order, not a time
-        persist INTEGER NOT NULL DEFAULT 0
+        persist INTEGER NOT NULL DEFAULT 0,
+        store TEXT NOT NULL DEFAULT ''  -- the store it came from ('': adopted by any)
     )""",
     "CREATE INDEX IF NOT EXISTS entries_lru ON entries (persist, accessed)",
     "CREATE TABLE IF NOT EXISTS journal (file TEXT PRIMARY KEY, key TEXT NOT NULL)",
@@ -105,10 +107,12 @@ _SCHEMA = (
         UPDATE totals SET size = size - OLD.size;
     END""",
 )
-_COLUMNS = "key, file, size, etag, sha256, created, accessed, persist"
-SCHEMA_VERSION = 2
+_COLUMNS = "key, file, size, etag, sha256, created, accessed, persist, store"
+SCHEMA_VERSION = 3
 """``PRAGMA user_version``: 0 = before the use sequence (``accessed`` held wall-clock times),
-1 = before mapped versions were kept (``retired``)."""
+1 = before mapped versions were kept (``retired``), 2 = before entries named their store."""
+_MINE = "store IN (?, '')"
+"""The rows a handle serves: its store's, and those added by a handle naming no store."""
 _OBJECT_FILE = re.compile(r"[0-9a-f]{64}\.[0-9a-f]{12}")
 """The names ``add`` gives cached files: ``<sha256 of the key>.<random>``."""
 _TEMP_FILE = re.compile(r"\d+-[0-9a-f]{32}\.(incomplete|new)")
@@ -139,6 +143,8 @@ class CacheEntry:
     accessed: int
     """Its place in the order of use (higher: used more recently); not a time."""
     persist: bool
+    store: str = ""
+    """The store it came from (``Cache.store`` of the handle that added it); '' if unknown."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,9 +218,18 @@ class Cache:
     """One ``local_dir``. Thread-safe; several processes may open the same folder, and a
     forked child may go on using a cache its parent opened."""
 
-    def __init__(self, root: str | os.PathLike[str], allocated_space: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        allocated_space: int | None = None,
+        *,
+        store: str = "",
+    ) -> None:
         self.root = Path(root).expanduser().absolute()
         self.allocated_space = allocated_space
+        self.store = store
+        """The store this handle serves: one ``local_dir`` may cache several stores (one
+        allocation for all), and a key cached from one is never another's hit."""
         self.objects_dir = self.root / "objects"
         self.tmp_dir = self.root / "tmp"
         self.locks_dir = self.root / "locks"
@@ -263,6 +278,11 @@ class Cache:
                     [(n, key) for n, (key,) in enumerate(keys, start=1)],
                 )
                 db.execute("UPDATE totals SET seq = ?", (len(keys),))
+            columns = [row[1] for row in db.execute("PRAGMA table_info(entries)")]
+            if columns and "store" not in columns:  # an index made before entries named it
+                db.execute("ALTER TABLE entries ADD COLUMN store TEXT NOT NULL DEFAULT ''")
+                # Most likely the store configured then and now: the first to open adopts them.
+                db.execute("UPDATE entries SET store = ?", (self.store,))
             for statement in _SCHEMA:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -380,9 +400,9 @@ class Cache:
                 file, sha256 = files[key]
                 st = newest[key]
                 # No ETag: the next pull asks the store whether this copy is current.
-                db.execute(
-                    "INSERT INTO entries VALUES (?, ?, ?, '', ?, ?, ?, 0)",
-                    (key, file, st.st_size, sha256, st.st_mtime, use),
+                db.execute(  # the files do not say their store: the rebuilding one's
+                    f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, '', ?, ?, ?, 0, ?)",
+                    (key, file, st.st_size, sha256, st.st_mtime, use, self.store),
                 )
             db.execute("UPDATE totals SET seq = ?", (len(order),))
         if announce:
@@ -535,9 +555,17 @@ class Cache:
             fcntl.flock(fd, fcntl.LOCK_EX if held else fcntl.LOCK_UN)
 
     def _entry(self, row: tuple) -> CacheEntry:
-        key, file, size, etag, sha256, created, accessed, persist = row
+        key, file, size, etag, sha256, created, accessed, persist, store = row
         return CacheEntry(
-            key, self.objects_dir / file, size, etag, sha256, created, accessed, bool(persist)
+            key,
+            self.objects_dir / file,
+            size,
+            etag,
+            sha256,
+            created,
+            accessed,
+            bool(persist),
+            store,
         )
 
     def _unlink_journaled(self, files: list[str]) -> None:
@@ -632,7 +660,9 @@ class Cache:
     def get(self, key: str) -> CacheEntry | None:
         """The entry for ``key`` if its file is whole (size check on every hit), else None;
         a row whose file is missing or the wrong size is dropped on the way."""
-        rows = self._query(f"SELECT {_COLUMNS} FROM entries WHERE key = ?", (key,))
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM entries WHERE key = ? AND {_MINE}", (key, self.store)
+        )
         if not rows:
             return None
         entry = self._entry(rows[0])
@@ -678,7 +708,8 @@ class Cache:
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for key, persist, etag in self._query(
-                f"SELECT key, persist, etag FROM entries WHERE key IN ({marks})", chunk
+                f"SELECT key, persist, etag FROM entries WHERE key IN ({marks}) AND {_MINE}",
+                [*chunk, self.store],
             ):
                 found[key] = CachedState(bool(persist), etag)
         return found
@@ -686,11 +717,11 @@ class Cache:
     def states_under(self, prefix: str) -> dict[str, CachedState]:
         """What is cached of the keys starting with ``prefix`` (one range read of the
         primary key, as a listing of that prefix needs it)."""
-        sql = "SELECT key, persist, etag FROM entries"
-        params: tuple[str, ...] = ()
+        sql = f"SELECT key, persist, etag FROM entries WHERE {_MINE}"
+        params: tuple[str, ...] = (self.store,)
         if prefix:
-            sql += " WHERE key >= ?"  # UTF-8 text compares as code points: a range
-            params = (prefix,)
+            sql += " AND key >= ?"  # UTF-8 text compares as code points: a range
+            params += (prefix,)
             following = ord(prefix[-1]) + 1
             if 0xD800 <= following <= 0xDFFF:  # surrogates are not text: the next is U+E000
                 following = 0xE000
@@ -793,7 +824,7 @@ class Cache:
             try:
                 with self._write() as db:
                     old = db.execute(
-                        "SELECT file, size, persist FROM entries WHERE key = ?", (key,)
+                        "SELECT file, size, persist, store FROM entries WHERE key = ?", (key,)
                     ).fetchone()
                     old_mapped = bool(old) and not self._claim(old[0])
                     need = size - (old[1] if old and not old_mapped else 0)
@@ -803,12 +834,13 @@ class Cache:
                     # stays locked: recovery reads an unlocked one as a dead add)
                     now = time.time()
                     use = _advance_uses(db, 1)
-                    persist = persist or bool(old and old[2])
+                    # A pin stays with the key, not with another store's copy of its name.
+                    persist = persist or bool(old and old[2] and old[3] in ("", self.store))
                     if old:
                         db.execute(
                             "UPDATE entries SET file = ?, size = ?, etag = ?, sha256 = ?, "
-                            "created = ?, accessed = ?, persist = ? WHERE key = ?",
-                            (file, size, etag, sha256, now, use, int(persist), key),
+                            "created = ?, accessed = ?, persist = ?, store = ? WHERE key = ?",
+                            (file, size, etag, sha256, now, use, int(persist), self.store, key),
                         )
                         if old_mapped:  # kept, and counted, until its last mapping goes
                             db.execute(
@@ -823,8 +855,8 @@ class Cache:
                             evicted.append(old[0])
                     else:
                         db.execute(
-                            "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            (key, file, size, etag, sha256, now, use, int(persist)),
+                            f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (key, file, size, etag, sha256, now, use, int(persist), self.store),
                         )
                     if not marked:
                         db.execute("DELETE FROM journal WHERE file = ?", (file,))
@@ -842,7 +874,7 @@ class Cache:
                     return None
                 raise
         self._unlink_journaled(evicted)
-        return CacheEntry(key, final, size, etag, sha256, now, use, persist)
+        return CacheEntry(key, final, size, etag, sha256, now, use, persist, self.store)
 
     @contextlib.contextmanager
     def _marked(self, file: str) -> Iterator[bool]:
@@ -918,7 +950,8 @@ class Cache:
         With ``unless_etag``, only an entry holding another version is deleted."""
         with self.key_lock(key), self._write() as db:
             row = db.execute(
-                "SELECT file FROM entries WHERE key = ? AND etag != ?", (key, unless_etag or "")
+                f"SELECT file FROM entries WHERE key = ? AND etag != ? AND {_MINE}",
+                (key, unless_etag or "", self.store),
             ).fetchone()
             if row is None:
                 return False
@@ -930,7 +963,8 @@ class Cache:
         """Pin or unpin ``key``; False if it is not cached."""
         with self._write() as db:
             changed = db.execute(
-                "UPDATE entries SET persist = ? WHERE key = ?", (int(persist), key)
+                f"UPDATE entries SET persist = ? WHERE key = ? AND {_MINE}",
+                (int(persist), key, self.store),
             ).rowcount
         return bool(changed)
 

@@ -200,7 +200,12 @@ class Manager:
         self._store = store
         self._store_lock = threading.Lock()
         forksafe.at_fork_in_child(self, Manager._after_fork_in_child)
-        self.cache = cache or Cache(config.cache_dir, config.allocated_space)
+        # Copies are the store's (its bucket and prefix, or folder): another store's copy of
+        # a key of the same name is never this one's hit. Not the endpoint: a server that
+        # moved, or one unreachable today, holds the same objects.
+        self.cache = cache or Cache(
+            config.cache_dir, config.allocated_space, store=describe_store(config)
+        )
         self.signing_key = config.signing_secret
         self.listings = ListingCache()
         """Level listings kept a few seconds, shared by the panel and key completion."""

@@ -14,6 +14,7 @@ import os
 import random
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -1114,7 +1115,7 @@ def _crashed_add(cache: Cache, key: str, *, committed: bool) -> tuple[Path, Path
     marker.touch()
     if committed:
         cache._db().execute(
-            "INSERT INTO entries VALUES (?, ?, 100, 'e', 's', 0, 1, 0)", (key, file)
+            "INSERT INTO entries VALUES (?, ?, 100, 'e', 's', 0, 1, 0, '')", (key, file)
         )
     return final, marker
 
@@ -1312,3 +1313,26 @@ def test_the_index_needs_no_sqlite_newer_than_distributions_ship(root: Path) -> 
         r"\bRETURNING\b|^\s*UPDATE\b[^()]*\bFROM\b|\bOVER\s*\(|->>|\bSTRICT\b", re.I | re.S
     )
     assert [s for s in statements if newer.search(s)] == []
+
+
+def test_an_index_from_before_entries_named_their_store_is_adopted_by_the_first_opener(
+    root: Path,
+) -> None:
+    """Upgrading keeps every entry and pin: they go to the store the first handle serves
+    (the one configured, most likely the one they came from); other stores see none."""
+    cache = Cache(root, store="s3://team/")
+    put(cache, "a", 100, persist=True)
+    put(cache, "b", 200)
+    cache.close()
+    db = sqlite3.connect(root / "index.sqlite3")
+    db.execute("ALTER TABLE entries DROP COLUMN store")
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+    upgraded = Cache(root, store="s3://team/")
+    assert sorted(upgraded.states(["a", "b"])) == ["a", "b"] and upgraded.get("a").persist
+    assert {e.store for e in upgraded.entries()} == {"s3://team/"}
+    other = Cache(root, store="gs://elsewhere/")
+    assert other.get("a") is None and other.states_under("") == {}
+    assert other.usage().used == 300  # one allocation for the folder
+    assert_consistent(upgraded)

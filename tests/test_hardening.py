@@ -129,12 +129,12 @@ def test_dm_cache_uses_the_cached_copy_when_the_store_is_unreachable(
 ) -> None:
     assert _cell(ipy, "team/offline a", "a = 41 + 1").success
     config = dm.get_manager().config
-    unreachable = (
-        {"storage_name": str(tmp_path / "unmounted")}
-        if config.service == "local"
-        else {"endpoint_url": _closed_port()}
-    )
-    dm.configure(**{**config.to_dict(), **unreachable}, check=False)
+    if config.service == "local":  # the store folder's drive is not mounted
+        Path(config.storage_name).rename(tmp_path / "unmounted")
+    else:  # nothing listens where the store was
+        account = "/devstoreaccount1" if config.service == "azure" else ""  # Azurite's
+        endpoint = _closed_port() + account
+        dm.configure(**{**config.to_dict(), "endpoint_url": endpoint}, check=False)
     ipy.user_ns.pop("a")
     with pytest.warns(OfflineWarning):
         result = _cell(ipy, "team/offline a", "raise RuntimeError('must not run')")
