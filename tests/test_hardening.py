@@ -34,6 +34,7 @@ from daman import (
     DamanError,
     InvalidArgumentError,
     InvalidKeyError,
+    KeyExistsError,
     LocalFileError,
     Manager,
     NotCachedWarning,
@@ -729,6 +730,30 @@ def test_nosuchupload_for_an_upload_that_is_not_ours_fails_clearly(
         with pytest.raises(StoreUnavailableError, match=r"not this push's\. Push again"):
             manager.push(np.arange((MULTIPART_THRESHOLD * 2) // 8), "big")
         assert not manager.exists("big")
+
+
+@pytest.mark.parametrize("backend", ["s3"])
+def test_a_server_ignoring_the_condition_of_a_large_create_still_never_overwrites(
+    make_config, s3_endpoint: str
+) -> None:
+    """Some S3-compatible servers ignore If-None-Match on CompleteMultipartUpload: a push
+    (no force) of a large object under an existing key must still be refused, the team's
+    object left as it was, and no upload left open."""
+    from daman.store.s3 import MULTIPART_THRESHOLD
+
+    plan = lambda request: "unconditional" if _completes(request) else None  # noqa: E731
+    with Manager(make_config()) as first_pusher:
+        first_pusher.push({"team's": "object"}, "model")
+    with (
+        FaultProxy(s3_endpoint, plan) as proxy,
+        Manager(make_config(endpoint_url=proxy.url)) as manager,
+    ):
+        with pytest.raises(KeyExistsError):
+            manager.push(np.arange((MULTIPART_THRESHOLD * 2) // 8), "model")
+        assert manager.pull("model", force=True)[0] == {"team's": "object"}
+        assert not manager.store.client.list_multipart_uploads(Bucket=manager.store.bucket).get(
+            "Uploads"
+        )
 
 
 @pytest.mark.parametrize("backend", ["s3"])
