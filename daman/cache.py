@@ -3,7 +3,8 @@
 ::
 
     local_dir/
-      index.sqlite3            entries (one row per cached (key, version)), journal, totals
+      index.sqlite3            entries (one row per cached (key, version), naming its
+                               store), journal, totals
       objects/<sha256(key)>.<random>      the file of a key's current version, as last seen
       objects/<sha256(key NUL version)>.<random>
                                           the file of one version pulled by its id
@@ -82,6 +83,7 @@ _ENTRIES = """CREATE TABLE IF NOT EXISTS {name} (
         created REAL NOT NULL,
         accessed INTEGER NOT NULL,  -- totals.seq at the last use: LRU order, not a time
         persist INTEGER NOT NULL DEFAULT 0,
+        store TEXT NOT NULL DEFAULT '',  -- the store it came from ('': adopted by any)
         PRIMARY KEY (key, version)
     )"""
 _SCHEMA = (
@@ -115,13 +117,16 @@ _SCHEMA = (
         UPDATE totals SET size = size - OLD.size;
     END""",
 )
-_COLUMNS = "key, version, file, size, etag, sha256, created, accessed, persist"
-SCHEMA_VERSION = 3
+_COLUMNS = "key, version, file, size, etag, sha256, created, accessed, persist, store"
+SCHEMA_VERSION = 4
 """``PRAGMA user_version``: 0 = before the use sequence (``accessed`` held wall-clock times),
-1 = before mapped versions were kept (``retired``), 2 = one entry per key (before versions)."""
+1 = before mapped versions were kept (``retired``), 2 = before entries named their store,
+3 = one entry per key (before versions)."""
+_MARKS = ", ".join("?" * len(_COLUMNS.split(", ")))
 CURRENT = ""
 """The ``version`` of a key's current-version entry."""
-_NEXT_USE = "UPDATE totals SET seq = seq + 1 RETURNING seq"
+_MINE = "store IN (?, '')"
+"""The rows a handle serves: its store's, and those added by a handle naming no store."""
 _OBJECT_FILE = re.compile(r"[0-9a-f]{64}\.[0-9a-f]{12}")
 """The names ``add`` gives cached files: ``<sha256 of the key>.<random>``."""
 _TEMP_FILE = re.compile(r"\d+-[0-9a-f]{32}\.(incomplete|new)")
@@ -152,6 +157,8 @@ class CacheEntry:
     accessed: int
     """Its place in the order of use (higher: used more recently); not a time."""
     persist: bool
+    store: str = ""
+    """The store it came from (``Cache.store`` of the handle that added it); '' if unknown."""
     version: str = CURRENT
     """``""``: the key's current version, as last seen; else the id of the version held."""
 
@@ -191,6 +198,15 @@ def _remove_if_abandoned(tmp: Path, grace: float = 0.0) -> None:
         os.close(fd)
 
 
+def _advance_uses(db: sqlite3.Connection, count: int) -> int:
+    """Take ``count`` numbers of the use sequence, inside the open transaction; the last one.
+    (An UPDATE then a SELECT, not UPDATE ... RETURNING: that needs SQLite 3.35, newer than
+    what Debian 11, RHEL 8 and 9 ship with their Pythons.)"""
+    db.execute("UPDATE totals SET seq = seq + ?", (count,))
+    (last,) = db.execute("SELECT seq FROM totals").fetchone()
+    return last
+
+
 class _DoesNotFit(Exception):
     pass
 
@@ -218,9 +234,18 @@ class Cache:
     """One ``local_dir``. Thread-safe; several processes may open the same folder, and a
     forked child may go on using a cache its parent opened."""
 
-    def __init__(self, root: str | os.PathLike[str], allocated_space: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        allocated_space: int | None = None,
+        *,
+        store: str = "",
+    ) -> None:
         self.root = Path(root).expanduser().absolute()
         self.allocated_space = allocated_space
+        self.store = store
+        """The store this handle serves: one ``local_dir`` may cache several stores (one
+        allocation for all), and a key cached from one is never another's hit."""
         self.objects_dir = self.root / "objects"
         self.tmp_dir = self.root / "tmp"
         self.locks_dir = self.root / "locks"
@@ -263,27 +288,31 @@ class Cache:
                 # An index made before the use sequence: ``accessed`` held times. Number the
                 # entries in that order, so the upgrade keeps what was least recently used.
                 db.execute("ALTER TABLE totals ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
-                db.execute(
-                    "UPDATE entries SET accessed = ranked.n FROM (SELECT key, ROW_NUMBER() "
-                    "OVER (ORDER BY accessed, key) AS n FROM entries) AS ranked "
-                    "WHERE entries.key = ranked.key"
+                keys = db.execute("SELECT key FROM entries ORDER BY accessed, key").fetchall()
+                db.executemany(
+                    "UPDATE entries SET accessed = ? WHERE key = ?",
+                    [(n, key) for n, (key,) in enumerate(keys, start=1)],
                 )
-                db.execute("UPDATE totals SET seq = (SELECT COUNT(*) FROM entries)")
+                db.execute("UPDATE totals SET seq = ?", (len(keys),))
             columns = [row[1] for row in db.execute("PRAGMA table_info(entries)")]
+            if columns and "store" not in columns:  # an index made before entries named it
+                db.execute("ALTER TABLE entries ADD COLUMN store TEXT NOT NULL DEFAULT ''")
+                # Most likely the store configured then and now: the first to open adopts them.
+                db.execute("UPDATE entries SET store = ?", (self.store,))
             if columns and "version" not in columns:
                 # An index of one entry per key: every entry becomes its key's current
                 # version. The primary key changes, so the table is made again (its rows
                 # copied: totals, pins and the order of use stay as they were).
                 for trigger in ("entries_insert", "entries_delete", "entries_resize"):
                     db.execute(f"DROP TRIGGER IF EXISTS {trigger}")  # totals do not change
-                db.execute(_ENTRIES.format(name="entries_v3"))
+                db.execute(_ENTRIES.format(name="entries_v4"))
                 db.execute(
-                    "INSERT INTO entries_v3 (key, version, file, size, etag, sha256, created, "
-                    "accessed, persist) SELECT key, '', file, size, etag, sha256, created, "
-                    "accessed, persist FROM entries"
+                    "INSERT INTO entries_v4 (key, version, file, size, etag, sha256, created, "
+                    "accessed, persist, store) SELECT key, '', file, size, etag, sha256, "
+                    "created, accessed, persist, store FROM entries"
                 )
                 db.execute("DROP TABLE entries")  # and its LRU index, made again below
-                db.execute("ALTER TABLE entries_v3 RENAME TO entries")
+                db.execute("ALTER TABLE entries_v4 RENAME TO entries")
             for statement in _SCHEMA:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -402,9 +431,9 @@ class Cache:
                 file, sha256 = files[key]
                 st = newest[key]
                 # No ETag: the next pull asks the store whether this copy is current.
-                db.execute(
-                    f"INSERT INTO entries ({_COLUMNS}) VALUES (?, '', ?, ?, '', ?, ?, ?, 0)",
-                    (key, file, st.st_size, sha256, st.st_mtime, use),
+                db.execute(  # the files do not say their store: the rebuilding one's
+                    f"INSERT INTO entries ({_COLUMNS}) VALUES (?, '', ?, ?, '', ?, ?, ?, 0, ?)",
+                    (key, file, st.st_size, sha256, st.st_mtime, use, self.store),
                 )
             db.execute("UPDATE totals SET seq = ?", (len(order),))
         if announce:
@@ -431,9 +460,7 @@ class Cache:
             try:
                 uses = self._take_uses()
                 if uses:
-                    (last,) = db.execute(
-                        "UPDATE totals SET seq = seq + ? RETURNING seq", (len(uses),)
-                    ).fetchone()
+                    last = _advance_uses(db, len(uses))
                     db.executemany(
                         "UPDATE entries SET accessed = ? WHERE key = ? AND version = ?",
                         [(last - len(uses) + n, *use) for n, use in enumerate(uses, start=1)],
@@ -559,10 +586,10 @@ class Cache:
             fcntl.flock(fd, fcntl.LOCK_EX if held else fcntl.LOCK_UN)
 
     def _entry(self, row: tuple) -> CacheEntry:
-        key, version, file, size, etag, sha256, created, accessed, persist = row
+        key, version, file, size, etag, sha256, created, accessed, persist, store = row
         return CacheEntry(
             key, self.objects_dir / file, size, etag, sha256, created, accessed, bool(persist),
-            version,
+            store, version,
         )  # fmt: skip
 
     def _unlink_journaled(self, files: list[str]) -> None:
@@ -663,7 +690,8 @@ class Cache:
         (size check on every hit), else None; a row whose file is missing or the wrong size
         is dropped on the way."""
         rows = self._query(
-            f"SELECT {_COLUMNS} FROM entries WHERE key = ? AND version = ?", (key, version)
+            f"SELECT {_COLUMNS} FROM entries WHERE key = ? AND version = ? AND {_MINE}",
+            (key, version, self.store),
         )
         if not rows:
             return None
@@ -704,7 +732,10 @@ class Cache:
 
     def entries_of(self, key: str) -> list[CacheEntry]:
         """Every entry of ``key``: its current version and the versions pulled by id."""
-        rows = self._query(f"SELECT {_COLUMNS} FROM entries WHERE key = ? ORDER BY version", (key,))
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM entries WHERE key = ? AND {_MINE} ORDER BY version",
+            (key, self.store),
+        )
         return [self._entry(row) for row in rows]
 
     def states(self, keys: list[str]) -> dict[str, CachedState]:
@@ -715,8 +746,9 @@ class Cache:
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for key, persist, etag in self._query(
-                f"SELECT key, persist, etag FROM entries WHERE key IN ({marks}) AND version = ''",
-                chunk,
+                f"SELECT key, persist, etag FROM entries WHERE key IN ({marks}) "
+                f"AND version = '' AND {_MINE}",
+                [*chunk, self.store],
             ):
                 found[key] = CachedState(bool(persist), etag)
         return found
@@ -724,14 +756,17 @@ class Cache:
     def states_under(self, prefix: str) -> dict[str, CachedState]:
         """What is cached of the keys starting with ``prefix`` (one range read of the
         primary key, as a listing of that prefix needs it)."""
-        sql = "SELECT key, persist, etag FROM entries WHERE version = ''"
-        params: tuple[str, ...] = ()
+        sql = f"SELECT key, persist, etag FROM entries WHERE version = '' AND {_MINE}"
+        params: tuple[str, ...] = (self.store,)
         if prefix:
             sql += " AND key >= ?"  # UTF-8 text compares as code points: a range
-            params = (prefix,)
-            if ord(prefix[-1]) < 0x10FFFF:
+            params += (prefix,)
+            following = ord(prefix[-1]) + 1
+            if 0xD800 <= following <= 0xDFFF:  # surrogates are not text: the next is U+E000
+                following = 0xE000
+            if following <= 0x10FFFF:
                 sql += " AND key < ?"
-                params += (prefix[:-1] + chr(ord(prefix[-1]) + 1),)
+                params += (prefix[:-1] + chr(following),)
         return {
             key: CachedState(bool(persist), etag)
             for key, persist, etag in self._query(sql, params)
@@ -747,7 +782,7 @@ class Cache:
         """The entries eviction would remove next, least recently used first: what the next
         push or pull that needs room takes (persisted entries never are)."""
         self.flush_uses()
-        rows = self._db().execute(
+        rows = self._query(
             f"SELECT {_COLUMNS} FROM entries WHERE persist = 0 ORDER BY accessed LIMIT ?",
             (limit,),
         )
@@ -765,11 +800,7 @@ class Cache:
     def persisted_size(self) -> int:
         """Bytes held by persisted entries: the part of the allocation eviction cannot free.
         Reads the persisted rows only (the LRU index starts with ``persist``)."""
-        (size,) = (
-            self._db()
-            .execute("SELECT COALESCE(SUM(size), 0) FROM entries WHERE persist = 1")
-            .fetchone()
-        )
+        ((size,),) = self._query("SELECT COALESCE(SUM(size), 0) FROM entries WHERE persist = 1")
         return size
 
     def usage(self) -> CacheUsage:
@@ -840,7 +871,8 @@ class Cache:
             try:
                 with self._write() as db:
                     old = db.execute(
-                        "SELECT file, size, persist FROM entries WHERE key = ? AND version = ?",
+                        "SELECT file, size, persist, store FROM entries "
+                        "WHERE key = ? AND version = ?",
                         (key, version),
                     ).fetchone()
                     old_mapped = bool(old) and not self._claim(old[0])
@@ -850,13 +882,26 @@ class Cache:
                     self._temp_lock(tmp_path, held=False)  # a cached file now (the mark
                     # stays locked: recovery reads an unlocked one as a dead add)
                     now = time.time()
-                    (use,) = db.execute(_NEXT_USE).fetchone()
-                    persist = persist or bool(old and old[2])
+                    use = _advance_uses(db, 1)
+                    # A pin stays with the key, not with another store's copy of its name.
+                    persist = persist or bool(old and old[2] and old[3] in ("", self.store))
                     if old:
                         db.execute(
                             "UPDATE entries SET file = ?, size = ?, etag = ?, sha256 = ?, "
-                            "created = ?, accessed = ?, persist = ? WHERE key = ? AND version = ?",
-                            (file, size, etag, sha256, now, use, int(persist), key, version),
+                            "created = ?, accessed = ?, persist = ?, store = ? "
+                            "WHERE key = ? AND version = ?",
+                            (
+                                file,
+                                size,
+                                etag,
+                                sha256,
+                                now,
+                                use,
+                                int(persist),
+                                self.store,
+                                key,
+                                version,
+                            ),
                         )
                         if old_mapped:  # kept, and counted, until its last mapping goes
                             db.execute(
@@ -871,8 +916,19 @@ class Cache:
                             evicted.append(old[0])
                     else:
                         db.execute(
-                            f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (key, version, file, size, etag, sha256, now, use, int(persist)),
+                            f"INSERT INTO entries ({_COLUMNS}) VALUES ({_MARKS})",
+                            (
+                                key,
+                                version,
+                                file,
+                                size,
+                                etag,
+                                sha256,
+                                now,
+                                use,
+                                int(persist),
+                                self.store,
+                            ),
                         )
                     if not marked:
                         db.execute("DELETE FROM journal WHERE file = ?", (file,))
@@ -891,7 +947,7 @@ class Cache:
                     return None
                 raise
         self._unlink_journaled(evicted)
-        return CacheEntry(key, final, size, etag, sha256, now, use, persist, version)
+        return CacheEntry(key, final, size, etag, sha256, now, use, persist, self.store, version)
 
     @contextlib.contextmanager
     def _marked(self, file: str) -> Iterator[bool]:
@@ -971,7 +1027,8 @@ class Cache:
         """Delete ``key``'s entries and their files (persisted or not): every version cached,
         or only ``version`` (``""``: the current one); False if none was cached. With
         ``unless_etag``, only entries holding another stored version are deleted."""
-        sql, params = "SELECT file FROM entries WHERE key = ? AND etag != ?", [key, unless_etag]
+        sql = f"SELECT file FROM entries WHERE key = ? AND etag != ? AND {_MINE}"
+        params = [key, unless_etag, self.store]
         if version is not None:
             sql += " AND version = ?"
             params.append(version)
@@ -988,8 +1045,8 @@ class Cache:
         """Pin or unpin ``key``'s current version (or ``version``); False if not cached."""
         with self._write() as db:
             changed = db.execute(
-                "UPDATE entries SET persist = ? WHERE key = ? AND version = ?",
-                (int(persist), key, version),
+                f"UPDATE entries SET persist = ? WHERE key = ? AND version = ? AND {_MINE}",
+                (int(persist), key, version, self.store),
             ).rowcount
         return bool(changed)
 

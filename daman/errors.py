@@ -140,7 +140,8 @@ class DamanWarning(UserWarning):
 
 
 class OfflineWarning(DamanWarning):
-    """The store was unreachable and a cached copy was used."""
+    """A cached copy was used without the store's word that it is current: the store was
+    unreachable, or no longer holds the key (deleted for everyone)."""
 
 
 class NotCachedWarning(DamanWarning):

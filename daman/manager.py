@@ -210,7 +210,12 @@ class Manager:
         self._store = store
         self._store_lock = threading.Lock()
         forksafe.at_fork_in_child(self, Manager._after_fork_in_child)
-        self.cache = cache or Cache(config.cache_dir, config.allocated_space)
+        # Copies are the store's (its bucket and prefix, or folder): another store's copy of
+        # a key of the same name is never this one's hit. Not the endpoint: a server that
+        # moved, or one unreachable today, holds the same objects.
+        self.cache = cache or Cache(
+            config.cache_dir, config.allocated_space, store=describe_store(config)
+        )
         self.signing_key = config.signing_secret
         self.listings = ListingCache()
         """Level listings kept a few seconds, shared by the panel and key completion."""
@@ -945,16 +950,15 @@ class Manager:
             footer, meta, remote = found
         except (StoreUnavailableError, StorageNotFoundError) as exc:
             entry = self.cache.get(key)
-            if entry is None:
+            stored = None if entry is None else self._open_cached(entry, persist=False)
+            if entry is None or stored is None:  # not cached, or evicted meanwhile
                 raise
             warn(
                 f"the store is unreachable ({exc}); showing the cached copy of {key!r}.",
                 OfflineWarning,
             )
-            with open(entry.path, "rb") as f:
-                stored = StoredFile(f)
+            with stored.f:
                 footer = stored.footer
-                self._check_identity(footer, key, last=True)
                 meta = stored.meta()
             remote = ObjectInfo(key, entry.size, entry.etag, None)
         states = self.cache.states([key])

@@ -12,7 +12,9 @@ import hashlib
 import itertools
 import os
 import random
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -97,7 +99,8 @@ def assert_consistent(cache: Cache) -> None:
     assert files_on_disc(cache) == referenced
     for entry in entries:
         assert entry.path.parent == cache.objects_dir
-        assert entry.path.name.startswith(key_digest(entry.key) + ".")
+        named = f"{entry.key}\0{entry.version}" if entry.version else entry.key
+        assert entry.path.name.startswith(key_digest(named) + ".")  # a version: its own name
     assert cache.usage().used == sum(entry.size for entry in entries)
     assert cache.usage().count == len(entries)
     assert list(cache.tmp_dir.glob("*.incomplete")) == []
@@ -1113,8 +1116,8 @@ def _crashed_add(cache: Cache, key: str, *, committed: bool) -> tuple[Path, Path
     marker.touch()
     if committed:
         cache._db().execute(
-            "INSERT INTO entries (key, file, size, etag, sha256, created, accessed, persist) "
-            "VALUES (?, ?, 100, 'e', 's', 0, 1, 0)",
+            "INSERT INTO entries (key, file, size, etag, sha256, created, accessed, persist, "
+            "store) VALUES (?, ?, 100, 'e', 's', 0, 1, 0, '')",
             (key, file),
         )
     return final, marker
@@ -1283,10 +1286,10 @@ def test_a_forked_child_leaves_its_parents_hits_to_the_parent(root: Path) -> Non
 
 def test_states_under_a_prefix(root: Path) -> None:
     cache = Cache(root)
-    keys = ["a", "a/b", "a/c/d", "a0", "ab", "b", "\U0010ffff/x", "\U0010ffff"]
+    keys = ["a", "a/b", "a/c/d", "a0", "ab", "b", "\U0010ffff/x", "\U0010ffff", "\ud7ff", "\ue000"]
     for key in keys:
         put(cache, key, 1, persist=key == "a/b")
-    for prefix in ["", "a", "a/", "a/c", "b", "c", "\U0010ffff", "\U0010ffff/"]:
+    for prefix in ["", "a", "a/", "a/c", "b", "c", "\U0010ffff", "\U0010ffff/", "\ud7ff"]:
         found = cache.states_under(prefix)
         assert sorted(found) == sorted(key for key in keys if key.startswith(prefix)), prefix
     assert cache.states_under("a/")["a/b"].persist and not cache.states_under("a/")["a/c/d"].persist
@@ -1294,56 +1297,64 @@ def test_states_under_a_prefix(root: Path) -> None:
 
 # -- upgrading an index made by the previous release -------------------------------------------
 
-RELEASE_SCHEMA = (
-    """CREATE TABLE entries (
-        key TEXT PRIMARY KEY, file TEXT NOT NULL, size INTEGER NOT NULL, etag TEXT NOT NULL,
-        sha256 TEXT NOT NULL, created REAL NOT NULL, accessed INTEGER NOT NULL,
-        persist INTEGER NOT NULL DEFAULT 0)""",
-    "CREATE INDEX entries_lru ON entries (persist, accessed)",
-    "CREATE TABLE journal (file TEXT PRIMARY KEY, key TEXT NOT NULL)",
-    """CREATE TABLE totals (id INTEGER PRIMARY KEY CHECK (id = 0), size INTEGER NOT NULL,
-        count INTEGER NOT NULL, seq INTEGER NOT NULL DEFAULT 0)""",
-    "INSERT INTO totals (id, size, count) VALUES (0, 0, 0)",
-    """CREATE TRIGGER entries_insert AFTER INSERT ON entries BEGIN
-        UPDATE totals SET size = size + NEW.size, count = count + 1; END""",
-    """CREATE TRIGGER entries_delete AFTER DELETE ON entries BEGIN
-        UPDATE totals SET size = size - OLD.size, count = count - 1; END""",
-    """CREATE TRIGGER entries_resize AFTER UPDATE OF size ON entries BEGIN
-        UPDATE totals SET size = size - OLD.size + NEW.size; END""",
-    "CREATE TABLE retired (file TEXT PRIMARY KEY, key TEXT NOT NULL, size INTEGER NOT NULL)",
-    """CREATE TRIGGER retired_insert AFTER INSERT ON retired BEGIN
-        UPDATE totals SET size = size + NEW.size; END""",
-    """CREATE TRIGGER retired_delete AFTER DELETE ON retired BEGIN
-        UPDATE totals SET size = size - OLD.size; END""",
-    "PRAGMA user_version = 2",
-)
-"""The index of the release before versions (``SCHEMA_VERSION`` 2: one entry per key)."""
+
+def release_schema(version: int) -> list[str]:
+    """The index of a release before versions: one entry per key; ``SCHEMA_VERSION`` 3 (the
+    release before this one) names each entry's store, 2 does not."""
+    store = ", store TEXT NOT NULL DEFAULT ''" if version == 3 else ""
+    return [
+        f"""CREATE TABLE entries (
+            key TEXT PRIMARY KEY, file TEXT NOT NULL, size INTEGER NOT NULL,
+            etag TEXT NOT NULL, sha256 TEXT NOT NULL, created REAL NOT NULL,
+            accessed INTEGER NOT NULL, persist INTEGER NOT NULL DEFAULT 0{store})""",
+        "CREATE INDEX entries_lru ON entries (persist, accessed)",
+        "CREATE TABLE journal (file TEXT PRIMARY KEY, key TEXT NOT NULL)",
+        """CREATE TABLE totals (id INTEGER PRIMARY KEY CHECK (id = 0), size INTEGER NOT NULL,
+            count INTEGER NOT NULL, seq INTEGER NOT NULL DEFAULT 0)""",
+        "INSERT INTO totals (id, size, count) VALUES (0, 0, 0)",
+        """CREATE TRIGGER entries_insert AFTER INSERT ON entries BEGIN
+            UPDATE totals SET size = size + NEW.size, count = count + 1; END""",
+        """CREATE TRIGGER entries_delete AFTER DELETE ON entries BEGIN
+            UPDATE totals SET size = size - OLD.size, count = count - 1; END""",
+        """CREATE TRIGGER entries_resize AFTER UPDATE OF size ON entries BEGIN
+            UPDATE totals SET size = size - OLD.size + NEW.size; END""",
+        "CREATE TABLE retired (file TEXT PRIMARY KEY, key TEXT NOT NULL, size INTEGER NOT NULL)",
+        """CREATE TRIGGER retired_insert AFTER INSERT ON retired BEGIN
+            UPDATE totals SET size = size + NEW.size; END""",
+        """CREATE TRIGGER retired_delete AFTER DELETE ON retired BEGIN
+            UPDATE totals SET size = size - OLD.size; END""",
+        f"PRAGMA user_version = {version}",
+    ]
 
 
-def test_an_index_of_the_previous_release_keeps_its_entries_pins_and_order(root: Path) -> None:
-    import sqlite3
-
+@pytest.mark.parametrize("release", [3, 2])
+def test_an_index_of_a_release_before_versions_keeps_its_entries_pins_and_order(
+    root: Path, release: int
+) -> None:
     (root / "objects").mkdir(parents=True)
     db = sqlite3.connect(root / "index.sqlite3")
-    for statement in RELEASE_SCHEMA:
+    for statement in release_schema(release):
         db.execute(statement)
     for use, (key, persist) in enumerate([("b", 1), ("a", 0), ("c", 0)], start=1):
         file = f"{key_digest(key)}.{'0' * 12}"
         (root / "objects" / file).write_bytes(b"x" * 1000)
-        db.execute(
-            "INSERT INTO entries VALUES (?, ?, 1000, ?, 'sha', 1.7e9, ?, ?)",
-            (key, file, f"etag-{key}", use, persist),
-        )
+        columns = "key, file, size, etag, sha256, created, accessed, persist"
+        values = [key, file, 1000, f"etag-{key}", "sha", 1.7e9, use, persist]
+        if release == 3:
+            columns, values = columns + ", store", [*values, "s3://team/"]
+        marks = ", ".join("?" * len(values))
+        db.execute(f"INSERT INTO entries ({columns}) VALUES ({marks})", values)
     db.execute("UPDATE totals SET seq = 3")
     db.commit()
     db.close()
 
-    cache = Cache(root, 5000)
+    cache = Cache(root, 5000, store="s3://team/")
     assert cache._query("PRAGMA user_version") == [(cache_module.SCHEMA_VERSION,)]
-    assert cache_module.SCHEMA_VERSION == 3
+    assert cache_module.SCHEMA_VERSION == 4
     entries = cache.entries()
     assert [(e.key, e.version) for e in entries] == [("c", ""), ("a", ""), ("b", "")]  # LRU kept
     assert [e.key for e in entries if e.persist] == ["b"]  # pins kept
+    assert {e.store for e in entries} == {"s3://team/"}  # (release 2: adopted by the opener)
     assert cache.get("a") is not None and cache.get("a").etag == "etag-a"
     assert cache.usage().used == 3000 and cache.usage().count == 3
     # A version by id is cached beside the current one; eviction takes the least used (b is
@@ -1355,6 +1366,53 @@ def test_an_index_of_the_previous_release_keeps_its_entries_pins_and_order(root:
         ("b", ""), ("c", ""), ("c", "20261130T000000.000Z-1a2b3c4d")
     ]  # fmt: skip
     assert cache.usage().used == 4500 and cache.usage().count == 3
+    assert_consistent(cache)
     cache.close()
-    again = Cache(root, 5000)  # opening it again changes nothing
+    again = Cache(root, 5000, store="s3://team/")  # opening it again changes nothing
     assert again.usage().used == 4500 and len(again.entries()) == 3
+
+
+def test_the_index_needs_no_sqlite_newer_than_distributions_ship(root: Path) -> None:
+    """Pythons on Debian 11, RHEL 8/9 and Ubuntu 20.04 link SQLite 3.26-3.34: every statement
+    the cache runs (traced through a day's work) avoids RETURNING (3.35), UPDATE ... FROM
+    (3.33), window functions (3.25), ->> (3.38) and STRICT tables (3.37)."""
+    cache = Cache(root, allocated_space=5_000)
+    statements: list[str] = []
+    cache._db().set_trace_callback(statements.append)
+    for i in range(8):
+        put(cache, f"k/{i}", 1_000, persist=i == 0)
+        cache.get(f"k/{i // 2}")
+        cache.touch(f"k/{i // 2}")
+    cache.set_persist("k/0", False)
+    cache.flush_uses()
+    cache.remove("k/7")
+    cache.recover()
+    cache.reconcile()
+    assert len(statements) > 30
+    newer = re.compile(
+        r"\bRETURNING\b|^\s*UPDATE\b[^()]*\bFROM\b|\bOVER\s*\(|->>|\bSTRICT\b", re.I | re.S
+    )
+    assert [s for s in statements if newer.search(s)] == []
+
+
+def test_an_index_from_before_entries_named_their_store_is_adopted_by_the_first_opener(
+    root: Path,
+) -> None:
+    """Upgrading keeps every entry and pin: they go to the store the first handle serves
+    (the one configured, most likely the one they came from); other stores see none."""
+    cache = Cache(root, store="s3://team/")
+    put(cache, "a", 100, persist=True)
+    put(cache, "b", 200)
+    cache.close()
+    db = sqlite3.connect(root / "index.sqlite3")
+    db.execute("ALTER TABLE entries DROP COLUMN store")
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+    upgraded = Cache(root, store="s3://team/")
+    assert sorted(upgraded.states(["a", "b"])) == ["a", "b"] and upgraded.get("a").persist
+    assert {e.store for e in upgraded.entries()} == {"s3://team/"}
+    other = Cache(root, store="gs://elsewhere/")
+    assert other.get("a") is None and other.states_under("") == {}
+    assert other.usage().used == 300  # one allocation for the folder
+    assert_consistent(upgraded)

@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from daman import (
     DamanError,
     InvalidArgumentError,
     InvalidKeyError,
+    KeyExistsError,
     LocalFileError,
     Manager,
     NotCachedWarning,
@@ -128,12 +130,12 @@ def test_dm_cache_uses_the_cached_copy_when_the_store_is_unreachable(
 ) -> None:
     assert _cell(ipy, "team/offline a", "a = 41 + 1").success
     config = dm.get_manager().config
-    unreachable = (
-        {"storage_name": str(tmp_path / "unmounted")}
-        if config.service == "local"
-        else {"endpoint_url": _closed_port()}
-    )
-    dm.configure(**{**config.to_dict(), **unreachable}, check=False)
+    if config.service == "local":  # the store folder's drive is not mounted
+        Path(config.storage_name).rename(tmp_path / "unmounted")
+    else:  # nothing listens where the store was
+        account = "/devstoreaccount1" if config.service == "azure" else ""  # Azurite's
+        endpoint = _closed_port() + account
+        dm.configure(**{**config.to_dict(), "endpoint_url": endpoint}, check=False)
     ipy.user_ns.pop("a")
     with pytest.warns(OfflineWarning):
         result = _cell(ipy, "team/offline a", "raise RuntimeError('must not run')")
@@ -485,6 +487,22 @@ def test_dm_verify_rebuilds_an_index_damaged_after_it_was_opened(config: Config)
     assert run("dm_status").returncode == 0
 
 
+def test_every_read_of_a_damaged_index_is_a_daman_error(manager: Manager) -> None:
+    """Each query goes through the one place that maps SQLite's errors (and holds off a fork
+    mid-statement): the disc summary (persisted bytes, next to evict) included."""
+    manager.push({"x": 1}, "k", persist=True)
+    with sqlite3.connect(manager.cache.root / "index.sqlite3") as db:
+        db.execute("DROP TABLE entries")
+    calls = {
+        "usage": lambda: manager.usage().entries,
+        "disc": manager.disc,
+    }
+    for name, call in calls.items():
+        with pytest.raises(DamanError, match="dm_verify"):
+            call()
+            pytest.fail(name)
+
+
 # -- 12. --json is JSON ----------------------------------------------------------------------------
 
 
@@ -712,6 +730,30 @@ def test_nosuchupload_for_an_upload_that_is_not_ours_fails_clearly(
         with pytest.raises(StoreUnavailableError, match=r"not this push's\. Push again"):
             manager.push(np.arange((MULTIPART_THRESHOLD * 2) // 8), "big")
         assert not manager.exists("big")
+
+
+@pytest.mark.parametrize("backend", ["s3"])
+def test_a_server_ignoring_the_condition_of_a_large_create_still_never_overwrites(
+    make_config, s3_endpoint: str
+) -> None:
+    """Some S3-compatible servers ignore If-None-Match on CompleteMultipartUpload: a push
+    (no force) of a large object under an existing key must still be refused, the team's
+    object left as it was, and no upload left open."""
+    from daman.store.s3 import MULTIPART_THRESHOLD
+
+    plan = lambda request: "unconditional" if _completes(request) else None  # noqa: E731
+    with Manager(make_config()) as first_pusher:
+        first_pusher.push({"team's": "object"}, "model")
+    with (
+        FaultProxy(s3_endpoint, plan) as proxy,
+        Manager(make_config(endpoint_url=proxy.url)) as manager,
+    ):
+        with pytest.raises(KeyExistsError):
+            manager.push(np.arange((MULTIPART_THRESHOLD * 2) // 8), "model")
+        assert manager.pull("model", force=True)[0] == {"team's": "object"}
+        assert not manager.store.client.list_multipart_uploads(Bucket=manager.store.bucket).get(
+            "Uploads"
+        )
 
 
 @pytest.mark.parametrize("backend", ["s3"])
