@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import IO
 
 from . import forksafe
-from .errors import DamanError, LocalFileError, RepairWarning, os_errors, warn
+from .errors import DamanError, LocalFileError, RepairWarning, map_os_error, os_errors, warn
 from .keys import key_digest
 
 _SCHEMA = (
@@ -127,6 +127,10 @@ TOUCH_SECONDS = 1.0
 _DAMAGED = ("malformed", "not a database", "corrupt", "no such table", "no such column")
 """What SQLite says of an index that is damaged (or not daman's)."""
 _EVICT_BATCH = 64
+_CLAIMS_PER_TRANSACTION = _EVICT_BATCH
+"""Files one transaction forgets at most when it may stop early (``clear``, shrinking to
+fit): each stays open and locked until it is unlinked, and a process may open 1,024 files
+on Linux, 256 on macOS, fewer under a tight ``ulimit -n``."""
 _TEMP_GRACE_SECONDS = 10
 _LOCK_STRIPES_HEX = 2  # 256 stripes
 
@@ -590,6 +594,8 @@ class Cache:
                 forksafe.track_fd(fd)
         except FileNotFoundError:
             return True  # gone already: nothing maps it
+        except OSError as exc:  # too many files open, above all
+            raise map_os_error(exc, f"local_dir {self.root}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -810,11 +816,15 @@ class Cache:
         Evicts least recently used, non-persisted entries to make room (unless ``evict`` is
         false: then it must fit in the free space). Returns None, and leaves ``tmp_path``
         where it is, when the file cannot fit; an older version of the key is removed then,
-        since it is outdated. An entry that was persisted stays persisted when replaced."""
+        since it is outdated. An entry that was persisted stays persisted when replaced.
+        One that needs more evictions than a transaction may hold open has that room made
+        first (``_make_room``): those evictions stand even if the add then fails."""
         size = tmp_path.stat().st_size
         if self.allocated_space is not None and size > self.allocated_space:
             self.remove(key, unless_etag=etag)  # superseded by the version that does not fit
             return None
+        if evict and self.allocated_space is not None:
+            self._make_room(key, size)
         file = f"{key_digest(key)}.{uuid.uuid4().hex[:12]}"
         final = self.objects_dir / file
         with self.key_lock(key), self._marked(file) as marked:
@@ -876,6 +886,27 @@ class Cache:
         self._unlink_journaled(evicted)
         return CacheEntry(key, final, size, etag, sha256, now, use, persist, self.store)
 
+    def _make_room(self, key: str, size: int) -> None:
+        """Before an add that would evict more entries than one transaction may hold open
+        (many small ones for a large one; see ``_CLAIMS_PER_TRANSACTION``): evict in
+        bounded transactions first, leaving the add's own, which decides, little to do. Not
+        when the add cannot fit anyway: a refused add changes nothing."""
+        assert self.allocated_space is not None
+        ((used,),) = self._query("SELECT size FROM totals")
+        if used + size <= self.allocated_space:
+            return  # the common case: room enough, one read
+        old = self._query("SELECT size FROM entries WHERE key = ?", (key,))
+        need = size - (old[0][0] if old else 0)  # a replaced version frees its own room
+        first = self._query(
+            "SELECT size FROM entries WHERE persist = 0 AND key != ? ORDER BY accessed LIMIT ?",
+            (key, _CLAIMS_PER_TRANSACTION),
+        )
+        if used + need - self.allocated_space <= sum(n for (n,) in first):
+            return  # the add's transaction frees it with few files
+        if self.persisted_size() + size > self.allocated_space:
+            return  # cannot fit: the add refuses it, and nothing is evicted
+        self.evict_until_fits(need)
+
     @contextlib.contextmanager
     def _marked(self, file: str) -> Iterator[bool]:
         """``tmp/<file>.adding``, a small file locked while ``add`` renames a file into
@@ -908,8 +939,9 @@ class Cache:
     ) -> list[str]:
         """Forget LRU non-persisted entries (not ``exclude``) until ``need`` more bytes fit,
         in batches; returns their files, journaled for unlinking after commit. When even
-        that is not enough (or nothing ``may_evict``): stop (``best_effort``) or raise
-        ``_DoesNotFit``, which rolls the transaction back."""
+        that is not enough (or nothing ``may_evict``): stop (``best_effort``, also after
+        ``_CLAIMS_PER_TRANSACTION`` files: the caller goes on in another transaction) or
+        raise ``_DoesNotFit``, which rolls the transaction back."""
         if self.allocated_space is None:
             return []
         (used,) = db.execute("SELECT size FROM totals").fetchone()
@@ -923,7 +955,7 @@ class Cache:
         if over > 0 and not may_evict:
             raise _DoesNotFit
         after = -1  # the use order of the last entry looked at: mapped ones are passed over
-        while over > 0:
+        while over > 0 and not (best_effort and len(evicted) >= _CLAIMS_PER_TRANSACTION):
             rows = db.execute(
                 "SELECT key, file, size, accessed FROM entries WHERE persist = 0 AND key != ? "
                 "AND accessed > ? ORDER BY accessed LIMIT ?",
@@ -975,20 +1007,31 @@ class Cache:
         (persisted entries are only removed by an explicit delete)."""
         if self.allocated_space is None:
             return 0
-        with self._write() as db:
-            (before,) = db.execute("SELECT size FROM totals").fetchone()
-            files = self._evict(db, extra, exclude="", best_effort=True)
-            (after,) = db.execute("SELECT size FROM totals").fetchone()
-        self._unlink_journaled(files)
-        return before - after
+        freed = 0
+        while True:  # transactions of a bounded number of files (see _CLAIMS_PER_TRANSACTION)
+            with self._write() as db:
+                (before,) = db.execute("SELECT size FROM totals").fetchone()
+                files = self._evict(db, extra, exclude="", best_effort=True)
+                (after,) = db.execute("SELECT size FROM totals").fetchone()
+            self._unlink_journaled(files)
+            freed += before - after
+            if len(files) < _CLAIMS_PER_TRANSACTION:
+                return freed
 
     def clear(self) -> int:
         """Evict every entry that is not persisted; bytes freed."""
-        with self._write() as db:
-            rows = db.execute("SELECT key, file, size FROM entries WHERE persist = 0").fetchall()
-            files = self._forget(db, [(key, file) for key, file, _ in rows])
-        self._unlink_journaled(files)
-        return sum(size for _, _, size in rows)
+        freed = 0
+        while True:  # transactions of a bounded number of files (see _CLAIMS_PER_TRANSACTION)
+            with self._write() as db:
+                rows = db.execute(
+                    "SELECT key, file, size FROM entries WHERE persist = 0 LIMIT ?",
+                    (_CLAIMS_PER_TRANSACTION,),
+                ).fetchall()
+                files = self._forget(db, [(key, file) for key, file, _ in rows])
+            self._unlink_journaled(files)
+            freed += sum(size for _, _, size in rows)
+            if len(rows) < _CLAIMS_PER_TRANSACTION:
+                return freed
 
     # -- recovery ------------------------------------------------------------------------
 

@@ -1336,3 +1336,41 @@ def test_an_index_from_before_entries_named_their_store_is_adopted_by_the_first_
     assert other.get("a") is None and other.states_under("") == {}
     assert other.usage().used == 300  # one allocation for the folder
     assert_consistent(upgraded)
+
+
+EVICT_MANY = """
+import resource, sys
+from pathlib import Path
+from daman.cache import Cache
+
+root, n = Path(sys.argv[1]), int(sys.argv[2])
+cache = Cache(root, allocated_space=n * 100)
+for i in range(n):
+    with cache.temp_file() as tmp:
+        tmp.write_bytes(b"x" * 100)
+        cache.add(f"small/{i}", tmp, etag="e", sha256="-")
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))  # as low as some systems are
+with cache.temp_file() as tmp:  # room for it only once two thirds of the others are gone
+    tmp.write_bytes(b"y" * (n * 100 * 2 // 3))
+    assert cache.add("large", tmp, etag="e", sha256="-") is not None
+left = cache.usage().count - 1
+assert cache.clear() > 0 and cache.usage().count == 0
+print(left)
+"""
+
+
+def test_evicting_and_clearing_thousands_of_entries_under_a_low_open_file_limit(
+    root: Path,
+) -> None:
+    """Each file a transaction forgets stays open (locked) until it is unlinked: a large add
+    that evicts 1,000 small entries, and a clear of the rest, work in bounded transactions
+    with 128 files allowed open."""
+    result = subprocess.run(
+        [sys.executable, "-c", EVICT_MANY, str(root), "1500"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) <= 500
+    cache = Cache(root)
+    assert cache.usage().count == 0 and list(cache.objects_dir.iterdir()) == []
+    assert_consistent(cache)
