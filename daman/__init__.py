@@ -66,6 +66,7 @@ from .manager import Manager
 from .results import (
     Deleted,
     Disc,
+    KeyList,
     KeyListing,
     LevelListing,
     ObjectDetails,
@@ -110,6 +111,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidKeyError",
     "KeyExistsError",
+    "KeyList",
     "KeyListing",
     "KeyNotFoundError",
     "LevelListing",

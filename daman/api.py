@@ -25,7 +25,7 @@ from .config import (
 )
 from .errors import ConfigError, ConfigWarning, NotConfiguredError, os_errors, warn
 from .manager import LEVEL_PAGE, Manager
-from .results import Deleted, Disc, KeyListing, LevelListing, ObjectDetails, Usage, VerifyReport
+from .results import Deleted, Disc, KeyList, LevelListing, ObjectDetails, Usage, VerifyReport
 from .store import ObjectInfo, open_store
 
 if TYPE_CHECKING:
@@ -236,7 +236,7 @@ def delete(key: str, local: bool = True, remote: bool = False) -> Deleted:
     return get_manager().delete(key, local=local, remote=remote)
 
 
-def ls(prefix: str = "", *, legacy: bool = False) -> list[KeyListing]:
+def ls(prefix: str = "", *, legacy: bool = False) -> KeyList:
     """The keys under ``prefix``; ``legacy=True`` marks daman 0.2 objects (one small read per
     key); see :meth:`Manager.ls`."""
     return get_manager().ls(prefix, legacy=legacy)
