@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from . import demo
 from .api import (
     clear,
     config_path,
@@ -50,6 +51,7 @@ from .errors import (
     KeyExistsError,
     KeyNotFoundError,
     LocalFileError,
+    MissingPackageError,
     NotCachedError,
     NotCachedWarning,
     NotConfiguredError,
@@ -117,6 +119,7 @@ __all__ = [
     "LevelListing",
     "LocalFileError",
     "Manager",
+    "MissingPackageError",
     "NotCachedError",
     "NotCachedWarning",
     "NotConfiguredError",
@@ -138,6 +141,7 @@ __all__ = [
     "configure",
     "current_config",
     "delete",
+    "demo",
     "disc",
     "exists",
     "fetch",

@@ -11,7 +11,7 @@ import shlex
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .bulk import BulkPlan, BulkResult
 from .cache import CacheEntry
@@ -28,6 +28,9 @@ from .results import (
     VerifyReport,
 )
 from .store import describe_store
+
+if TYPE_CHECKING:
+    from .demo import Demo
 
 
 def jsonable(value: Any) -> Any:
@@ -468,4 +471,14 @@ def config_line(config: Config) -> str:
     return (
         f"daman: {store}{where}; cache {config.cache_dir} "
         f"({format_size(config.allocated_space)}{signed})"
+    )
+
+
+def demo_line(demo: Demo) -> str:
+    """What ``dm.demo.start()`` set up, in one line."""
+    server = "in this process, until it ends" if demo.own_server else "shared by this machine"
+    return (
+        f"daman demo: s3://{demo.bucket}/ on {demo.endpoint} (moto's S3 server {server}); "
+        f"cache {demo.config.cache_dir}. Configured for this process only: your saved "
+        "configuration is unchanged."
     )
