@@ -7,7 +7,7 @@
       objects/<sha256(key)>.<random>      one file per cached version of a key
       tmp/<pid>-<random>.incomplete       files being written (downloads, pushes), each
                                           flock-ed by its writer from birth to removal
-      tmp/<objects file>.adding           a hard link to a file ``add`` is moving into
+      tmp/<objects file>.adding           the mark of a file ``add`` is moving into
                                           objects/, locked until its transaction is over
       locks/ab.lock            256 lock stripes; a key's stripe is ab = sha256(key)[:2]
 
@@ -27,10 +27,13 @@ Invariants, restored on open after any crash:
 - a row in ``entries`` exists only while its file exists with the recorded size, and
   ``totals.size`` (kept by triggers) equals the sum of the entries' sizes;
 - a file in ``objects/`` without a row is listed in ``journal`` until it is unlinked, or has
-  a ``tmp/<file>.adding`` link: a file being added gets that link (locked) before it is
-  renamed into place and loses it once the row is committed (one write transaction), files
-  whose row is deleted are journaled in the same transaction, so a SIGKILL at any point
-  leaves only files the next open can find without scanning the cache;
+  a ``tmp/<file>.adding`` mark: a file being added gets that mark (a small file, locked)
+  before it is renamed into place and loses it once the row is committed (one write
+  transaction), files whose row is deleted are journaled in the same transaction, so a
+  SIGKILL at any point leaves only files the next open can find without scanning the cache;
+- a file in ``objects/`` is locked only by zero-copy mappings (shared) and by the process
+  forgetting it (exclusive, from its transaction until the unlink): a lock anything else
+  held would pass for a mapping, and keep the file as ``retired``;
 - once an operation has finished, ``totals.size <= allocated_space``. Eviction deletes the
   least recently used rows that are not persisted, in small batches (never a scan), inside
   the transaction that adds the new entry, so concurrent processes cannot over-commit.
@@ -488,32 +491,42 @@ class Cache:
         """A new empty file in ``tmp/`` for a download or a push, removed afterwards unless
         ``add`` moved it into the cache. It is flock-ed while in use, so that recovery in
         another process (or container) never deletes it; a crashed owner's lock is gone."""
-        name = f"{os.getpid()}-{uuid.uuid4().hex}"
-        path = self.tmp_dir / f"{name}.incomplete"
-        born = self.tmp_dir / f"{name}.new"
-        # Created and locked under a name recovery does not look at, then renamed: a file
-        # named *.incomplete is locked from birth, so an unlocked one is abandoned.
-        with forksafe.sqlite_section():  # no fork between opening and tracking
-            fd = os.open(born, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)  # at once: a file not yet locked looks abandoned
-            forksafe.track_fd(fd)
+        path = self.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.incomplete"
+        fd = self._create_locked(path)
         try:
-            os.rename(born, path)
             self._temp_locks[str(path)] = fd
             yield path
         finally:
             self._temp_locks.pop(str(path), None)
-            born.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
             forksafe.untrack_fd(fd)
             os.close(fd)
 
-    def _release_temp_lock(self, tmp: Path) -> None:
-        """Drop the writer's lock on a temp file of ours that ``add`` moved into the cache
-        (the descriptor itself stays ``temp_file``'s to close)."""
+    def _create_locked(self, path: Path) -> int:
+        """A new empty file at ``path`` in ``tmp/``, flock-ed from the moment it bears that
+        name: made and locked under a ``.new`` name (which recovery spares a few seconds),
+        then renamed, so that an unlocked ``*.incomplete`` or ``*.adding`` is abandoned."""
+        born = self.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.new"
+        with forksafe.sqlite_section():  # no fork between opening and tracking
+            fd = os.open(born, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            forksafe.track_fd(fd)
+        try:
+            os.rename(born, path)
+        except BaseException:
+            born.unlink(missing_ok=True)
+            forksafe.untrack_fd(fd)
+            os.close(fd)
+            raise
+        return fd
+
+    def _temp_lock(self, tmp: Path, *, held: bool) -> None:
+        """Drop the writer's lock on a temp file of ours once ``add`` has renamed it into the
+        cache (only mappings may lock a cached file), or take it again before the file goes
+        back to ``tmp/``; the descriptor stays ``temp_file``'s to close."""
         fd = self._temp_locks.get(str(tmp))
         if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX if held else fcntl.LOCK_UN)
 
     def _entry(self, row: tuple) -> CacheEntry:
         key, file, size, etag, sha256, created, accessed, persist = row
@@ -577,13 +590,21 @@ class Cache:
 
     def _reclaim_retired(self) -> None:
         """Remove the retired versions whose last mapping has gone."""
-        for file, _key in self._query("SELECT file, key FROM retired"):
-            if self._claim(file):
-                with self._write() as db:
-                    db.execute("DELETE FROM retired WHERE file = ?", (file,))
-                if _OBJECT_FILE.fullmatch(file):
-                    (self.objects_dir / file).unlink(missing_ok=True)
-                self._release_claim(file)
+        if self._query("SELECT 1 FROM retired LIMIT 1"):
+            with self._write() as db:
+                files = self._unmapped_retired(db)
+            self._unlink_journaled(files)
+
+    def _unmapped_retired(self, db: sqlite3.Connection) -> list[str]:
+        """Inside the open transaction: forget the retired versions no mapping holds any
+        more (they stop counting), journaled and claimed for unlinking after the commit."""
+        rows = [
+            (file, key) for file, key in db.execute("SELECT file, key FROM retired").fetchall()
+            if self._claim(file)
+        ]  # fmt: skip
+        db.executemany("DELETE FROM retired WHERE file = ?", [(file,) for file, _ in rows])
+        db.executemany("INSERT OR IGNORE INTO journal (file, key) VALUES (?, ?)", rows)
+        return [file for file, _ in rows]
 
     def mapped(self) -> list[tuple[str, int, bool]]:
         """``(key, size, current)`` of every cached file a zero-copy pull maps now, in any
@@ -760,7 +781,7 @@ class Cache:
             return None
         file = f"{key_digest(key)}.{uuid.uuid4().hex[:12]}"
         final = self.objects_dir / file
-        with self.key_lock(key), self._marked(tmp_path, file) as marked:
+        with self.key_lock(key), self._marked(file) as marked:
             if not marked:  # journaled first: a crash after the rename leaves no orphan
                 with self._write() as db:
                     db.execute("INSERT INTO journal (file, key) VALUES (?, ?)", (file, key))
@@ -773,6 +794,8 @@ class Cache:
                     need = size - (old[1] if old and not old_mapped else 0)
                     evicted = self._evict(db, need, exclude=key, may_evict=evict)
                     os.replace(tmp_path, final)
+                    self._temp_lock(tmp_path, held=False)  # a cached file now (the mark
+                    # stays locked: recovery reads an unlocked one as a dead add)
                     now = time.time()
                     (use,) = db.execute(_NEXT_USE).fetchone()
                     persist = persist or bool(old and old[2])
@@ -802,6 +825,7 @@ class Cache:
                         db.execute("DELETE FROM journal WHERE file = ?", (file,))
             except BaseException as exc:
                 if final.exists() and not tmp_path.exists():
+                    self._temp_lock(tmp_path, held=True)  # locked before it is a temp file
                     os.replace(final, tmp_path)  # give the caller its file back
                 if not marked:
                     with self._write() as db:
@@ -812,40 +836,27 @@ class Cache:
                     self.remove(key, unless_etag=etag)
                     return None
                 raise
-        # Held until the row was committed (``_recover_add`` reads an unlocked mark as a
-        # dead add); now the file is a cached one, which only a mapping may lock.
-        self._release_temp_lock(tmp_path)
         self._unlink_journaled(evicted)
         return CacheEntry(key, final, size, etag, sha256, now, use, persist)
 
     @contextlib.contextmanager
-    def _marked(self, tmp_path: Path, file: str) -> Iterator[bool]:
-        """``tmp/<file>.adding``, a hard link to ``tmp_path`` that stays locked while ``add``
-        renames the file into ``objects/`` and commits its row, so that ``add`` needs one
-        write transaction: if the process dies in between, the next ``recover`` finds the
-        file by the link's name (``objects/`` is never scanned). The lock is the one
-        ``temp_file`` holds, or one taken here on other files. Yields False when no such
-        link can be made (a file system without hard links, a file another process holds
-        locked): the caller then journals the file first, in a transaction of its own."""
+    def _marked(self, file: str) -> Iterator[bool]:
+        """``tmp/<file>.adding``, a small file locked while ``add`` renames a file into
+        ``objects/<file>`` and commits its row, so that ``add`` needs one write transaction:
+        if the process dies in between, the next ``recover`` finds the file by the mark's
+        name (``objects/`` is never scanned). The lock is the mark's own, never the added
+        file's (see the invariants). Yields False when no mark can be made (a full disc):
+        the caller then journals the file first, in a transaction of its own."""
         marker = self.tmp_dir / f"{file}{_ADDING}"
-        fd = None
-        linked = False
         try:
-            if str(tmp_path) not in self._temp_locks:  # not our temp file: lock it first
-                with forksafe.sqlite_section():  # no fork between opening and tracking
-                    fd = os.open(tmp_path, os.O_RDONLY | os.O_CLOEXEC)
-                    forksafe.track_fd(fd)
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked before the link exists
-            os.link(tmp_path, marker)
-            linked = True
-        except OSError:  # also BlockingIOError: another process holds the file locked
-            pass
+            fd: int | None = self._create_locked(marker)
+        except OSError:
+            fd = None
         try:
-            yield linked
+            yield fd is not None
         finally:
-            if linked:
-                marker.unlink(missing_ok=True)
             if fd is not None:
+                marker.unlink(missing_ok=True)
                 forksafe.untrack_fd(fd)
                 os.close(fd)
 
@@ -866,9 +877,14 @@ class Cache:
             return []
         (used,) = db.execute("SELECT size FROM totals").fetchone()
         over = used + need - self.allocated_space
+        evicted: list[str] = []
+        if over > 0 and db.execute("SELECT 1 FROM retired LIMIT 1").fetchone():
+            # Older versions kept while mapped, whose mappings have gone since: free first.
+            evicted += self._unmapped_retired(db)
+            (used,) = db.execute("SELECT size FROM totals").fetchone()
+            over = used + need - self.allocated_space
         if over > 0 and not may_evict:
             raise _DoesNotFit
-        evicted: list[str] = []
         after = -1  # the use order of the last entry looked at: mapped ones are passed over
         while over > 0:
             rows = db.execute(

@@ -1087,7 +1087,7 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @pytest.mark.parametrize("source", ["temp_file", "another file"])
 def test_an_add_is_one_write_transaction(root: Path, writes: list[int], source: str) -> None:
-    """The new file is marked by a locked hard link in tmp/ (not a journal row committed in a
+    """The new file is marked by a locked file in tmp/ (not a journal row committed in a
     transaction of its own) before it is renamed into objects/."""
     cache = Cache(root, 10_000)
     put(cache, "old", 100)
@@ -1110,7 +1110,7 @@ def _crashed_add(cache: Cache, key: str, *, committed: bool) -> tuple[Path, Path
     final = cache.objects_dir / file
     final.write_bytes(b"x" * 100)
     marker = cache.tmp_dir / f"{file}.adding"
-    os.link(final, marker)
+    marker.touch()
     if committed:
         cache._db().execute(
             "INSERT INTO entries VALUES (?, ?, 100, 'e', 's', 0, 1, 0)", (key, file)
@@ -1130,6 +1130,30 @@ def test_an_add_killed_around_its_commit_is_recovered_through_its_mark(
     assert final.exists() == committed
     assert sizes(again) == ({"k": 100} if committed else {})
     assert_consistent(again)
+
+
+def test_a_file_just_added_is_never_taken_for_a_mapped_one(root: Path) -> None:
+    """Once its row is committed, nothing but a mapping locks an added file: another process
+    replacing or evicting the key at once forgets it outright, rather than keeping it as an
+    older version still mapped (which counted it until some process's next recovery)."""
+    other = Cache(root, 10_000)
+    seen: list[bool] = []
+
+    class Watched(Cache):
+        def _unlink_journaled(self, files: list[str]) -> None:  # right after add's commit
+            for entry in other.entries():
+                seen.append(other._claim(entry.path.name))
+                other._release_claim(entry.path.name)
+            super()._unlink_journaled(files)
+
+    cache = Watched(root, 10_000)
+    with cache.temp_file() as tmp:
+        tmp.write_bytes(os.urandom(100))
+        assert cache.add("k", tmp, etag="e", sha256=sha256_of(tmp)) is not None
+    assert seen == [True]
+    put(other, "k", 100)  # replaced by the other process: no version kept as mapped
+    assert other._query("SELECT COUNT(*) FROM retired") == [(0,)]
+    assert_consistent(other)
 
 
 HOLD_MARK = """

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from reliability_helpers import assert_cache_consistent
 
 from daman import Config, IntegrityError, Manager, NotMappedWarning
 from daman import serialize as ser
@@ -111,6 +112,26 @@ def test_a_mapped_file_outlives_eviction_replacement_and_deletion(
         manager.cache.recover()
         assert not path.exists() and manager.mapped() == []
         assert manager.cache.usage().used < used_while_mapped
+
+
+def test_an_unmapped_older_version_is_freed_by_the_next_eviction(make_config) -> None:
+    """A version kept while mapped stops counting once its arrays are gone: the next push
+    that needs the room frees it, without waiting for a process to open the cache again."""
+    allocation = 3 * MiB + MiB // 2
+    config = make_config(allocated_space=allocation)
+    with Manager(config) as manager:
+        manager.push(np.full(MiB // 8, 1.0), "k")
+        arrays, _ = manager.pull("k", mmap=True)
+        old = manager.cache.get("k").path
+        manager.push(np.full(MiB // 8, 2.0), "k", force=True)  # the old one is retired
+        assert old.exists() and manager.mapped()[0].current is False
+        del arrays
+        gc.collect()
+        for i in range(2):  # 2 more MiB: they fit only once the retired MiB is freed
+            manager.push(np.full(MiB // 8, float(i)), f"other/{i}")
+        assert not old.exists() and manager.mapped() == []
+        assert manager.cache.get("k") is not None  # freed before any entry was evicted
+        assert_cache_consistent(manager, allocation)
 
 
 MAP_AND_WAIT = """
