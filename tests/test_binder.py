@@ -38,11 +38,12 @@ NOT_SOURCES = shutil.ignore_patterns(
 
 def copy_of_the_repository(to: Path) -> Path:
     """The files a clone would hold: tracked and new ones, not what .gitignore names."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+    git = shutil.which("git")
+    listed = git and subprocess.run(
+        [git, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT, capture_output=True,
     )  # fmt: skip
-    if listed.returncode != 0:  # not a git checkout: everything but builds and caches
+    if not listed or listed.returncode != 0:  # no git checkout: all but builds and caches
         shutil.copytree(ROOT, to, ignore=NOT_SOURCES)
         return to
     for name in listed.stdout.decode().split("\0"):
