@@ -109,7 +109,6 @@ _COLUMNS = "key, file, size, etag, sha256, created, accessed, persist"
 SCHEMA_VERSION = 2
 """``PRAGMA user_version``: 0 = before the use sequence (``accessed`` held wall-clock times),
 1 = before mapped versions were kept (``retired``)."""
-_NEXT_USE = "UPDATE totals SET seq = seq + 1 RETURNING seq"
 _OBJECT_FILE = re.compile(r"[0-9a-f]{64}\.[0-9a-f]{12}")
 """The names ``add`` gives cached files: ``<sha256 of the key>.<random>``."""
 _TEMP_FILE = re.compile(r"\d+-[0-9a-f]{32}\.(incomplete|new)")
@@ -175,6 +174,15 @@ def _remove_if_abandoned(tmp: Path, grace: float = 0.0) -> None:
         tmp.unlink(missing_ok=True)
     finally:
         os.close(fd)
+
+
+def _advance_uses(db: sqlite3.Connection, count: int) -> int:
+    """Take ``count`` numbers of the use sequence, inside the open transaction; the last one.
+    (An UPDATE then a SELECT, not UPDATE ... RETURNING: that needs SQLite 3.35, newer than
+    what Debian 11, RHEL 8 and 9 ship with their Pythons.)"""
+    db.execute("UPDATE totals SET seq = seq + ?", (count,))
+    (last,) = db.execute("SELECT seq FROM totals").fetchone()
+    return last
 
 
 class _DoesNotFit(Exception):
@@ -249,12 +257,12 @@ class Cache:
                 # An index made before the use sequence: ``accessed`` held times. Number the
                 # entries in that order, so the upgrade keeps what was least recently used.
                 db.execute("ALTER TABLE totals ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
-                db.execute(
-                    "UPDATE entries SET accessed = ranked.n FROM (SELECT key, ROW_NUMBER() "
-                    "OVER (ORDER BY accessed, key) AS n FROM entries) AS ranked "
-                    "WHERE entries.key = ranked.key"
+                keys = db.execute("SELECT key FROM entries ORDER BY accessed, key").fetchall()
+                db.executemany(
+                    "UPDATE entries SET accessed = ? WHERE key = ?",
+                    [(n, key) for n, (key,) in enumerate(keys, start=1)],
                 )
-                db.execute("UPDATE totals SET seq = (SELECT COUNT(*) FROM entries)")
+                db.execute("UPDATE totals SET seq = ?", (len(keys),))
             for statement in _SCHEMA:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -401,9 +409,7 @@ class Cache:
             try:
                 uses = self._take_uses()
                 if uses:
-                    (last,) = db.execute(
-                        "UPDATE totals SET seq = seq + ? RETURNING seq", (len(uses),)
-                    ).fetchone()
+                    last = _advance_uses(db, len(uses))
                     db.executemany(
                         "UPDATE entries SET accessed = ? WHERE key = ?",
                         [(last - len(uses) + n, key) for n, key in enumerate(uses, start=1)],
@@ -685,9 +691,12 @@ class Cache:
         if prefix:
             sql += " WHERE key >= ?"  # UTF-8 text compares as code points: a range
             params = (prefix,)
-            if ord(prefix[-1]) < 0x10FFFF:
+            following = ord(prefix[-1]) + 1
+            if 0xD800 <= following <= 0xDFFF:  # surrogates are not text: the next is U+E000
+                following = 0xE000
+            if following <= 0x10FFFF:
                 sql += " AND key < ?"
-                params += (prefix[:-1] + chr(ord(prefix[-1]) + 1),)
+                params += (prefix[:-1] + chr(following),)
         return {
             key: CachedState(bool(persist), etag)
             for key, persist, etag in self._query(sql, params)
@@ -703,7 +712,7 @@ class Cache:
         """The entries eviction would remove next, least recently used first: what the next
         push or pull that needs room takes (persisted entries never are)."""
         self.flush_uses()
-        rows = self._db().execute(
+        rows = self._query(
             f"SELECT {_COLUMNS} FROM entries WHERE persist = 0 ORDER BY accessed LIMIT ?",
             (limit,),
         )
@@ -721,11 +730,7 @@ class Cache:
     def persisted_size(self) -> int:
         """Bytes held by persisted entries: the part of the allocation eviction cannot free.
         Reads the persisted rows only (the LRU index starts with ``persist``)."""
-        (size,) = (
-            self._db()
-            .execute("SELECT COALESCE(SUM(size), 0) FROM entries WHERE persist = 1")
-            .fetchone()
-        )
+        ((size,),) = self._query("SELECT COALESCE(SUM(size), 0) FROM entries WHERE persist = 1")
         return size
 
     def usage(self) -> CacheUsage:
@@ -797,7 +802,7 @@ class Cache:
                     self._temp_lock(tmp_path, held=False)  # a cached file now (the mark
                     # stays locked: recovery reads an unlocked one as a dead add)
                     now = time.time()
-                    (use,) = db.execute(_NEXT_USE).fetchone()
+                    use = _advance_uses(db, 1)
                     persist = persist or bool(old and old[2])
                     if old:
                         db.execute(

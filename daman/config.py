@@ -260,7 +260,9 @@ def check_field(name: str, value: Any) -> Any:
         if not _is_number(value) or not math.isfinite(value) or value <= 0:
             raise bad("a number of seconds > 0")
         return float(value)
-    if name == "max_attempts" and not (_is_number(value) and value == int(value) >= 1):
+    if name == "max_attempts" and not (
+        _is_number(value) and math.isfinite(value) and value == int(value) >= 1
+    ):
         raise bad("a whole number >= 1")
     if name == "max_attempts":
         return int(value)

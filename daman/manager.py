@@ -722,16 +722,15 @@ class Manager:
             footer, meta, remote = found
         except (StoreUnavailableError, StorageNotFoundError) as exc:
             entry = self.cache.get(key)
-            if entry is None:
+            stored = None if entry is None else self._open_cached(entry, persist=False)
+            if entry is None or stored is None:  # not cached, or evicted meanwhile
                 raise
             warn(
                 f"the store is unreachable ({exc}); showing the cached copy of {key!r}.",
                 OfflineWarning,
             )
-            with open(entry.path, "rb") as f:
-                stored = StoredFile(f)
+            with stored.f:
                 footer = stored.footer
-                self._check_identity(footer, key, last=True)
                 meta = stored.meta()
             remote = ObjectInfo(key, entry.size, entry.etag, None)
         states = self.cache.states([key])

@@ -392,9 +392,9 @@ def parse_footer(tail: bytes, file_size: int) -> Footer | int:
         footer = Footer(
             **{
                 **known,
-                "stream": tuple(known["stream"]),
-                "buffers": tuple(tuple(b) for b in known["buffers"]),
-                "meta": tuple(known["meta"]),
+                "stream": _span(known["stream"]),
+                "buffers": tuple(_span(b) for b in known["buffers"]),
+                "meta": _span(known["meta"]),
                 "libraries": tuple(
                     (str(name), str(version)) for name, version in known.get("libraries", ())
                 ),
@@ -404,6 +404,11 @@ def parse_footer(tail: bytes, file_size: int) -> Footer | int:
         )
         if not isinstance(footer.key, str) or footer.code not in (None, True, False):
             raise TypeError("key or code has the wrong type")
+        if type(footer.payload_size) is not int:
+            raise TypeError("payload_size is not an integer")
+        for name in _TEXT_FIELDS:
+            if not isinstance(getattr(footer, name), str):
+                raise TypeError(f"{name} is not a string")
     except (ValueError, TypeError, KeyError) as exc:
         raise IntegrityError(f"corrupt daman object: unreadable footer ({exc}).") from None
     spans = [footer.stream, footer.meta, *footer.buffers]
@@ -412,6 +417,21 @@ def parse_footer(tail: bytes, file_size: int) -> Footer | int:
     ):
         raise IntegrityError("corrupt daman object: the footer does not match the file size.")
     return footer
+
+
+_TEXT_FIELDS = tuple(f.name for f in dataclasses.fields(Footer) if f.type in (str, "str"))
+
+
+def _span(value: Any) -> tuple[int, int]:
+    """A footer's ``[offset, length]``, checked: a foreign or damaged footer (it is not
+    hashed) must be an IntegrityError, not a TypeError deep in a read."""
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(type(v) is int for v in value)
+    ):
+        raise TypeError(f"{value!r} is not an [offset, length] pair")
+    return (value[0], value[1])
 
 
 def read_footer(
@@ -691,30 +711,6 @@ def _uninitialised(length: int) -> bytearray | mmap.mmap:
         with contextlib.suppress(OSError):
             mapped.madvise(mmap.MADV_HUGEPAGE)
     return mapped
-
-
-def load_object(f: IO[bytes], footer: Footer, *, allow_version_mismatch: bool = False) -> Any:
-    """Unpickle the object from an open file, reading each out-of-band buffer into its own
-    memory (one copy from disc into the object, none more): ``bytes`` for a read-only buffer,
-    writable memory otherwise. The result has the types ``pickle.loads`` of the object would
-    give (a bare ``PickleBuffer`` comes back as ``bytearray`` or ``bytes``)."""
-    fd = f.fileno()
-    stream = bytearray(footer.stream[1])
-    _read_into(fd, stream, footer.stream[0])
-    check_code(footer, stream, "the object", allow_version_mismatch=allow_version_mismatch)
-    buffers: list[Any] = []
-    mapped: set[int] = set()
-    for index, (offset, length) in enumerate(footer.buffers):
-        if index in footer.readonly and length < _MAX_READ:
-            buffers.append(_read_bytes(fd, length, offset))  # as pickle would: bytes
-            continue
-        buf = _uninitialised(length)
-        _read_into(fd, buf, offset)
-        buffers.append(buf)
-        if isinstance(buf, mmap.mmap):
-            mapped.add(id(buf))
-    obj = _unpickle(lambda: pickle.loads(stream, buffers=buffers), footer, "the object")
-    return _as_pickle_types(obj, mapped) if mapped else obj
 
 
 _MAX_READ = 2**31 - 4096  # what one read(2) returns at most on Linux

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -1281,10 +1282,33 @@ def test_a_forked_child_leaves_its_parents_hits_to_the_parent(root: Path) -> Non
 
 def test_states_under_a_prefix(root: Path) -> None:
     cache = Cache(root)
-    keys = ["a", "a/b", "a/c/d", "a0", "ab", "b", "\U0010ffff/x", "\U0010ffff"]
+    keys = ["a", "a/b", "a/c/d", "a0", "ab", "b", "\U0010ffff/x", "\U0010ffff", "\ud7ff", "\ue000"]
     for key in keys:
         put(cache, key, 1, persist=key == "a/b")
-    for prefix in ["", "a", "a/", "a/c", "b", "c", "\U0010ffff", "\U0010ffff/"]:
+    for prefix in ["", "a", "a/", "a/c", "b", "c", "\U0010ffff", "\U0010ffff/", "\ud7ff"]:
         found = cache.states_under(prefix)
         assert sorted(found) == sorted(key for key in keys if key.startswith(prefix)), prefix
     assert cache.states_under("a/")["a/b"].persist and not cache.states_under("a/")["a/c/d"].persist
+
+
+def test_the_index_needs_no_sqlite_newer_than_distributions_ship(root: Path) -> None:
+    """Pythons on Debian 11, RHEL 8/9 and Ubuntu 20.04 link SQLite 3.26-3.34: every statement
+    the cache runs (traced through a day's work) avoids RETURNING (3.35), UPDATE ... FROM
+    (3.33), window functions (3.25), ->> (3.38) and STRICT tables (3.37)."""
+    cache = Cache(root, allocated_space=5_000)
+    statements: list[str] = []
+    cache._db().set_trace_callback(statements.append)
+    for i in range(8):
+        put(cache, f"k/{i}", 1_000, persist=i == 0)
+        cache.get(f"k/{i // 2}")
+        cache.touch(f"k/{i // 2}")
+    cache.set_persist("k/0", False)
+    cache.flush_uses()
+    cache.remove("k/7")
+    cache.recover()
+    cache.reconcile()
+    assert len(statements) > 30
+    newer = re.compile(
+        r"\bRETURNING\b|^\s*UPDATE\b[^()]*\bFROM\b|\bOVER\s*\(|->>|\bSTRICT\b", re.I | re.S
+    )
+    assert [s for s in statements if newer.search(s)] == []

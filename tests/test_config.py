@@ -78,6 +78,8 @@ def test_config_parses_allocated_space() -> None:
         ({"storage_name": "b", "max_attempts": 0}, "max_attempts"),
         ({"storage_name": "b", "max_attempts": 2.5}, "max_attempts"),
         ({"storage_name": "b", "max_attempts": True}, "max_attempts"),
+        ({"storage_name": "b", "max_attempts": float("nan")}, "max_attempts"),
+        ({"storage_name": "b", "max_attempts": float("inf")}, "max_attempts"),
         ({"storage_name": "b", "local_dir": 5}, "local_dir"),
         ({"storage_name": "b", "endpoint_url": "minio:9000"}, "endpoint_url"),
         ({"storage_name": "b", "region": ["eu"]}, "region"),

@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -483,6 +484,22 @@ def test_dm_verify_rebuilds_an_index_damaged_after_it_was_opened(config: Config)
     assert "Traceback" not in result.stderr
     assert "rebuilt" in result.stdout + result.stderr
     assert run("dm_status").returncode == 0
+
+
+def test_every_read_of_a_damaged_index_is_a_daman_error(manager: Manager) -> None:
+    """Each query goes through the one place that maps SQLite's errors (and holds off a fork
+    mid-statement): the disc summary (persisted bytes, next to evict) included."""
+    manager.push({"x": 1}, "k", persist=True)
+    with sqlite3.connect(manager.cache.root / "index.sqlite3") as db:
+        db.execute("DROP TABLE entries")
+    calls = {
+        "usage": lambda: manager.usage().entries,
+        "disc": manager.disc,
+    }
+    for name, call in calls.items():
+        with pytest.raises(DamanError, match="dm_verify"):
+            call()
+            pytest.fail(name)
 
 
 # -- 12. --json is JSON ----------------------------------------------------------------------------

@@ -341,6 +341,11 @@ def test_offline_pull_serves_the_cache_with_a_warning(config: Config, unreachabl
         assert temp_files(offline) == []
         with pytest.warns(OfflineWarning):
             assert offline.info("k").sha256 == offline.cache.get("k").sha256
+        path = offline.cache.get("k").path  # damaged: no details from it, and it goes
+        path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+        with pytest.raises((StoreUnavailableError, StorageNotFoundError)):
+            offline.info("k")
+        assert offline.cache.get("k") is None
 
 
 def test_key_deleted_remotely_still_served_from_cache_with_a_warning(manager: Manager) -> None:

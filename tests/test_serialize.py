@@ -294,6 +294,32 @@ def test_a_footer_written_before_signing_existed_still_reads() -> None:
         ser.parse_footer(broken, len(broken))
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("payload_size", "12"),
+        ("payload_size", True),
+        ("stream", [0, 1, 2]),
+        ("stream", 5),
+        ("meta", ["a", "b"]),
+        ("buffers", [[0, 1.5]]),
+        ("sha256", 7),
+        ("signature", ["x"]),
+    ],
+)
+def test_a_footer_with_values_of_the_wrong_type_is_an_integrity_error(
+    field: str, value: object
+) -> None:
+    """The footer is not hashed: a foreign or damaged one must be refused as corrupt, not
+    escape as a TypeError from the arithmetic that follows (pull, info and ls read it)."""
+    data = ser.dump_to_bytes({"x": 1}, meta="m")
+    footer = ser.parse_footer(data, len(data))
+    encoded = json.dumps({**json.loads(footer.encode()), field: value}).encode()
+    broken = data[: footer.payload_size] + encoded + ser.TRAILER.pack(ser.MAGIC, len(encoded))
+    with pytest.raises(IntegrityError, match="unreadable footer"):
+        ser.parse_footer(broken, len(broken))
+
+
 def test_the_prefix_hasher_checks_a_file_written_in_any_order(tmp_path: Path) -> None:
     """The download hashes ranges as they land (in any order, restarting if the download
     starts over); the result is the same check as a full pass, and a flipped byte fails."""
