@@ -120,6 +120,11 @@ class LocalFileError(DamanError, OSError):
     read-only file system, a file where a folder should be, a name too long."""
 
 
+class MissingPackageError(DamanError, ImportError):
+    """What was asked needs an optional package that is not installed; the message names the
+    ``pip install`` that brings it."""
+
+
 class DamanWarning(UserWarning):
     """Base of daman's warnings."""
 

@@ -44,6 +44,7 @@ from .listing import ListingCache
 from .results import (
     Deleted,
     Disc,
+    KeyList,
     KeyListing,
     LevelListing,
     MappedFile,
@@ -780,7 +781,7 @@ class Manager:
             return footer, load_meta(read_at, footer, tail, remote.size), remote
         raise AssertionError("unreachable")
 
-    def ls(self, prefix: str = "", *, legacy: bool = False) -> list[KeyListing]:
+    def ls(self, prefix: str = "", *, legacy: bool = False) -> KeyList:
         """Keys in the store under ``prefix``, each with whether it is cached / persisted.
         Every key: on a large bucket, :meth:`ls_level` lists one level in one request. With
         ``legacy``, daman 0.2 objects are marked, at the cost of reading each key's last 16
@@ -800,7 +801,7 @@ class Manager:
             else:
                 listing = [KeyListing.of(i, states.get(i.key)) for i in infos]
         self.listings.put_keys(prefix, infos, limit=LEVEL_PAGE, since=since)
-        return listing
+        return KeyList(listing)
 
     def ls_level(
         self,
