@@ -195,6 +195,15 @@ def _advance_uses(db: sqlite3.Connection, count: int) -> int:
     return last
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode); None if none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class _DoesNotFit(Exception):
     pass
 
@@ -254,7 +263,8 @@ class Cache:
         forksafe.at_fork_in_child(self, Cache._after_fork_in_child)
         _open_caches.add(self)
         try:
-            self._migrate()
+            with self._rebuilding(exclusive=False):  # not a half-rebuilt index
+                self._migrate()
         except IndexDamagedError:
             self.rebuild()
         self.recover()
@@ -315,7 +325,14 @@ class Cache:
         """This thread's connection (made in this process: never one a parent made)."""
         db = getattr(self._local, "db", None)
         if db is not None and self._local.pid == os.getpid():
-            return db
+            if self._local.index == _identity(self.index_path):
+                return db
+            # Another process rebuilt the index (this one was set aside): use the new one,
+            # once that rebuild is over.
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+            with self._rebuilding(exclusive=False):
+                pass
         db = sqlite3.connect(
             self.root / "index.sqlite3", timeout=60, isolation_level=None,
             check_same_thread=False,
@@ -333,6 +350,7 @@ class Cache:
                 time.sleep(0.05)
         db.execute("PRAGMA synchronous=NORMAL")
         self._local.db, self._local.pid = db, os.getpid()
+        self._local.index = _identity(self.index_path)
         return db
 
     @contextlib.contextmanager
@@ -369,14 +387,39 @@ class Cache:
         )
 
     def rebuild(self, *, announce: bool = True) -> int:
-        """Set a damaged index aside (``index.sqlite3.damaged-<time>``) and make a new one
-        from the cached files, whose footers name their keys; returns the entries kept.
-        Pins and the order of use are lost; versions are checked again on the next pull."""
+        """Set a damaged index aside (``index.sqlite3.damaged-<time>-<pid>``) and make a new
+        one from the cached files, whose footers name their keys; returns the entries kept.
+        Pins and the order of use are lost; versions are checked again on the next pull.
+        One process at a time: one that finds the index rebuilt meanwhile by another (the
+        same damage seen by both) uses that one. The others' connections follow (``_db``)."""
+        with self._rebuilding(exclusive=True):
+            self.close()
+            try:
+                self._migrate()
+                healthy = self._query("PRAGMA quick_check") == [("ok",)]
+            except IndexDamagedError:
+                healthy = False
+            if healthy:
+                return self.usage().count
+            return self._rebuild(announce)
+
+    @contextlib.contextmanager
+    def _rebuilding(self, *, exclusive: bool) -> Iterator[None]:
+        """``locks/rebuild.lock``: held exclusively by a rebuild, shared by a process that
+        opens the index (or follows a rebuilt one), which so waits for a rebuild to end."""
+        fd = os.open(self.locks_dir / "rebuild.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def _rebuild(self, announce: bool) -> int:
         from .serialize import StoredFile  # the one place the cache reads the file format
 
         self.close()
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = f"{self.index_path.name}.damaged-{stamp}"
+        aside = f"{self.index_path.name}.damaged-{stamp}-{os.getpid()}"
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(f"{self.index_path}{suffix}", self.root / f"{aside}{suffix}")
@@ -399,16 +442,22 @@ class Cache:
                 (self.objects_dir / files[key][0]).unlink(missing_ok=True)
             newest[key], files[key] = st, (path.name, footer.sha256)
         order = sorted(newest, key=lambda key: newest[key].st_mtime)
+        superseded = []
         with self._write() as db:
             for use, key in enumerate(order, start=1):
                 file, sha256 = files[key]
                 st = newest[key]
                 # No ETag: the next pull asks the store whether this copy is current.
-                db.execute(  # the files do not say their store: the rebuilding one's
-                    f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, '', ?, ?, ?, 0, ?)",
+                added = db.execute(  # the files do not say their store: the rebuilding one's
+                    f"INSERT OR IGNORE INTO entries ({_COLUMNS}) "
+                    "VALUES (?, ?, ?, '', ?, ?, ?, 0, ?)",
                     (key, file, st.st_size, sha256, st.st_mtime, use, self.store),
-                )
-            db.execute("UPDATE totals SET seq = ?", (len(order),))
+                ).rowcount
+                if not added:  # a process that had the index open added a newer one since
+                    superseded.append((file, key))
+            db.executemany("INSERT OR IGNORE INTO journal (file, key) VALUES (?, ?)", superseded)
+            db.execute("UPDATE totals SET seq = MAX(seq, ?)", (len(order),))
+        self._unlink_journaled([file for file, _ in superseded])
         if announce:
             warn(
                 f"the cache index in {self.root} was damaged: it was set aside as {aside} and "
