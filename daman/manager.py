@@ -332,9 +332,14 @@ class Manager:
                         raise
                 finally:
                     self.listings.forget()  # even a failed put may have changed the store
-            self._keep(
-                key, tmp, etag=info.etag, sha256=footer.sha256, persist=persist, verb="pushed"
-            )
+            try:
+                self._keep(
+                    key, tmp, etag=info.etag, sha256=footer.sha256, persist=persist, verb="pushed"
+                )
+            except DamanError as exc:  # stored for everyone: only this machine's copy is not
+                warn(
+                    f"{key!r} was pushed, but not kept in the local cache: {exc}", NotCachedWarning
+                )
         return info
 
     def push_file(
