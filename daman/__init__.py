@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from . import demo
 from .api import (
     clear,
     config_path,
@@ -52,6 +53,7 @@ from .errors import (
     KeyExistsError,
     KeyNotFoundError,
     LocalFileError,
+    MissingPackageError,
     NotCachedError,
     NotCachedWarning,
     NotConfiguredError,
@@ -70,6 +72,7 @@ from .results import (
     Deleted,
     Disc,
     KeyHistory,
+    KeyList,
     KeyListing,
     LevelListing,
     ObjectDetails,
@@ -116,11 +119,13 @@ __all__ = [
     "InvalidKeyError",
     "KeyExistsError",
     "KeyHistory",
+    "KeyList",
     "KeyListing",
     "KeyNotFoundError",
     "LevelListing",
     "LocalFileError",
     "Manager",
+    "MissingPackageError",
     "NotCachedError",
     "NotCachedWarning",
     "NotConfiguredError",
@@ -144,6 +149,7 @@ __all__ = [
     "configure",
     "current_config",
     "delete",
+    "demo",
     "disc",
     "exists",
     "fetch",

@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import IO
 
 from . import forksafe
-from .errors import DamanError, LocalFileError, RepairWarning, os_errors, warn
+from .errors import DamanError, LocalFileError, RepairWarning, map_os_error, os_errors, warn
 from .keys import key_digest
 
 _ENTRIES = """CREATE TABLE IF NOT EXISTS {name} (
@@ -141,6 +141,10 @@ TOUCH_SECONDS = 1.0
 _DAMAGED = ("malformed", "not a database", "corrupt", "no such table", "no such column")
 """What SQLite says of an index that is damaged (or not daman's)."""
 _EVICT_BATCH = 64
+_CLAIMS_PER_TRANSACTION = _EVICT_BATCH
+"""Files one transaction forgets at most when it may stop early (``clear``, shrinking to
+fit): each stays open and locked until it is unlinked, and a process may open 1,024 files
+on Linux, 256 on macOS, fewer under a tight ``ulimit -n``."""
 _TEMP_GRACE_SECONDS = 10
 _LOCK_STRIPES_HEX = 2  # 256 stripes
 
@@ -207,6 +211,15 @@ def _advance_uses(db: sqlite3.Connection, count: int) -> int:
     return last
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode); None if none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class _DoesNotFit(Exception):
     pass
 
@@ -266,7 +279,8 @@ class Cache:
         forksafe.at_fork_in_child(self, Cache._after_fork_in_child)
         _open_caches.add(self)
         try:
-            self._migrate()
+            with self._rebuilding(exclusive=False):  # not a half-rebuilt index
+                self._migrate()
         except IndexDamagedError:
             self.rebuild()
         self.recover()
@@ -341,7 +355,14 @@ class Cache:
         """This thread's connection (made in this process: never one a parent made)."""
         db = getattr(self._local, "db", None)
         if db is not None and self._local.pid == os.getpid():
-            return db
+            if self._local.index == _identity(self.index_path):
+                return db
+            # Another process rebuilt the index (this one was set aside): use the new one,
+            # once that rebuild is over.
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+            with self._rebuilding(exclusive=False):
+                pass
         db = sqlite3.connect(
             self.root / "index.sqlite3", timeout=60, isolation_level=None,
             check_same_thread=False,
@@ -359,6 +380,7 @@ class Cache:
                 time.sleep(0.05)
         db.execute("PRAGMA synchronous=NORMAL")
         self._local.db, self._local.pid = db, os.getpid()
+        self._local.index = _identity(self.index_path)
         return db
 
     @contextlib.contextmanager
@@ -395,15 +417,40 @@ class Cache:
         )
 
     def rebuild(self, *, announce: bool = True) -> int:
-        """Set a damaged index aside (``index.sqlite3.damaged-<time>``) and make a new one
-        from the cached files, whose footers name their keys; returns the entries kept.
+        """Set a damaged index aside (``index.sqlite3.damaged-<time>-<pid>``) and make a new
+        one from the cached files, whose footers name their keys; returns the entries kept.
         Pins, the order of use and the versions pulled by id (whose files are named for
-        their version) are lost; the rest is checked against the store on the next pull."""
+        their version) are lost; the rest is checked against the store on the next pull.
+        One process at a time: one that finds the index rebuilt meanwhile by another (the
+        same damage seen by both) uses that one. The others' connections follow (``_db``)."""
+        with self._rebuilding(exclusive=True):
+            self.close()
+            try:
+                self._migrate()
+                healthy = self._query("PRAGMA quick_check") == [("ok",)]
+            except IndexDamagedError:
+                healthy = False
+            if healthy:
+                return self.usage().count
+            return self._rebuild(announce)
+
+    @contextlib.contextmanager
+    def _rebuilding(self, *, exclusive: bool) -> Iterator[None]:
+        """``locks/rebuild.lock``: held exclusively by a rebuild, shared by a process that
+        opens the index (or follows a rebuilt one), which so waits for a rebuild to end."""
+        fd = os.open(self.locks_dir / "rebuild.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def _rebuild(self, announce: bool) -> int:
         from .serialize import StoredFile  # the one place the cache reads the file format
 
         self.close()
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = f"{self.index_path.name}.damaged-{stamp}"
+        aside = f"{self.index_path.name}.damaged-{stamp}-{os.getpid()}"
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(f"{self.index_path}{suffix}", self.root / f"{aside}{suffix}")
@@ -426,16 +473,22 @@ class Cache:
                 (self.objects_dir / files[key][0]).unlink(missing_ok=True)
             newest[key], files[key] = st, (path.name, footer.sha256)
         order = sorted(newest, key=lambda key: newest[key].st_mtime)
+        superseded = []
         with self._write() as db:
             for use, key in enumerate(order, start=1):
                 file, sha256 = files[key]
                 st = newest[key]
                 # No ETag: the next pull asks the store whether this copy is current.
-                db.execute(  # the files do not say their store: the rebuilding one's
-                    f"INSERT INTO entries ({_COLUMNS}) VALUES (?, '', ?, ?, '', ?, ?, ?, 0, ?)",
+                added = db.execute(  # the files do not say their store: the rebuilding one's
+                    f"INSERT OR IGNORE INTO entries ({_COLUMNS}) "
+                    "VALUES (?, '', ?, ?, '', ?, ?, ?, 0, ?)",
                     (key, file, st.st_size, sha256, st.st_mtime, use, self.store),
-                )
-            db.execute("UPDATE totals SET seq = ?", (len(order),))
+                ).rowcount
+                if not added:  # a process that had the index open added a newer one since
+                    superseded.append((file, key))
+            db.executemany("INSERT OR IGNORE INTO journal (file, key) VALUES (?, ?)", superseded)
+            db.execute("UPDATE totals SET seq = MAX(seq, ?)", (len(order),))
+        self._unlink_journaled([file for file, _ in superseded])
         if announce:
             warn(
                 f"the cache index in {self.root} was damaged: it was set aside as {aside} and "
@@ -614,6 +667,8 @@ class Cache:
                 forksafe.track_fd(fd)
         except FileNotFoundError:
             return True  # gone already: nothing maps it
+        except OSError as exc:  # too many files open, above all
+            raise map_os_error(exc, f"local_dir {self.root}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -853,12 +908,15 @@ class Cache:
         false: then it must fit in the free space). Returns None, and leaves ``tmp_path``
         where it is, when the file cannot fit; an older copy of the key's current version is
         removed then, since it is outdated. An entry that was persisted stays persisted when
-        replaced."""
+        replaced. One that needs more evictions than a transaction may hold open has that
+        room made first (``_make_room``): those evictions stand even if the add then fails."""
         size = tmp_path.stat().st_size
         if self.allocated_space is not None and size > self.allocated_space:
             if version == CURRENT:  # superseded by the version that does not fit
                 self.remove(key, unless_etag=etag, version=CURRENT)
             return None
+        if evict and self.allocated_space is not None:
+            self._make_room((key, version), size)
         # A version pulled by id is named for its key and version: a rebuilt index, which
         # can tell only the key of a file (its footer), does not take it for the current one.
         named = key if version == CURRENT else f"{key}\0{version}"
@@ -949,6 +1007,29 @@ class Cache:
         self._unlink_journaled(evicted)
         return CacheEntry(key, final, size, etag, sha256, now, use, persist, self.store, version)
 
+    def _make_room(self, entry: tuple[str, str], size: int) -> None:
+        """Before an add (of ``entry``: a key and version) that would evict more entries than
+        one transaction may hold open (many small ones for a large one; see
+        ``_CLAIMS_PER_TRANSACTION``): evict in bounded transactions first, leaving the add's
+        own, which decides, little to do. Not when the add cannot fit anyway: a refused add
+        changes nothing."""
+        assert self.allocated_space is not None
+        ((used,),) = self._query("SELECT size FROM totals")
+        if used + size <= self.allocated_space:
+            return  # the common case: room enough, one read
+        old = self._query("SELECT size FROM entries WHERE key = ? AND version = ?", entry)
+        need = size - (old[0][0] if old else 0)  # a replaced version frees its own room
+        first = self._query(
+            "SELECT size FROM entries WHERE persist = 0 AND NOT (key = ? AND version = ?) "
+            "ORDER BY accessed LIMIT ?",
+            (*entry, _CLAIMS_PER_TRANSACTION),
+        )
+        if used + need - self.allocated_space <= sum(n for (n,) in first):
+            return  # the add's transaction frees it with few files
+        if self.persisted_size() + size > self.allocated_space:
+            return  # cannot fit: the add refuses it, and nothing is evicted
+        self.evict_until_fits(need)
+
     @contextlib.contextmanager
     def _marked(self, file: str) -> Iterator[bool]:
         """``tmp/<file>.adding``, a small file locked while ``add`` renames a file into
@@ -979,11 +1060,11 @@ class Cache:
         best_effort: bool = False,
         may_evict: bool = True,
     ) -> list[str]:
-        """Forget LRU non-persisted entries (not ``exclude``: a key and version) until ``need``
-        more bytes fit,
-        in batches; returns their files, journaled for unlinking after commit. When even
-        that is not enough (or nothing ``may_evict``): stop (``best_effort``) or raise
-        ``_DoesNotFit``, which rolls the transaction back."""
+        """Forget LRU non-persisted entries (not ``exclude``: a key and version) until
+        ``need`` more bytes fit, in batches; returns their files, journaled for unlinking
+        after commit. When even that is not enough (or nothing ``may_evict``): stop
+        (``best_effort``, also after ``_CLAIMS_PER_TRANSACTION`` files: the caller goes on in
+        another transaction) or raise ``_DoesNotFit``, which rolls the transaction back."""
         if self.allocated_space is None:
             return []
         (used,) = db.execute("SELECT size FROM totals").fetchone()
@@ -997,7 +1078,7 @@ class Cache:
         if over > 0 and not may_evict:
             raise _DoesNotFit
         after = -1  # the use order of the last entry looked at: mapped ones are passed over
-        while over > 0:
+        while over > 0 and not (best_effort and len(evicted) >= _CLAIMS_PER_TRANSACTION):
             rows = db.execute(
                 "SELECT key, version, file, size, accessed FROM entries WHERE persist = 0 "
                 "AND accessed > ? ORDER BY accessed LIMIT ?",
@@ -1057,20 +1138,31 @@ class Cache:
         (persisted entries are only removed by an explicit delete)."""
         if self.allocated_space is None:
             return 0
-        with self._write() as db:
-            (before,) = db.execute("SELECT size FROM totals").fetchone()
-            files = self._evict(db, extra, exclude=("", ""), best_effort=True)
-            (after,) = db.execute("SELECT size FROM totals").fetchone()
-        self._unlink_journaled(files)
-        return before - after
+        freed = 0
+        while True:  # transactions of a bounded number of files (see _CLAIMS_PER_TRANSACTION)
+            with self._write() as db:
+                (before,) = db.execute("SELECT size FROM totals").fetchone()
+                files = self._evict(db, extra, exclude=("", ""), best_effort=True)
+                (after,) = db.execute("SELECT size FROM totals").fetchone()
+            self._unlink_journaled(files)
+            freed += before - after
+            if len(files) < _CLAIMS_PER_TRANSACTION:
+                return freed
 
     def clear(self) -> int:
         """Evict every entry that is not persisted; bytes freed."""
-        with self._write() as db:
-            rows = db.execute("SELECT key, file, size FROM entries WHERE persist = 0").fetchall()
-            files = self._forget(db, [(key, file) for key, file, _ in rows])
-        self._unlink_journaled(files)
-        return sum(size for _, _, size in rows)
+        freed = 0
+        while True:  # transactions of a bounded number of files (see _CLAIMS_PER_TRANSACTION)
+            with self._write() as db:
+                rows = db.execute(
+                    "SELECT key, file, size FROM entries WHERE persist = 0 LIMIT ?",
+                    (_CLAIMS_PER_TRANSACTION,),
+                ).fetchall()
+                files = self._forget(db, [(key, file) for key, file, _ in rows])
+            self._unlink_journaled(files)
+            freed += sum(size for _, _, size in rows)
+            if len(rows) < _CLAIMS_PER_TRANSACTION:
+                return freed
 
     # -- recovery ------------------------------------------------------------------------
 

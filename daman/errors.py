@@ -135,6 +135,11 @@ class LocalFileError(DamanError, OSError):
     read-only file system, a file where a folder should be, a name too long."""
 
 
+class MissingPackageError(DamanError, ImportError):
+    """What was asked needs an optional package that is not installed; the message names the
+    ``pip install`` that brings it."""
+
+
 class DamanWarning(UserWarning):
     """Base of daman's warnings."""
 
@@ -186,6 +191,8 @@ _MESSAGES = {
     errno.EISDIR: "a folder stands where a file should be",
     errno.ENAMETOOLONG: "a file name is too long for that file system",
     errno.ELOOP: "a symbolic link points at itself",
+    errno.EMFILE: "this process has too many files open",
+    errno.ENFILE: "the system has too many files open",
 }
 
 
@@ -202,6 +209,9 @@ def map_os_error(exc: OSError, where: object, advice: str = "") -> DamanError:
     elif exc.errno in _DENIED:
         head = f"no permission to use {where} ({reason})"
         advice = advice or "Choose a place you can write to, or ask its owner for access"
+    elif exc.errno in (errno.EMFILE, errno.ENFILE):  # not the place's fault
+        head = f"cannot use {where}: {_MESSAGES[exc.errno]} ({reason})"
+        advice = "Raise the open-file limit (ulimit -n), or close files, and try again"
     elif exc.errno in _MESSAGES:
         head = f"cannot use {where}: {_MESSAGES[exc.errno]} ({reason})"
         advice = advice or "Choose another place"

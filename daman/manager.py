@@ -47,6 +47,7 @@ from .results import (
     Deleted,
     Disc,
     KeyHistory,
+    KeyList,
     KeyListing,
     LevelListing,
     MappedFile,
@@ -327,9 +328,14 @@ class Manager:
             with _disc_errors(self.cache.root), open_empty(tmp, buffering=_WRITE_BUFFER) as f:
                 footer = write_object(obj, meta_bytes, f, self.signing_key, key, versioned=True)
             info = self._publish(key, tmp, footer, force=force)
-            self._keep(
-                key, tmp, etag=info.etag, sha256=footer.sha256, persist=persist, verb="pushed"
-            )
+            try:
+                self._keep(
+                    key, tmp, etag=info.etag, sha256=footer.sha256, persist=persist, verb="pushed"
+                )
+            except DamanError as exc:  # stored for everyone: only this machine's copy is not
+                warn(
+                    f"{key!r} was pushed, but not kept in the local cache: {exc}", NotCachedWarning
+                )
         return info
 
     def _versions(self) -> versions.Keeper:
@@ -1047,7 +1053,7 @@ class Manager:
             return footer, load_meta(read_at, footer, tail, remote.size), remote
         raise AssertionError("unreachable")
 
-    def ls(self, prefix: str = "", *, legacy: bool = False) -> list[KeyListing]:
+    def ls(self, prefix: str = "", *, legacy: bool = False) -> KeyList:
         """Keys in the store under ``prefix``, each with whether it is cached / persisted.
         Every key: on a large bucket, :meth:`ls_level` lists one level in one request. With
         ``legacy``, daman 0.2 objects are marked, at the cost of reading each key's last 16
@@ -1067,7 +1073,7 @@ class Manager:
             else:
                 listing = [KeyListing.of(i, states.get(i.key)) for i in infos]
         self.listings.put_keys(prefix, infos, limit=LEVEL_PAGE, since=since)
-        return listing
+        return KeyList(listing)
 
     def ls_level(
         self,

@@ -842,7 +842,9 @@ def test_errors_are_daman_errors_with_one_line(tmp_path: Path) -> None:
     from daman.errors import map_os_error
 
     for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS,
-                 errno.ENOTDIR, errno.ENAMETOOLONG):  # fmt: skip
+                 errno.ENOTDIR, errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE):  # fmt: skip
         error = map_os_error(OSError(code, os.strerror(code), str(tmp_path / "x")), tmp_path)
         assert isinstance(error, DamanError) and "\n" not in str(error)
         assert str(tmp_path) in str(error) and str(error).endswith(".")
+        if code in (errno.EMFILE, errno.ENFILE):  # the limit's fault, not the folder's
+            assert "ulimit -n" in str(error) and "another place" not in str(error)

@@ -132,6 +132,25 @@ def test_force_downloads_again(counting) -> None:
     assert store.calls["get"] == 1
 
 
+def test_a_push_stored_but_not_kept_locally_is_a_success_with_a_warning(
+    manager: Manager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the store holds the object the push has happened for everyone: a local cache
+    that cannot take the copy (its disc full, its index locked) must not report a failure,
+    which a retry would turn into KeyExistsError."""
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise LocalFileError("no space left on the device holding local_dir. Free some space.")
+
+    monkeypatch.setattr(manager.cache, "add", full)
+    with pytest.warns(NotCachedWarning, match="was pushed, but not kept.*no space"):
+        manager.push({"x": 1}, "k")
+    monkeypatch.undo()
+    assert manager.exists("k") and manager.cache.get("k") is None
+    assert manager.pull("k")[0] == {"x": 1}
+    assert temp_files(manager) == []
+
+
 def test_push_existing_key_without_force_raises_and_keeps_the_original(manager: Manager) -> None:
     manager.push("original", "k")
     with pytest.raises(KeyExistsError, match="force=True"):
