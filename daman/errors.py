@@ -172,8 +172,10 @@ def first_sentence(exc: BaseException) -> str:
 
 
 def a(word: str) -> str:
-    """``word`` after its indefinite article: ``a list``, ``an ndarray``."""
-    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+    """``word`` after its indefinite article: ``a list``, ``an int``, ``an ndarray`` (numpy's
+    "nd" is said as letters: en-dee)."""
+    vowel = word[:1].lower() in ("a", "e", "i", "o", "u") or word.lower().startswith("nd")
+    return f"{'an' if vowel else 'a'} {word}"
 
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}

@@ -500,8 +500,8 @@ class Manager:
         action = decide_pull(cached_etag=entry and entry.etag, remote=remote, force=force)
         if action is PullAction.USE_CACHE_OFFLINE:
             warn(
-                f"{first_sentence(offline_reason)}; using the cached copy of {key!r}, which "
-                "may be out of date.",
+                f"the store is unreachable: {first_sentence(offline_reason)}; using the cached "
+                f"copy of {key!r}, which may be out of date.",
                 OfflineWarning,
             )
         elif action is PullAction.USE_CACHE_DELETED:
@@ -727,7 +727,8 @@ class Manager:
             if entry is None or stored is None:  # not cached, or evicted meanwhile
                 raise
             warn(
-                f"{first_sentence(exc)}; showing the cached copy of {key!r}.",
+                f"the store is unreachable: {first_sentence(exc)}; showing the cached copy of "
+                f"{key!r}.",
                 OfflineWarning,
             )
             with stored.f:
