@@ -3,7 +3,6 @@ saved configuration. ``dm.configure`` saves a configuration and rebuilds that ma
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import threading
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from . import forksafe
 from .cache import CacheEntry
 from .config import (
+    DEFAULTS,
     FIELDS,
     Config,
     check_field,
@@ -135,8 +135,7 @@ def _warn_aws_only(config: Config, given: dict[str, Any]) -> None:
     for another service: saved, but they change nothing."""
     if config.service == "aws":
         return
-    defaults = {field.name: field.default for field in dataclasses.fields(Config)}
-    names = [n for n in _AWS_ONLY if n in given and getattr(config, n) != defaults[n]]
+    names = [n for n in _AWS_ONLY if n in given and getattr(config, n) != DEFAULTS[n]]
     if names:
         warn(
             f"{' and '.join(names)} {'apply' if len(names) > 1 else 'applies'} to service aws "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import getpass
 import os
@@ -17,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__, api, report
-from .config import CHECKSUM_MODES, SERVICES, Config, load_config
+from .config import CHECKSUM_MODES, DEFAULTS, SERVICES, load_config
 from .credentials import write_aws_credentials
 from .errors import DamanError, InvalidArgumentError
 from .manager import Manager
@@ -185,12 +184,9 @@ def _yes_no(text: str) -> bool:
     return answer[text.lower()]
 
 
-_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Config)}
-
-
 def _default(name: str) -> str:
     """A configuration field's default as the help shows it: taken from Config itself."""
-    value = _DEFAULTS[name]
+    value = DEFAULTS[name]
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):

@@ -244,6 +244,8 @@ class Config:
 
 
 FIELDS = tuple(field.name for field in dataclasses.fields(Config))
+DEFAULTS: dict[str, Any] = {field.name: field.default for field in dataclasses.fields(Config)}
+"""Each field's default, as front-ends' help and the checks of given settings quote it."""
 _NULLABLE = ("local_dir", "endpoint_url", "region", "signing_key")
 """Fields that may be unset; the text "none" unsets them, in every front-end alike."""
 
