@@ -216,9 +216,12 @@ class PanelModel:
 
     @property
     def summary(self) -> str:
-        """``team/: 2 prefixes, 120 keys shown of more in the store``."""
+        """``team/: 2 prefixes, 120 keys shown of more in the store``; an empty level says
+        so as every listing does."""
         with self._lock:
             rows = self._all_rows()
+            if self.pages and not rows and self.token is None and not self.filter_text:
+                return report.empty_listing_line(self.prefix, self.store_name)
             prefixes = sum(row.prefix is not None for row in rows)
             keys = len(rows) - prefixes
             where = self.prefix or self.store_name
