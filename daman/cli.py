@@ -66,7 +66,7 @@ def _run(prog: str, action: Callable[[], None]) -> int:
             action()
         sys.stdout.flush()  # a closed pipe or a full disc shows up here
     except DamanError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(report.error_line(prog, exc), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(report.interrupted_line(prog), file=sys.stderr)

@@ -337,7 +337,8 @@ def load_config(path: Path | None = None) -> Config:
     this version does not know are ignored, with a ConfigWarning naming them."""
     path = path or config_path()
     data = read_config_fields(path)
-    unknown = unknown_fields(data)
+    config = Config.from_dict({name: value for name, value in data.items() if name in FIELDS})
+    unknown = unknown_fields(data)  # said once the rest is known to be valid: an error first
     if unknown:
         names = ", ".join(map(str, sorted(unknown)))
         warn(
@@ -345,7 +346,7 @@ def load_config(path: Path | None = None) -> Config:
             f"know ({names}; written by a newer daman?): ignored here, kept in the file.",
             ConfigWarning,
         )
-    return Config.from_dict({name: value for name, value in data.items() if name in FIELDS})
+    return config
 
 
 def read_config_fields(path: Path | None = None) -> dict[str, Any]:

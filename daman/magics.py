@@ -57,7 +57,7 @@ def _one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             with report.one_line_warnings("daman"):
                 return func(*args, **kwargs)
         except DamanError as exc:
-            line = f"daman: error: {exc}"
+            line = report.error_line("daman", exc)
             exc._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
             raise
 

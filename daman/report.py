@@ -503,6 +503,11 @@ def interrupted_line(prog: str) -> str:
     return f"{prog}: interrupted"
 
 
+def error_line(prog: str, error: BaseException | str) -> str:
+    """A daman error as front-ends show it: one line, the message saying what to do next."""
+    return f"{prog}: error: {error}"
+
+
 def warning_line(prog: str, message: Warning | str) -> str:
     """A daman warning as front-ends show it: one line, no file name, no source line."""
     return f"{prog}: warning: {message}"
