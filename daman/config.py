@@ -33,12 +33,13 @@ _URL = re.compile(r"^https?://[^/\s]+")
 # Google's bucket names (dots allowed, so up to 222 characters) and Azure's container names.
 _GCS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _AZURE_CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
-# Amazon S3's bucket names. An S3-compatible server (endpoint_url set) gets what botocore
-# itself sends: MinIO's non-strict names and Ceph's rgw_relaxed_s3_bucket_names allow capitals
-# and underscores, and AWS's legacy us-east-1 buckets had them too; anything else botocore
-# refuses before any request, in a message of several lines.
+# Amazon S3's bucket names. An S3-compatible server (endpoint_url set) may accept more: Ceph
+# with rgw_relaxed_s3_bucket_names takes up to 255 letters of either case, digits, '.', '-'
+# and '_', MinIO's non-strict check capitals, '_' and ':'. For those, daman refuses only what
+# botocore itself refuses before any request (its VALID_BUCKET rule, which has no ':'), and
+# leaves the rest to the server.
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_S3_COMPATIBLE_BUCKET = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,253}[a-zA-Z0-9]$")
+_S3_COMPATIBLE_BUCKET = re.compile(r"^[a-zA-Z0-9._-]{1,255}$")
 # The URL schemes a bucket may be written with, and the service each one belongs to.
 _SCHEMES = {"s3://": "aws", "gs://": "gcs"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
@@ -171,9 +172,8 @@ class Config:
             )
         if self.service == "aws" and self.endpoint_url and not _S3_COMPATIBLE_BUCKET.match(name):
             raise ConfigError(
-                f"invalid bucket name {name!r}: 2-255 letters, digits, '.', '-' and '_', "
-                "starting and ending with a letter or digit. Fix it with "
-                "`dm_configure --storage_name BUCKET`."
+                f"invalid bucket name {name!r}: up to 255 letters, digits, '.', '-' and '_'. "
+                "Fix it with `dm_configure --storage_name BUCKET`."
             )
         if self.service == "gcs" and not _GCS_BUCKET.match(name):
             raise ConfigError(

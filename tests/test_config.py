@@ -202,7 +202,8 @@ def test_home_unset_with_no_passwd_entry_is_a_config_error(monkeypatch) -> None:
         ("My_Bucket", "http://minio:9000", True),  # ... but relaxed S3-compatible servers
         ("a" * 255, "http://ceph:7480", True),
         ("a" * 256, "http://ceph:7480", False),
-        ("_bucket", "http://minio:9000", False),
+        ("_bucket", "http://ceph:7480", True),
+        ("bucket:name", "http://minio:9000", False),  # botocore refuses ':'
     ],
 )
 def test_s3_bucket_names_are_checked_before_any_request(
