@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from . import demo
 from .api import (
     clear,
     config_path,
@@ -50,6 +51,7 @@ from .errors import (
     KeyExistsError,
     KeyNotFoundError,
     LocalFileError,
+    MissingPackageError,
     NotCachedError,
     NotCachedWarning,
     NotConfiguredError,
@@ -66,6 +68,7 @@ from .manager import Manager
 from .results import (
     Deleted,
     Disc,
+    KeyList,
     KeyListing,
     LevelListing,
     ObjectDetails,
@@ -110,11 +113,13 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidKeyError",
     "KeyExistsError",
+    "KeyList",
     "KeyListing",
     "KeyNotFoundError",
     "LevelListing",
     "LocalFileError",
     "Manager",
+    "MissingPackageError",
     "NotCachedError",
     "NotCachedWarning",
     "NotConfiguredError",
@@ -136,6 +141,7 @@ __all__ = [
     "configure",
     "current_config",
     "delete",
+    "demo",
     "disc",
     "exists",
     "fetch",

@@ -1,5 +1,7 @@
 """Module-level functions (``dm.push``, ``dm.pull``, ...) on a default manager built from the
-saved configuration. ``dm.configure`` saves a configuration and rebuilds that manager."""
+saved configuration. ``dm.configure`` saves a configuration and rebuilds that manager;
+``dm.configure(..., save=False)`` uses one for this process only, leaving the saved one as it
+is (tutorials and the demo store do this, so that trying daman changes nobody's setup)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from .config import (
 )
 from .errors import ConfigError, ConfigWarning, NotConfiguredError, os_errors, warn
 from .manager import LEVEL_PAGE, Manager
-from .results import Deleted, Disc, KeyListing, LevelListing, ObjectDetails, Usage, VerifyReport
+from .results import Deleted, Disc, KeyList, LevelListing, ObjectDetails, Usage, VerifyReport
 from .store import ObjectInfo, open_store
 
 if TYPE_CHECKING:
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
     from .panel import Panel
 
 _default: Manager | None = None
+_process_config: Config | None = None
+"""A configuration given with ``save=False``: used instead of the saved one until ``reset``."""
 _lock = threading.Lock()
 _UNSET: Any = object()
 
@@ -48,21 +52,30 @@ forksafe.at_fork_in_child(_after_fork_in_child)
 
 
 def get_manager() -> Manager:
-    """The default manager, built on first use from the saved configuration."""
+    """The default manager, built on first use from the configuration in use: the one given
+    with ``configure(..., save=False)``, else the saved one."""
     global _default
     with _lock:
         if _default is None:
-            _default = Manager(load_config())
+            _default = Manager(_process_config or load_config())
         return _default
 
 
 def reset() -> None:
-    """Forget the default manager (the next call re-reads the configuration)."""
-    global _default
+    """Forget the default manager and any configuration given with ``save=False`` (the next
+    call reads the saved configuration)."""
+    _use(None)
+
+
+def _use(config: Config | None) -> None:
+    """Make ``config`` the process's configuration (None: the saved one), closing the
+    default manager so that the next call builds one from it."""
+    global _default, _process_config
     with _lock:
         if _default is not None:
             _default.close()
         _default = None
+        _process_config = config
 
 
 def configure(
@@ -72,11 +85,17 @@ def configure(
     allocated_space: int | str | None = _UNSET,
     *,
     check: bool = True,
+    save: bool = True,
     **fields: Any,
 ) -> Config:
     """Save the configuration and use it from now on; fields not given keep their saved
     value (or their default on first use); ``"none"`` unsets ``local_dir``, ``endpoint_url``,
-    ``region`` and ``signing_key``. With ``check``, the store must be reachable.
+    ``region``, ``signing_key`` and ``allocated_space``. With ``check``, the store must be
+    reachable.
+
+    ``save=False`` uses it in this process only: ``~/.daman/config.json`` is neither read
+    (fields not given keep the value an earlier ``save=False`` gave, else their default) nor
+    written, and ``dm.reset()`` (or a new process) goes back to the saved configuration.
 
     ``service="local"`` makes the ``storage_name`` folder if it does not exist yet, and the
     cache folder ``local_dir`` is made if needed; both must be usable, and separate."""
@@ -91,7 +110,7 @@ def configure(
         ).items()
         if value is not _UNSET
     }
-    base = _saved_fields(overridden=set(given))
+    base = _saved_fields(overridden=set(given)) if save else _process_fields()
     for name, what in (
         ("storage_name", "a bucket, a container or a folder"),
         ("service", "aws, gcs, azure or local"),
@@ -118,6 +137,9 @@ def configure(
             store.check()
         finally:
             store.close()
+    if not save:
+        _use(config)
+        return config
     path = config_path()
     with os_errors(
         f"the configuration folder {path.parent}", "Set DAMAN_HOME to a folder you can write to"
@@ -151,6 +173,13 @@ def _saved_unknown_fields() -> dict[str, Any]:
         return unknown_fields(read_config_fields())
     except (NotConfiguredError, ConfigError):
         return {}
+
+
+def _process_fields() -> dict[str, Any]:
+    """What ``configure(..., save=False)`` builds on: a configuration this process was given
+    without saving, else nothing (the saved one is not read: a tutorial must not inherit a
+    team's bucket, cache folder or signing key)."""
+    return _process_config.to_dict() if _process_config is not None else {}
 
 
 def _make_folder(folder: Path, what: str, advice: str) -> None:
@@ -194,7 +223,8 @@ def _saved_fields(overridden: set[str] = frozenset()) -> dict[str, Any]:  # type
 
 
 def current_config() -> Config:
-    return load_config()
+    """The configuration in use: given with ``configure(..., save=False)``, else the saved one."""
+    return _process_config or load_config()
 
 
 def push(
@@ -235,7 +265,7 @@ def delete(key: str, local: bool = True, remote: bool = False) -> Deleted:
     return get_manager().delete(key, local=local, remote=remote)
 
 
-def ls(prefix: str = "", *, legacy: bool = False) -> list[KeyListing]:
+def ls(prefix: str = "", *, legacy: bool = False) -> KeyList:
     """The keys under ``prefix``; ``legacy=True`` marks daman 0.2 objects (one small read per
     key); see :meth:`Manager.ls`."""
     return get_manager().ls(prefix, legacy=legacy)

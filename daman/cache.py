@@ -3,7 +3,8 @@
 ::
 
     local_dir/
-      index.sqlite3            entries (one row per cached key), journal, totals
+      index.sqlite3            entries (one row per cached key, naming its store), journal,
+                               totals
       objects/<sha256(key)>.<random>      one file per cached version of a key
       tmp/<pid>-<random>.incomplete       files being written (downloads, pushes), each
                                           flock-ed by its writer from birth to removal
@@ -62,7 +63,7 @@ from pathlib import Path
 from typing import IO
 
 from . import forksafe
-from .errors import DamanError, LocalFileError, RepairWarning, os_errors, warn
+from .errors import DamanError, LocalFileError, RepairWarning, map_os_error, os_errors, warn
 from .keys import key_digest
 
 _SCHEMA = (
@@ -74,7 +75,8 @@ _SCHEMA = (
         sha256 TEXT NOT NULL,
         created REAL NOT NULL,
         accessed INTEGER NOT NULL,  -- totals.seq at the last use: LRU order, not a time
-        persist INTEGER NOT NULL DEFAULT 0
+        persist INTEGER NOT NULL DEFAULT 0,
+        store TEXT NOT NULL DEFAULT ''  -- the store it came from ('': adopted by any)
     )""",
     "CREATE INDEX IF NOT EXISTS entries_lru ON entries (persist, accessed)",
     "CREATE TABLE IF NOT EXISTS journal (file TEXT PRIMARY KEY, key TEXT NOT NULL)",
@@ -105,10 +107,12 @@ _SCHEMA = (
         UPDATE totals SET size = size - OLD.size;
     END""",
 )
-_COLUMNS = "key, file, size, etag, sha256, created, accessed, persist"
-SCHEMA_VERSION = 2
+_COLUMNS = "key, file, size, etag, sha256, created, accessed, persist, store"
+SCHEMA_VERSION = 3
 """``PRAGMA user_version``: 0 = before the use sequence (``accessed`` held wall-clock times),
-1 = before mapped versions were kept (``retired``)."""
+1 = before mapped versions were kept (``retired``), 2 = before entries named their store."""
+_MINE = "store IN (?, '')"
+"""The rows a handle serves: its store's, and those added by a handle naming no store."""
 _OBJECT_FILE = re.compile(r"[0-9a-f]{64}\.[0-9a-f]{12}")
 """The names ``add`` gives cached files: ``<sha256 of the key>.<random>``."""
 _TEMP_FILE = re.compile(r"\d+-[0-9a-f]{32}\.(incomplete|new)")
@@ -123,6 +127,10 @@ TOUCH_SECONDS = 1.0
 _DAMAGED = ("malformed", "not a database", "corrupt", "no such table", "no such column")
 """What SQLite says of an index that is damaged (or not daman's)."""
 _EVICT_BATCH = 64
+_CLAIMS_PER_TRANSACTION = _EVICT_BATCH
+"""Files one transaction forgets at most when it may stop early (``clear``, shrinking to
+fit): each stays open and locked until it is unlinked, and a process may open 1,024 files
+on Linux, 256 on macOS, fewer under a tight ``ulimit -n``."""
 _TEMP_GRACE_SECONDS = 10
 _LOCK_STRIPES_HEX = 2  # 256 stripes
 
@@ -139,6 +147,8 @@ class CacheEntry:
     accessed: int
     """Its place in the order of use (higher: used more recently); not a time."""
     persist: bool
+    store: str = ""
+    """The store it came from (``Cache.store`` of the handle that added it); '' if unknown."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +195,15 @@ def _advance_uses(db: sqlite3.Connection, count: int) -> int:
     return last
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode); None if none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class _DoesNotFit(Exception):
     pass
 
@@ -212,9 +231,18 @@ class Cache:
     """One ``local_dir``. Thread-safe; several processes may open the same folder, and a
     forked child may go on using a cache its parent opened."""
 
-    def __init__(self, root: str | os.PathLike[str], allocated_space: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        allocated_space: int | None = None,
+        *,
+        store: str = "",
+    ) -> None:
         self.root = Path(root).expanduser().absolute()
         self.allocated_space = allocated_space
+        self.store = store
+        """The store this handle serves: one ``local_dir`` may cache several stores (one
+        allocation for all), and a key cached from one is never another's hit."""
         self.objects_dir = self.root / "objects"
         self.tmp_dir = self.root / "tmp"
         self.locks_dir = self.root / "locks"
@@ -235,7 +263,8 @@ class Cache:
         forksafe.at_fork_in_child(self, Cache._after_fork_in_child)
         _open_caches.add(self)
         try:
-            self._migrate()
+            with self._rebuilding(exclusive=False):  # not a half-rebuilt index
+                self._migrate()
         except IndexDamagedError:
             self.rebuild()
         self.recover()
@@ -263,6 +292,11 @@ class Cache:
                     [(n, key) for n, (key,) in enumerate(keys, start=1)],
                 )
                 db.execute("UPDATE totals SET seq = ?", (len(keys),))
+            columns = [row[1] for row in db.execute("PRAGMA table_info(entries)")]
+            if columns and "store" not in columns:  # an index made before entries named it
+                db.execute("ALTER TABLE entries ADD COLUMN store TEXT NOT NULL DEFAULT ''")
+                # Most likely the store configured then and now: the first to open adopts them.
+                db.execute("UPDATE entries SET store = ?", (self.store,))
             for statement in _SCHEMA:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -291,7 +325,14 @@ class Cache:
         """This thread's connection (made in this process: never one a parent made)."""
         db = getattr(self._local, "db", None)
         if db is not None and self._local.pid == os.getpid():
-            return db
+            if self._local.index == _identity(self.index_path):
+                return db
+            # Another process rebuilt the index (this one was set aside): use the new one,
+            # once that rebuild is over.
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+            with self._rebuilding(exclusive=False):
+                pass
         db = sqlite3.connect(
             self.root / "index.sqlite3", timeout=60, isolation_level=None,
             check_same_thread=False,
@@ -309,6 +350,7 @@ class Cache:
                 time.sleep(0.05)
         db.execute("PRAGMA synchronous=NORMAL")
         self._local.db, self._local.pid = db, os.getpid()
+        self._local.index = _identity(self.index_path)
         return db
 
     @contextlib.contextmanager
@@ -345,14 +387,39 @@ class Cache:
         )
 
     def rebuild(self, *, announce: bool = True) -> int:
-        """Set a damaged index aside (``index.sqlite3.damaged-<time>``) and make a new one
-        from the cached files, whose footers name their keys; returns the entries kept.
-        Pins and the order of use are lost; versions are checked again on the next pull."""
+        """Set a damaged index aside (``index.sqlite3.damaged-<time>-<pid>``) and make a new
+        one from the cached files, whose footers name their keys; returns the entries kept.
+        Pins and the order of use are lost; versions are checked again on the next pull.
+        One process at a time: one that finds the index rebuilt meanwhile by another (the
+        same damage seen by both) uses that one. The others' connections follow (``_db``)."""
+        with self._rebuilding(exclusive=True):
+            self.close()
+            try:
+                self._migrate()
+                healthy = self._query("PRAGMA quick_check") == [("ok",)]
+            except IndexDamagedError:
+                healthy = False
+            if healthy:
+                return self.usage().count
+            return self._rebuild(announce)
+
+    @contextlib.contextmanager
+    def _rebuilding(self, *, exclusive: bool) -> Iterator[None]:
+        """``locks/rebuild.lock``: held exclusively by a rebuild, shared by a process that
+        opens the index (or follows a rebuilt one), which so waits for a rebuild to end."""
+        fd = os.open(self.locks_dir / "rebuild.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def _rebuild(self, announce: bool) -> int:
         from .serialize import StoredFile  # the one place the cache reads the file format
 
         self.close()
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = f"{self.index_path.name}.damaged-{stamp}"
+        aside = f"{self.index_path.name}.damaged-{stamp}-{os.getpid()}"
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(f"{self.index_path}{suffix}", self.root / f"{aside}{suffix}")
@@ -375,16 +442,22 @@ class Cache:
                 (self.objects_dir / files[key][0]).unlink(missing_ok=True)
             newest[key], files[key] = st, (path.name, footer.sha256)
         order = sorted(newest, key=lambda key: newest[key].st_mtime)
+        superseded = []
         with self._write() as db:
             for use, key in enumerate(order, start=1):
                 file, sha256 = files[key]
                 st = newest[key]
                 # No ETag: the next pull asks the store whether this copy is current.
-                db.execute(
-                    "INSERT INTO entries VALUES (?, ?, ?, '', ?, ?, ?, 0)",
-                    (key, file, st.st_size, sha256, st.st_mtime, use),
-                )
-            db.execute("UPDATE totals SET seq = ?", (len(order),))
+                added = db.execute(  # the files do not say their store: the rebuilding one's
+                    f"INSERT OR IGNORE INTO entries ({_COLUMNS}) "
+                    "VALUES (?, ?, ?, '', ?, ?, ?, 0, ?)",
+                    (key, file, st.st_size, sha256, st.st_mtime, use, self.store),
+                ).rowcount
+                if not added:  # a process that had the index open added a newer one since
+                    superseded.append((file, key))
+            db.executemany("INSERT OR IGNORE INTO journal (file, key) VALUES (?, ?)", superseded)
+            db.execute("UPDATE totals SET seq = MAX(seq, ?)", (len(order),))
+        self._unlink_journaled([file for file, _ in superseded])
         if announce:
             warn(
                 f"the cache index in {self.root} was damaged: it was set aside as {aside} and "
@@ -535,9 +608,17 @@ class Cache:
             fcntl.flock(fd, fcntl.LOCK_EX if held else fcntl.LOCK_UN)
 
     def _entry(self, row: tuple) -> CacheEntry:
-        key, file, size, etag, sha256, created, accessed, persist = row
+        key, file, size, etag, sha256, created, accessed, persist, store = row
         return CacheEntry(
-            key, self.objects_dir / file, size, etag, sha256, created, accessed, bool(persist)
+            key,
+            self.objects_dir / file,
+            size,
+            etag,
+            sha256,
+            created,
+            accessed,
+            bool(persist),
+            store,
         )
 
     def _unlink_journaled(self, files: list[str]) -> None:
@@ -562,6 +643,8 @@ class Cache:
                 forksafe.track_fd(fd)
         except FileNotFoundError:
             return True  # gone already: nothing maps it
+        except OSError as exc:  # too many files open, above all
+            raise map_os_error(exc, f"local_dir {self.root}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -632,7 +715,9 @@ class Cache:
     def get(self, key: str) -> CacheEntry | None:
         """The entry for ``key`` if its file is whole (size check on every hit), else None;
         a row whose file is missing or the wrong size is dropped on the way."""
-        rows = self._query(f"SELECT {_COLUMNS} FROM entries WHERE key = ?", (key,))
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM entries WHERE key = ? AND {_MINE}", (key, self.store)
+        )
         if not rows:
             return None
         entry = self._entry(rows[0])
@@ -678,7 +763,8 @@ class Cache:
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for key, persist, etag in self._query(
-                f"SELECT key, persist, etag FROM entries WHERE key IN ({marks})", chunk
+                f"SELECT key, persist, etag FROM entries WHERE key IN ({marks}) AND {_MINE}",
+                [*chunk, self.store],
             ):
                 found[key] = CachedState(bool(persist), etag)
         return found
@@ -686,11 +772,11 @@ class Cache:
     def states_under(self, prefix: str) -> dict[str, CachedState]:
         """What is cached of the keys starting with ``prefix`` (one range read of the
         primary key, as a listing of that prefix needs it)."""
-        sql = "SELECT key, persist, etag FROM entries"
-        params: tuple[str, ...] = ()
+        sql = f"SELECT key, persist, etag FROM entries WHERE {_MINE}"
+        params: tuple[str, ...] = (self.store,)
         if prefix:
-            sql += " WHERE key >= ?"  # UTF-8 text compares as code points: a range
-            params = (prefix,)
+            sql += " AND key >= ?"  # UTF-8 text compares as code points: a range
+            params += (prefix,)
             following = ord(prefix[-1]) + 1
             if 0xD800 <= following <= 0xDFFF:  # surrogates are not text: the next is U+E000
                 following = 0xE000
@@ -779,11 +865,15 @@ class Cache:
         Evicts least recently used, non-persisted entries to make room (unless ``evict`` is
         false: then it must fit in the free space). Returns None, and leaves ``tmp_path``
         where it is, when the file cannot fit; an older version of the key is removed then,
-        since it is outdated. An entry that was persisted stays persisted when replaced."""
+        since it is outdated. An entry that was persisted stays persisted when replaced.
+        One that needs more evictions than a transaction may hold open has that room made
+        first (``_make_room``): those evictions stand even if the add then fails."""
         size = tmp_path.stat().st_size
         if self.allocated_space is not None and size > self.allocated_space:
             self.remove(key, unless_etag=etag)  # superseded by the version that does not fit
             return None
+        if evict and self.allocated_space is not None:
+            self._make_room(key, size)
         file = f"{key_digest(key)}.{uuid.uuid4().hex[:12]}"
         final = self.objects_dir / file
         with self.key_lock(key), self._marked(file) as marked:
@@ -793,7 +883,7 @@ class Cache:
             try:
                 with self._write() as db:
                     old = db.execute(
-                        "SELECT file, size, persist FROM entries WHERE key = ?", (key,)
+                        "SELECT file, size, persist, store FROM entries WHERE key = ?", (key,)
                     ).fetchone()
                     old_mapped = bool(old) and not self._claim(old[0])
                     need = size - (old[1] if old and not old_mapped else 0)
@@ -803,12 +893,13 @@ class Cache:
                     # stays locked: recovery reads an unlocked one as a dead add)
                     now = time.time()
                     use = _advance_uses(db, 1)
-                    persist = persist or bool(old and old[2])
+                    # A pin stays with the key, not with another store's copy of its name.
+                    persist = persist or bool(old and old[2] and old[3] in ("", self.store))
                     if old:
                         db.execute(
                             "UPDATE entries SET file = ?, size = ?, etag = ?, sha256 = ?, "
-                            "created = ?, accessed = ?, persist = ? WHERE key = ?",
-                            (file, size, etag, sha256, now, use, int(persist), key),
+                            "created = ?, accessed = ?, persist = ?, store = ? WHERE key = ?",
+                            (file, size, etag, sha256, now, use, int(persist), self.store, key),
                         )
                         if old_mapped:  # kept, and counted, until its last mapping goes
                             db.execute(
@@ -823,8 +914,8 @@ class Cache:
                             evicted.append(old[0])
                     else:
                         db.execute(
-                            "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            (key, file, size, etag, sha256, now, use, int(persist)),
+                            f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (key, file, size, etag, sha256, now, use, int(persist), self.store),
                         )
                     if not marked:
                         db.execute("DELETE FROM journal WHERE file = ?", (file,))
@@ -842,7 +933,28 @@ class Cache:
                     return None
                 raise
         self._unlink_journaled(evicted)
-        return CacheEntry(key, final, size, etag, sha256, now, use, persist)
+        return CacheEntry(key, final, size, etag, sha256, now, use, persist, self.store)
+
+    def _make_room(self, key: str, size: int) -> None:
+        """Before an add that would evict more entries than one transaction may hold open
+        (many small ones for a large one; see ``_CLAIMS_PER_TRANSACTION``): evict in
+        bounded transactions first, leaving the add's own, which decides, little to do. Not
+        when the add cannot fit anyway: a refused add changes nothing."""
+        assert self.allocated_space is not None
+        ((used,),) = self._query("SELECT size FROM totals")
+        if used + size <= self.allocated_space:
+            return  # the common case: room enough, one read
+        old = self._query("SELECT size FROM entries WHERE key = ?", (key,))
+        need = size - (old[0][0] if old else 0)  # a replaced version frees its own room
+        first = self._query(
+            "SELECT size FROM entries WHERE persist = 0 AND key != ? ORDER BY accessed LIMIT ?",
+            (key, _CLAIMS_PER_TRANSACTION),
+        )
+        if used + need - self.allocated_space <= sum(n for (n,) in first):
+            return  # the add's transaction frees it with few files
+        if self.persisted_size() + size > self.allocated_space:
+            return  # cannot fit: the add refuses it, and nothing is evicted
+        self.evict_until_fits(need)
 
     @contextlib.contextmanager
     def _marked(self, file: str) -> Iterator[bool]:
@@ -876,8 +988,9 @@ class Cache:
     ) -> list[str]:
         """Forget LRU non-persisted entries (not ``exclude``) until ``need`` more bytes fit,
         in batches; returns their files, journaled for unlinking after commit. When even
-        that is not enough (or nothing ``may_evict``): stop (``best_effort``) or raise
-        ``_DoesNotFit``, which rolls the transaction back."""
+        that is not enough (or nothing ``may_evict``): stop (``best_effort``, also after
+        ``_CLAIMS_PER_TRANSACTION`` files: the caller goes on in another transaction) or
+        raise ``_DoesNotFit``, which rolls the transaction back."""
         if self.allocated_space is None:
             return []
         (used,) = db.execute("SELECT size FROM totals").fetchone()
@@ -891,7 +1004,7 @@ class Cache:
         if over > 0 and not may_evict:
             raise _DoesNotFit
         after = -1  # the use order of the last entry looked at: mapped ones are passed over
-        while over > 0:
+        while over > 0 and not (best_effort and len(evicted) >= _CLAIMS_PER_TRANSACTION):
             rows = db.execute(
                 "SELECT key, file, size, accessed FROM entries WHERE persist = 0 AND key != ? "
                 "AND accessed > ? ORDER BY accessed LIMIT ?",
@@ -918,7 +1031,8 @@ class Cache:
         With ``unless_etag``, only an entry holding another version is deleted."""
         with self.key_lock(key), self._write() as db:
             row = db.execute(
-                "SELECT file FROM entries WHERE key = ? AND etag != ?", (key, unless_etag or "")
+                f"SELECT file FROM entries WHERE key = ? AND etag != ? AND {_MINE}",
+                (key, unless_etag or "", self.store),
             ).fetchone()
             if row is None:
                 return False
@@ -930,7 +1044,8 @@ class Cache:
         """Pin or unpin ``key``; False if it is not cached."""
         with self._write() as db:
             changed = db.execute(
-                "UPDATE entries SET persist = ? WHERE key = ?", (int(persist), key)
+                f"UPDATE entries SET persist = ? WHERE key = ? AND {_MINE}",
+                (int(persist), key, self.store),
             ).rowcount
         return bool(changed)
 
@@ -941,20 +1056,31 @@ class Cache:
         (persisted entries are only removed by an explicit delete)."""
         if self.allocated_space is None:
             return 0
-        with self._write() as db:
-            (before,) = db.execute("SELECT size FROM totals").fetchone()
-            files = self._evict(db, extra, exclude="", best_effort=True)
-            (after,) = db.execute("SELECT size FROM totals").fetchone()
-        self._unlink_journaled(files)
-        return before - after
+        freed = 0
+        while True:  # transactions of a bounded number of files (see _CLAIMS_PER_TRANSACTION)
+            with self._write() as db:
+                (before,) = db.execute("SELECT size FROM totals").fetchone()
+                files = self._evict(db, extra, exclude="", best_effort=True)
+                (after,) = db.execute("SELECT size FROM totals").fetchone()
+            self._unlink_journaled(files)
+            freed += before - after
+            if len(files) < _CLAIMS_PER_TRANSACTION:
+                return freed
 
     def clear(self) -> int:
         """Evict every entry that is not persisted; bytes freed."""
-        with self._write() as db:
-            rows = db.execute("SELECT key, file, size FROM entries WHERE persist = 0").fetchall()
-            files = self._forget(db, [(key, file) for key, file, _ in rows])
-        self._unlink_journaled(files)
-        return sum(size for _, _, size in rows)
+        freed = 0
+        while True:  # transactions of a bounded number of files (see _CLAIMS_PER_TRANSACTION)
+            with self._write() as db:
+                rows = db.execute(
+                    "SELECT key, file, size FROM entries WHERE persist = 0 LIMIT ?",
+                    (_CLAIMS_PER_TRANSACTION,),
+                ).fetchall()
+                files = self._forget(db, [(key, file) for key, file, _ in rows])
+            self._unlink_journaled(files)
+            freed += sum(size for _, _, size in rows)
+            if len(rows) < _CLAIMS_PER_TRANSACTION:
+                return freed
 
     # -- recovery ------------------------------------------------------------------------
 

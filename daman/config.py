@@ -224,6 +224,13 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython and Jupyter show a configuration (what ``dm.configure`` returns) in one
+        line; ``repr`` keeps every field."""
+        from .report import config_line  # report imports this module
+
+        printer.text(config_line(self))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -120,12 +120,18 @@ class LocalFileError(DamanError, OSError):
     read-only file system, a file where a folder should be, a name too long."""
 
 
+class MissingPackageError(DamanError, ImportError):
+    """What was asked needs an optional package that is not installed; the message names the
+    ``pip install`` that brings it."""
+
+
 class DamanWarning(UserWarning):
     """Base of daman's warnings."""
 
 
 class OfflineWarning(DamanWarning):
-    """The store was unreachable and a cached copy was used."""
+    """A cached copy was used without the store's word that it is current: the store was
+    unreachable, or no longer holds the key (deleted for everyone)."""
 
 
 class NotCachedWarning(DamanWarning):
@@ -188,6 +194,8 @@ _MESSAGES = {
     errno.EISDIR: "a folder stands where a file should be",
     errno.ENAMETOOLONG: "a file name is too long for that file system",
     errno.ELOOP: "a symbolic link points at itself",
+    errno.EMFILE: "this process has too many files open",
+    errno.ENFILE: "the system has too many files open",
 }
 
 
@@ -204,6 +212,9 @@ def map_os_error(exc: OSError, where: object, advice: str = "") -> DamanError:
     elif exc.errno in _DENIED:
         head = f"no permission to use {where} ({reason})"
         advice = advice or "Choose a place you can write to, or ask its owner for access"
+    elif exc.errno in (errno.EMFILE, errno.ENFILE):  # not the place's fault
+        head = f"cannot use {where}: {_MESSAGES[exc.errno]} ({reason})"
+        advice = "Raise the open-file limit (ulimit -n), or close files, and try again"
     elif exc.errno in _MESSAGES:
         head = f"cannot use {where}: {_MESSAGES[exc.errno]} ({reason})"
         advice = advice or "Choose another place"

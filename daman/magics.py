@@ -2,8 +2,9 @@
 ``%dm_info``, ``%dm_delete``, ``%dm_status``, ``%dm_panel`` and the ``%%dm_cache`` cell magic.
 
 A thin layer, like IPython's own ``storemagic``: each magic parses its line, calls the default
-manager (``dm.get_manager()``, built from the saved configuration) and prints what happened in
-one line. A daman error shows as one line (``daman: error: ...``), not a traceback, and fails
+manager (``dm.get_manager()``, built from the configuration in use) and prints what happened in
+one line; ``%dm_ls``, ``%dm_info`` and ``%dm_status`` show a table in Jupyter, text in a
+terminal. A daman error shows as one line (``daman: error: ...``), not a traceback, and fails
 the cell; a daman warning is one line too (``daman: warning: ...``); bad usage is IPython's
 usual ``UsageError``. Progress bars are the manager's
 (``tqdm.auto``: widgets in Jupyter, text in a terminal).
@@ -77,6 +78,12 @@ def _parse(magic: Any, line: str) -> argparse.Namespace:
 def _check_identifier(name: str, what: str) -> None:
     if not name.isidentifier() or keyword.iskeyword(name):
         raise UsageError(f"{what} {name!r} is not a valid Python variable name")
+
+
+def _show(shell: Any, lines: list[str], html: str) -> None:
+    """Today's text in a terminal, a table in Jupyter: one display of both, and each
+    front-end draws the richest it can (IPython's terminal prints the text)."""
+    shell.display_pub.publish({"text/plain": "\n".join(lines), "text/html": html})
 
 
 def _expand(shell: Any, text: str) -> str:
@@ -353,7 +360,7 @@ class DamanMagics(Magics):
         if not listing:
             print(report.empty_listing_line(args.prefix, manager.store.describe()))
             return
-        print("\n".join(report.listing_lines(listing)))
+        _show(self.shell, report.listing_lines(listing), report.listing_html(listing))
 
     @line_magic
     @magic_arguments()
@@ -363,7 +370,8 @@ class DamanMagics(Magics):
         """Meta, size, sha256, who pushed it and when, without downloading it; the same fields
         as ``dm_info``."""
         args = _parse(self.dm_info, line)
-        print("\n".join(report.details_lines(api.get_manager().info(args.key))))
+        details = api.get_manager().info(args.key)
+        _show(self.shell, report.details_lines(details), report.details_html(details))
 
     @line_magic
     @magic_arguments()
@@ -390,7 +398,8 @@ class DamanMagics(Magics):
             data = {**report.usage_data(usage, local_dir), "mapped": report.mapped_data(mapped)}
             print(report.to_json(data))
             return
-        print("\n".join(report.usage_lines(usage, local_dir) + report.mapped_lines(mapped)))
+        lines = report.usage_lines(usage, local_dir) + report.mapped_lines(mapped)
+        _show(self.shell, lines, report.usage_html(usage, local_dir, mapped))
 
     @line_magic
     @magic_arguments()

@@ -46,6 +46,7 @@ from .listing import ListingCache
 from .results import (
     Deleted,
     Disc,
+    KeyList,
     KeyListing,
     LevelListing,
     MappedFile,
@@ -202,7 +203,12 @@ class Manager:
         self._store = store
         self._store_lock = threading.Lock()
         forksafe.at_fork_in_child(self, Manager._after_fork_in_child)
-        self.cache = cache or Cache(config.cache_dir, config.allocated_space)
+        # Copies are the store's (its bucket and prefix, or folder): another store's copy of
+        # a key of the same name is never this one's hit. Not the endpoint: a server that
+        # moved, or one unreachable today, holds the same objects.
+        self.cache = cache or Cache(
+            config.cache_dir, config.allocated_space, store=describe_store(config)
+        )
         self.signing_key = config.signing_secret
         self.listings = ListingCache()
         """Level listings kept a few seconds, shared by the panel and key completion."""
@@ -328,9 +334,14 @@ class Manager:
                         raise
                 finally:
                     self.listings.forget()  # even a failed put may have changed the store
-            self._keep(
-                key, tmp, etag=info.etag, sha256=footer.sha256, persist=persist, verb="pushed"
-            )
+            try:
+                self._keep(
+                    key, tmp, etag=info.etag, sha256=footer.sha256, persist=persist, verb="pushed"
+                )
+            except DamanError as exc:  # stored for everyone: only this machine's copy is not
+                warn(
+                    f"{key!r} was pushed, but not kept in the local cache: {exc}", NotCachedWarning
+                )
         return info
 
     def push_file(
@@ -778,7 +789,7 @@ class Manager:
             return footer, load_meta(read_at, footer, tail, remote.size), remote
         raise AssertionError("unreachable")
 
-    def ls(self, prefix: str = "", *, legacy: bool = False) -> list[KeyListing]:
+    def ls(self, prefix: str = "", *, legacy: bool = False) -> KeyList:
         """Keys in the store under ``prefix``, each with whether it is cached / persisted.
         Every key: on a large bucket, :meth:`ls_level` lists one level in one request. With
         ``legacy``, daman 0.2 objects are marked, at the cost of reading each key's last 16
@@ -798,7 +809,7 @@ class Manager:
             else:
                 listing = [KeyListing.of(i, states.get(i.key)) for i in infos]
         self.listings.put_keys(prefix, infos, limit=LEVEL_PAGE, since=since)
-        return listing
+        return KeyList(listing)
 
     def ls_level(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import html
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .bulk import BulkPlan, BulkResult
 from .cache import CacheEntry
@@ -31,6 +32,10 @@ from .results import (
     Usage,
     VerifyReport,
 )
+from .store import describe_store
+
+if TYPE_CHECKING:
+    from .demo import Demo
 
 
 def jsonable(value: Any) -> Any:
@@ -528,3 +533,126 @@ def one_line_warnings(prog: str, file: TextIO | None = None) -> Iterator[None]:
         shown = warnings.showwarning
         warnings.showwarning = show
         yield
+
+
+# -- HTML, for notebooks (``_repr_html_`` of the results, and the magics in Jupyter) ---------
+# Every text that comes from a key, a meta or a path goes through ``_e``: a key or a meta
+# holding markup shows as text, never as HTML a notebook would run.
+
+HTML_ROWS = 500
+"""Keys an HTML listing shows at most: a notebook cell is no place for 100,000 rows."""
+_TABLE = '<table class="daman" style="border-collapse: collapse">'
+_CELL = 'style="text-align: {align}"'
+_CODE = "font-family: var(--jp-code-font-family, monospace)"
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _row(*cells: str, head: bool = False, align: Sequence[str] = ()) -> str:
+    tag = "th" if head else "td"
+    return (
+        "<tr>"
+        + "".join(
+            f"<{tag} {_CELL.format(align=align[i] if i < len(align) else 'left')}>{cell}</{tag}>"
+            for i, cell in enumerate(cells)
+        )
+        + "</tr>"
+    )
+
+
+def _key(key: str) -> str:
+    return f'<span style="{_CODE}">{_e(key)}</span>'
+
+
+def listing_html(listing: Sequence[KeyListing]) -> str:
+    """``ls`` as a table: size, last modified, where the key is, the key; then a total."""
+    align = ("right", "left", "left", "left")
+    rows = [_row("size", "last modified", "here", "key", head=True, align=align)]
+    for item in listing[:HTML_ROWS]:
+        mark = " (daman 0.2: run dm_migrate)" if item.legacy else ""
+        rows.append(
+            _row(
+                _e(format_size(item.size)),
+                _e(when(item.last_modified)),
+                _e(state(item)),
+                _key(item.key) + _e(mark),
+                align=align,
+            )
+        )
+    total = f"{count(len(listing), 'key', 'keys')}, {format_size(sum(i.size for i in listing))}"
+    if len(listing) > HTML_ROWS:
+        total += f" (the first {HTML_ROWS} shown)"
+    return f"{_TABLE}{''.join(rows)}</table><div>{_e(total)}</div>"
+
+
+def level_html(level: LevelListing) -> str:
+    """One page of one level: its sub-prefixes, then its keys as :func:`listing_html`."""
+    prefixes = "".join(f"<li>{_key(p)}</li>" for p in level.prefixes)
+    more = "<div>more names follow: pass this page's token to ls_level</div>" if level.token else ""
+    head = f"<div>{_e(count(len(level.prefixes), 'prefix', 'prefixes'))}</div>"
+    return f"{head}<ul>{prefixes}</ul>{listing_html(level.keys)}{more}"
+
+
+def details_html(details: ObjectDetails) -> str:
+    """``info`` as a two-column table, the fields :func:`details_lines` prints."""
+    rows = []
+    for line in details_lines(details):
+        name, _, value = line.partition(":")
+        value = value.strip()
+        shown = _key(value) if name in ("key", "sha256") else _e(value)
+        rows.append(_row(f"<b>{_e(name)}</b>", shown))
+    return f"{_TABLE}{''.join(rows)}</table>"
+
+
+def bar_html(used: int, allocated: int | None, persisted: int = 0) -> str:
+    """A small bar of the allocation: persisted bytes (dark), other cached bytes (light)."""
+    if not allocated:
+        return ""
+    dark = min(100.0, 100 * persisted / allocated)
+    light = min(100.0 - dark, 100 * max(0, used - persisted) / allocated)
+    title = f"{format_size(used)} of {format_size(allocated)}, {format_size(persisted)} persisted"
+    return (
+        f'<div title="{_e(title)}" style="display: flex; width: 24em; height: 10px; '
+        'background: #e6e6e6; border-radius: 3px; overflow: hidden; margin: 3px 0">'
+        f'<div style="width: {dark:.2f}%; background: #0d47a1"></div>'
+        f'<div style="width: {light:.2f}%; background: #64b5f6"></div></div>'
+    )
+
+
+def usage_html(usage: Usage, local_dir: Path | None, mapped: Sequence[MappedFile] = ()) -> str:
+    """``usage`` (``%dm_status``): the store, the cache folder, a bar of used against
+    allocated, and the persisted entries."""
+    persisted = usage.persisted
+    lines = usage_lines(usage, local_dir or Path("-"))[:4]
+    rows = [_row(f"<b>{_e(name)}</b>", _e(value.strip())) for name, _, value in (
+        line.partition(":") for line in lines
+    )]  # fmt: skip
+    bar = bar_html(usage.used, usage.allocated, sum(entry.size for entry in persisted))
+    pins = "".join(f"<li>{_key(e.key)} ({_e(format_size(e.size))})</li>" for e in persisted)
+    pinned = f"<div>persisted:</div><ul>{pins}</ul>" if pins else ""
+    maps = "".join(f"<div>{_e(line)}</div>" for line in mapped_lines(mapped))
+    return f"{_TABLE}{''.join(rows)}</table>{bar}{pinned}{maps}"
+
+
+def config_line(config: Config) -> str:
+    """A configuration in one line, as a notebook shows what ``dm.configure`` returned (the
+    signing key is never shown, only whether there is one)."""
+    store = describe_store(config)
+    where = f" at {config.endpoint_url}" if config.endpoint_url else ""
+    signed = ", signed" if config.signing_secret else ""
+    return (
+        f"daman: {store}{where}; cache {config.cache_dir} "
+        f"({format_size(config.allocated_space)}{signed})"
+    )
+
+
+def demo_line(demo: Demo) -> str:
+    """What ``dm.demo.start()`` set up, in one line."""
+    server = "in this process, until it ends" if demo.own_server else "shared by this machine"
+    return (
+        f"daman demo: s3://{demo.bucket}/ on {demo.endpoint} (moto's S3 server {server}); "
+        f"cache {demo.config.cache_dir}. Configured for this process only: your saved "
+        "configuration is unchanged."
+    )

@@ -1,5 +1,7 @@
 """What the manager's calls return: plain, frozen records that every front-end reads (the CLI
-and the magics print them through ``report``, the panel shows them)."""
+and the magics print them through ``report``, the panel shows them). In a notebook, those a
+person reads (``ls``, ``ls_level``, ``info``, ``usage``) display as HTML tables: their
+``_repr_html_`` asks ``report`` for it, which writes every line people see."""
 
 from __future__ import annotations
 
@@ -100,6 +102,15 @@ class KeyListing:
         )
 
 
+class KeyList(list[KeyListing]):
+    """What ``ls`` returns: a list of :class:`KeyListing`, shown as a table in a notebook."""
+
+    def _repr_html_(self) -> str:
+        from . import report  # report imports this module
+
+        return report.listing_html(self)
+
+
 @dataclasses.dataclass(frozen=True)
 class LevelListing:
     """One page of one level of the store, as ``ls_level`` shows it."""
@@ -111,6 +122,11 @@ class LevelListing:
     """Keys directly under ``prefix``, with whether each is cached / persisted here."""
     token: str | None
     """Pass it back to ``ls_level`` for the next page; None on the last."""
+
+    def _repr_html_(self) -> str:
+        from . import report
+
+        return report.level_html(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +176,11 @@ class ObjectDetails:
     md5: str = ""
     """A daman 0.2 object's md5, as stored with it."""
 
+    def _repr_html_(self) -> str:
+        from . import report
+
+        return report.details_html(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class Usage:
@@ -199,6 +220,11 @@ class Usage:
             f"{format_size(self.used)} used of {format_size(self.allocated)} "
             f"({self.count} entries, {len(self.persisted)} persisted)"
         )
+
+    def _repr_html_(self) -> str:
+        from . import report
+
+        return report.usage_html(self, self.cache.root if self.cache is not None else None)
 
 
 @dataclasses.dataclass(frozen=True)

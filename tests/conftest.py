@@ -1,7 +1,8 @@
 """Fixtures: one real resource each.
 
 - ``s3_endpoint``: moto's S3 server on 127.0.0.1 (port 0) for the whole session, its requests
-  serialised (moto checks conditional writes without a lock; real S3 is atomic). Set
+  serialised (moto checks conditional writes without a lock; real S3 is atomic): the demo
+  store's ``daman.demo.LoopbackS3``. Set
   ``DAMAN_TEST_S3_ENDPOINT`` (plus ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` and
   optionally ``DAMAN_TEST_S3_BUCKET``) to run every test against another S3-compatible
   endpoint instead.
@@ -18,7 +19,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +29,7 @@ import pytest
 
 import daman
 from daman import Config, Manager
+from daman.demo import LoopbackS3
 
 TEST_ENDPOINT = os.environ.get("DAMAN_TEST_S3_ENDPOINT")
 TEST_BUCKET = os.environ.get("DAMAN_TEST_S3_BUCKET")
@@ -74,38 +75,6 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     )
 
 
-class _SerializedApp:
-    """WSGI middleware: one request at a time, making moto's check-then-store atomic."""
-
-    def __init__(self, app: object) -> None:
-        self.app = app
-        self.lock = threading.Lock()
-
-    def __call__(self, environ: dict, start_response: object) -> object:
-        with self.lock:
-            # Drain the body inside the lock so the response is complete before the next one.
-            return list(self.app(environ, start_response))  # type: ignore[operator]
-
-
-def _start_moto() -> tuple[object, str]:
-    from moto.moto_server import threaded_moto_server as tms
-    from werkzeug.serving import make_server
-
-    class LockedMotoServer(tms.ThreadedMotoServer):
-        def _server_entry(self) -> None:
-            app = _SerializedApp(tms.DomainDispatcherApplication(tms.create_backend_app))
-            self._server = make_server(
-                self._ip_address, self._port, app, True, request_handler=tms.MotoRequestHandler
-            )
-            self._server_ready_event.set()
-            self._server.serve_forever()
-
-    server = LockedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    return server, f"http://{host}:{port}"
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     if TEST_ENDPOINT:
@@ -114,11 +83,11 @@ def s3_endpoint() -> Iterator[str]:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    server, url = _start_moto()
+    server = LoopbackS3()  # the demo's server: requests one at a time, as S3 checks writes
     try:
-        yield url
+        yield server.endpoint
     finally:
-        server.stop()  # type: ignore[attr-defined]
+        server.stop()
 
 
 def s3_client(endpoint: str):

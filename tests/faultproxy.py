@@ -25,6 +25,9 @@ chunked bodies are de-chunked), numbered, and shown to a *plan*: a callable that
 ``"nosuchupload"``
     answer 404 ``NoSuchUpload`` without forwarding, as some servers answer a retried
     CompleteMultipartUpload whose first attempt completed.
+``"unconditional"``
+    forward without ``If-None-Match`` and ``If-Match``: a server that ignores conditions
+    (some S3-compatible ones do on CompleteMultipartUpload).
 
 ``FaultProxy.faults`` counts the faults injected by kind; ``FaultProxy.log`` lists every
 request as ``(number, method, target, range, fault)``. Plans are built with :func:`nth`,
@@ -48,7 +51,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
-FAULTS = ("500", "503", "drop", "reset", "lost", "cut", "flip", "short", "nosuchupload")
+FAULTS = (
+    "500", "503", "drop", "reset", "lost", "cut", "flip", "short", "nosuchupload", "unconditional"
+)  # fmt: skip
+_CONDITIONS = ("if-none-match", "if-match")
 NOT_FORWARDED = ("500", "503", "drop", "reset", "nosuchupload")
 
 _ERROR_BODY = (
@@ -306,6 +312,8 @@ class FaultProxy:
 
         upstream.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
         for name, value in raw_headers:
+            if fault == "unconditional" and name.lower() in _CONDITIONS:
+                continue
             if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
                 upstream.putheader(name, value)
         if body or method in ("PUT", "POST"):

@@ -56,6 +56,44 @@ def test_configure_updates_only_the_fields_given(tmp_path: Path) -> None:
     assert dm.get_manager().cache.allocated_space == 2**30  # the default manager was rebuilt
 
 
+def test_configure_without_saving_uses_a_store_for_this_process_only(
+    tmp_path: Path, daman_home: Path
+) -> None:
+    team = configure_local(tmp_path / "team", signing_key="team-secret", allocated_space="1GiB")
+    saved = (daman_home / "config.json").read_bytes()
+    demo = dm.configure(
+        storage_name=str(tmp_path / "demo" / "store"),
+        service="local",
+        local_dir=str(tmp_path / "demo" / "cache"),
+        save=False,
+    )
+    assert (daman_home / "config.json").read_bytes() == saved  # byte for byte
+    # Nothing of the saved configuration leaks in: not its signing key, cache or allocation.
+    assert demo.signing_key is None and demo.allocated_space is None
+    assert dm.current_config() == demo and dm.get_manager().config == demo
+    dm.push(1, "k")
+    assert (tmp_path / "demo" / "store" / "k.daman").exists()
+    assert not (tmp_path / "team" / "store" / "k.daman").exists()
+    # A second call builds on the unsaved one, still without saving.
+    assert dm.configure(allocated_space="5MB", save=False).storage_name == demo.storage_name
+    assert dm.get_manager().cache.allocated_space == 5 * 10**6
+    assert (daman_home / "config.json").read_bytes() == saved
+    dm.reset()  # back to the saved configuration
+    assert dm.current_config() == team and not dm.exists("k")
+
+
+def test_configure_without_saving_writes_no_file(tmp_path: Path, daman_home: Path) -> None:
+    with pytest.raises(dm.ConfigError, match="storage_name is required"):
+        dm.configure(service="local", save=False)
+    dm.configure(storage_name=str(tmp_path / "store"), service="local", save=False)
+    dm.push(1, "k")
+    assert dm.pull("k")[0] == 1
+    assert not (daman_home / "config.json").exists()
+    dm.reset()
+    with pytest.raises(dm.NotConfiguredError):
+        dm.get_manager()
+
+
 def test_configure_needs_a_storage_name_the_first_time() -> None:
     with pytest.raises(dm.ConfigError, match="storage_name is required"):
         dm.configure(service="local")

@@ -14,19 +14,21 @@ import os
 import random
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 import types
+import warnings
 from pathlib import Path
 
 import pytest
 
 import daman.cache as cache_module
-from daman.cache import Cache, CacheEntry, CacheUsage
-from daman.errors import LocalFileError
+from daman.cache import Cache, CacheEntry, CacheUsage, IndexDamagedError
+from daman.errors import LocalFileError, RepairWarning
 from daman.keys import key_digest
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -1114,7 +1116,7 @@ def _crashed_add(cache: Cache, key: str, *, committed: bool) -> tuple[Path, Path
     marker.touch()
     if committed:
         cache._db().execute(
-            "INSERT INTO entries VALUES (?, ?, 100, 'e', 's', 0, 1, 0)", (key, file)
+            "INSERT INTO entries VALUES (?, ?, 100, 'e', 's', 0, 1, 0, '')", (key, file)
         )
     return final, marker
 
@@ -1312,3 +1314,138 @@ def test_the_index_needs_no_sqlite_newer_than_distributions_ship(root: Path) -> 
         r"\bRETURNING\b|^\s*UPDATE\b[^()]*\bFROM\b|\bOVER\s*\(|->>|\bSTRICT\b", re.I | re.S
     )
     assert [s for s in statements if newer.search(s)] == []
+
+
+def test_an_index_from_before_entries_named_their_store_is_adopted_by_the_first_opener(
+    root: Path,
+) -> None:
+    """Upgrading keeps every entry and pin: they go to the store the first handle serves
+    (the one configured, most likely the one they came from); other stores see none."""
+    cache = Cache(root, store="s3://team/")
+    put(cache, "a", 100, persist=True)
+    put(cache, "b", 200)
+    cache.close()
+    db = sqlite3.connect(root / "index.sqlite3")
+    db.execute("ALTER TABLE entries DROP COLUMN store")
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+    upgraded = Cache(root, store="s3://team/")
+    assert sorted(upgraded.states(["a", "b"])) == ["a", "b"] and upgraded.get("a").persist
+    assert {e.store for e in upgraded.entries()} == {"s3://team/"}
+    other = Cache(root, store="gs://elsewhere/")
+    assert other.get("a") is None and other.states_under("") == {}
+    assert other.usage().used == 300  # one allocation for the folder
+    assert_consistent(upgraded)
+
+
+EVICT_MANY = """
+import resource, sys
+from pathlib import Path
+from daman.cache import Cache
+
+root, n = Path(sys.argv[1]), int(sys.argv[2])
+cache = Cache(root, allocated_space=n * 100)
+for i in range(n):
+    with cache.temp_file() as tmp:
+        tmp.write_bytes(b"x" * 100)
+        cache.add(f"small/{i}", tmp, etag="e", sha256="-")
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))  # as low as some systems are
+with cache.temp_file() as tmp:  # room for it only once two thirds of the others are gone
+    tmp.write_bytes(b"y" * (n * 100 * 2 // 3))
+    assert cache.add("large", tmp, etag="e", sha256="-") is not None
+left = cache.usage().count - 1
+assert cache.clear() > 0 and cache.usage().count == 0
+print(left)
+"""
+
+
+def test_evicting_and_clearing_thousands_of_entries_under_a_low_open_file_limit(
+    root: Path,
+) -> None:
+    """Each file a transaction forgets stays open (locked) until it is unlinked: a large add
+    that evicts 1,000 small entries, and a clear of the rest, work in bounded transactions
+    with 128 files allowed open."""
+    result = subprocess.run(
+        [sys.executable, "-c", EVICT_MANY, str(root), "1500"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) <= 500
+    cache = Cache(root)
+    assert cache.usage().count == 0 and list(cache.objects_dir.iterdir()) == []
+    assert_consistent(cache)
+
+
+def _put_object(cache: Cache, key: str, nbytes: int) -> None:
+    """A real daman object (a rebuild reads its key from the footer)."""
+    from daman.serialize import dump_to_bytes
+
+    with cache.temp_file() as tmp:
+        tmp.write_bytes(dump_to_bytes(b"x" * nbytes, key=key))
+        assert cache.add(key, tmp, etag=f"e-{key}", sha256=sha256_of(tmp)) is not None
+
+
+def _garble_index(root: Path) -> None:
+    """Every page but the first overwritten: the index opens, then every read fails."""
+    index = root / "index.sqlite3"
+    with open(index, "r+b") as f:
+        size = f.seek(0, 2)
+        f.seek(4096)
+        f.write(os.urandom(size - 4096))
+    for suffix in ("-wal", "-shm"):
+        Path(f"{index}{suffix}").unlink(missing_ok=True)
+
+
+def _set_aside(root: Path) -> list[Path]:
+    return [
+        p for p in root.glob("index.sqlite3.damaged-*") if not p.name.endswith(("-wal", "-shm"))
+    ]
+
+
+def test_a_rebuilt_index_is_the_one_every_sharing_process_uses_afterwards(root: Path) -> None:
+    """Handles that had the damaged index open follow the rebuilt one (they used to go on in
+    the file set aside: two indexes, each enforcing the allocation on its own half)."""
+    a, b = Cache(root, 20_000), Cache(root, 20_000)
+    for i in range(3):
+        _put_object(b, f"k{i}", 3000)
+    a.close(), b.close()
+    _garble_index(root)
+    with pytest.raises(IndexDamagedError):
+        b.entries()  # b's connection is open on the damaged file
+    assert a.reconcile()["rebuilt_index"] == 3
+    _put_object(b, "k3", 3000)
+    _put_object(a, "k4", 3000)
+    assert sorted(e.key for e in a.entries()) == sorted(e.key for e in b.entries())
+    assert sorted(e.key for e in b.entries()) == ["k0", "k1", "k2", "k3", "k4"]
+    assert_consistent(a)
+    assert len(_set_aside(root)) == 1
+
+
+def test_two_processes_finding_one_damage_rebuild_the_index_once(root: Path) -> None:
+    first = Cache(root)
+    for i in range(3):
+        _put_object(first, f"k{i}", 3000)
+    first.close()
+    _garble_index(root)
+    damaged = (root / "index.sqlite3").read_bytes()
+    caches = [Cache.__new__(Cache) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    kept: list[int] = []
+
+    def open_and_rebuild(cache: Cache) -> None:
+        barrier.wait()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RepairWarning)
+            cache.__init__(root)  # finds the damage, rebuilds (or finds it rebuilt)
+        kept.append(cache.usage().count)
+
+    threads = [threading.Thread(target=open_and_rebuild, args=(c,)) for c in caches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert kept == [3, 3]
+    (aside,) = _set_aside(root)  # one rebuild: the damaged file set aside, as it was
+    assert aside.read_bytes() == damaged
+    assert_consistent(caches[0])

@@ -34,6 +34,7 @@ from daman import (
     DamanError,
     InvalidArgumentError,
     InvalidKeyError,
+    KeyExistsError,
     LocalFileError,
     Manager,
     NotCachedWarning,
@@ -129,12 +130,12 @@ def test_dm_cache_uses_the_cached_copy_when_the_store_is_unreachable(
 ) -> None:
     assert _cell(ipy, "team/offline a", "a = 41 + 1").success
     config = dm.get_manager().config
-    unreachable = (
-        {"storage_name": str(tmp_path / "unmounted")}
-        if config.service == "local"
-        else {"endpoint_url": _closed_port()}
-    )
-    dm.configure(**{**config.to_dict(), **unreachable}, check=False)
+    if config.service == "local":  # the store folder's drive is not mounted
+        Path(config.storage_name).rename(tmp_path / "unmounted")
+    else:  # nothing listens where the store was
+        account = "/devstoreaccount1" if config.service == "azure" else ""  # Azurite's
+        endpoint = _closed_port() + account
+        dm.configure(**{**config.to_dict(), "endpoint_url": endpoint}, check=False)
     ipy.user_ns.pop("a")
     capsys.readouterr()
     with warnings.catch_warnings():
@@ -736,6 +737,30 @@ def test_nosuchupload_for_an_upload_that_is_not_ours_fails_clearly(
 
 
 @pytest.mark.parametrize("backend", ["s3"])
+def test_a_server_ignoring_the_condition_of_a_large_create_still_never_overwrites(
+    make_config, s3_endpoint: str
+) -> None:
+    """Some S3-compatible servers ignore If-None-Match on CompleteMultipartUpload: a push
+    (no force) of a large object under an existing key must still be refused, the team's
+    object left as it was, and no upload left open."""
+    from daman.store.s3 import MULTIPART_THRESHOLD
+
+    plan = lambda request: "unconditional" if _completes(request) else None  # noqa: E731
+    with Manager(make_config()) as first_pusher:
+        first_pusher.push({"team's": "object"}, "model")
+    with (
+        FaultProxy(s3_endpoint, plan) as proxy,
+        Manager(make_config(endpoint_url=proxy.url)) as manager,
+    ):
+        with pytest.raises(KeyExistsError):
+            manager.push(np.arange((MULTIPART_THRESHOLD * 2) // 8), "model")
+        assert manager.pull("model", force=True)[0] == {"team's": "object"}
+        assert not manager.store.client.list_multipart_uploads(Bucket=manager.store.bucket).get(
+            "Uploads"
+        )
+
+
+@pytest.mark.parametrize("backend", ["s3"])
 def test_short_ranged_answers_are_resumed_for_the_missing_bytes(
     make_config, s3_endpoint: str, tmp_path: Path
 ) -> None:
@@ -821,10 +846,12 @@ def test_errors_are_daman_errors_with_one_line(tmp_path: Path) -> None:
     from daman.errors import map_os_error
 
     for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS,
-                 errno.ENOTDIR, errno.ENAMETOOLONG):  # fmt: skip
+                 errno.ENOTDIR, errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE):  # fmt: skip
         error = map_os_error(OSError(code, os.strerror(code), str(tmp_path / "x")), tmp_path)
         assert isinstance(error, DamanError) and "\n" not in str(error)
         assert str(tmp_path) in str(error) and str(error).endswith(".")
+        if code in (errno.EMFILE, errno.ENFILE):  # the limit's fault, not the folder's
+            assert "ulimit -n" in str(error) and "another place" not in str(error)
 
 
 def test_botocore_refusing_a_parameter_is_one_line(s3_endpoint: str) -> None:

@@ -11,8 +11,10 @@ tests fail, they do not skip. Never ``playwright install``: Playwright drives De
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -133,6 +135,33 @@ def _write_notebook(path: Path) -> None:
     nbformat.write(notebook, path)
 
 
+@contextlib.contextmanager
+def _voila(notebook: str, folder: Path, env: dict[str, str]) -> Iterator[str]:
+    """Voila serving ``folder/notebook`` on a free port of 127.0.0.1: its URL. Every page load
+    runs the notebook in a fresh kernel, which inherits ``env``."""
+    port = _free_port()
+    log = folder / "voila.log"
+    voila = Path(sys.executable).with_name("voila")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                str(voila), notebook, f"--port={port}", "--Voila.ip=127.0.0.1",
+                "--no-browser", "--show_tracebacks=True",
+            ],
+            cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            _wait_port(proc, port, log)
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            proc.terminate()  # Voila shuts its kernels down on SIGTERM
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.fixture(scope="session")
 def voila_url(site: dict[str, Any]) -> Iterator[str]:
     config, work = site["config"], site["work"]
@@ -148,27 +177,8 @@ def voila_url(site: dict[str, Any]) -> Iterator[str]:
         "DAMAN_PANEL_ENDPOINT": config.endpoint_url,
         "DAMAN_PANEL_CACHE": config.local_dir,
     }
-    port = _free_port()
-    log = work / "voila.log"
-    voila = Path(sys.executable).with_name("voila")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                str(voila), "panel.ipynb", f"--port={port}", "--Voila.ip=127.0.0.1",
-                "--no-browser", "--show_tracebacks=True",
-            ],
-            cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            _wait_port(proc, port, log)
-            yield f"http://127.0.0.1:{port}/"
-        finally:
-            proc.terminate()  # Voila shuts its kernels down on SIGTERM
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with _voila("panel.ipynb", work, env) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -399,3 +409,57 @@ def test_the_panel_renders_in_jupyterlab_and_notebook_7(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# -- the tutorial notebooks/03-panel.ipynb, as it is, on the demo store ----------------------
+
+
+def test_the_panel_tutorial_in_voila_on_the_demo_store(browser: Any, tmp_path: Path) -> None:
+    """notebooks/03-panel.ipynb with nothing configured: the notebook starts its own demo store
+    in the kernel, pins a model and draws the panel; here a person opens the model level and
+    pins the other model, and the disc bar's line follows. Its screenshot is kept."""
+    from playwright.sync_api import expect
+
+    shutil.copy(ROOT / "notebooks" / "03-panel.ipynb", tmp_path / "03-panel.ipynb")
+    home = tmp_path / "home"  # someone's saved setup, which the tutorial leaves alone
+    (home / ".daman").mkdir(parents=True)
+    saved = b'{"service": "aws", "storage_name": "team-bucket"}\n'
+    (home / ".daman" / "config.json").write_bytes(saved)
+    (tmp_path / "tmp").mkdir()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DAMAN_"))},
+        "HOME": str(home),
+        "DAMAN_HOME": str(home / ".daman"),
+        "JUPYTER_PLATFORM_DIRS": "1",
+        "TMPDIR": str(tmp_path / "tmp"),  # the demo's cache folder lands here
+    }
+    with _voila("03-panel.ipynb", tmp_path, env) as url:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        try:
+            page.goto(url)
+            expect(_button(page, "team/")).to_be_visible(timeout=120_000)
+            # The notebook ran to its end: v1 persisted, v2 pinned and unpinned (cached).
+            disc = page.get_by_text(re.compile(r"of 16\.0 MiB, \d\.\d MiB persisted"))
+            expect(disc).to_have_text(re.compile(r"of 16\.0 MiB, 3\.0 MiB persisted"))
+            _open(page, "team/", "model/")
+            expect(
+                page.get_by_text(re.compile(r"^3\.0 MiB\s*\S+ \S+\s*persisted$"))
+            ).to_be_visible()
+            toggle = _button(page, "persist v2")
+            toggle.click()
+            expect(toggle).to_have_class(re.compile(r"\bmod-active\b"))
+            expect(disc).to_have_text(re.compile(r"of 16\.0 MiB, 8\.0 MiB persisted"))
+            (cache_dir,) = (tmp_path / "tmp").glob("daman-demo-*/cache-1")
+            cache = Cache(cache_dir, 16 * MiB)
+            try:
+                assert cache.get("team/model/v2").persist  # the kernel's cache, on disc
+                assert cache.get("team/model/v1").persist
+            finally:
+                cache.close()
+        finally:
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / "notebook-03-panel.png"), full_page=True)
+            context.close()
+    assert (home / ".daman" / "config.json").read_bytes() == saved

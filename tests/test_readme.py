@@ -26,7 +26,12 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     assert test_command in ci_lines
 
 
-def test_quickstart_round_trip_runs(daman_home: Path) -> None:
+def test_quickstart_round_trip_runs_and_leaves_the_saved_configuration_alone(
+    daman_home: Path,
+) -> None:
+    daman_home.mkdir()
+    saved = '{"service": "aws", "storage_name": "team-bucket"}\n'  # someone's real setup
+    (daman_home / "config.json").write_text(saved)
     install, _, python_part = readme_commands()[0].partition(" && ")
     assert install == "pip install ."  # the install half is what `pip install -e .` did here
     assert python_part.startswith("python -c ")
@@ -36,7 +41,7 @@ def test_quickstart_round_trip_runs(daman_home: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "({'answer': 42}, {'by': 'me'})"
-    assert (daman_home / "config.json").exists()  # under the test's DAMAN_HOME, not ~/.daman
+    assert (daman_home / "config.json").read_text() == saved  # the test's DAMAN_HOME
 
 
 def test_ruff_is_clean() -> None:

@@ -344,8 +344,9 @@ class S3Store(Store):
             progress(size)
             # Written, but the answer was cut: an unknown version makes the next pull fetch it.
             return ObjectInfo(key, size, r.get("ETag", ""))
-        # No HEAD first: the conditional completion settles whether the key exists (an
-        # existing key costs the parts' upload, a rare case, instead of a request per push).
+        # The conditional completion settles whether the key exists; a HEAD run beside the
+        # parts (no wait added) refuses an existing key before it is completed, on servers
+        # that ignore If-None-Match there (some S3-compatible ones do).
         return self._put_multipart(key, name, path, size, condition, progress)
 
     def put_if_match(
@@ -424,13 +425,22 @@ class S3Store(Store):
                         done["ChecksumCRC32"] = r["ChecksumCRC32"]
                     return done
 
-                parts = run_parallel(
-                    [
-                        functools.partial(send, number, offset, length)
-                        for number, (offset, length) in enumerate(split(size), start=1)
-                    ],
-                    self._pool.get(),
+                def refuse_existing(stop: threading.Event) -> None:
+                    try:
+                        self.head(key)
+                    except DamanError:  # absent, or not ours to tell: the condition decides
+                        return
+                    raise KeyExistsError(key)  # stops the parts; the upload is aborted
+
+                sends = [
+                    functools.partial(send, number, offset, length)
+                    for number, (offset, length) in enumerate(split(size), start=1)
+                ]
+                creating = "IfNoneMatch" in condition
+                done = run_parallel(
+                    [refuse_existing, *sends] if creating else sends, self._pool.get()
                 )
+                parts = done[1:] if creating else done
             finally:
                 os.close(fd)
             with self._errors(key):
