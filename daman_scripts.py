@@ -8,6 +8,7 @@ anything inside it runs ``daman/__init__.py``, which loads most of daman, before
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
@@ -15,12 +16,16 @@ def _main(name: str) -> int:
     try:
         from daman import cli
 
-        return getattr(cli, f"{name}_main")()
+        code = getattr(cli, f"{name}_main")()
     except KeyboardInterrupt:
         if sys.stderr is not None:
-            # The wording of daman.report.interrupted_line, which is not loaded yet.
+            # The wording of daman.report.interrupted_line, which may not be loaded yet.
             print(f"dm_{name}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    # The command is over: a Ctrl-C now has nothing left to stop, and would only print
+    # "Exception ignored ... KeyboardInterrupt" from the interpreter's shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
 
 
 def aws_main() -> int:
