@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from . import forksafe
 from .cache import CacheEntry
 from .config import (
+    DEFAULTS,
     FIELDS,
     Config,
     check_field,
@@ -22,6 +23,7 @@ from .config import (
     load_config,
     read_config_fields,
     save_config,
+    unknown_fields,
 )
 from .errors import ConfigError, ConfigWarning, NotConfiguredError, os_errors, warn
 from .manager import LEVEL_PAGE, Manager
@@ -128,6 +130,7 @@ def configure(
                 "--service {aws,gcs,azure,local}, or dm.configure(storage_name=..., service=...)."
             )
     config = Config.from_dict({**base, **given})
+    _warn_aws_only(config, given)
     if config.local_dir:  # saved absolute: it must not depend on where daman runs
         config = config.replace(local_dir=str(config.cache_dir))
     if config.service == "local":
@@ -150,9 +153,35 @@ def configure(
     with os_errors(
         f"the configuration folder {path.parent}", "Set DAMAN_HOME to a folder you can write to"
     ):
-        save_config(config, path)
+        save_config(config, path, extra=_saved_unknown_fields())
     reset()
     return config
+
+
+_AWS_ONLY = ("region", "checksums")
+
+
+def _warn_aws_only(config: Config, given: dict[str, Any]) -> None:
+    """One warning when settings that only S3 reads are given (other than their defaults)
+    for another service: saved, but they change nothing."""
+    if config.service == "aws":
+        return
+    names = [n for n in _AWS_ONLY if n in given and getattr(config, n) != DEFAULTS[n]]
+    if names:
+        warn(
+            f"{' and '.join(names)} {'apply' if len(names) > 1 else 'applies'} to service aws "
+            f"only: saved, but service {config.service} ignores "
+            f"{'them' if len(names) > 1 else 'it'}.",
+            ConfigWarning,
+        )
+
+
+def _saved_unknown_fields() -> dict[str, Any]:
+    """The fields of the saved file this version does not know: a newer daman's, kept."""
+    try:
+        return unknown_fields(read_config_fields())
+    except (NotConfiguredError, ConfigError):
+        return {}
 
 
 def _process_fields() -> dict[str, Any]:

@@ -125,8 +125,9 @@ SCHEMA_VERSION = 4
 _MARKS = ", ".join("?" * len(_COLUMNS.split(", ")))
 CURRENT = ""
 """The ``version`` of a key's current-version entry."""
-_MINE = "store IN (?, '')"
-"""The rows a handle serves: its store's, and those added by a handle naming no store."""
+_MINE = "(? IN (store, '') OR store = '')"
+"""The rows a handle serves (its ``store`` the parameter): its store's, and those added by a
+handle naming no store; a handle naming none (tools, tests) sees every row."""
 _OBJECT_FILE = re.compile(r"[0-9a-f]{64}\.[0-9a-f]{12}")
 """The names ``add`` gives cached files: ``<sha256 of the key>.<random>``."""
 _TEMP_FILE = re.compile(r"\d+-[0-9a-f]{32}\.(incomplete|new)")
@@ -258,7 +259,8 @@ class Cache:
         self.allocated_space = allocated_space
         self.store = store
         """The store this handle serves: one ``local_dir`` may cache several stores (one
-        allocation for all), and a key cached from one is never another's hit."""
+        allocation for all), and a key cached from one is never another's hit. '' (tools,
+        tests): every store's entries."""
         self.objects_dir = self.root / "objects"
         self.tmp_dir = self.root / "tmp"
         self.locks_dir = self.root / "locks"

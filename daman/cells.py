@@ -14,7 +14,7 @@ import ast
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, a
 
 
 def stored_variables(key: str, stored: Any, names: Sequence[str]) -> dict[str, Any]:
@@ -22,7 +22,7 @@ def stored_variables(key: str, stored: Any, names: Sequence[str]) -> dict[str, A
     error saying why it is not such an object."""
     if not isinstance(stored, dict):
         raise InvalidArgumentError(
-            f"{key!r} holds a {type(stored).__name__}, not variables stored by %%dm_cache; "
+            f"{key!r} holds {a(type(stored).__name__)}, not variables stored by %%dm_cache; "
             "choose another key."
         )
     missing = [name for name in names if name not in stored]

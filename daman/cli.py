@@ -12,14 +12,13 @@ import functools
 import getpass
 import os
 import sys
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__, api, report
-from .config import CHECKSUM_MODES, SERVICES, Config, format_size, load_config
+from .config import CHECKSUM_MODES, DEFAULTS, SERVICES, load_config
 from .credentials import write_aws_credentials
-from .errors import DamanError, DamanWarning, InvalidArgumentError
+from .errors import DamanError, InvalidArgumentError
 from .manager import Manager
 from .results import LevelListing
 from .serialize import FileBytes
@@ -84,32 +83,16 @@ def _manager(quiet: bool) -> Manager:
 
 def _run(prog: str, action: Callable[[], None]) -> int:
     try:
-        with _one_line_warnings(prog):
+        with report.one_line_warnings(prog):
             action()
         sys.stdout.flush()  # a closed pipe or a full disc shows up here
     except DamanError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(report.error_line(prog, exc), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(report.interrupted_line(prog), file=sys.stderr)
         return 130
     return 0
-
-
-@contextlib.contextmanager
-def _one_line_warnings(prog: str) -> Iterator[None]:
-    """daman's warnings as ``prog: warning: ...`` (no file name, no source line)."""
-
-    def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
-        if issubclass(category, DamanWarning):
-            print(f"{prog}: warning: {message}", file=sys.stderr)
-        else:
-            shown(message, category, *_, **__)
-
-    with warnings.catch_warnings():
-        shown = warnings.showwarning
-        warnings.showwarning = show
-        yield
 
 
 def _silence_stdout() -> None:
@@ -210,9 +193,7 @@ def aws_main(argv: Sequence[str] | None = None) -> int:
     def action() -> None:
         secret = _secret(args.secret_access_key, "AWS secret access key")
         path, dropped = write_aws_credentials(args.access_key_id, secret, args.profile)
-        print(f"saved the access key of profile [{args.profile}] in {path}")
-        if dropped:
-            print(f"removed the profile's {', '.join(dropped)}: it belonged to the old key")
+        print("\n".join(report.aws_saved_lines(args.profile, path, dropped)))
 
     return _run("dm_aws", action)
 
@@ -224,18 +205,14 @@ def _yes_no(text: str) -> bool:
     return answer[text.lower()]
 
 
-def _describe(config: Config) -> str:
-    lines = [
-        f"storage_name:    {config.storage_name}",
-        f"service:         {config.service}",
-        f"local_dir:       {config.cache_dir}",
-        f"allocated_space: {format_size(config.allocated_space)}",
-    ]
-    if config.endpoint_url:
-        lines.append(f"endpoint_url:    {config.endpoint_url}")
-    if config.signing_key:
-        lines.append("signing_key:     set (objects are signed; unsigned ones are refused)")
-    return "\n".join(lines)
+def _default(name: str) -> str:
+    """A configuration field's default as the help shows it: taken from Config itself."""
+    value = DEFAULTS[name]
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 @_command("configure")
@@ -261,8 +238,8 @@ def configure_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--storage_name",
         default=keep,
-        help="bucket[/prefix] or s3://bucket/prefix (aws, gcs), container[/prefix] (azure), or "
-        "a folder (local); required the first time",
+        help="bucket[/prefix] (aws, gcs; also s3://bucket/prefix for aws, gs://bucket/prefix "
+        "for gcs), container[/prefix] (azure), or a folder (local); required the first time",
     )
     parser.add_argument(
         "--service",
@@ -272,7 +249,9 @@ def configure_main(argv: Sequence[str] | None = None) -> int:
         "(Azure Blob Storage) or local (a folder); required the first time",
     )
     parser.add_argument(
-        "--local_dir", default=keep, help="local cache folder (default ~/.daman/data)"
+        "--local_dir",
+        default=keep,
+        help="local cache folder (default $DAMAN_HOME/data; DAMAN_HOME defaults to ~/.daman)",
     )
     parser.add_argument(
         "--allocated_space",
@@ -286,7 +265,7 @@ def configure_main(argv: Sequence[str] | None = None) -> int:
         help="S3-compatible endpoint (MinIO, Ceph, R2, ...), the Azure account's blob URL, or "
         "an emulator's URL; 'none' to clear it",
     )
-    parser.add_argument("--region", default=keep, help="AWS region; 'none' to clear it")
+    parser.add_argument("--region", default=keep, help="AWS region (aws only); 'none' to clear it")
     parser.add_argument(
         "--signing_key",
         default=keep,
@@ -302,25 +281,40 @@ def configure_main(argv: Sequence[str] | None = None) -> int:
         default=keep,
         type=_yes_no,
         metavar="{true,false}",
-        help="ask the store (one HEAD) whether a cached copy is current (default true)",
+        help="ask the store (one HEAD) whether a cached copy is current "
+        f"(default {_default('check_current')})",
     )
     parser.add_argument(
         "--checksums",
         default=keep,
         choices=CHECKSUM_MODES,
-        help="request checksums; when_required for S3-compatible stores that reject them",
+        help="request checksums (aws only; default "
+        f"{_default('checksums')}); when_required for S3-compatible stores that reject them",
     )
-    parser.add_argument("--connect_timeout", default=keep, type=float, help="seconds (default 10)")
-    parser.add_argument("--read_timeout", default=keep, type=float, help="seconds (default 60)")
     parser.add_argument(
-        "--max_attempts", default=keep, type=int, help="tries per request (default 5)"
+        "--connect_timeout",
+        default=keep,
+        type=float,
+        help=f"seconds (default {_default('connect_timeout')})",
+    )
+    parser.add_argument(
+        "--read_timeout",
+        default=keep,
+        type=float,
+        help=f"seconds (default {_default('read_timeout')})",
+    )
+    parser.add_argument(
+        "--max_attempts",
+        default=keep,
+        type=int,
+        help=f"tries per request (default {_default('max_attempts')})",
     )
     parser.add_argument(
         "--progress",
         default=keep,
         type=_yes_no,
         metavar="{true,false}",
-        help="progress bars on transfers over 8 MiB (default true)",
+        help=f"progress bars on transfers over 8 MiB (default {_default('progress')})",
     )
     parser.add_argument(
         "--no-check", action="store_true", help="save without checking the store is reachable"
@@ -334,7 +328,7 @@ def configure_main(argv: Sequence[str] | None = None) -> int:
         if "signing_key" in fields:
             fields["signing_key"] = _secret(fields["signing_key"], "signing key")
         config = api.configure(**fields, check=check)
-        print(f"saved to {api.config_path()}:\n{_describe(config)}")
+        print("\n".join(report.config_lines(config, api.config_path())))
 
     return _run("dm_configure", action)
 
@@ -376,8 +370,7 @@ def push_main(argv: Sequence[str] | None = None) -> int:
                 info = manager.push(stdin, args.key, **options)
             else:
                 info = manager.push_file(args.file, args.key, **options)
-        # The stored size, as dm_ls and dm_info show it.
-        print(f"pushed {args.key} ({format_size(info.size)}) to {manager.store.describe()}")
+        print(report.pushed_line(args.key, info.size, store=manager.store.describe()))
 
     return _run("dm_push", action)
 
@@ -414,11 +407,14 @@ def pull_main(argv: Sequence[str] | None = None) -> int:
                 sys.stdout.flush()
             elif args.output:
                 size = manager.pull_file(args.key, args.output, **options)
-                print(f"wrote {args.key} ({format_size(size)}) to {args.output}")
+                print(report.wrote_line(args.key, size, args.output))
             else:
                 entry = manager.fetch(args.key, **options)
-                pinned = ", persisted" if entry.persist else ""
-                print(f"{args.key}: {format_size(entry.size)}{pinned} at {entry.path}")
+                print(
+                    report.fetched_line(
+                        args.key, entry.size, persist=entry.persist, path=entry.path
+                    )
+                )
 
     return _run("dm_pull", action)
 
@@ -480,7 +476,12 @@ def delete_main(argv: Sequence[str] | None = None) -> int:
         "dm_delete",
         "Remove a key's local cached copies; with --remote, also the stored object, for\n"
         "everyone (its versions stay: dm_history, dm_restore); with --all-versions, every\n"
-        "version too (asks for confirmation on a terminal unless --yes).",
+        "version too (asks for confirmation on a terminal unless --yes).\n\n"
+        "examples:\n"
+        "  dm_delete --key team/model/v3                  # free this machine's copies\n"
+        "  dm_delete --key team/model/v3 --remote         # gone for everyone (asks first)\n"
+        "  dm_delete --key team/model/v3 --remote --yes   # in a script: no question\n"
+        "  dm_delete --key team/model/v3 --remote --all-versions   # and its history",
     )
     _add_key(parser, "the key to delete")
     parser.add_argument("--remote", action="store_true", help="also delete it from the store")
@@ -491,22 +492,33 @@ def delete_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def action() -> None:
-        if args.remote and not args.yes and sys.stdin.isatty():
-            what = " and every version of it" if args.all_versions else ""
-            try:
-                answer = input(f"delete {args.key!r}{what} from the store for everyone? [y/N] ")
-            except EOFError:  # Ctrl-D: no
-                answer = ""
-            if answer.strip().lower() not in ("y", "yes"):
-                print("nothing deleted")
-                return
         with _manager(quiet=True) as manager:
+            if args.remote and not args.yes and sys.stdin.isatty():
+                question = report.delete_question(
+                    args.key, manager.store.describe(), all_versions=args.all_versions
+                )
+                if not _confirmed(f"{question} [y/N] "):
+                    print(report.NOT_DELETED)
+                    return
             deleted = manager.delete(
                 args.key, local=True, remote=args.remote, all_versions=args.all_versions
             )
         print(report.deleted_line(deleted))
 
     return _run("dm_delete", action)
+
+
+def _confirmed(question: str) -> bool:
+    """Ask on stderr (seen even when stdout goes to a file) and read one line of stdin."""
+    try:
+        print(question, end="", file=sys.stderr, flush=True)
+        answer = sys.stdin.readline()
+    except KeyboardInterrupt:  # end the prompt's line before saying "interrupted"
+        print(file=sys.stderr)
+        raise
+    if not answer.endswith("\n"):  # Ctrl-D: no, on a line of its own
+        print(file=sys.stderr)
+    return answer.strip().lower() in ("y", "yes")
 
 
 # -- looking around --------------------------------------------------------------------------
@@ -519,7 +531,8 @@ def ls_main(argv: Sequence[str] | None = None) -> int:
         "List the keys in the store under a prefix. --long adds size, last modified and\n"
         "whether each is cached here (and persisted); --json prints all of it for scripts.\n"
         "--level lists one level, as a folder: the sub-prefixes and the keys directly under\n"
-        "PREFIX, one request per 1,000 names however many keys lie below.\n\n"
+        "PREFIX, one request per 1,000 names however many keys lie below. When there is\n"
+        "nothing to list, it says so (on stderr without --long or --json: stdout stays empty).\n\n"
         "examples:\n"
         "  dm_ls team/ --long\n"
         "  dm_ls team/ --level\n"
@@ -544,8 +557,11 @@ def ls_main(argv: Sequence[str] | None = None) -> int:
             return level_action()
         with _manager(args.quiet) as manager:
             listing = manager.ls(args.prefix, legacy=args.legacy)
+            store = manager.store.describe()
         if args.json:
             _print_json(report.listing_data(listing))
+        elif not listing:
+            _say_empty(args.prefix, store, long=args.long)
         elif args.long:
             print("\n".join(report.listing_lines(listing)))
         else:
@@ -556,6 +572,8 @@ def ls_main(argv: Sequence[str] | None = None) -> int:
             pages = [manager.ls_level(args.prefix)]
             while pages[-1].token is not None:
                 pages.append(manager.ls_level(args.prefix, token=pages[-1].token))
+            store = manager.store.describe()
+        empty = not any(page.prefixes or page.keys for page in pages)
         if args.json:
             whole = LevelListing(
                 args.prefix,
@@ -564,15 +582,22 @@ def ls_main(argv: Sequence[str] | None = None) -> int:
                 None,
             )
             _print_json(report.level_data(whole))
+        elif empty:
+            _say_empty(args.prefix, store, long=args.long)
         elif args.long:
             print("\n".join(report.level_lines(pages)))
         else:
             names = [p for page in pages for p in page.prefixes]
             names += [k.key for page in pages for k in page.keys]
-            if names:
-                print("\n".join(names))
+            print("\n".join(names))
 
     return _run("dm_ls", action)
+
+
+def _say_empty(prefix: str, store: str, *, long: bool) -> None:
+    """An empty listing: said on stdout with --long (a table for people); on stderr without
+    it, so that a script reading one key per line gets none."""
+    print(report.empty_listing_line(prefix, store), file=sys.stdout if long else sys.stderr)
 
 
 @_command("info")
@@ -581,7 +606,10 @@ def info_main(argv: Sequence[str] | None = None) -> int:
         "dm_info",
         "Describe a stored object without downloading it (one ranged read of its end):\n"
         "size, sha256, who pushed it and when, with which Python, its meta, and whether it\n"
-        "is cached here.",
+        "is cached here.\n\n"
+        "examples:\n"
+        "  dm_info --key team/model/v3\n"
+        "  dm_info --key team/model/v3 --json | jq .meta",
     )
     _add_key(parser)
     _add_json(parser)
@@ -603,7 +631,10 @@ def status_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser(
         "dm_status",
         "Show the store in use, the local cache's disc use against its allocation, and the\n"
-        "persisted entries. Reads only local bookkeeping: works offline.",
+        "persisted entries. Reads only local bookkeeping: works offline.\n\n"
+        "examples:\n"
+        "  dm_status\n"
+        "  dm_status --json | jq .free",
     )
     _add_json(parser)
     args = parser.parse_args(argv)
@@ -631,7 +662,10 @@ def persist_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser(
         "dm_persist",
         "Pin a cached key so that eviction never removes it (only dm_delete does), or unpin\n"
-        "it with --off. The key must be cached: dm_pull --key KEY --persist pulls and pins.",
+        "it with --off. The key must be cached: dm_pull --key KEY --persist pulls and pins.\n\n"
+        "examples:\n"
+        "  dm_persist --key team/model/v3\n"
+        "  dm_persist --key team/model/v3 --off",
     )
     _add_key(parser)
     parser.add_argument("--off", action="store_true", help="unpin: let eviction remove it again")
@@ -640,7 +674,7 @@ def persist_main(argv: Sequence[str] | None = None) -> int:
     def action() -> None:
         with _manager(args.quiet) as manager:
             manager.set_persist(args.key, not args.off)
-        print(f"{args.key}: " + ("no longer persisted" if args.off else "persisted"))
+        print(report.persist_line(args.key, on=not args.off))
 
     return _run("dm_persist", action)
 
@@ -650,7 +684,10 @@ def clear_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser(
         "dm_clear",
         "Evict every cached entry that is not persisted, and report the disc space freed.\n"
-        "Nothing in the store is touched; persisted entries stay (dm_delete removes them).",
+        "Nothing in the store is touched; persisted entries stay (dm_delete removes them).\n\n"
+        "examples:\n"
+        "  dm_clear\n"
+        "  dm_clear && dm_status",
     )
     args = parser.parse_args(argv)
 
@@ -659,9 +696,7 @@ def clear_main(argv: Sequence[str] | None = None) -> int:
             before = manager.usage().count
             freed = manager.clear()
             after = manager.usage()
-        evicted = report.count(before - after.count, "entry", "entries")
-        kept = report.count(after.count, "persisted entry", "persisted entries")
-        print(f"freed {format_size(freed)} ({evicted}); kept {kept} ({format_size(after.used)})")
+        print(report.cleared_line(freed, before - after.count, after.count, after.used))
 
     return _run("dm_clear", action)
 
@@ -674,7 +709,11 @@ def verify_main(argv: Sequence[str] | None = None) -> int:
         "recorded when it was written, and its signature when signing_key is set; reconcile\n"
         "the index with the files on disc. Damaged copies are removed, so the next pull\n"
         'downloads them again. --json reports it for scripts ("ok": false if anything was\n'
-        "repaired).",
+        "repaired).\n\n"
+        "examples:\n"
+        "  dm_verify\n"
+        "  dm_verify --key team/model/v3\n"
+        "  dm_verify --json | jq .ok",
     )
     parser.add_argument("--key", help="check only this key's cached copy")
     _add_json(parser)
@@ -733,10 +772,7 @@ def migrate_main(argv: Sequence[str] | None = None) -> int:
             imported = import_setup(dry_run=args.dry_run, progress=show)
             print("\n".join(report.setup_import_lines(imported)))
             if not imported.ok:
-                raise DamanError(
-                    f"{report.count(len(imported.failed), 'persisted key', 'persisted keys')} "
-                    "could not be pulled again (see above); run dm_migrate --local again."
-                )
+                raise DamanError(report.setup_import_failure(imported))
             return
         bar = None
         if show:
@@ -760,10 +796,7 @@ def migrate_main(argv: Sequence[str] | None = None) -> int:
                 bar.close()
         print("\n".join(report.migration_summary(result)))
         if not result.ok:
-            raise DamanError(
-                f"{report.count(len(result.refused), 'object', 'objects')} could not be "
-                "migrated (see above); run dm_migrate again once the reason is dealt with."
-            )
+            raise DamanError(report.migration_failure(result))
 
     return _run("dm_migrate", action)
 

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ConfigError, NotConfiguredError
+from .errors import ConfigError, ConfigWarning, NotConfiguredError, warn
 from .files import atomic_write
 
 SERVICES = ("aws", "local", "gcs", "azure")
@@ -33,6 +33,15 @@ _URL = re.compile(r"^https?://[^/\s]+")
 # Google's bucket names (dots allowed, so up to 222 characters) and Azure's container names.
 _GCS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _AZURE_CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
+# Amazon S3's bucket names. An S3-compatible server (endpoint_url set) may accept more: Ceph
+# with rgw_relaxed_s3_bucket_names takes up to 255 letters of either case, digits, '.', '-'
+# and '_', MinIO's non-strict check capitals, '_' and ':'. For those, daman refuses only what
+# botocore itself refuses before any request (its VALID_BUCKET rule, which has no ':'), and
+# leaves the rest to the server.
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_S3_COMPATIBLE_BUCKET = re.compile(r"^[a-zA-Z0-9._-]{1,255}$")
+# The URL schemes a bucket may be written with, and the service each one belongs to.
+_SCHEMES = {"s3://": "aws", "gs://": "gcs"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 
 
@@ -130,11 +139,45 @@ class Config:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             object.__setattr__(self, field.name, check_field(field.name, value))
+        object.__setattr__(self, "storage_name", self._without_scheme())
         self._check_cloud_name()
 
+    def _without_scheme(self) -> str:
+        """``storage_name`` without the ``s3://`` (aws) or ``gs://`` (gcs) its console and
+        CLI print; such a URL given with another service is refused, not taken for a
+        folder or bucket named ``s3:``."""
+        name = self.storage_name
+        for scheme, service in _SCHEMES.items():
+            if name.lower().startswith(scheme):
+                if self.service != service:
+                    raise ConfigError(
+                        f"storage_name must be a name for service {self.service}, not {name!r}: "
+                        f"{scheme} URLs are for service {service}. Fix it with `dm_configure "
+                        f"--storage_name NAME` (or `--service {service}`)."
+                    )
+                name = name[len(scheme) :].strip("/")
+                if not name:
+                    raise ConfigError(
+                        f"storage_name must be a bucket name, not {self.storage_name!r}. Fix it "
+                        "with `dm_configure --storage_name BUCKET[/PREFIX]`."
+                    )
+        return name
+
     def _check_cloud_name(self) -> None:
-        """GCS buckets and Azure containers have strict names; say so before any request."""
+        """S3 and GCS buckets and Azure containers have strict names; say so before any
+        request."""
         name = self.storage_name.strip("/").partition("/")[0]
+        if self.service == "aws" and self.endpoint_url is None and not _S3_BUCKET.match(name):
+            raise ConfigError(
+                f"invalid S3 bucket name {name!r}: 3-63 lowercase letters, digits, '.' and "
+                "'-', starting and ending with a letter or digit. Fix it with "
+                "`dm_configure --storage_name BUCKET`."
+            )
+        if self.service == "aws" and self.endpoint_url and not _S3_COMPATIBLE_BUCKET.match(name):
+            raise ConfigError(
+                f"invalid bucket name {name!r}: up to 255 letters, digits, '.', '-' and '_'. "
+                "Fix it with `dm_configure --storage_name BUCKET`."
+            )
         if self.service == "gcs" and not _GCS_BUCKET.match(name):
             raise ConfigError(
                 f"invalid GCS bucket name {name!r}: 3-222 lowercase letters, digits, '-', '_' "
@@ -211,6 +254,8 @@ class Config:
 
 
 FIELDS = tuple(field.name for field in dataclasses.fields(Config))
+DEFAULTS: dict[str, Any] = {field.name: field.default for field in dataclasses.fields(Config)}
+"""Each field's default, as front-ends' help and the checks of given settings quote it."""
 _NULLABLE = ("local_dir", "endpoint_url", "region", "signing_key")
 """Fields that may be unset; the text "none" unsets them, in every front-end alike."""
 
@@ -237,10 +282,6 @@ def check_field(name: str, value: Any) -> Any:
     if name == "storage_name":
         if not isinstance(value, str) or not value.strip():
             raise bad("a bucket name (aws) or a folder (local)")
-        if value.lower().startswith("s3://"):  # the form the AWS console and CLI print
-            value = value[len("s3://") :].strip("/")
-            if not value:
-                raise bad("a bucket name")
         if any(ord(c) < 32 for c in value):
             raise bad("text without control characters")
         return value
@@ -286,17 +327,40 @@ def write_private_text(path: Path, text: str) -> None:
         out.file.write(text.encode("utf-8"))
 
 
-def save_config(config: Config, path: Path | None = None) -> Path:
-    """Write ``config`` (mode 0600) and return where it went."""
+def save_config(
+    config: Config, path: Path | None = None, *, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``config`` (mode 0600) and return where it went. ``extra`` holds fields this
+    version does not know (:func:`unknown_fields`), written back as they were so that the
+    newer daman that wrote them keeps its settings."""
     path = path or config_path()
-    write_private_text(path, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    data = {**(extra or {}), **config.to_dict()}
+    write_private_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def unknown_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a saved configuration that this version does not know (a newer daman
+    wrote them)."""
+    return {name: value for name, value in data.items() if name not in FIELDS}
 
 
 def load_config(path: Path | None = None) -> Config:
     """The saved configuration, or :class:`NotConfiguredError` saying how to make one; a
-    ConfigError (one line, naming the file) when it cannot be read or is not valid."""
-    return Config.from_dict(read_config_fields(path))
+    ConfigError (one line, naming the file) when it cannot be read or is not valid. Fields
+    this version does not know are ignored, with a ConfigWarning naming them."""
+    path = path or config_path()
+    data = read_config_fields(path)
+    config = Config.from_dict({name: value for name, value in data.items() if name in FIELDS})
+    unknown = unknown_fields(data)  # said once the rest is known to be valid: an error first
+    if unknown:
+        names = ", ".join(map(str, sorted(unknown)))
+        warn(
+            f"{path} holds {'fields' if len(unknown) > 1 else 'a field'} this daman does not "
+            f"know ({names}; written by a newer daman?): ignored here, kept in the file.",
+            ConfigWarning,
+        )
+    return config
 
 
 def read_config_fields(path: Path | None = None) -> dict[str, Any]:

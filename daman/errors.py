@@ -181,6 +181,24 @@ def warn(message: str, category: type[Warning]) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
+def first_sentence(exc: BaseException) -> str:
+    """An error's first sentence, without the advice after it (for a warning that says what
+    happens instead): the text up to the first '. ' outside parentheses."""
+    text, depth = str(exc), 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "." and depth <= 0 and text[i + 1 : i + 2] in (" ", ""):
+            return text[:i]
+    return text
+
+
+def a(word: str) -> str:
+    """``word`` after its indefinite article: ``a list``, ``an int``, ``an ndarray`` (numpy's
+    "nd" is said as letters: en-dee)."""
+    vowel = word[:1].lower() in ("a", "e", "i", "o", "u") or word.lower().startswith("nd")
+    return f"{'an' if vowel else 'a'} {word}"
+
+
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 _DENIED = {errno.EACCES, errno.EPERM}
 _MESSAGES = {

@@ -5,7 +5,8 @@ A thin layer, like IPython's own ``storemagic``: each magic parses its line, cal
 manager (``dm.get_manager()``, built from the configuration in use) and prints what happened in
 one line; ``%dm_ls``, ``%dm_info`` and ``%dm_status`` show a table in Jupyter, text in a
 terminal. A daman error shows as one line (``daman: error: ...``), not a traceback, and fails
-the cell; bad usage is IPython's usual ``UsageError``. Progress bars are the manager's
+the cell; a daman warning is one line too (``daman: warning: ...``); bad usage is IPython's
+usual ``UsageError``. Progress bars are the manager's
 (``tqdm.auto``: widgets in Jupyter, text in a terminal).
 """
 
@@ -32,7 +33,6 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.text import DollarFormatter
 
 from . import api, report
-from .config import format_size
 from .errors import DamanError, InvalidArgumentError
 from .keys import variable_name
 from .listing import LISTING_TTL
@@ -48,14 +48,17 @@ COMPLETION_TTL = LISTING_TTL
 def _one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """A daman error shows as one line, not a traceback (its message already says what to do
     next), and still fails the cell, so that "run all" stops there. IPython renders an
-    exception through its ``_render_traceback_()`` when it has one."""
+    exception through its ``_render_traceback_()`` when it has one. A daman warning is one
+    line too, as the console scripts show it: the line ``warn()`` would point at is inside
+    IPython, not the user's."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with report.one_line_warnings("daman"):
+                return func(*args, **kwargs)
         except DamanError as exc:
-            line = f"daman: error: {exc}"
+            line = report.error_line("daman", exc)
             exc._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
             raise
 
@@ -81,10 +84,6 @@ def _show(shell: Any, lines: list[str], html: str) -> None:
     """Today's text in a terminal, a table in Jupyter: one display of both, and each
     front-end draws the richest it can (IPython's terminal prints the text)."""
     shell.display_pub.publish({"text/plain": "\n".join(lines), "text/html": html})
-
-
-def _where(source: str) -> str:
-    return "the local cache" if source == "cache" else "the store"
 
 
 def _expand(shell: Any, text: str) -> str:
@@ -302,7 +301,7 @@ class DamanMagics(Magics):
         info = api.get_manager().push(
             self.shell.user_ns[args.var], key, meta=meta, force=args.force, persist=args.persist
         )
-        print(f"pushed {args.var} to {key} ({format_size(info.size)})")
+        print(report.pushed_line(key, info.size, var=args.var))
 
     @line_magic
     @magic_arguments()
@@ -346,8 +345,7 @@ class DamanMagics(Magics):
                 f"%dm_pull {shlex.quote(args.key)} --as NAME"
             )
         self.shell.push({var: pulled.obj, f"{var}_meta": pulled.meta})
-        size = format_size(pulled.size)
-        print(f"pulled {args.key} from {_where(pulled.source)} ({size}) into {var}, {var}_meta")
+        print(report.loaded_line(args.key, pulled.source, pulled.size, var))
         return None if bare else pulled.obj
 
     @line_magic
@@ -362,8 +360,7 @@ class DamanMagics(Magics):
         manager = api.get_manager()
         listing = manager.ls(args.prefix, legacy=args.legacy)
         if not listing:
-            under = f" under {args.prefix!r}" if args.prefix else ""
-            print(f"no keys{under} in {manager.store.describe()}")
+            print(report.empty_listing_line(args.prefix, manager.store.describe()))
             return
         _show(self.shell, report.listing_lines(listing), report.listing_html(listing))
 
@@ -400,20 +397,29 @@ class DamanMagics(Magics):
         print(report.deleted_line(deleted))
 
     @line_magic
+    @magic_arguments()
+    @argument("--json", action="store_true", help="print JSON, as dm_status --json does")
     @_one_line_errors
     def dm_status(self, line: str) -> None:
         """The store in use, the local cache's use against its allocation and the persisted
         entries (the same as ``dm_status``; asks nothing of the store)."""
+        args = _parse(self.dm_status, line)
         manager = api.get_manager()
-        usage, mapped = manager.usage(), manager.mapped()
-        lines = report.usage_lines(usage, manager.cache.root) + report.mapped_lines(mapped)
-        _show(self.shell, lines, report.usage_html(usage, manager.cache.root, mapped))
+        usage, mapped, local_dir = manager.usage(), manager.mapped(), manager.cache.root
+        if args.json:
+            data = {**report.usage_data(usage, local_dir), "mapped": report.mapped_data(mapped)}
+            print(report.to_json(data))
+            return
+        lines = report.usage_lines(usage, local_dir) + report.mapped_lines(mapped)
+        _show(self.shell, lines, report.usage_html(usage, local_dir, mapped))
 
     @line_magic
+    @magic_arguments()
     @_one_line_errors
     def dm_panel(self, line: str) -> Any:
         """The daman panel (``dm.panel()``): browse the store a level at a time, see this
         machine's disc use against its allocation, pin, pull and delete keys."""
+        _parse(self.dm_panel, line)
         return api.panel()
 
     @cell_magic
@@ -429,13 +435,11 @@ class DamanMagics(Magics):
         for var in args.vars:
             _check_identifier(var, "VAR")
         manager = api.get_manager()
-        names = ", ".join(args.vars)
         found = manager.cached_cell(args.key, args.vars)
         if found is not None:
             values, pulled = found
             self.shell.push(values)
-            where, size = _where(pulled.source), format_size(pulled.size)
-            print(f"{args.key}: set {names} from {where} ({size}); cell not run")
+            print(report.cell_cached_line(args.key, args.vars, pulled.source, pulled.size))
             return
         before = {var: self.shell.user_ns[var] for var in args.vars if var in self.shell.user_ns}
         if not self.shell.run_cell(cell, store_history=False).success:
@@ -448,7 +452,7 @@ class DamanMagics(Magics):
             code=self.shell.transform_cell(cell),
             cell=cell,
         )
-        print(f"{args.key}: ran the cell and pushed {names} ({format_size(info.size)})")
+        print(report.cell_pushed_line(args.key, args.vars, info.size))
 
 
 # -- the extension ---------------------------------------------------------------------------

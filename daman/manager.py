@@ -37,6 +37,8 @@ from .errors import (
     StoreUnavailableError,
     UntrustedObjectError,
     VersionNotFoundError,
+    a,
+    first_sentence,
     os_errors,
     warn,
 )
@@ -495,7 +497,7 @@ class Manager:
         obj, _ = self.pull(key, force=force, persist=persist, version=version)
         if not isinstance(obj, (bytes, bytearray, memoryview)):
             raise InvalidArgumentError(
-                f"{key!r} holds a {type(obj).__name__}, not bytes: only bytes (pushed with "
+                f"{key!r} holds {a(type(obj).__name__)}, not bytes: only bytes (pushed with "
                 f"dm_push or dm.push_file) can be written to a file. Load it with "
                 f"dm.pull({key!r}) instead."
             )
@@ -579,8 +581,8 @@ class Manager:
         action = decide_pull(cached_etag=entry and entry.etag, remote=remote, force=force)
         if action is PullAction.USE_CACHE_OFFLINE:
             warn(
-                f"the store is unreachable ({offline_reason}); using the cached copy of {key!r}, "
-                "which may be out of date.",
+                f"the store is unreachable: {first_sentence(offline_reason)}; using the cached "
+                f"copy of {key!r}, which may be out of date.",
                 OfflineWarning,
             )
         elif action is PullAction.USE_CACHE_DELETED:
@@ -960,7 +962,8 @@ class Manager:
             if entry is None or stored is None:  # not cached, or evicted meanwhile
                 raise
             warn(
-                f"the store is unreachable ({exc}); showing the cached copy of {key!r}.",
+                f"the store is unreachable: {first_sentence(exc)}; showing the cached copy of "
+                f"{key!r}.",
                 OfflineWarning,
             )
             with stored.f:

@@ -427,7 +427,7 @@ class Panel(w.VBox):
         self._persist.description = f"persist {key}"
         self._persist.tooltip = f"{'unpersist' if persisted else 'persist'} {key}"
         self._delete_local.description = f"delete the local copy of {key}"
-        self._delete_local.tooltip = f"delete this machine's copy of {key}; the store keeps it"
+        self._delete_local.tooltip = f"delete this machine's copy of {key} (it stays in the store)"
         self._delete_local.disabled = not cached
         self._delete_remote.description = f"delete {key} from the store..."
         self._delete_remote.tooltip = f"delete {key} from the store for everyone (asks first)"

@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 from . import report
 from .bulk import BulkAction, BulkPlan, plan_bulk, run_bulk
-from .config import format_size
 from .errors import DamanError, InvalidArgumentError, NotCachedError
 from .keys import validate_prefix, variable_name
 from .manager import LEVEL_PAGE, Manager
@@ -219,9 +218,12 @@ class PanelModel:
 
     @property
     def summary(self) -> str:
-        """``team/: 2 prefixes, 120 keys shown of more in the store``."""
+        """``team/: 2 prefixes, 120 keys shown of more in the store``; an empty level says
+        so as every listing does."""
         with self._lock:
             rows = self._all_rows()
+            if self.pages and not rows and self.token is None and not self.filter_text:
+                return report.empty_listing_line(self.prefix, self.store_name)
             prefixes = sum(row.prefix is not None for row in rows)
             keys = len(rows) - prefixes
             where = self.prefix or self.store_name
@@ -410,10 +412,7 @@ class PanelModel:
 
         def work() -> None:
             entry = self.manager.fetch(key, version=version, progress=self._progress(what))
-            self._after_change(
-                f"pulled version {version} of {key} into the local cache "
-                f"({format_size(entry.size)}); dm.pull({key!r}, version={version!r}) loads it"
-            )
+            self._after_change(report.pulled_version_line(key, version, entry.size))
 
         return self._run(what, work, transfer=True)
 
@@ -469,7 +468,7 @@ class PanelModel:
                 if reason is not None:
                     raise NotCachedError(reason)
             entry = self.manager.fetch(key, progress=self._progress(what))
-            self._after_change(f"pulled {key} into the local cache ({format_size(entry.size)})")
+            self._after_change(report.fetched_line(key, entry.size, persist=entry.persist))
 
         return self._run(what, work, transfer=True)
 
@@ -481,21 +480,21 @@ class PanelModel:
         def work() -> None:
             if on:
                 entry = self.manager.pin(key, progress=self._progress(what))
-                done = f"persisted {key} ({format_size(entry.size)}): eviction leaves it alone"
+                done = report.persist_line(key, on=True, size=entry.size)
             else:
                 self.manager.set_persist(key, False)
-                done = f"unpersisted {key}: eviction may remove it again"
+                done = report.persist_line(key, on=False)
             self._after_change(done)
 
         return self._run(what, work, transfer=True)
 
     def delete_local(self, key: str) -> Future[None]:
         item = self.item(key)
-        freed = f" (frees {format_size(item.size)})" if item and item.cached else ""
+        freed = item.size if item and item.cached else None
 
         def work() -> None:
-            self.manager.delete(key, local=True)
-            self._after_change(f"deleted the local copy of {key}{freed}; the store keeps it")
+            deleted = self.manager.delete(key, local=True)
+            self._after_change(report.deleted_line(deleted, freed=freed))
 
         return self._run(f"delete the local copy of {key}", work, transfer=True)
 
@@ -504,12 +503,10 @@ class PanelModel:
         item = self.item(key)
         details = self.details if self.details and self.details.key == key else None
         size = item.size if item else details.size if details else None
-        sized = f" ({format_size(size)})" if size is not None else ""
         with self._lock:
             self.confirmation = Confirmation(
                 key,
-                f"Delete {key}{sized} from {self.store_name} for everyone? Its versions stay "
-                "(restore one from its versions); this machine's copies go too.",
+                report.delete_question(key, self.store_name, size),
                 f"delete {key} from the store",
             )
         self._changed()
@@ -517,7 +514,7 @@ class PanelModel:
     def cancel(self) -> None:
         with self._lock:
             self.confirmation = None
-            self._say("nothing was deleted")
+            self._say(report.NOT_DELETED)
         self._changed()
 
     def confirm(self) -> Future[None] | None:
@@ -529,7 +526,7 @@ class PanelModel:
         key = pending.key
 
         def work() -> None:
-            self.manager.delete(key, local=True, remote=True)
+            deleted = self.manager.delete(key, local=True, remote=True)
             with self._lock:
                 for n, page in enumerate(self.pages):
                     keys = [item for item in page.keys if item.key != key]
@@ -537,7 +534,7 @@ class PanelModel:
                 self.selected.discard(key)
                 if self.focus == key:
                     self.focus = self.details = self.history = None
-            self._after_change(f"deleted {key} from {self.store_name}")
+            self._after_change(report.deleted_line(deleted))
 
         return self._run(f"delete {key} from the store", work, transfer=True)
 
@@ -561,10 +558,7 @@ class PanelModel:
         def work() -> None:
             pulled = self.manager.load(key)
             shell.push({name: pulled.obj, f"{name}_meta": pulled.meta})
-            where = "the local cache" if pulled.source == "cache" else "the store"
-            self._after_change(
-                f"pulled {key} from {where} ({format_size(pulled.size)}) into {name}, {name}_meta"
-            )
+            self._after_change(report.loaded_line(key, pulled.source, pulled.size, name))
 
         return self._run(what, work, transfer=True)
 

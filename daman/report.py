@@ -3,19 +3,24 @@ panel) so that each one says the same thing the same way."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import json
 import math
+import os
 import shlex
-from collections.abc import Sequence
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .bulk import BulkPlan, BulkResult
 from .cache import CacheEntry
-from .config import Config, format_size
+from .config import SIGNING_KEY_ENV, Config, format_size
+from .errors import DamanWarning
 from .migrate import MigrationReport, SetupImport
 from .results import (
     Deleted,
@@ -71,6 +76,15 @@ def state(item: KeyListing | ObjectDetails) -> str:
     ``(outdated)`` when the cached copy is an older version than the store's."""
     where = "persisted" if item.persist else "cached" if item.cached else "stored"
     return f"{where} (outdated)" if item.outdated else where
+
+
+def cached_here(item: KeyListing | ObjectDetails) -> str:
+    """Whether a key has a copy here, as a field ``cached:`` reads: ``yes``, ``yes,
+    persisted``, ``no``; an older version than the store's says so."""
+    if not item.cached:
+        return "no"
+    held = "yes, persisted" if item.persist else "yes"
+    return f"{held} (an older version than the store's)" if item.outdated else held
 
 
 def listing_data(listing: Sequence[KeyListing]) -> list[dict[str, Any]]:
@@ -151,7 +165,7 @@ def details_lines(details: ObjectDetails) -> list[str]:
             False: "no",
             None: "not recorded",
         }[details.holds_code]
-        fields["cached"] = state(details) if details.cached else "no"
+        fields["cached"] = cached_here(details)
         del fields["persist"], fields["outdated"]
     return [f"{name + ':':<15}{value}" for name, value in fields.items()]
 
@@ -172,11 +186,15 @@ def usage_data(usage: Usage, local_dir: Path) -> dict[str, Any]:
 
 
 def usage_lines(usage: Usage, local_dir: Path) -> list[str]:
-    share = f" ({100 * usage.used / usage.allocated:.0f}%)" if usage.allocated else ""
+    if usage.allocated is None:
+        used = f"{format_size(usage.used)} (no limit)"
+    else:
+        share = f" ({100 * usage.used / usage.allocated:.0f}%)" if usage.allocated else ""
+        used = f"{format_size(usage.used)} of {format_size(usage.allocated)}{share}"
     lines = [
         f"store:      {usage.store}",
         f"local_dir:  {local_dir}",
-        f"used:       {format_size(usage.used)} of {format_size(usage.allocated)}{share}",
+        f"used:       {used}",
         f"entries:    {usage.count} cached, {len(usage.persisted)} persisted",
     ]
     lines += [
@@ -262,14 +280,16 @@ def setup_import_lines(result: SetupImport) -> list[str]:
     return lines
 
 
-def deleted_line(deleted: Deleted) -> str:
-    """What a delete did, saying "deleted" only of what was there to delete."""
+def deleted_line(deleted: Deleted, *, freed: int | None = None) -> str:
+    """What a delete did, saying "deleted" only of what was there to delete; ``freed``: the
+    local copy's size, when the caller knows it."""
     if deleted.local and deleted.remote:
         return f"deleted {deleted.key} (the local copy and the stored object)"
     if deleted.remote:
         return f"deleted {deleted.key} from the store (there was no local copy)"
     if deleted.local:
-        return f"deleted the local copy of {deleted.key} (it stays in the store)"
+        frees = f"; freed {format_size(freed)}" if freed is not None else ""
+        return f"deleted the local copy of {deleted.key} (it stays in the store{frees})"
     return f"{deleted.key} is not cached here: nothing deleted (it stays in the store)"
 
 
@@ -414,8 +434,177 @@ def history_lines(history: KeyHistory) -> list[str]:
     return [head, *(version_line(v) for v in history)]
 
 
+def pulled_version_line(key: str, version: str, size: int) -> str:
+    """A version brought into the local cache (the panel's pull of a version)."""
+    return (
+        f"pulled version {version} of {key} into the local cache ({format_size(size)}); "
+        f"dm.pull({key!r}, version={version!r}) loads it"
+    )
+
+
 def restored_line(key: str, version: str) -> str:
     return f"restored {key} to version {version} (a new version: the one it replaced is kept)"
+
+
+# -- the lines front-ends print after an action (one wording per event) ---------------------
+
+
+def where(source: str) -> str:
+    """Where a pull found an object: ``the local cache`` or ``the store``."""
+    return "the local cache" if source == "cache" else "the store"
+
+
+def pushed_line(key: str, size: int, *, var: str | None = None, store: str | None = None) -> str:
+    """A push: of a variable (``var``, magics) or of a file's bytes to ``store`` (dm_push);
+    ``size`` is the stored size, as ``dm_ls`` and ``dm_info`` show it."""
+    if var is not None:
+        return f"pushed {var} to {key} ({format_size(size)})"
+    return f"pushed {key} ({format_size(size)}) to {store}"
+
+
+def loaded_line(key: str, source: str, size: int, var: str) -> str:
+    """A pull into a variable (``%dm_pull``, the panel's "pull into a variable")."""
+    return f"pulled {key} from {where(source)} ({format_size(size)}) into {var}, {var}_meta"
+
+
+def fetched_line(key: str, size: int, *, persist: bool = False, path: Path | None = None) -> str:
+    """A pull into the local cache without loading it (``dm_pull``, the panel's pull)."""
+    pinned = ", persisted" if persist else ""
+    at = f" at {path}" if path is not None else ""
+    return f"pulled {key} into the local cache ({format_size(size)}{pinned}){at}"
+
+
+def wrote_line(key: str, size: int, path: str) -> str:
+    """``dm_pull --output``: ``size`` is the bytes written (those ``dm_push`` was given)."""
+    return f"wrote {key} ({format_size(size)}) to {path}"
+
+
+def persist_line(key: str, *, on: bool, size: int | None = None) -> str:
+    """A key pinned against eviction, or let go."""
+    if not on:
+        return f"unpersisted {key}: eviction may remove it again"
+    sized = f" ({format_size(size)})" if size is not None else ""
+    return f"persisted {key}{sized}: eviction leaves it alone"
+
+
+def delete_question(
+    key: str, store: str, size: int | None = None, *, all_versions: bool = False
+) -> str:
+    """Asked before deleting a key from the store for everyone."""
+    sized = f" ({format_size(size)})" if size is not None else ""
+    if all_versions:
+        return (
+            f"Delete {key}{sized} and every version of it from {store} for everyone? This "
+            "cannot be undone; this machine's copies go too."
+        )
+    return (
+        f"Delete {key}{sized} from {store} for everyone? Its versions stay (dm_history, "
+        "dm_restore bring it back); this machine's copies go too."
+    )
+
+
+NOT_DELETED = "nothing deleted"
+"""The answer to a delete that was asked about and declined."""
+
+
+def cleared_line(freed: int, evicted: int, kept: int, kept_bytes: int) -> str:
+    """``dm_clear``: what eviction of every unpinned entry freed, and what stays."""
+    return (
+        f"freed {format_size(freed)} ({count(evicted, 'entry', 'entries')}); kept "
+        f"{count(kept, 'persisted entry', 'persisted entries')} ({format_size(kept_bytes)})"
+    )
+
+
+def cell_cached_line(key: str, names: Sequence[str], source: str, size: int) -> str:
+    """``%%dm_cache`` found the cell's variables stored: the cell is not run."""
+    return f"{key}: set {', '.join(names)} from {where(source)} ({format_size(size)}); cell not run"
+
+
+def cell_pushed_line(key: str, names: Sequence[str], size: int) -> str:
+    """``%%dm_cache`` ran the cell and stored its variables."""
+    return f"{key}: ran the cell and pushed {', '.join(names)} ({format_size(size)})"
+
+
+def empty_listing_line(prefix: str, store: str) -> str:
+    """What every listing says when there is nothing to list."""
+    under = f" under {prefix!r}" if prefix else ""
+    return f"no keys{under} in {store}"
+
+
+def config_lines(config: Config, path: Path) -> list[str]:
+    """A saved configuration, every field, the signing key's secret told only as set or not."""
+    head = [f"saved to {path}:"]
+    fields = config.to_dict()
+    fields["local_dir"] = config.cache_dir if config.local_dir else f"{config.cache_dir} (default)"
+    fields["allocated_space"] = format_size(config.allocated_space)
+    for name in ("endpoint_url", "region"):
+        if fields[name] is None:
+            fields[name] = "-"
+    for name in ("check_current", "progress"):
+        fields[name] = "true" if fields[name] else "false"
+    fields["connect_timeout"] = f"{config.connect_timeout:g} s"
+    fields["read_timeout"] = f"{config.read_timeout:g} s"
+    if config.signing_key:
+        fields["signing_key"] = "set (objects are signed; unsigned ones are refused)"
+    elif os.environ.get(SIGNING_KEY_ENV):
+        fields["signing_key"] = f"not saved; {SIGNING_KEY_ENV} is set and signs"
+    else:
+        fields["signing_key"] = "not set (objects are not signed)"
+    width = max(map(len, fields)) + 2
+    return head + [f"  {name + ':':<{width}}{value}" for name, value in fields.items()]
+
+
+def aws_saved_lines(profile: str, path: Path, dropped: Sequence[str]) -> list[str]:
+    """``dm_aws``: where the key went, and what of the profile left with the old key."""
+    lines = [f"saved the access key of profile [{profile}] in {path}"]
+    if dropped:
+        lines.append(f"removed the profile's {', '.join(dropped)}: it belonged to the old key")
+    return lines
+
+
+def setup_import_failure(result: SetupImport) -> str:
+    """The error ending ``dm_migrate --local`` when some pins could not be restored."""
+    failed = count(len(result.failed), "persisted key", "persisted keys")
+    return f"{failed} could not be pulled again (see above); run dm_migrate --local again."
+
+
+def migration_failure(result: MigrationReport) -> str:
+    """The error ending ``dm_migrate`` when some objects were refused."""
+    return (
+        f"{count(len(result.refused), 'object', 'objects')} could not be migrated (see above); "
+        "run dm_migrate again once the reason is dealt with."
+    )
+
+
+def interrupted_line(prog: str) -> str:
+    return f"{prog}: interrupted"
+
+
+def error_line(prog: str, error: BaseException | str) -> str:
+    """A daman error as front-ends show it: one line, the message saying what to do next."""
+    return f"{prog}: error: {error}"
+
+
+def warning_line(prog: str, message: Warning | str) -> str:
+    """A daman warning as front-ends show it: one line, no file name, no source line."""
+    return f"{prog}: warning: {message}"
+
+
+@contextlib.contextmanager
+def one_line_warnings(prog: str, file: TextIO | None = None) -> Iterator[None]:
+    """daman's warnings as ``prog: warning: ...`` on ``file`` (stderr), with no file name and
+    no source line; other warnings as Python shows them. Used by every front-end."""
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, DamanWarning):
+            print(warning_line(prog, message), file=file or sys.stderr)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+        warnings.showwarning = show
+        yield
 
 
 # -- HTML, for notebooks (``_repr_html_`` of the results, and the magics in Jupyter) ---------

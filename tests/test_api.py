@@ -198,7 +198,8 @@ def test_relative_local_dir_is_saved_absolute(tmp_path: Path, monkeypatch: pytes
 def test_repairing_an_invalid_saved_config_keeps_its_other_fields(
     tmp_path: Path, daman_home: Path
 ) -> None:
-    configure_local(tmp_path, allocated_space="5MB", checksums="when_required", check=False)
+    with pytest.warns(dm.ConfigWarning, match="checksums applies to service aws only"):
+        configure_local(tmp_path, allocated_space="5MB", checksums="when_required", check=False)
     path = daman_home / "config.json"
     saved = json.loads(path.read_text())
     path.write_text(json.dumps({**saved, "endpoint_url": "bad", "from_the_future": 1}))
@@ -207,6 +208,7 @@ def test_repairing_an_invalid_saved_config_keeps_its_other_fields(
     config = dm.configure(endpoint_url=None)
     assert config.allocated_space == 5 * 10**6 and config.checksums == "when_required"
     assert config.local_dir == str(tmp_path / "cache")
+    assert json.loads(path.read_text())["from_the_future"] == 1  # a newer daman's, kept
 
 
 def test_a_failed_store_check_leaves_the_cache_alone(tmp_path: Path, s3_endpoint: str) -> None:

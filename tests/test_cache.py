@@ -1415,6 +1415,7 @@ def test_an_index_from_before_entries_named_their_store_is_adopted_by_the_first_
     assert {e.store for e in upgraded.entries()} == {"s3://team/"}
     other = Cache(root, store="gs://elsewhere/")
     assert other.get("a") is None and other.states_under("") == {}
+    assert sorted(Cache(root).states_under("")) == ["a", "b"]  # a handle of no store: all
     assert other.usage().used == 300  # one allocation for the folder
     assert_consistent(upgraded)
 

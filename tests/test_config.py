@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from daman.config import Config, config_path, format_size, load_config, parse_size, save_config
-from daman.errors import ConfigError, NotConfiguredError
+from daman.errors import ConfigError, ConfigWarning, NotConfiguredError
 
 
 @pytest.mark.parametrize(
@@ -108,7 +108,7 @@ def test_config_rejects_every_bad_field_naming_it_and_the_fix(fields: dict, fiel
     ],
 )
 def test_config_normalises_what_every_front_end_may_send(fields: dict, expected: dict) -> None:
-    config = Config(**{"storage_name": "b", "service": "aws", **fields})
+    config = Config(**{"storage_name": "bucket", "service": "aws", **fields})
     assert {name: getattr(config, name) for name in expected} == expected
 
 
@@ -137,7 +137,6 @@ def test_missing_config_says_which_command_fixes_it() -> None:
     [
         ("{not json", "not valid JSON"),
         ("[1, 2]", "does not hold a configuration"),
-        (json.dumps({"storage_name": "b", "colour": "red"}), "unknown configuration field"),
         (json.dumps({"service": "aws"}), "storage_name is required"),
         (json.dumps({"storage_name": "b", "read_timeout": "60"}), "read_timeout must be"),
         (json.dumps({"storage_name": "b", "check_current": "false"}), "check_current must"),
@@ -186,3 +185,78 @@ def test_home_unset_with_no_passwd_entry_is_a_config_error(monkeypatch) -> None:
         config_module.daman_home()
     with pytest.raises(ConfigError, match="HOME"):
         _ = Config(storage_name="b", local_dir="~/cache").cache_dir
+
+
+@pytest.mark.parametrize(
+    ("name", "endpoint", "valid"),
+    [
+        ("my-bucket.team", None, True),
+        ("abc", None, True),
+        ("Bad Bucket", None, False),
+        ("Bad Bucket", "http://minio:9000", False),  # botocore itself refuses a space
+        ("ab", None, False),
+        ("a" * 64, None, False),
+        ("-bucket", None, False),
+        ("bucket-", None, False),
+        ("My_Bucket", None, False),  # not on AWS (legacy us-east-1 names aside) ...
+        ("My_Bucket", "http://minio:9000", True),  # ... but relaxed S3-compatible servers
+        ("a" * 255, "http://ceph:7480", True),
+        ("a" * 256, "http://ceph:7480", False),
+        ("_bucket", "http://ceph:7480", True),
+        ("bucket:name", "http://minio:9000", False),  # botocore refuses ':'
+    ],
+)
+def test_s3_bucket_names_are_checked_before_any_request(
+    name: str, endpoint: str | None, valid: bool
+) -> None:
+    def make() -> Config:
+        return Config(storage_name=f"{name}/team", service="aws", endpoint_url=endpoint)
+
+    if valid:
+        assert make().storage_name == f"{name}/team"
+    else:
+        with pytest.raises(ConfigError, match="bucket name") as caught:
+            make()
+        assert "\n" not in str(caught.value) and "dm_configure --storage_name" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("storage_name", "service", "expected"),
+    [
+        ("s3://bucket/team", "aws", "bucket/team"),
+        ("gs://bucket/team/", "gcs", "bucket/team"),
+        ("GS://bucket", "gcs", "bucket"),
+        ("s3://bucket/team", "gcs", None),
+        ("gs://bucket/team", "aws", None),
+        ("s3://bucket", "local", None),
+        ("gs://", "gcs", None),
+    ],
+)
+def test_a_bucket_url_goes_with_its_service(storage_name: str, service: str, expected) -> None:
+    if expected is not None:
+        assert Config(storage_name=storage_name, service=service).storage_name == expected
+    else:
+        with pytest.raises(ConfigError, match="storage_name must be") as caught:
+            Config(storage_name=storage_name, service=service)
+        assert "\n" not in str(caught.value)
+
+
+def test_an_unknown_field_is_ignored_with_a_warning_naming_file_and_field(
+    daman_home: Path,
+) -> None:
+    daman_home.mkdir(parents=True, exist_ok=True)
+    path = daman_home / "config.json"
+    path.write_text(json.dumps({"storage_name": "bucket", "service": "aws", "colour": "red"}))
+    with pytest.warns(ConfigWarning) as caught:
+        config = load_config()
+    assert config == Config(storage_name="bucket", service="aws")
+    [warning] = caught
+    message = str(warning.message)
+    assert str(path) in message and "colour" in message and "\n" not in message
+    assert warning.filename == __file__  # at the caller's line
+
+
+def test_save_keeps_the_fields_a_newer_daman_wrote(daman_home: Path) -> None:
+    path = save_config(Config(storage_name="bucket", service="aws"), extra={"colour": "red"})
+    saved = json.loads(path.read_text())
+    assert saved["colour"] == "red" and saved["storage_name"] == "bucket"

@@ -30,3 +30,29 @@ def test_every_error_pickles_whole(cls: type) -> None:
     assert type(again) is cls
     assert str(again) == str(error)
     assert vars(again) == vars(error)
+
+
+@pytest.mark.parametrize(
+    ("text", "first"),
+    [
+        (
+            "cannot reach s3://b/ (Could not connect to the endpoint URL: "
+            '"http://127.0.0.1:1/b". Retry). Check the network and the endpoint; a cached copy '
+            "is still used by pull when there is one.",
+            'cannot reach s3://b/ (Could not connect to the endpoint URL: "http://127.0.0.1:1/b". '
+            "Retry)",
+        ),
+        ("one sentence only", "one sentence only"),
+        ("the folder a.b is gone. Mount it.", "the folder a.b is gone"),
+    ],
+)
+def test_a_warning_keeps_an_errors_first_sentence(text: str, first: str) -> None:
+    assert errors.first_sentence(errors.StoreUnavailableError(text)) == first
+
+
+@pytest.mark.parametrize(
+    ("word", "phrase"),
+    [("ndarray", "an ndarray"), ("list", "a list"), ("int", "an int"), ("", "a ")],
+)
+def test_the_article_fits_the_word(word: str, phrase: str) -> None:
+    assert errors.a(word) == phrase

@@ -126,7 +126,7 @@ def test_dm_cache_counts_a_value_set_another_way_and_one_equal_to_the_old(ipy) -
 
 
 def test_dm_cache_uses_the_cached_copy_when_the_store_is_unreachable(
-    ipy, manager: Manager, tmp_path: Path
+    ipy, manager: Manager, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert _cell(ipy, "team/offline a", "a = 41 + 1").success
     config = dm.get_manager().config
@@ -137,9 +137,13 @@ def test_dm_cache_uses_the_cached_copy_when_the_store_is_unreachable(
         endpoint = _closed_port() + account
         dm.configure(**{**config.to_dict(), "endpoint_url": endpoint}, check=False)
     ipy.user_ns.pop("a")
-    with pytest.warns(OfflineWarning):
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", OfflineWarning)  # shown, as in a notebook
         result = _cell(ipy, "team/offline a", "raise RuntimeError('must not run')")
     assert result.success and ipy.user_ns["a"] == 42
+    err = capsys.readouterr().err  # the magics show a daman warning as one line
+    assert err.startswith("daman: warning: the store is unreachable: ") and err.count("\n") == 1
 
 
 def test_dm_cache_runs_again_once_the_key_is_deleted_for_everyone(
@@ -653,7 +657,7 @@ def _full_backlog() -> tuple[socket.socket, list[socket.socket], str]:
 @pytest.mark.timeout(240)
 def test_a_store_that_drops_packets_with_the_default_timeouts(make_config, tmp_path: Path) -> None:
     config = make_config()
-    defaults = Config(storage_name="b", service="aws")
+    defaults = Config(storage_name="bucket", service="aws")
     with Manager(config) as online:
         online.push({"v": 1}, "cached")
     listener, fillers, url = _full_backlog()
@@ -848,3 +852,20 @@ def test_errors_are_daman_errors_with_one_line(tmp_path: Path) -> None:
         assert str(tmp_path) in str(error) and str(error).endswith(".")
         if code in (errno.EMFILE, errno.ENFILE):  # the limit's fault, not the folder's
             assert "ulimit -n" in str(error) and "another place" not in str(error)
+
+
+def test_botocore_refusing_a_parameter_is_one_line(s3_endpoint: str) -> None:
+    """ParamValidationError's text has a heading line; daman's error has one line."""
+    from botocore.exceptions import ParamValidationError
+
+    from daman.store import open_store
+
+    store = open_store(Config(storage_name="bucket", service="aws", endpoint_url=s3_endpoint))
+    try:
+        refused = ParamValidationError(report='Invalid bucket name "x y": must match a regex')
+        error = store._translate(refused, None)
+    finally:
+        store.close()
+    assert isinstance(error, DamanError) and "\n" not in str(error)
+    assert str(error).endswith('Parameter validation failed: Invalid bucket name "x y": must '
+                               "match a regex")  # fmt: skip

@@ -5,6 +5,7 @@ both branches of ``%%dm_cache``, key completion and the one-line error display."
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import subprocess
 import sys
@@ -302,6 +303,8 @@ def test_every_magic_before_configuring_says_what_to_run(shell, capsys, line: st
         ("%dm_push not-a-name", "VAR 'not-a-name' is not a valid Python variable name"),
         ("%%dm_cache k\nx = 1", "the following arguments are required: VAR"),
         ("%%dm_cache k class\nx = 1", "VAR 'class' is not a valid Python variable name"),
+        ("%dm_status --long", "unrecognized arguments: --long"),
+        ("%dm_panel anything", "unrecognized arguments: anything"),
     ],
 )
 def test_bad_usage_is_a_usage_error(shell, local, capsys, line: str, message: str) -> None:
@@ -373,6 +376,26 @@ def test_status_shows_the_store_and_the_cache(shell, configured, capsys) -> None
     assert out.startswith(f"store:      {manager.store.describe()}\n")
     assert f"local_dir:  {manager.config.cache_dir}\n" in out
     assert "entries:    2 cached, 1 persisted\n" in out and out.endswith("  a\n")
+
+
+def test_status_json_is_what_dm_status_json_prints(shell, local, capsys) -> None:
+    dm.push(1, "a", persist=True)
+    capsys.readouterr()
+    run(shell, "%dm_status --json")
+    status = json.loads(capsys.readouterr().out)
+    assert status["entries"] == 1 and status["persisted"][0]["key"] == "a"
+    assert status["mapped"] == [] and status["store"] == dm.get_manager().store.describe()
+
+
+def test_a_daman_warning_is_one_line_not_a_pointer_into_ipython(shell, local, capsys) -> None:
+    warnings.simplefilter("default")  # not pytest's "error": see it as a notebook does
+    dm.push(list(range(3)), "k")
+    capsys.readouterr()
+    run(shell, "%dm_pull k --memory-only --mmap")
+    err = capsys.readouterr().err
+    assert err.startswith("daman: warning: ") and err.count("\n") == 1, err
+    assert "interactiveshell" not in err and "Warning:" not in err
+    assert shell.user_ns["k"] == [0, 1, 2]
 
 
 def test_panel_shows_the_panel_of_the_default_store(shell, local) -> None:

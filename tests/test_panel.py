@@ -81,6 +81,12 @@ def test_opening_shows_the_first_level_sub_prefixes_first(counted) -> None:
     assert model.disc is not None and model.disc.entries == 5
 
 
+def test_an_empty_store_says_so_as_every_listing_does(counted) -> None:
+    manager, _ = counted()
+    model = model_of(manager)
+    assert model.rows == [] and model.summary == f"no keys in {manager.store.describe()}"
+
+
 def test_navigating_into_a_prefix_and_back(counted) -> None:
     manager, _ = counted()
     for key in ("team/a/v1", "team/a/v2", "team/b", "other"):
@@ -242,7 +248,7 @@ def test_pull_into_the_cache_and_delete_the_local_copy(counted) -> None:
     assert model.disc.used > used and "pulled k" in model.message
     model.delete_local("k")
     assert manager.cache.get("k") is None and not model.rows[0].item.cached
-    assert model.disc.used == used and "the store keeps it" in model.message
+    assert model.disc.used == used and "it stays in the store; freed " in model.message
     assert manager.exists("k")
 
 

@@ -296,7 +296,7 @@ def test_a_delete_from_the_store_asks_for_confirmation(page: Any, site: dict[str
         assert manager.exists("team/model/v3")  # asked, not done
         _button(page, "cancel: keep team/model/v3").click()
         expect(question).to_be_hidden()
-        expect(page.get_by_text("nothing was deleted")).to_be_visible()
+        expect(page.get_by_text("nothing deleted")).to_be_visible()
         assert manager.exists("team/model/v3")
 
 

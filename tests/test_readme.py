@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import shutil
@@ -49,3 +50,22 @@ def test_ruff_is_clean() -> None:
         pytest.fail("ruff is not installed; it is in the test extras")
     result = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _written(function) -> str:
+    """``function``'s signature as the README writes it: names and defaults, no annotations."""
+    parts, star = [], False
+    for param in inspect.signature(function).parameters.values():
+        if param.kind is param.KEYWORD_ONLY and not star:
+            parts.append("*")
+            star = True
+        default = "" if param.default is param.empty else f"={param.default!r}"
+        parts.append(param.name + default)
+    return f"`{function.__name__}({', '.join(parts)})`"
+
+
+@pytest.mark.parametrize("name", ["push", "pull", "delete"])
+def test_the_readme_s_signatures_are_the_real_ones(name: str) -> None:
+    import daman
+
+    assert f"| {_written(getattr(daman, name))} |" in (ROOT / "README.md").read_text()

@@ -433,8 +433,9 @@ def test_an_unreachable_store_fails_fast_and_cached_pulls_still_work(
         else unreachable_endpoint(how, request.getfixturevalue("s3_endpoint"))
     )
     with endpoint_cm as url:
-        if backend == "local":
-            offline = config.replace(storage_name=str(tmp_path / "unmounted-drive"))
+        if backend == "local":  # the store folder's drive is not mounted
+            offline = config
+            store.rename(tmp_path / "unmounted-drive")
         else:
             offline = config.replace(endpoint_url=url)
         unavailable = (StoreUnavailableError, StorageNotFoundError)

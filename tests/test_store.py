@@ -1264,7 +1264,7 @@ def _sent(store: S3Store) -> list[tuple[str, str, int]]:
 @pytest.mark.parametrize(
     "size", [MULTIPART_THRESHOLD, MULTIPART_THRESHOLD + 1, 3 * MULTIPART_THRESHOLD + 5]
 )
-def test_requests_up_to_the_threshold_one_each_way_then_balanced_parts_and_no_head(
+def test_requests_up_to_the_threshold_one_each_way_then_balanced_parts(
     bucket: str, s3_endpoint: str, tmp_path: Path, size: int
 ) -> None:
     store = S3Store.from_config(_s3_config(bucket, s3_endpoint))
@@ -1280,7 +1280,9 @@ def test_requests_up_to_the_threshold_one_each_way_then_balanced_parts_and_no_he
         assert [op for op, _ in uploads] == ["PutObject"]
         assert gets == ["GetObject"]
         return
-    assert "HeadObject" not in [op for op, _ in uploads]  # the conditional completion decides
+    # The conditional completion decides; one HEAD beside the parts refuses an existing key
+    # on servers that ignore the condition (its 404 asks once whether the bucket exists).
+    assert [op for op, _ in uploads].count("HeadObject") == 1
     parts = sorted(n for op, n in uploads if op == "UploadPart")
     assert [op for op, _ in uploads].count("CreateMultipartUpload") == 1
     assert sum(parts) == size and len(parts) >= 2

@@ -281,8 +281,8 @@ class S3Store(Store):
                 f"cannot reach {where} ({exc}). Check the network and the endpoint; a cached "
                 "copy is still used by pull when there is one."
             )
-        if isinstance(exc, BotoCoreError):
-            return DamanError(f"{where}: {exc}")
+        if isinstance(exc, BotoCoreError):  # ParamValidationError's text has several lines
+            return DamanError(f"{where}: {' '.join(str(exc).split())}")
         raise exc
 
     @contextlib.contextmanager
