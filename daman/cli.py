@@ -452,8 +452,9 @@ def restore_main(argv: Sequence[str] | None = None) -> int:
         "Make an older version of a key (an id from dm_history) its current version again,\n"
         "for everyone; also brings back a deleted key. The restore is a new version: the\n"
         "version it replaces stays in the history.\n\n"
-        "example:\n"
-        "  dm_restore --key team/model/v3 --version ID",
+        "examples:\n"
+        "  dm_restore --key team/model/v3 --version ID   (an id from dm_history)\n"
+        "  dm_restore --key team/model/v3 --version ID --quiet",
         object_version=True,
     )
     _add_key(parser)
