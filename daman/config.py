@@ -171,7 +171,8 @@ class Config:
             raise ConfigError(
                 f"invalid S3 bucket name {name!r}: 3-63 lowercase letters, digits, '.' and "
                 "'-', starting and ending with a letter or digit. Fix it with "
-                "`dm_configure --storage_name BUCKET`."
+                "`dm_configure --storage_name BUCKET` (a us-east-1 bucket older than 2018 "
+                "may have capitals or '_': add --endpoint_url https://s3.amazonaws.com)."
             )
         if self.service == "aws" and self.endpoint_url and not _S3_COMPATIBLE_BUCKET.match(name):
             raise ConfigError(

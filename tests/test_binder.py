@@ -15,14 +15,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
+from test_demo import listens
 
 pytestmark = [pytest.mark.binder, pytest.mark.timeout(900)]
 
@@ -60,15 +59,6 @@ def run(command: list[str], env: dict[str, str], cwd: Path, timeout: float) -> s
     )
     assert result.returncode == 0, f"{command}:\n{result.stdout}\n{result.stderr}"
     return result.stdout
-
-
-def listens(endpoint: str) -> bool:
-    parts = urlsplit(endpoint)
-    try:
-        with socket.create_connection((parts.hostname, parts.port), timeout=2):
-            return True
-    except OSError:
-        return False
 
 
 def demo_servers(cwd: Path) -> list[int]:

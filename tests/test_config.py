@@ -200,6 +200,7 @@ def test_home_unset_with_no_passwd_entry_is_a_config_error(monkeypatch) -> None:
         ("bucket-", None, False),
         ("My_Bucket", None, False),  # not on AWS (legacy us-east-1 names aside) ...
         ("My_Bucket", "http://minio:9000", True),  # ... but relaxed S3-compatible servers
+        ("Legacy_Bucket", "https://s3.amazonaws.com", True),  # and old us-east-1 ones, so
         ("a" * 255, "http://ceph:7480", True),
         ("a" * 256, "http://ceph:7480", False),
         ("_bucket", "http://ceph:7480", True),

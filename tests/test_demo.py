@@ -37,7 +37,8 @@ def saved(daman_home: Path) -> bytes:
     return text
 
 
-def _listens(endpoint: str) -> bool:
+def listens(endpoint: str) -> bool:
+    """Whether something accepts connections at ``endpoint`` (the demo server's URL)."""
     parts = urlsplit(endpoint)
     try:
         with socket.create_connection((parts.hostname, parts.port), timeout=2):
@@ -70,7 +71,7 @@ def test_start_serves_a_seeded_bucket_for_this_process_only(
     assert (daman_home / "config.json").read_bytes() == saved
 
     demo.stop()
-    assert not _listens(started.endpoint)
+    assert not listens(started.endpoint)
     assert not started.work_dir.exists()
     assert os.environ["AWS_ACCESS_KEY_ID"] == "AKIA-REAL-KEY"
     assert os.environ["AWS_PROFILE"] == "work"
@@ -153,7 +154,7 @@ def test_the_container_server_ends_with_its_parent(tmp_path: Path) -> None:
     pid = int(shell.stdout.split()[0])
     endpoint = endpoint_file.read_text()
     try:
-        _eventually(lambda: not _listens(endpoint), "the server stopped listening")
+        _eventually(lambda: not listens(endpoint), "the server stopped listening")
         _eventually(lambda: not _alive(pid), "the server process ended")
     finally:
         if _alive(pid):
@@ -181,7 +182,7 @@ def test_the_container_server_holds_the_examples_and_stops_on_sigterm(
         assert {item.key for item in dm.ls()} == set(demo.SEED)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-        assert not _listens(endpoint)
+        assert not listens(endpoint)
     finally:
         if proc.poll() is None:
             proc.kill()
