@@ -44,6 +44,14 @@ def delete_main() -> int:
     return _main("delete")
 
 
+def history_main() -> int:
+    return _main("history")
+
+
+def restore_main() -> int:
+    return _main("restore")
+
+
 def push_main() -> int:
     return _main("push")
 

@@ -20,6 +20,7 @@ from .api import (
     exists,
     fetch,
     get_manager,
+    history,
     info,
     ls,
     ls_level,
@@ -32,6 +33,7 @@ from .api import (
     push,
     push_file,
     reset,
+    restore,
     set_persist,
     usage,
     verify,
@@ -63,11 +65,13 @@ from .errors import (
     StoreUnavailableError,
     UntrustedObjectError,
     VersionMismatchWarning,
+    VersionNotFoundError,
 )
 from .manager import Manager
 from .results import (
     Deleted,
     Disc,
+    KeyHistory,
     KeyList,
     KeyListing,
     LevelListing,
@@ -75,6 +79,7 @@ from .results import (
     Pulled,
     Usage,
     VerifyReport,
+    VersionInfo,
 )
 from .store import ObjectInfo
 
@@ -113,6 +118,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidKeyError",
     "KeyExistsError",
+    "KeyHistory",
     "KeyList",
     "KeyListing",
     "KeyNotFoundError",
@@ -135,7 +141,9 @@ __all__ = [
     "UntrustedObjectError",
     "Usage",
     "VerifyReport",
+    "VersionInfo",
     "VersionMismatchWarning",
+    "VersionNotFoundError",
     "clear",
     "config_path",
     "configure",
@@ -147,6 +155,7 @@ __all__ = [
     "fetch",
     "format_size",
     "get_manager",
+    "history",
     "info",
     "ls",
     "ls_level",
@@ -160,6 +169,7 @@ __all__ = [
     "push",
     "push_file",
     "reset",
+    "restore",
     "set_persist",
     "usage",
     "verify",

@@ -27,7 +27,16 @@ from .config import (
 )
 from .errors import ConfigError, ConfigWarning, NotConfiguredError, os_errors, warn
 from .manager import LEVEL_PAGE, Manager
-from .results import Deleted, Disc, KeyList, LevelListing, ObjectDetails, Usage, VerifyReport
+from .results import (
+    Deleted,
+    Disc,
+    KeyHistory,
+    KeyList,
+    LevelListing,
+    ObjectDetails,
+    Usage,
+    VerifyReport,
+)
 from .store import ObjectInfo, open_store
 
 if TYPE_CHECKING:
@@ -242,9 +251,11 @@ def pull(
     *,
     allow_version_mismatch: bool = False,
     mmap: bool = False,
+    version: str | None = None,
 ) -> tuple[Any, Any]:
     """``obj, meta = dm.pull(key)``; ``mmap=True`` maps its arrays from the cached file
-    (zero-copy, read-only); see :meth:`Manager.pull`."""
+    (zero-copy, read-only); ``version=ID`` (from :func:`history`) pulls an older version;
+    see :meth:`Manager.pull`."""
     return get_manager().pull(
         key,
         force=force,
@@ -252,17 +263,33 @@ def pull(
         memory_only=memory_only,
         allow_version_mismatch=allow_version_mismatch,
         mmap=mmap,
+        version=version,
     )
 
 
-def fetch(key: str, force: bool = False, persist: bool = False) -> CacheEntry:
+def fetch(
+    key: str, force: bool = False, persist: bool = False, *, version: str | None = None
+) -> CacheEntry:
     """Bring ``key`` into the local cache without unpickling it; see :meth:`Manager.fetch`."""
-    return get_manager().fetch(key, force=force, persist=persist)
+    return get_manager().fetch(key, force=force, persist=persist, version=version)
 
 
-def delete(key: str, local: bool = True, remote: bool = False) -> Deleted:
-    """Remove the cached copy and/or the stored object; see :meth:`Manager.delete`."""
-    return get_manager().delete(key, local=local, remote=remote)
+def delete(
+    key: str, local: bool = True, remote: bool = False, *, all_versions: bool = False
+) -> Deleted:
+    """Remove the cached copies and/or the stored object (its versions stay, unless
+    ``all_versions``); see :meth:`Manager.delete`."""
+    return get_manager().delete(key, local=local, remote=remote, all_versions=all_versions)
+
+
+def history(key: str) -> KeyHistory:
+    """``key``'s versions, newest first; see :meth:`Manager.history`."""
+    return get_manager().history(key)
+
+
+def restore(key: str, *, version: str) -> ObjectInfo:
+    """Make ``version`` of ``key`` current again (a new version); see :meth:`Manager.restore`."""
+    return get_manager().restore(key, version=version)
 
 
 def ls(prefix: str = "", *, legacy: bool = False) -> KeyList:
@@ -279,8 +306,8 @@ def ls_level(
     return get_manager().ls_level(prefix, token=token, limit=limit, fresh=fresh)
 
 
-def info(key: str) -> ObjectDetails:
-    return get_manager().info(key)
+def info(key: str, *, version: str | None = None) -> ObjectDetails:
+    return get_manager().info(key, version=version)
 
 
 def exists(key: str) -> bool:
@@ -328,9 +355,16 @@ def push_file(
     return get_manager().push_file(path, key, meta=meta, force=force, persist=persist)
 
 
-def pull_file(key: str, dest: str | Path, force: bool = False, persist: bool = False) -> int:
+def pull_file(
+    key: str,
+    dest: str | Path,
+    force: bool = False,
+    persist: bool = False,
+    *,
+    version: str | None = None,
+) -> int:
     """Write the bytes stored under ``key`` to the file ``dest``; returns the bytes written."""
-    return get_manager().pull_file(key, dest, force=force, persist=persist)
+    return get_manager().pull_file(key, dest, force=force, persist=persist, version=version)
 
 
 def migrate(

@@ -3,14 +3,21 @@
 ::
 
     local_dir/
-      index.sqlite3            entries (one row per cached key, naming its store), journal,
-                               totals
-      objects/<sha256(key)>.<random>      one file per cached version of a key
+      index.sqlite3            entries (one row per cached (key, version), naming its
+                               store), journal, totals
+      objects/<sha256(key)>.<random>      the file of a key's current version, as last seen
+      objects/<sha256(key NUL version)>.<random>
+                                          the file of one version pulled by its id
       tmp/<pid>-<random>.incomplete       files being written (downloads, pushes), each
                                           flock-ed by its writer from birth to removal
       tmp/<objects file>.adding           the mark of a file ``add`` is moving into
                                           objects/, locked until its transaction is over
       locks/ab.lock            256 lock stripes; a key's stripe is ab = sha256(key)[:2]
+
+An entry is a key's *current* version (``version = ''``: the copy a pull of the key uses when
+the store says it is still current; a newer one replaces it) or one version of the key pulled
+by its id (``version = ID``: a version never changes, so its copy needs no check). Both kinds
+are evicted, pinned, counted and verified alike.
 
 Least recently used means least recently *used*, not oldest by the wall clock: every use takes
 the next number of a sequence kept in the index (``totals.seq``), so a clock that jumps (a
@@ -66,9 +73,9 @@ from . import forksafe
 from .errors import DamanError, LocalFileError, RepairWarning, map_os_error, os_errors, warn
 from .keys import key_digest
 
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS entries (
-        key TEXT PRIMARY KEY,
+_ENTRIES = """CREATE TABLE IF NOT EXISTS {name} (
+        key TEXT NOT NULL,
+        version TEXT NOT NULL DEFAULT '',  -- '': the key's current version; else a version id
         file TEXT NOT NULL,
         size INTEGER NOT NULL,
         etag TEXT NOT NULL,
@@ -76,8 +83,11 @@ _SCHEMA = (
         created REAL NOT NULL,
         accessed INTEGER NOT NULL,  -- totals.seq at the last use: LRU order, not a time
         persist INTEGER NOT NULL DEFAULT 0,
-        store TEXT NOT NULL DEFAULT ''  -- the store it came from ('': adopted by any)
-    )""",
+        store TEXT NOT NULL DEFAULT '',  -- the store it came from ('': adopted by any)
+        PRIMARY KEY (key, version)
+    )"""
+_SCHEMA = (
+    _ENTRIES.format(name="entries"),
     "CREATE INDEX IF NOT EXISTS entries_lru ON entries (persist, accessed)",
     "CREATE TABLE IF NOT EXISTS journal (file TEXT PRIMARY KEY, key TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS totals (
@@ -107,10 +117,14 @@ _SCHEMA = (
         UPDATE totals SET size = size - OLD.size;
     END""",
 )
-_COLUMNS = "key, file, size, etag, sha256, created, accessed, persist, store"
-SCHEMA_VERSION = 3
+_COLUMNS = "key, version, file, size, etag, sha256, created, accessed, persist, store"
+SCHEMA_VERSION = 4
 """``PRAGMA user_version``: 0 = before the use sequence (``accessed`` held wall-clock times),
-1 = before mapped versions were kept (``retired``), 2 = before entries named their store."""
+1 = before mapped versions were kept (``retired``), 2 = before entries named their store,
+3 = one entry per key (before versions)."""
+_MARKS = ", ".join("?" * len(_COLUMNS.split(", ")))
+CURRENT = ""
+"""The ``version`` of a key's current-version entry."""
 _MINE = "(? IN (store, '') OR store = '')"
 """The rows a handle serves (its ``store`` the parameter): its store's, and those added by a
 handle naming no store; a handle naming none (tools, tests) sees every row."""
@@ -150,6 +164,8 @@ class CacheEntry:
     persist: bool
     store: str = ""
     """The store it came from (``Cache.store`` of the handle that added it); '' if unknown."""
+    version: str = CURRENT
+    """``""``: the key's current version, as last seen; else the id of the version held."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,8 +273,8 @@ class Cache:
         self._stripes_lock = threading.Lock()
         self._temp_locks: dict[str, int] = {}
         """Temp files this process holds the lock of (``temp_file``): path -> descriptor."""
-        self._uses: dict[str, None] = {}
-        """Keys used (``touch``) and not yet written to the index, oldest use first."""
+        self._uses: dict[tuple[str, str], None] = {}
+        """Entries used (``touch``: key, version) and not yet written, oldest use first."""
         self._uses_lock = threading.Lock()
         self._hits = 0  # touches since the uses were last written
         self._uses_timer: threading.Timer | None = None
@@ -299,6 +315,20 @@ class Cache:
                 db.execute("ALTER TABLE entries ADD COLUMN store TEXT NOT NULL DEFAULT ''")
                 # Most likely the store configured then and now: the first to open adopts them.
                 db.execute("UPDATE entries SET store = ?", (self.store,))
+            if columns and "version" not in columns:
+                # An index of one entry per key: every entry becomes its key's current
+                # version. The primary key changes, so the table is made again (its rows
+                # copied: totals, pins and the order of use stay as they were).
+                for trigger in ("entries_insert", "entries_delete", "entries_resize"):
+                    db.execute(f"DROP TRIGGER IF EXISTS {trigger}")  # totals do not change
+                db.execute(_ENTRIES.format(name="entries_v4"))
+                db.execute(
+                    "INSERT INTO entries_v4 (key, version, file, size, etag, sha256, created, "
+                    "accessed, persist, store) SELECT key, '', file, size, etag, sha256, "
+                    "created, accessed, persist, store FROM entries"
+                )
+                db.execute("DROP TABLE entries")  # and its LRU index, made again below
+                db.execute("ALTER TABLE entries_v4 RENAME TO entries")
             for statement in _SCHEMA:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -391,7 +421,8 @@ class Cache:
     def rebuild(self, *, announce: bool = True) -> int:
         """Set a damaged index aside (``index.sqlite3.damaged-<time>-<pid>``) and make a new
         one from the cached files, whose footers name their keys; returns the entries kept.
-        Pins and the order of use are lost; versions are checked again on the next pull.
+        Pins, the order of use and the versions pulled by id (whose files are named for
+        their version) are lost; the rest is checked against the store on the next pull.
         One process at a time: one that finds the index rebuilt meanwhile by another (the
         same damage seen by both) uses that one. The others' connections follow (``_db``)."""
         with self._rebuilding(exclusive=True):
@@ -452,7 +483,7 @@ class Cache:
                 # No ETag: the next pull asks the store whether this copy is current.
                 added = db.execute(  # the files do not say their store: the rebuilding one's
                     f"INSERT OR IGNORE INTO entries ({_COLUMNS}) "
-                    "VALUES (?, ?, ?, '', ?, ?, ?, 0, ?)",
+                    "VALUES (?, '', ?, ?, '', ?, ?, ?, 0, ?)",
                     (key, file, st.st_size, sha256, st.st_mtime, use, self.store),
                 ).rowcount
                 if not added:  # a process that had the index open added a newer one since
@@ -480,14 +511,14 @@ class Cache:
         first, so that whatever the transaction decides (eviction) knows them."""
         with self._connection() as db:
             db.execute("BEGIN IMMEDIATE")
-            uses: list[str] = []
+            uses: list[tuple[str, str]] = []
             try:
                 uses = self._take_uses()
                 if uses:
                     last = _advance_uses(db, len(uses))
                     db.executemany(
-                        "UPDATE entries SET accessed = ? WHERE key = ?",
-                        [(last - len(uses) + n, key) for n, key in enumerate(uses, start=1)],
+                        "UPDATE entries SET accessed = ? WHERE key = ? AND version = ?",
+                        [(last - len(uses) + n, *use) for n, use in enumerate(uses, start=1)],
                     )
                 yield db
                 db.execute("COMMIT")
@@ -498,7 +529,7 @@ class Cache:
                 self._restore_uses(uses)
                 raise
 
-    def _take_uses(self) -> list[str]:
+    def _take_uses(self) -> list[tuple[str, str]]:
         with self._uses_lock:
             uses, self._uses, self._hits = list(self._uses), {}, 0
             if self._uses_timer is not None:
@@ -506,7 +537,7 @@ class Cache:
                 self._uses_timer = None
         return uses
 
-    def _restore_uses(self, uses: list[str]) -> None:
+    def _restore_uses(self, uses: list[tuple[str, str]]) -> None:
         """Put back hits whose transaction rolled back (before any recorded since)."""
         if uses:
             with self._uses_lock:
@@ -610,18 +641,11 @@ class Cache:
             fcntl.flock(fd, fcntl.LOCK_EX if held else fcntl.LOCK_UN)
 
     def _entry(self, row: tuple) -> CacheEntry:
-        key, file, size, etag, sha256, created, accessed, persist, store = row
+        key, version, file, size, etag, sha256, created, accessed, persist, store = row
         return CacheEntry(
-            key,
-            self.objects_dir / file,
-            size,
-            etag,
-            sha256,
-            created,
-            accessed,
-            bool(persist),
-            store,
-        )
+            key, self.objects_dir / file, size, etag, sha256, created, accessed, bool(persist),
+            store, version,
+        )  # fmt: skip
 
     def _unlink_journaled(self, files: list[str]) -> None:
         for file in files:
@@ -673,7 +697,9 @@ class Cache:
         lock when the last mapping goes or the process dies. False (nothing held) if the
         entry moved on to another version meanwhile."""
         fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # waits while an eviction of it finishes
-        current = self._query("SELECT file FROM entries WHERE key = ?", (entry.key,))
+        current = self._query(
+            "SELECT file FROM entries WHERE key = ? AND version = ?", (entry.key, entry.version)
+        )
         if current and current[0][0] == entry.path.name:
             return True
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
@@ -697,28 +723,32 @@ class Cache:
         db.executemany("INSERT OR IGNORE INTO journal (file, key) VALUES (?, ?)", rows)
         return [file for file, _ in rows]
 
-    def mapped(self) -> list[tuple[str, int, bool]]:
-        """``(key, size, current)`` of every cached file a zero-copy pull maps now, in any
-        process: current versions, and older ones kept until unmapped (``current`` False)."""
+    def mapped(self) -> list[tuple[str, int, bool, str]]:
+        """``(key, size, cached, version)`` of every cached file a zero-copy pull maps now, in
+        any process: entries of the index (``cached``: a key's current version, or a version
+        pulled by its id, ``version``), and files they replaced, kept until unmapped
+        (``cached`` False)."""
         found = []
         rows = self._query(
-            "SELECT key, file, size, 1 FROM entries "
-            "UNION ALL SELECT key, file, size, 0 FROM retired"
+            "SELECT key, file, size, 1, version FROM entries "
+            "UNION ALL SELECT key, file, size, 0, '' FROM retired"
         )
-        for key, file, size, current in rows:
+        for key, file, size, current, version in rows:
             if self._claim(file):
                 self._release_claim(file)
             else:
-                found.append((key, size, bool(current)))
+                found.append((key, size, bool(current), version))
         return found
 
     # -- reading -------------------------------------------------------------------------
 
-    def get(self, key: str) -> CacheEntry | None:
-        """The entry for ``key`` if its file is whole (size check on every hit), else None;
-        a row whose file is missing or the wrong size is dropped on the way."""
+    def get(self, key: str, version: str = CURRENT) -> CacheEntry | None:
+        """The entry for ``key``'s current version (or for ``version``) if its file is whole
+        (size check on every hit), else None; a row whose file is missing or the wrong size
+        is dropped on the way."""
         rows = self._query(
-            f"SELECT {_COLUMNS} FROM entries WHERE key = ? AND {_MINE}", (key, self.store)
+            f"SELECT {_COLUMNS} FROM entries WHERE key = ? AND version = ? AND {_MINE}",
+            (key, version, self.store),
         )
         if not rows:
             return None
@@ -757,15 +787,24 @@ class Cache:
         )
         return [file for _, file in unlink]
 
+    def entries_of(self, key: str) -> list[CacheEntry]:
+        """Every entry of ``key``: its current version and the versions pulled by id."""
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM entries WHERE key = ? AND {_MINE} ORDER BY version",
+            (key, self.store),
+        )
+        return [self._entry(row) for row in rows]
+
     def states(self, keys: list[str]) -> dict[str, CachedState]:
-        """What is cached of ``keys`` (those that are): pinned or not, which version (one
-        query per 500 keys)."""
+        """What is cached of ``keys``' current versions (those that are): pinned or not,
+        which version (one query per 500 keys)."""
         found: dict[str, CachedState] = {}
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for key, persist, etag in self._query(
-                f"SELECT key, persist, etag FROM entries WHERE key IN ({marks}) AND {_MINE}",
+                f"SELECT key, persist, etag FROM entries WHERE key IN ({marks}) "
+                f"AND version = '' AND {_MINE}",
                 [*chunk, self.store],
             ):
                 found[key] = CachedState(bool(persist), etag)
@@ -774,7 +813,7 @@ class Cache:
     def states_under(self, prefix: str) -> dict[str, CachedState]:
         """What is cached of the keys starting with ``prefix`` (one range read of the
         primary key, as a listing of that prefix needs it)."""
-        sql = f"SELECT key, persist, etag FROM entries WHERE {_MINE}"
+        sql = f"SELECT key, persist, etag FROM entries WHERE version = '' AND {_MINE}"
         params: tuple[str, ...] = (self.store,)
         if prefix:
             sql += " AND key >= ?"  # UTF-8 text compares as code points: a range
@@ -827,12 +866,13 @@ class Cache:
 
     # -- writing -------------------------------------------------------------------------
 
-    def touch(self, key: str) -> None:
-        """Record a use of ``key`` (a cache hit) for LRU eviction, without a write to the index
-        now: see the module's docstring for when it is written."""
+    def touch(self, key: str, version: str = CURRENT) -> None:
+        """Record a use of ``key``'s entry (a cache hit) for LRU eviction, without a write to
+        the index now: see the module's docstring for when it is written."""
+        use = (key, version)
         with self._uses_lock:
-            self._uses.pop(key, None)
-            self._uses[key] = None
+            self._uses.pop(use, None)
+            self._uses[use] = None
             self._hits += 1
             due = self._hits >= TOUCH_BATCH
             if not due and self._uses_timer is None:
@@ -861,22 +901,28 @@ class Cache:
         sha256: str,
         persist: bool = False,
         evict: bool = True,
+        version: str = CURRENT,
     ) -> CacheEntry | None:
-        """Move the finished file ``tmp_path`` into the cache as ``key``'s entry.
+        """Move the finished file ``tmp_path`` into the cache as the entry of ``key``'s
+        current version (or of ``version``, pulled by its id).
 
         Evicts least recently used, non-persisted entries to make room (unless ``evict`` is
         false: then it must fit in the free space). Returns None, and leaves ``tmp_path``
-        where it is, when the file cannot fit; an older version of the key is removed then,
-        since it is outdated. An entry that was persisted stays persisted when replaced.
-        One that needs more evictions than a transaction may hold open has that room made
-        first (``_make_room``): those evictions stand even if the add then fails."""
+        where it is, when the file cannot fit; an older copy of the key's current version is
+        removed then, since it is outdated. An entry that was persisted stays persisted when
+        replaced. One that needs more evictions than a transaction may hold open has that
+        room made first (``_make_room``): those evictions stand even if the add then fails."""
         size = tmp_path.stat().st_size
         if self.allocated_space is not None and size > self.allocated_space:
-            self.remove(key, unless_etag=etag)  # superseded by the version that does not fit
+            if version == CURRENT:  # superseded by the version that does not fit
+                self.remove(key, unless_etag=etag, version=CURRENT)
             return None
         if evict and self.allocated_space is not None:
-            self._make_room(key, size)
-        file = f"{key_digest(key)}.{uuid.uuid4().hex[:12]}"
+            self._make_room((key, version), size)
+        # A version pulled by id is named for its key and version: a rebuilt index, which
+        # can tell only the key of a file (its footer), does not take it for the current one.
+        named = key if version == CURRENT else f"{key}\0{version}"
+        file = f"{key_digest(named)}.{uuid.uuid4().hex[:12]}"
         final = self.objects_dir / file
         with self.key_lock(key), self._marked(file) as marked:
             if not marked:  # journaled first: a crash after the rename leaves no orphan
@@ -885,11 +931,13 @@ class Cache:
             try:
                 with self._write() as db:
                     old = db.execute(
-                        "SELECT file, size, persist, store FROM entries WHERE key = ?", (key,)
+                        "SELECT file, size, persist, store FROM entries "
+                        "WHERE key = ? AND version = ?",
+                        (key, version),
                     ).fetchone()
                     old_mapped = bool(old) and not self._claim(old[0])
                     need = size - (old[1] if old and not old_mapped else 0)
-                    evicted = self._evict(db, need, exclude=key, may_evict=evict)
+                    evicted = self._evict(db, need, exclude=(key, version), may_evict=evict)
                     os.replace(tmp_path, final)
                     self._temp_lock(tmp_path, held=False)  # a cached file now (the mark
                     # stays locked: recovery reads an unlocked one as a dead add)
@@ -900,8 +948,20 @@ class Cache:
                     if old:
                         db.execute(
                             "UPDATE entries SET file = ?, size = ?, etag = ?, sha256 = ?, "
-                            "created = ?, accessed = ?, persist = ?, store = ? WHERE key = ?",
-                            (file, size, etag, sha256, now, use, int(persist), self.store, key),
+                            "created = ?, accessed = ?, persist = ?, store = ? "
+                            "WHERE key = ? AND version = ?",
+                            (
+                                file,
+                                size,
+                                etag,
+                                sha256,
+                                now,
+                                use,
+                                int(persist),
+                                self.store,
+                                key,
+                                version,
+                            ),
                         )
                         if old_mapped:  # kept, and counted, until its last mapping goes
                             db.execute(
@@ -916,8 +976,19 @@ class Cache:
                             evicted.append(old[0])
                     else:
                         db.execute(
-                            f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (key, file, size, etag, sha256, now, use, int(persist), self.store),
+                            f"INSERT INTO entries ({_COLUMNS}) VALUES ({_MARKS})",
+                            (
+                                key,
+                                version,
+                                file,
+                                size,
+                                etag,
+                                sha256,
+                                now,
+                                use,
+                                int(persist),
+                                self.store,
+                            ),
                         )
                     if not marked:
                         db.execute("DELETE FROM journal WHERE file = ?", (file,))
@@ -931,26 +1002,29 @@ class Cache:
                 if isinstance(exc, _DoesNotFit):
                     # A cached older version is superseded by the one that did not fit:
                     # keeping it would let a pull without the current-check serve stale data.
-                    self.remove(key, unless_etag=etag)
+                    if version == CURRENT:
+                        self.remove(key, unless_etag=etag, version=CURRENT)
                     return None
                 raise
         self._unlink_journaled(evicted)
-        return CacheEntry(key, final, size, etag, sha256, now, use, persist, self.store)
+        return CacheEntry(key, final, size, etag, sha256, now, use, persist, self.store, version)
 
-    def _make_room(self, key: str, size: int) -> None:
-        """Before an add that would evict more entries than one transaction may hold open
-        (many small ones for a large one; see ``_CLAIMS_PER_TRANSACTION``): evict in
-        bounded transactions first, leaving the add's own, which decides, little to do. Not
-        when the add cannot fit anyway: a refused add changes nothing."""
+    def _make_room(self, entry: tuple[str, str], size: int) -> None:
+        """Before an add (of ``entry``: a key and version) that would evict more entries than
+        one transaction may hold open (many small ones for a large one; see
+        ``_CLAIMS_PER_TRANSACTION``): evict in bounded transactions first, leaving the add's
+        own, which decides, little to do. Not when the add cannot fit anyway: a refused add
+        changes nothing."""
         assert self.allocated_space is not None
         ((used,),) = self._query("SELECT size FROM totals")
         if used + size <= self.allocated_space:
             return  # the common case: room enough, one read
-        old = self._query("SELECT size FROM entries WHERE key = ?", (key,))
+        old = self._query("SELECT size FROM entries WHERE key = ? AND version = ?", entry)
         need = size - (old[0][0] if old else 0)  # a replaced version frees its own room
         first = self._query(
-            "SELECT size FROM entries WHERE persist = 0 AND key != ? ORDER BY accessed LIMIT ?",
-            (key, _CLAIMS_PER_TRANSACTION),
+            "SELECT size FROM entries WHERE persist = 0 AND NOT (key = ? AND version = ?) "
+            "ORDER BY accessed LIMIT ?",
+            (*entry, _CLAIMS_PER_TRANSACTION),
         )
         if used + need - self.allocated_space <= sum(n for (n,) in first):
             return  # the add's transaction frees it with few files
@@ -983,16 +1057,16 @@ class Cache:
         self,
         db: sqlite3.Connection,
         need: int,
-        exclude: str,
+        exclude: tuple[str, str],
         *,
         best_effort: bool = False,
         may_evict: bool = True,
     ) -> list[str]:
-        """Forget LRU non-persisted entries (not ``exclude``) until ``need`` more bytes fit,
-        in batches; returns their files, journaled for unlinking after commit. When even
-        that is not enough (or nothing ``may_evict``): stop (``best_effort``, also after
-        ``_CLAIMS_PER_TRANSACTION`` files: the caller goes on in another transaction) or
-        raise ``_DoesNotFit``, which rolls the transaction back."""
+        """Forget LRU non-persisted entries (not ``exclude``: a key and version) until
+        ``need`` more bytes fit, in batches; returns their files, journaled for unlinking
+        after commit. When even that is not enough (or nothing ``may_evict``): stop
+        (``best_effort``, also after ``_CLAIMS_PER_TRANSACTION`` files: the caller goes on in
+        another transaction) or raise ``_DoesNotFit``, which rolls the transaction back."""
         if self.allocated_space is None:
             return []
         (used,) = db.execute("SELECT size FROM totals").fetchone()
@@ -1008,17 +1082,19 @@ class Cache:
         after = -1  # the use order of the last entry looked at: mapped ones are passed over
         while over > 0 and not (best_effort and len(evicted) >= _CLAIMS_PER_TRANSACTION):
             rows = db.execute(
-                "SELECT key, file, size, accessed FROM entries WHERE persist = 0 AND key != ? "
+                "SELECT key, version, file, size, accessed FROM entries WHERE persist = 0 "
                 "AND accessed > ? ORDER BY accessed LIMIT ?",
-                (exclude, after, _EVICT_BATCH),
+                (after, _EVICT_BATCH),
             ).fetchall()
             if not rows:
                 if best_effort:
                     break
                 raise _DoesNotFit
             chosen = []
-            for key, file, size, accessed in rows:
+            for key, version, file, size, accessed in rows:
                 after = accessed
+                if (key, version) == exclude:
+                    continue
                 if not self._claim(file):
                     continue  # mapped by a zero-copy pull: it stays
                 chosen.append((key, file))
@@ -1028,26 +1104,32 @@ class Cache:
             evicted += self._forget(db, chosen)
         return evicted
 
-    def remove(self, key: str, *, unless_etag: str | None = None) -> bool:
-        """Delete ``key``'s entry and file (persisted or not); False if it was not cached.
-        With ``unless_etag``, only an entry holding another version is deleted."""
+    def remove(
+        self, key: str, *, unless_etag: str | None = None, version: str | None = None
+    ) -> bool:
+        """Delete ``key``'s entries and their files (persisted or not): every version cached,
+        or only ``version`` (``""``: the current one); False if none was cached. With
+        ``unless_etag``, only entries holding another stored version are deleted."""
+        sql = f"SELECT file FROM entries WHERE key = ? AND etag != ? AND {_MINE}"
+        params = [key, unless_etag, self.store]
+        if version is not None:
+            sql += " AND version = ?"
+            params.append(version)
         with self.key_lock(key), self._write() as db:
-            row = db.execute(
-                f"SELECT file FROM entries WHERE key = ? AND etag != ? AND {_MINE}",
-                (key, unless_etag or "", self.store),
-            ).fetchone()
-            if row is None:
+            params[1] = params[1] or ""
+            rows = db.execute(sql, params).fetchall()
+            if not rows:
                 return False
-            files = self._forget(db, [(key, row[0])])
+            files = self._forget(db, [(key, row[0]) for row in rows])
         self._unlink_journaled(files)
         return True
 
-    def set_persist(self, key: str, persist: bool) -> bool:
-        """Pin or unpin ``key``; False if it is not cached."""
+    def set_persist(self, key: str, persist: bool, *, version: str = CURRENT) -> bool:
+        """Pin or unpin ``key``'s current version (or ``version``); False if not cached."""
         with self._write() as db:
             changed = db.execute(
-                f"UPDATE entries SET persist = ? WHERE key = ? AND {_MINE}",
-                (int(persist), key, self.store),
+                f"UPDATE entries SET persist = ? WHERE key = ? AND version = ? AND {_MINE}",
+                (int(persist), key, version, self.store),
             ).rowcount
         return bool(changed)
 
@@ -1062,7 +1144,7 @@ class Cache:
         while True:  # transactions of a bounded number of files (see _CLAIMS_PER_TRANSACTION)
             with self._write() as db:
                 (before,) = db.execute("SELECT size FROM totals").fetchone()
-                files = self._evict(db, extra, exclude="", best_effort=True)
+                files = self._evict(db, extra, exclude=("", ""), best_effort=True)
                 (after,) = db.execute("SELECT size FROM totals").fetchone()
             self._unlink_journaled(files)
             freed += before - after

@@ -35,15 +35,36 @@ class _Parser(argparse.ArgumentParser):
             (file or sys.stderr).write(message)
 
 
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+def _parser(
+    prog: str, description: str, *, object_version: bool = False
+) -> argparse.ArgumentParser:
+    """A command's parser; with ``object_version``, ``--version ID`` names a version of the
+    key (see dm_history) and ``--version`` alone still prints daman's own."""
     parser = _Parser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--quiet", action="store_true", help="no progress bars (also off when not on a terminal)"
     )
-    parser.add_argument("--version", action="version", version=f"daman {__version__}")
+    if object_version:
+        parser.add_argument(
+            "--version", dest="object_version", metavar="ID", nargs="?", const=_DAMAN_VERSION,
+            help="a version of the key (an id from dm_history); alone: daman's version",
+        )  # fmt: skip
+    else:
+        parser.add_argument("--version", action="version", version=f"daman {__version__}")
     return parser
+
+
+_DAMAN_VERSION = object()
+"""``--version`` given without an id: print daman's version, as every command does."""
+
+
+def _object_version(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    if args.object_version is _DAMAN_VERSION:
+        print(f"daman {__version__}")
+        parser.exit(0)
+    return args.object_version
 
 
 def _add_key(parser: argparse.ArgumentParser, help: str = "the key, e.g. team/dataset/v1") -> None:
@@ -363,7 +384,9 @@ def pull_main(argv: Sequence[str] | None = None) -> int:
         "the bytes of a key pushed by dm_push to a file instead ('-' for stdout).\n\n"
         "examples:\n"
         "  dm_pull --key team/model/v3 --persist\n"
-        "  dm_pull --key team/raw/2026-11.csv --output export.csv",
+        "  dm_pull --key team/raw/2026-11.csv --output export.csv\n"
+        "  dm_pull --key team/model/v3 --version ID   (an id from dm_history)",
+        object_version=True,
     )
     _add_key(parser)
     parser.add_argument("--force", action="store_true", help="download even if cached")
@@ -374,10 +397,11 @@ def pull_main(argv: Sequence[str] | None = None) -> int:
         "--output", metavar="FILE", help="write the key's bytes (from dm_push) to FILE or '-'"
     )
     args = parser.parse_args(argv)
+    version = _object_version(parser, args)
 
     def action() -> None:
         with _manager(args.quiet) as manager:
-            options = dict(force=args.force, persist=args.persist)
+            options = dict(force=args.force, persist=args.persist, version=version)
             if args.output == "-":
                 sys.stdout.buffer.write(manager.pull_bytes(args.key, **options))
                 sys.stdout.flush()
@@ -395,30 +419,91 @@ def pull_main(argv: Sequence[str] | None = None) -> int:
     return _run("dm_pull", action)
 
 
+@_command("history")
+def history_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser(
+        "dm_history",
+        "List a key's versions, newest first: id, size, who pushed it and when, with which\n"
+        "Python, its meta; the current one is marked *. A deleted key keeps its versions.\n\n"
+        "examples:\n"
+        "  dm_history --key team/model/v3\n"
+        "  dm_pull --key team/model/v3 --version ID\n"
+        "  dm_restore --key team/model/v3 --version ID",
+    )
+    _add_key(parser)
+    _add_json(parser)
+    args = parser.parse_args(argv)
+
+    def action() -> None:
+        with _manager(args.quiet) as manager:
+            history = manager.history(args.key)
+        if args.json:
+            _print_json(report.history_data(history))
+        else:
+            print("\n".join(report.history_lines(history)))
+
+    return _run("dm_history", action)
+
+
+@_command("restore")
+def restore_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser(
+        "dm_restore",
+        "Make an older version of a key (an id from dm_history) its current version again,\n"
+        "for everyone; also brings back a deleted key. The restore is a new version: the\n"
+        "version it replaces stays in the history.\n\n"
+        "examples:\n"
+        "  dm_restore --key team/model/v3 --version ID   (an id from dm_history)\n"
+        "  dm_restore --key team/model/v3 --version ID --quiet",
+        object_version=True,
+    )
+    _add_key(parser)
+    args = parser.parse_args(argv)
+    version = _object_version(parser, args)
+    if version is None:
+        parser.error("the following arguments are required: --version ID")
+
+    def action() -> None:
+        with _manager(args.quiet) as manager:
+            manager.restore(args.key, version=version)
+        print(report.restored_line(args.key, version))
+
+    return _run("dm_restore", action)
+
+
 @_command("delete")
 def delete_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser(
         "dm_delete",
-        "Remove a key's local cached copy; with --remote, also the stored object, for\n"
-        "everyone (asks for confirmation on a terminal unless --yes).\n\n"
+        "Remove a key's local cached copies; with --remote, also the stored object, for\n"
+        "everyone (its versions stay: dm_history, dm_restore); with --all-versions, every\n"
+        "version too (asks for confirmation on a terminal unless --yes).\n\n"
         "examples:\n"
-        "  dm_delete --key team/model/v3                  # free this machine's copy\n"
+        "  dm_delete --key team/model/v3                  # free this machine's copies\n"
         "  dm_delete --key team/model/v3 --remote         # gone for everyone (asks first)\n"
-        "  dm_delete --key team/model/v3 --remote --yes   # in a script: no question",
+        "  dm_delete --key team/model/v3 --remote --yes   # in a script: no question\n"
+        "  dm_delete --key team/model/v3 --remote --all-versions   # and its history",
     )
     _add_key(parser, "the key to delete")
     parser.add_argument("--remote", action="store_true", help="also delete it from the store")
+    parser.add_argument(
+        "--all-versions", action="store_true", help="with --remote: remove its history too"
+    )
     parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     args = parser.parse_args(argv)
 
     def action() -> None:
         with _manager(quiet=True) as manager:
             if args.remote and not args.yes and sys.stdin.isatty():
-                question = report.delete_question(args.key, manager.store.describe())
+                question = report.delete_question(
+                    args.key, manager.store.describe(), all_versions=args.all_versions
+                )
                 if not _confirmed(f"{question} [y/N] "):
                     print(report.NOT_DELETED)
                     return
-            deleted = manager.delete(args.key, local=True, remote=args.remote)
+            deleted = manager.delete(
+                args.key, local=True, remote=args.remote, all_versions=args.all_versions
+            )
         print(report.deleted_line(deleted))
 
     return _run("dm_delete", action)

@@ -128,6 +128,9 @@ class Config:
     read_timeout: float = 60.0
     max_attempts: int = 5
     progress: bool = True
+    keep_versions: int | None = None
+    """How many versions of a key the store keeps (the current one included); the push that
+    exceeds it removes the oldest. None: every version is kept."""
     signing_key: str | None = dataclasses.field(default=None, repr=False)
     """The team's secret: pushes are signed with it and pulls refuse objects not signed with
     it, before unpickling. ``DAMAN_SIGNING_KEY`` in the environment is used when unset."""
@@ -307,6 +310,10 @@ def check_field(name: str, value: Any) -> Any:
     ):
         raise bad("a whole number >= 1")
     if name == "max_attempts":
+        return int(value)
+    if name == "keep_versions" and value is not None:
+        if not (_is_number(value) and value == int(value) >= 1):
+            raise bad("a whole number >= 1 (or none: keep every version)")
         return int(value)
     return value
 

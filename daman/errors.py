@@ -66,6 +66,21 @@ class KeyNotFoundError(DamanError, KeyError):
         super().__init__(f"key {key!r} not found in {where}. List keys with dm.ls() or dm_ls.")
 
 
+class VersionNotFoundError(KeyNotFoundError):
+    """The key is known, but not the version asked for (never pushed, or removed)."""
+
+    def __init__(self, key: str, version: str, where: str = "the store") -> None:
+        self._init_args = (key, version, where)
+        self.key = key
+        self.version = version
+        self.where = where
+        DamanError.__init__(
+            self,
+            f"version {version!r} of {key!r} not found in {where}. List its versions with "
+            f"dm.history({key!r}) or dm_history --key {key}.",
+        )
+
+
 class KeyExistsError(DamanError, FileExistsError):
     """A push without ``force`` met a key that is already stored."""
 

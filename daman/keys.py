@@ -3,6 +3,11 @@
 A key is a '/'-separated name such as ``team/dataset/v1``. It is used verbatim as the object
 name in the store (after the configured prefix) and, for the local-folder store, as a relative
 path. The local cache never uses a key as a path: it names files by a hash of the key.
+
+One top-level name is reserved: ``.daman-history/`` holds the versions of keys that daman keeps
+itself (where the store does not: see ``daman.history``), as *record names*
+``.daman-history/<sha256 of the key>/<version id>``. No key may start with it; the stores
+accept record names (``validate_name``) but list them only when asked for that folder.
 """
 
 from __future__ import annotations
@@ -16,6 +21,12 @@ from .errors import InvalidKeyError
 MAX_KEY_BYTES = 1024  # S3's limit on an object name
 MAX_SEGMENT_BYTES = 200  # leaves room under the usual 255-byte file-name limit
 _FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\\]")
+HISTORY = ".daman-history"
+"""The reserved top-level folder of version records (see the module's docstring)."""
+VERSION_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,99}")
+"""What a version id daman makes looks like (S3's own version ids are opaque, any text)."""
+_RECORD = re.compile(rf"{re.escape(HISTORY)}/[0-9a-f]{{64}}/{VERSION_ID.pattern}")
+_RECORD_FOLDER = re.compile(rf"{re.escape(HISTORY)}/[0-9a-f]{{64}}/")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
@@ -37,6 +48,8 @@ def validate_key(key: object) -> str:
         raise InvalidKeyError(key, "a key cannot start with '/'")
     if _DRIVE.match(key):
         raise InvalidKeyError(key, "a key cannot start with a drive letter")
+    if key == HISTORY or key.startswith(HISTORY + "/"):  # (the name too: a folder's test)
+        raise InvalidKeyError(key, f"{HISTORY}/ is reserved for the versions daman keeps")
     for segment in key.split("/"):
         if segment == "":
             raise InvalidKeyError(key, "a key cannot contain empty parts ('//' or a trailing '/')")
@@ -58,7 +71,7 @@ glance unless a part is ``.`` or ``..`` or too long (listings check many keys)."
 
 def is_valid_key(key: str) -> bool:
     """Whether :func:`validate_key` accepts ``key``; most keys answer with one regex."""
-    if len(key) <= MAX_SEGMENT_BYTES and _PLAIN_KEY.fullmatch(key):
+    if len(key) <= MAX_SEGMENT_BYTES and _PLAIN_KEY.fullmatch(key) and key[:1] != ".":
         if "." not in key:
             return True
         parts = key.split("/")
@@ -111,3 +124,52 @@ def variable_name(key: str) -> str:
 
 _IPYTHON_NAMES = re.compile(r"_\d+|_i+\d*|_[oid]h|In|Out|exit|quit|get_ipython")
 """Names IPython keeps its own values under (results, inputs, history)."""
+
+
+def record_folder(key: str) -> str:
+    """Where the versions daman keeps of ``key`` lie: ``.daman-history/<sha256 of key>/``
+    (a hash: any key, however long or deep, gets a folder of one fixed-length name)."""
+    return f"{HISTORY}/{key_digest(key)}/"
+
+
+def record_name(key: str, version: str) -> str:
+    """The record of one version of ``key`` (``version`` as :data:`VERSION_ID` allows)."""
+    if not VERSION_ID.fullmatch(version):
+        raise InvalidKeyError(version, "not a version id daman makes")
+    return record_folder(key) + version
+
+
+def is_record_name(name: str) -> bool:
+    return _RECORD.fullmatch(name) is not None
+
+
+def is_record_folder(prefix: str) -> bool:
+    return _RECORD_FOLDER.fullmatch(prefix) is not None
+
+
+def validate_name(name: object) -> str:
+    """What a store may be asked to read or write: a key, or a record name."""
+    if isinstance(name, str) and _RECORD.fullmatch(name):
+        return name
+    return validate_key(name)
+
+
+def validate_listing(prefix: object) -> str:
+    """What a store may be asked to list: a prefix some key starts with, or one key's record
+    folder (:func:`record_folder`)."""
+    if isinstance(prefix, str) and _RECORD_FOLDER.fullmatch(prefix):
+        return prefix
+    return validate_prefix(prefix)
+
+
+def listed(name: str, prefix: str) -> bool:
+    """Whether a listing of ``prefix`` shows ``name``: keys in an ordinary listing, records in
+    a listing of a record folder, nothing else."""
+    if prefix.startswith(HISTORY + "/"):
+        return _RECORD.fullmatch(name) is not None
+    return is_valid_key(name)
+
+
+SKIP_HISTORY_AFTER = f"{HISTORY}/g"
+"""A name just after every record name (their next character is a hex digit): a listing of
+the root that meets the records continues from here, so that they cost it nothing."""

@@ -321,6 +321,7 @@ class DamanMagics(Magics):
         help="map its numpy arrays read-only from the cached file (zero-copy); np.array(x) "
         "makes a writable copy",
     )
+    @argument("--version", metavar="ID", help="an older version (an id from %%dm_history)")
     @_one_line_errors
     def dm_pull(self, line: str) -> Any:
         """Pull a key into a variable (and its meta into VAR_meta); ``x = %dm_pull KEY`` also
@@ -335,6 +336,7 @@ class DamanMagics(Magics):
             persist=args.persist,
             memory_only=args.memory_only,
             mmap=args.mmap,
+            version=args.version,
         )
         var = args.var or variable_name(args.key)
         if not var:
@@ -372,6 +374,16 @@ class DamanMagics(Magics):
         args = _parse(self.dm_info, line)
         details = api.get_manager().info(args.key)
         _show(self.shell, report.details_lines(details), report.details_html(details))
+
+    @line_magic
+    @magic_arguments()
+    @argument("key", help="the key whose versions to list")
+    @_one_line_errors
+    def dm_history(self, line: str) -> None:
+        """A key's versions, newest first, the current one marked * (the same as
+        ``dm_history``); pull one with ``%dm_pull KEY --version ID``."""
+        args = _parse(self.dm_history, line)
+        print("\n".join(report.history_lines(api.get_manager().history(args.key))))
 
     @line_magic
     @magic_arguments()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import forksafe
+from . import history as versions
 from . import legacy as legacy_format
 from .cache import Cache, CacheEntry
 from .cells import assigned_names, cell_outputs, stored_variables
@@ -35,6 +36,7 @@ from .errors import (
     StorageNotFoundError,
     StoreUnavailableError,
     UntrustedObjectError,
+    VersionNotFoundError,
     a,
     first_sentence,
     os_errors,
@@ -46,6 +48,7 @@ from .listing import ListingCache
 from .results import (
     Deleted,
     Disc,
+    KeyHistory,
     KeyList,
     KeyListing,
     LevelListing,
@@ -55,6 +58,7 @@ from .results import (
     Source,
     Usage,
     VerifyReport,
+    VersionInfo,
 )
 from .serialize import (
     TAIL_GUESS,
@@ -65,6 +69,7 @@ from .serialize import (
     dumps_meta,
     load_meta,
     read_footer,
+    restamp,
     write_object,
 )
 from .store import ObjectInfo, Store, WriteUnconfirmedError, describe_store, open_store
@@ -136,6 +141,11 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def _pin(version: str | None) -> dict[str, str]:
+    """The keyword that reads one version a bucket keeps (none: the name as it is now)."""
+    return {"version": version} if version else {}
 
 
 def _check_key(footer: Footer, key: str) -> None:
@@ -260,12 +270,15 @@ class Manager:
         persist: bool,
         verb: str,
         evict: bool = True,
+        version: str = "",
     ) -> CacheEntry | None:
         """Move ``tmp`` into the cache as ``key``'s entry; None (with a warning) if it does
         not fit. Without ``evict`` (a memory-only pull replacing an outdated copy), it is
         kept only if it fits in the free space, and silently not kept otherwise."""
         size = tmp.stat().st_size
-        entry = self.cache.add(key, tmp, etag=etag, sha256=sha256, persist=persist, evict=evict)
+        entry = self.cache.add(
+            key, tmp, etag=etag, sha256=sha256, persist=persist, evict=evict, version=version
+        )
         if entry is None and evict:
             usage = self.cache.usage()
             warn(
@@ -314,26 +327,9 @@ class Manager:
         validate_key(key)
         meta_bytes = dumps_meta(meta)
         with self.cache.temp_file() as tmp:
-            with _disc_errors(self.cache.root):
-                with open_empty(tmp, buffering=_WRITE_BUFFER) as f:
-                    footer = write_object(obj, meta_bytes, f, self.signing_key, key)
-                size = tmp.stat().st_size
-            with self._progress(f"push {key}") as progress:
-                progress.start(size)
-                try:
-                    info = self.store.put(key, tmp, overwrite=force, progress=progress)
-                except (KeyExistsError, WriteUnconfirmedError) as exc:
-                    # A retry met our own write (its first answer was lost): look at what
-                    # is stored; it is ours if its footer is this push's (a random push_id).
-                    info = self._written_by_this_push(key, footer)
-                    if info is None and isinstance(exc, WriteUnconfirmedError):
-                        raise StoreUnavailableError(
-                            f"{exc}, and the stored object is not this push's. Push again."
-                        ) from None
-                    if info is None:
-                        raise
-                finally:
-                    self.listings.forget()  # even a failed put may have changed the store
+            with _disc_errors(self.cache.root), open_empty(tmp, buffering=_WRITE_BUFFER) as f:
+                footer = write_object(obj, meta_bytes, f, self.signing_key, key, versioned=True)
+            info = self._publish(key, tmp, footer, force=force)
             try:
                 self._keep(
                     key, tmp, etag=info.etag, sha256=footer.sha256, persist=persist, verb="pushed"
@@ -343,6 +339,60 @@ class Manager:
                     f"{key!r} was pushed, but not kept in the local cache: {exc}", NotCachedWarning
                 )
         return info
+
+    def _versions(self) -> versions.Keeper:
+        """Who keeps the store's versions: the bucket (S3 versioning) or daman."""
+        keeper = self.__dict__.get("_keeper")
+        if keeper is None or keeper.store is not self.store:
+            keeper = self.__dict__["_keeper"] = versions.keeper(self.store)
+        return keeper
+
+    def _keep_replaced(self, key: str) -> None:
+        """Record ``key``'s current version if it has no record yet (pushed before
+        versions existed), before it is replaced or deleted."""
+        with self.cache.temp_file() as old:
+            versions.record_unrecorded(
+                self.store, key, lambda dest: self._download_footer(key, dest), old
+            )
+
+    def _publish(self, key: str, tmp: Path, footer: Footer, *, force: bool) -> ObjectInfo:
+        """Store the finished file ``tmp`` (written with ``footer``, which holds its version
+        id) as a new version of ``key`` (see ``daman.history``: its record first, then the
+        key, unless the bucket keeps versions itself). The oldest versions beyond
+        ``keep_versions`` go last."""
+        keeper = self._versions()
+        size = tmp.stat().st_size
+        try:
+            with self._progress(f"push {key}") as progress:
+                progress.start(keeper.sends(size, overwrite=force))
+                try:
+                    info = keeper.write(
+                        key, tmp, footer, force=force, progress=progress,
+                        keep_replaced=lambda: self._keep_replaced(key),
+                    )  # fmt: skip
+                except (KeyExistsError, WriteUnconfirmedError) as exc:
+                    # A retry met our own write (its first answer was lost): look at what
+                    # is stored; it is ours if its footer is this push's (a random push_id).
+                    found = self._written_by_this_push(key, footer)
+                    if found is None and isinstance(exc, KeyExistsError):
+                        keeper.withdraw(key, footer)  # never one of the key's versions
+                    if found is None and isinstance(exc, WriteUnconfirmedError):
+                        raise StoreUnavailableError(
+                            f"{exc}, and the stored object is not this push's. Push again."
+                        ) from None
+                    if found is None:
+                        raise
+                    info = found
+            keeper.prune(key, keep=self.config.keep_versions, footer=footer, info=info)
+        finally:
+            self.listings.forget()  # even a failed put may have changed the store
+        return info
+
+    def _download_footer(self, key: str, dest: Path) -> Footer:
+        """Download ``key``'s current object into ``dest``, checked; its footer."""
+        stored, _ = self._fetch_verified(key, dest)
+        stored.f.close()
+        return stored.footer
 
     def push_file(
         self,
@@ -371,6 +421,7 @@ class Manager:
         *,
         allow_version_mismatch: bool = False,
         mmap: bool = False,
+        version: str | None = None,
     ) -> tuple[Any, Any]:
         """``(obj, meta)`` for ``key``, from the local cache when it is there and current.
 
@@ -378,7 +429,9 @@ class Manager:
         with a :class:`NotCachedWarning`. Code pickled by value under another Python minor
         version is refused (it can crash the interpreter) unless ``allow_version_mismatch``.
         With ``mmap``, its numpy arrays are mapped read-only from the cached file (no copy,
-        nothing read until touched); the file stays on disc, and counted, while they live."""
+        nothing read until touched); the file stays on disc, and counted, while they live.
+        ``version`` (an id from :meth:`history`) pulls that version instead of the current
+        one; it is cached as any object is (a version never changes: no check is made)."""
         pulled = self.load(
             key,
             force=force,
@@ -386,6 +439,7 @@ class Manager:
             memory_only=memory_only,
             allow_version_mismatch=allow_version_mismatch,
             mmap=mmap,
+            version=version,
         )
         return pulled.obj, pulled.meta
 
@@ -398,6 +452,7 @@ class Manager:
         *,
         allow_version_mismatch: bool = False,
         mmap: bool = False,
+        version: str | None = None,
     ) -> Pulled:
         """:meth:`pull`, also telling where the object came from and its stored size."""
         if memory_only and persist:
@@ -412,8 +467,12 @@ class Manager:
             )
             mmap = False
         allow = allow_version_mismatch
-        opened = self._open_current(
-            key, force=force, persist=persist, keep=not memory_only, mapped=mmap
+        opened = (
+            self._open_current(key, force=force, persist=persist, keep=not memory_only, mapped=mmap)
+            if version is None
+            else self._open_version(
+                key, version, force=force, persist=persist, keep=not memory_only, mapped=mmap
+            )
         )
         with opened as (stored, source, entry):
             if mmap and entry is not None and self.cache.lease(entry, stored.f):
@@ -430,10 +489,12 @@ class Manager:
             meta = stored.meta(allow_version_mismatch=allow)
             return Pulled(obj, meta, source, stored.size)
 
-    def pull_bytes(self, key: str, force: bool = False, persist: bool = False) -> bytes:
+    def pull_bytes(
+        self, key: str, force: bool = False, persist: bool = False, *, version: str | None = None
+    ) -> bytes:
         """The bytes stored under ``key`` (by :meth:`push_file`, ``dm_push`` or a push of a
         ``bytes``); an :class:`InvalidArgumentError` if it holds another kind of object."""
-        obj, _ = self.pull(key, force=force, persist=persist)
+        obj, _ = self.pull(key, force=force, persist=persist, version=version)
         if not isinstance(obj, (bytes, bytearray, memoryview)):
             raise InvalidArgumentError(
                 f"{key!r} holds {a(type(obj).__name__)}, not bytes: only bytes (pushed with "
@@ -448,10 +509,12 @@ class Manager:
         dest: str | os.PathLike[str],
         force: bool = False,
         persist: bool = False,
+        *,
+        version: str | None = None,
     ) -> int:
         """Write the bytes stored under ``key`` (e.g. by :meth:`push_file`) to ``dest``, whole
         or not at all (a temp file beside it, then a rename); returns the bytes written."""
-        obj = self.pull_bytes(key, force=force, persist=persist)
+        obj = self.pull_bytes(key, force=force, persist=persist, version=version)
         dest = Path(dest)
         with os_errors(dest, "Choose another output file"), atomic_write(dest) as out:
             out.file.write(obj)
@@ -464,13 +527,20 @@ class Manager:
         persist: bool = False,
         *,
         progress: TransferProgress | None = None,
+        version: str | None = None,
     ) -> CacheEntry:
-        """Bring the current version of ``key`` into the local cache without unpickling it.
-        ``progress`` hears a download's ``(done, total)`` bytes instead of a progress bar."""
+        """Bring the current version of ``key`` (or ``version``) into the local cache without
+        unpickling it. ``progress`` hears a download's ``(done, total)`` bytes instead of a
+        progress bar."""
         reset = _progress_sink.set(progress)
         try:
             for _ in range(_FETCH_ATTEMPTS):
-                with self._open_current(key, force=force, persist=persist, keep=True) as opened:
+                opening = (
+                    self._open_current(key, force=force, persist=persist, keep=True)
+                    if version is None
+                    else self._open_version(key, version, force=force, persist=persist, keep=True)
+                )
+                with opening as opened:
                     kept = opened[2]
                 if kept is None:
                     raise NotCachedError(
@@ -478,7 +548,7 @@ class Manager:
                         f"{format_size(self.cache.allocated_space)}, persisted entries cannot "
                         "be evicted). Raise allocated_space or unpersist entries."
                     )
-                entry = self.cache.get(key)
+                entry = self.cache.get(key, version or "")
                 if entry is not None:
                     return entry
                 force = False  # removed by another process meanwhile: bring it in again
@@ -533,6 +603,72 @@ class Manager:
         ) as opened:
             yield opened
 
+    @contextlib.contextmanager
+    def _open_version(
+        self,
+        key: str,
+        version: str,
+        *,
+        force: bool,
+        persist: bool,
+        keep: bool,
+        mapped: bool = False,
+    ) -> Iterator[tuple[StoredFile, Source, CacheEntry | None]]:
+        """:meth:`_open_current` for one version of ``key``: a version never changes, so a
+        cached copy is used without asking the store (``force``: downloaded again)."""
+        validate_key(key)
+        self._source(key, version)  # a valid id
+        entry = None if force else self.cache.get(key, version)
+        stored = None if entry is None else self._open_cached(entry, persist, mapped=mapped)
+        if stored is not None:
+            with stored.f:
+                yield stored, "cache", entry
+            return
+        with self.cache.temp_file() as tmp:
+            with self.cache.key_lock(key):
+                kept = None if force else self.cache.get(key, version)
+                if kept is not None:  # fetched by another process while we waited
+                    stored = self._open_cached(kept, persist, mapped=mapped)
+                source: Source = "cache"
+                if stored is None:
+                    stored, info = self._fetch_version(key, version, tmp)
+                    source = "store"
+                    if keep:
+                        try:
+                            kept = self._keep(
+                                key, tmp, etag=info.etag, sha256=stored.footer.sha256,
+                                persist=persist, verb="pulled", version=version,
+                            )  # fmt: skip
+                        except BaseException:
+                            stored.f.close()
+                            raise
+            with stored.f:
+                yield stored, source, kept
+
+    def _source(self, key: str, version: object) -> versions.Listed:
+        """Where ``version`` of ``key`` is read (a VersionNotFoundError for an id that
+        cannot be one)."""
+        keeper = self._versions()
+        if not isinstance(version, str) or not keeper.valid(version):
+            raise VersionNotFoundError(key, str(version), self.store.describe())
+        return keeper.source(key, version)
+
+    def _fetch_version(self, key: str, version: str, tmp: Path) -> tuple[StoredFile, ObjectInfo]:
+        """Download ``version`` of ``key``, checked: its record (or the bucket's version),
+        or, for a version pushed before versions existed (no record), the key itself while
+        it is still that one."""
+        source = self._source(key, version)
+        try:
+            return self._fetch_verified(key, tmp, name=source.name, pinned=source.pinned)
+        except KeyNotFoundError:
+            if not self._versions().unrecorded(key, version):
+                raise VersionNotFoundError(key, version, self.store.describe()) from None
+        stored, info = self._fetch_verified(key, tmp)
+        if versions.version_of(stored.footer) != version:  # replaced meanwhile
+            stored.f.close()
+            raise VersionNotFoundError(key, version, self.store.describe())
+        return stored, info
+
     def _open_cached(
         self, entry: CacheEntry, persist: bool, *, mapped: bool = False
     ) -> StoredFile | None:
@@ -555,9 +691,9 @@ class Manager:
             f.close()
             self.cache.discard(entry)
             return None
-        self.cache.touch(entry.key)
+        self.cache.touch(entry.key, entry.version)
         if persist and not entry.persist:
-            self.cache.set_persist(entry.key, True)
+            self.cache.set_persist(entry.key, True, version=entry.version)
         return stored
 
     @contextlib.contextmanager
@@ -601,10 +737,13 @@ class Manager:
             with stored.f:
                 yield stored, source, kept
 
-    def _fetch_verified(self, key: str, tmp: Path) -> tuple[StoredFile, ObjectInfo]:
-        """Download ``key`` into ``tmp`` and check every byte before anything unpickles it (a
-        corrupted transfer, or an answer holding another key's object, is tried again).
-        Returns the file, open, and its version."""
+    def _fetch_verified(
+        self, key: str, tmp: Path, *, name: str | None = None, pinned: str | None = None
+    ) -> tuple[StoredFile, ObjectInfo]:
+        """Download ``key`` (or the record ``name`` of one of its versions) into ``tmp`` and
+        check every byte before anything unpickles it (a corrupted transfer, or an answer
+        holding another key's object, is tried again). Returns the file, open, and its
+        version."""
         for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
             f = open(tmp, "rb")  # noqa: SIM115 - returned open, or closed below
             hasher = PrefixHasher(f.fileno())  # hashes the file while it arrives
@@ -618,7 +757,12 @@ class Manager:
                         hasher.start(size)
 
                     info = self.store.get(
-                        key, tmp, progress=progress, on_size=on_size, on_written=hasher.written
+                        name or key,
+                        tmp,
+                        progress=progress,
+                        on_size=on_size,
+                        on_written=hasher.written,
+                        **_pin(pinned),
                     )
                 # A daman 0.2 object is checked and rewritten in today's format here, so that
                 # the cache never holds the old format.
@@ -642,18 +786,31 @@ class Manager:
                 hasher.close()
         raise AssertionError("unreachable")
 
-    def delete(self, key: str, local: bool = True, remote: bool = False) -> Deleted:
-        """Remove the cached copy (``local``) and/or the stored object (``remote``); returns
-        what was removed. ``KeyNotFoundError`` only if the key exists nowhere asked."""
+    def delete(
+        self, key: str, local: bool = True, remote: bool = False, *, all_versions: bool = False
+    ) -> Deleted:
+        """Remove the cached copies (``local``: of every version) and/or the stored object
+        (``remote``); returns what was removed. The store keeps the key's versions: its
+        history shows it deleted, and :meth:`restore` brings any version back, unless
+        ``all_versions`` removes them too. ``KeyNotFoundError`` only if the key exists
+        nowhere asked."""
         validate_key(key)
         if not (local or remote):
             raise InvalidArgumentError("nothing to delete: pass local=True and/or remote=True.")
+        if all_versions and not remote:
+            raise InvalidArgumentError(
+                "all_versions=True removes the stored versions: pass remote=True too."
+            )
         from_store = from_cache = False
         if remote:  # first: if the store fails, nothing changed here either
             try:
-                with contextlib.suppress(KeyNotFoundError):
-                    self.store.delete(key)
-                    from_store = True
+                keeper = self._versions()
+                if all_versions:
+                    from_store = keeper.delete_all(key)
+                else:
+                    with contextlib.suppress(KeyNotFoundError):
+                        keeper.delete(key, keep_replaced=lambda: self._keep_replaced(key))
+                        from_store = True
             finally:
                 self.listings.forget()
         if local:
@@ -675,6 +832,70 @@ class Manager:
         if not stored:
             raise KeyNotFoundError(key, f"the local cache or {self.store.describe()}")
         return deleted
+
+    def history(self, key: str) -> KeyHistory:
+        """The versions of ``key`` in the store, newest first, and which one is current (none
+        when the key was deleted: any version can be restored). One listing request, then
+        one small ranged read per version (8 at a time) for its writer, time and meta."""
+        validate_key(key)
+        found, current_id, exists = self._versions().versions(key)
+
+        def read(version: versions.Listed) -> tuple[Footer, Any]:
+            footer, meta, _ = self._footer_and_meta(key, version.name, version.pinned)
+            return footer, meta
+
+        listed: list[VersionInfo] = []
+        for version, got in zip(found, versions.read_all(read, found), strict=True):
+            if isinstance(got, tuple):
+                footer, meta = got
+                listed.append(self._version_info(version.version, footer, meta, current_id))
+            else:  # damaged or untrusted: listed with what the listing says
+                unread = VersionInfo(
+                    version.version, version.size, "", "", "", "", None,
+                    version.version == current_id, readable=False,
+                )  # fmt: skip
+                listed.append(unread)
+        if not listed and not exists:
+            raise KeyNotFoundError(key, self.store.describe())
+        return KeyHistory(key, tuple(listed), deleted=not exists)
+
+    @staticmethod
+    def _version_info(version: str, footer: Footer, meta: Any, current: str | None) -> VersionInfo:
+        return VersionInfo(
+            version=version,
+            size=footer.file_size,
+            pushed_by=footer.pushed_by,
+            pushed_at=footer.pushed_at,
+            python=footer.python,
+            cloudpickle=footer.cloudpickle,
+            meta=meta,
+            current=version == current,
+            restored_from=footer.restored_from,
+        )
+
+    def restore(self, key: str, *, version: str, persist: bool = False) -> ObjectInfo:
+        """Make ``version`` of ``key`` its current version again, also after the key was
+        deleted. The restore is itself a new version (its bytes, a new footer saying who
+        restored it and from which version), so the version it replaces stays in the
+        history too."""
+        with self._open_version(key, version, force=False, persist=False, keep=True) as opened:
+            stored = opened[0]
+            with self.cache.temp_file() as tmp:
+                with _disc_errors(self.cache.root), open_empty(tmp) as out:
+                    footer = restamp(
+                        stored,
+                        out,
+                        key=key,
+                        signing_key=self.signing_key,
+                        versioned=True,
+                        restored_from=version,
+                    )
+                info = self._publish(key, tmp, footer, force=True)
+                self._keep(
+                    key, tmp, etag=info.etag, sha256=footer.sha256, persist=persist,
+                    verb="restored",
+                )  # fmt: skip
+        return info
 
     def cached_cell(self, key: str, names: Sequence[str]) -> tuple[dict[str, Any], Pulled] | None:
         """``%%dm_cache``'s question: the variables ``names`` stored under ``key`` (and where
@@ -724,9 +945,12 @@ class Manager:
             return False
         return True
 
-    def info(self, key: str) -> ObjectDetails:
-        """Size, times, hash, writer and meta of ``key`` from one ranged read of its tail."""
+    def info(self, key: str, *, version: str | None = None) -> ObjectDetails:
+        """Size, times, hash, writer and meta of ``key`` (or of one of its versions) from one
+        ranged read of its tail."""
         validate_key(key)
+        if version is not None:
+            return self._version_details(key, version)
         try:
             found = self._remote_details(key)
             if isinstance(found, ObjectDetails):  # a daman 0.2 object
@@ -764,6 +988,49 @@ class Manager:
             holds_code=footer.code,
             outdated=key in states and bool(remote.etag) and states[key].etag != remote.etag,
         )
+
+    def _version_details(self, key: str, version: str) -> ObjectDetails:
+        source = self._source(key, version)
+        try:
+            footer, meta, remote = self._footer_and_meta(key, source.name, source.pinned)
+        except KeyNotFoundError:  # no record: the current version, if pushed before versions
+            found = self._remote_details(key)
+            if isinstance(found, ObjectDetails) or versions.version_of(found[0]) != version:
+                raise VersionNotFoundError(key, version, self.store.describe()) from None
+            footer, meta, remote = found
+        entry = self.cache.get(key, version)
+        return ObjectDetails(
+            key=key,
+            size=remote.size,
+            etag=remote.etag,
+            last_modified=remote.last_modified,
+            sha256=footer.sha256,
+            pushed_by=footer.pushed_by,
+            pushed_at=footer.pushed_at,
+            python=footer.python,
+            cloudpickle=footer.cloudpickle,
+            meta=meta,
+            cached=entry is not None,
+            persist=entry is not None and entry.persist,
+            libraries=dict(footer.libraries),
+            holds_code=footer.code,
+        )
+
+    def _footer_and_meta(
+        self, key: str, name: str, pinned: str | None
+    ) -> tuple[Footer, Any, ObjectInfo]:
+        """One version's footer and meta, read from its tail: the record ``name``, or
+        ``key``'s version ``pinned`` in a bucket that keeps versions. Checked to be
+        ``key``'s (and signed, with signing on)."""
+        pin = _pin(pinned)
+
+        def read_at(offset: int, length: int) -> bytes:
+            return self.store.read_range(name, offset, length, **pin)
+
+        tail, remote = self.store.read_tail(name, TAIL_GUESS, **pin)
+        footer = read_footer(read_at, remote.size, tail)
+        self._check_identity(footer, key, last=True)
+        return footer, load_meta(read_at, footer, tail, remote.size), remote
 
     def _remote_details(self, key: str) -> tuple[Footer, Any, ObjectInfo] | ObjectDetails:
         """The stored object's footer and meta, read from its tail (asked again when the
@@ -857,11 +1124,10 @@ class Manager:
             entries = self.cache.entries()
         else:
             validate_key(key)
-            entry = self.cache.get(key)
-            if entry is None:
+            entries = self.cache.entries_of(key)  # its current version and versions by id
+            if not entries:
                 raise KeyNotFoundError(key, "the local cache")
             repaired = {"dropped_rows": 0, "orphan_files": 0, "rebuilt_index": None}
-            entries = [entry]
         damaged, untrusted, checked_bytes = [], [], 0
         for entry in entries:
             try:
@@ -893,7 +1159,10 @@ class Manager:
     def mapped(self) -> list[MappedFile]:
         """The cached files that zero-copy pulls map now (in any process), which eviction,
         replacement and deletion leave in place until their arrays are gone."""
-        return [MappedFile(key, size, current) for key, size, current in self.cache.mapped()]
+        return [
+            MappedFile(key, size, cached, version)
+            for key, size, cached, version in self.cache.mapped()
+        ]
 
     def disc(self, next_to_evict: int = 5) -> Disc:
         """Local disc use, persisted bytes and the entries eviction would remove next; from

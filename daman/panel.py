@@ -208,6 +208,9 @@ class Panel(w.VBox):
         self._variable = w.Text(description="variable", layout=w.Layout(width="16em"))
         self._pull_variable = w.Button(description="pull into the variable", layout=_layout())
         self._variable_box = w.HBox([self._variable, self._pull_variable])
+        self._show_versions = w.Button(description="versions", layout=_layout())
+        self._versions = w.VBox()
+        self._versions_of: object = None  # the history the version rows were drawn from
         self._details = w.VBox(
             [
                 self._details_text,
@@ -215,6 +218,8 @@ class Panel(w.VBox):
                 _wrapping([self._delete_local, self._delete_remote]),
                 self._snippet,
                 self._variable_box,
+                self._show_versions,
+                self._versions,
             ],
             layout=w.Layout(min_width="24em", flex="1 1 28em", padding="0 0 0 12px"),
         )
@@ -254,6 +259,7 @@ class Panel(w.VBox):
         self._delete_local.on_click(self._on_delete_local_click)
         self._delete_remote.on_click(self._on_delete_remote_click)
         self._pull_variable.on_click(self._on_pull_variable_click)
+        self._show_versions.on_click(self._on_show_versions_click)
 
         self.model.listen(self._draw)
         self._draw("all")
@@ -440,6 +446,30 @@ class Panel(w.VBox):
             self._variable.tooltip = f"the variable to pull {key} into"
             self._pull_variable.description = f"pull {key} into {self._variable.value}"
             self._pull_variable.tooltip = f"load {key} into the notebook variable"
+        self._draw_versions(key)
+
+    def _draw_versions(self, key: str) -> None:
+        """The key's versions, each with pull and restore (drawn again only when the model
+        holds another history)."""
+        self._show_versions.description = f"versions of {key}"
+        self._show_versions.tooltip = f"list every version of {key} (newest first)"
+        history = self.model.history
+        if history is self._versions_of:
+            return
+        self._versions_of = history
+        rows: list[w.Widget] = []
+        for version, line in self.model.version_lines():
+            pull = w.Button(description="pull", layout=_layout(), tooltip=f"pull {version}")
+            restore = w.Button(
+                description="restore", layout=_layout(), tooltip=f"make {version} current again"
+            )
+            for button in (pull, restore):
+                button._daman_version = version  # type: ignore[attr-defined]
+            pull.on_click(self._on_version_pull_click)
+            restore.on_click(self._on_version_restore_click)
+            text = w.HTML(f"<pre class='daman-snippet'>{_e(line)}</pre>")
+            rows.append(w.HBox([text, pull, restore], layout=w.Layout(align_items="center")))
+        self._versions.children = rows
 
     # -- clicks -----------------------------------------------------------------------
 
@@ -490,6 +520,18 @@ class Panel(w.VBox):
     def _on_delete_remote_click(self, _: w.Button) -> None:
         if self.model.focus:
             self.model.ask_delete_remote(self.model.focus)
+
+    def _on_show_versions_click(self, _: w.Button) -> None:
+        if self.model.focus:
+            self.model.show_versions(self.model.focus)
+
+    def _on_version_pull_click(self, button: w.Button) -> None:
+        if self.model.focus:
+            self.model.pull_version(self.model.focus, button._daman_version)  # type: ignore[attr-defined]
+
+    def _on_version_restore_click(self, button: w.Button) -> None:
+        if self.model.focus:
+            self.model.restore(self.model.focus, button._daman_version)  # type: ignore[attr-defined]
 
     def _on_pull_variable_click(self, _: w.Button) -> None:
         if self.model.focus:

@@ -30,7 +30,7 @@ from .bulk import BulkAction, BulkPlan, plan_bulk, run_bulk
 from .errors import DamanError, InvalidArgumentError, NotCachedError
 from .keys import validate_prefix, variable_name
 from .manager import LEVEL_PAGE, Manager
-from .results import Disc, KeyListing, LevelListing, ObjectDetails
+from .results import Disc, KeyHistory, KeyListing, LevelListing, ObjectDetails
 
 PAGE_ROWS = 200
 """Rows shown at a time; "show more" adds as many."""
@@ -92,6 +92,8 @@ class PanelModel:
         self.selected: set[str] = set()
         self.focus: str | None = None
         self.details: ObjectDetails | None = None
+        self.history: KeyHistory | None = None
+        """The versions of the key whose details are shown, once asked (``show_versions``)."""
         self.disc: Disc | None = None
         self.message = ""
         self.error = False
@@ -372,7 +374,7 @@ class PanelModel:
     def show(self, key: str) -> Future[None]:
         """Show the details of ``key`` (``Manager.info``: one ranged read of its tail)."""
         with self._lock:
-            self.focus, self.details = key, None
+            self.focus, self.details, self.history = key, None, None
 
         def work() -> None:
             details = self._details_of(key)
@@ -384,6 +386,51 @@ class PanelModel:
 
     def _details_of(self, key: str) -> ObjectDetails:
         return self.manager.info(key)
+
+    def show_versions(self, key: str) -> Future[None]:
+        """List the versions of ``key`` in its details (``Manager.history``: one listing,
+        then a small read per version)."""
+
+        def work() -> None:
+            history = self.manager.history(key)
+            with self._lock:
+                if self.focus == key:
+                    self.history = history
+
+        return self._run(f"reading the versions of {key}", work)
+
+    def version_lines(self) -> list[tuple[str, str]]:
+        """``(version id, line)`` of each version listed, newest first (``*``: current)."""
+        history = self.history
+        if history is None or history.key != self.focus:
+            return []
+        return [(v.version, report.version_line(v)) for v in history]
+
+    def pull_version(self, key: str, version: str) -> Future[None]:
+        """Bring one version of ``key`` into this machine's cache, beside the current one."""
+        what = f"pull {key} version {version}"
+
+        def work() -> None:
+            entry = self.manager.fetch(key, version=version, progress=self._progress(what))
+            self._after_change(report.pulled_version_line(key, version, entry.size))
+
+        return self._run(what, work, transfer=True)
+
+    def restore(self, key: str, version: str) -> Future[None]:
+        """Make ``version`` the current version of ``key`` again, for everyone (a new
+        version: the one it replaces stays in the history); the details and versions are
+        read again."""
+        what = f"restore {key} to version {version}"
+
+        def work() -> None:
+            self.manager.restore(key, version=version)
+            details, history = self.manager.info(key), self.manager.history(key)
+            with self._lock:
+                if self.focus == key:
+                    self.details, self.history = details, history
+            self._after_change(report.restored_line(key, version))
+
+        return self._run(what, work, transfer=True)
 
     def select(self, key: str, *, on: bool) -> None:
         with self._lock:
@@ -486,7 +533,7 @@ class PanelModel:
                     self.pages[n] = dataclasses.replace(page, keys=keys)
                 self.selected.discard(key)
                 if self.focus == key:
-                    self.focus = self.details = None
+                    self.focus = self.details = self.history = None
             self._after_change(report.deleted_line(deleted))
 
         return self._run(f"delete {key} from the store", work, transfer=True)

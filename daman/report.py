@@ -25,12 +25,14 @@ from .migrate import MigrationReport, SetupImport
 from .results import (
     Deleted,
     Disc,
+    KeyHistory,
     KeyListing,
     LevelListing,
     MappedFile,
     ObjectDetails,
     Usage,
     VerifyReport,
+    VersionInfo,
 )
 from .store import describe_store
 
@@ -176,7 +178,10 @@ def usage_data(usage: Usage, local_dir: Path) -> dict[str, Any]:
         allocated=usage.allocated,
         free=usage.free,
         entries=usage.count,
-        persisted=[dict(key=e.key, size=e.size) for e in usage.persisted],
+        persisted=[
+            dict(key=e.key, size=e.size, **({"version": e.version} if e.version else {}))
+            for e in usage.persisted
+        ],
     )
 
 
@@ -192,7 +197,11 @@ def usage_lines(usage: Usage, local_dir: Path) -> list[str]:
         f"used:       {used}",
         f"entries:    {usage.count} cached, {len(usage.persisted)} persisted",
     ]
-    lines += [f"  {format_size(entry.size):>10}  {entry.key}" for entry in usage.persisted]
+    lines += [
+        f"  {format_size(entry.size):>10}  {entry.key}"
+        + (f"  (version {entry.version})" if entry.version else "")
+        for entry in usage.persisted
+    ]
     return lines
 
 
@@ -381,6 +390,62 @@ def mapped_lines(mapped: Sequence[MappedFile]) -> list[str]:
     return [f"mapped:     {names}"]
 
 
+def history_data(history: KeyHistory) -> dict[str, Any]:
+    return dict(
+        key=history.key,
+        deleted=history.deleted,
+        versions=[
+            dict(
+                version=v.version,
+                current=v.current,
+                size=v.size,
+                pushed_by=v.pushed_by or None,
+                pushed_at=v.pushed_at or None,
+                python=v.python or None,
+                cloudpickle=v.cloudpickle or None,
+                restored_from=v.restored_from or None,
+                readable=v.readable,
+                meta=v.meta,
+            )
+            for v in history
+        ],
+    )
+
+
+def version_line(v: VersionInfo) -> str:
+    """One version, as ``dm_history``, ``%dm_history`` and the panel show it."""
+    mark = "*" if v.current else " "
+    if not v.readable:
+        return f"{mark} {v.version}  {format_size(v.size):>9}  (its footer cannot be read)"
+    restored = f"  restored from {v.restored_from}" if v.restored_from else ""
+    meta = f"  meta {v.meta_preview}" if v.meta_preview else ""
+    return (
+        f"{mark} {v.version}  {format_size(v.size):>9}  {v.pushed_at} by {v.pushed_by}  "
+        f"Python {v.python}, cloudpickle {v.cloudpickle}{restored}{meta}"
+    )
+
+
+def history_lines(history: KeyHistory) -> list[str]:
+    """A key's versions, newest first, the current one marked ``*``."""
+    n = count(len(history), "version", "versions")
+    head = f"{history.key}: {n}, newest first"
+    if history.deleted:
+        head += " (deleted from the store: restore one with dm_restore --key KEY --version ID)"
+    return [head, *(version_line(v) for v in history)]
+
+
+def pulled_version_line(key: str, version: str, size: int) -> str:
+    """A version brought into the local cache (the panel's pull of a version)."""
+    return (
+        f"pulled version {version} of {key} into the local cache ({format_size(size)}); "
+        f"dm.pull({key!r}, version={version!r}) loads it"
+    )
+
+
+def restored_line(key: str, version: str) -> str:
+    return f"restored {key} to version {version} (a new version: the one it replaced is kept)"
+
+
 # -- the lines front-ends print after an action (one wording per event) ---------------------
 
 
@@ -422,12 +487,19 @@ def persist_line(key: str, *, on: bool, size: int | None = None) -> str:
     return f"persisted {key}{sized}: eviction leaves it alone"
 
 
-def delete_question(key: str, store: str, size: int | None = None) -> str:
+def delete_question(
+    key: str, store: str, size: int | None = None, *, all_versions: bool = False
+) -> str:
     """Asked before deleting a key from the store for everyone."""
     sized = f" ({format_size(size)})" if size is not None else ""
+    if all_versions:
+        return (
+            f"Delete {key}{sized} and every version of it from {store} for everyone? This "
+            "cannot be undone; this machine's copies go too."
+        )
     return (
-        f"Delete {key}{sized} from {store} for everyone? This cannot be undone; this "
-        "machine's copy goes too."
+        f"Delete {key}{sized} from {store} for everyone? Its versions stay (dm_history, "
+        "dm_restore bring it back); this machine's copies go too."
     )
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import reprlib
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +50,9 @@ class MappedFile:
     key: str
     size: int
     current: bool
-    """False: an older version of the key, kept only until its arrays are gone."""
+    """False: a file its entry no longer holds, kept only until its arrays are gone."""
+    version: str = ""
+    """The version id when the entry is a version pulled by its id; empty otherwise."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,3 +253,59 @@ class VerifyReport:
     def ok(self) -> bool:
         repaired = self.dropped_rows or self.orphan_files or self.rebuilt_index is not None
         return not (self.damaged or self.untrusted or repaired)
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionInfo:
+    """One version of a key, as :meth:`Manager.history` lists it."""
+
+    version: str
+    """Its id: what ``pull(key, version=...)`` and ``restore`` take."""
+    size: int
+    pushed_by: str
+    pushed_at: str
+    python: str
+    cloudpickle: str
+    meta: Any
+    """Its meta (None when its footer could not be read: see ``readable``)."""
+    current: bool
+    """The version a plain pull of the key gives."""
+    restored_from: str = ""
+    """The version this one restored (``dm.restore``), if it is a restore."""
+    readable: bool = True
+    """False: its footer could not be read or checked (damaged, or not signed with the
+    team's key); it is listed, with what the store says of it, so that it can be removed."""
+
+    @property
+    def meta_preview(self) -> str:
+        """A one-line glimpse of the meta (at most 60 characters)."""
+        if self.meta is None:
+            return ""
+        short = reprlib.Repr()
+        short.maxstring = short.maxother = 40
+        short.maxlevel = 2
+        return short.repr(self.meta)[:60]
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyHistory:
+    """What :meth:`Manager.history` returns: a key's versions, newest first."""
+
+    key: str
+    versions: tuple[VersionInfo, ...]
+    deleted: bool
+    """The key was deleted from the store (``dm.delete(key, remote=True)``): no version is
+    current, and any of them can be restored."""
+
+    def __iter__(self) -> Iterator[VersionInfo]:
+        return iter(self.versions)
+
+    def __len__(self) -> int:
+        return len(self.versions)
+
+    def __getitem__(self, index: int) -> VersionInfo:
+        return self.versions[index]
+
+    @property
+    def current(self) -> VersionInfo | None:
+        return next((v for v in self.versions if v.current), None)

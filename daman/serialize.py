@@ -108,6 +108,12 @@ class Footer:
     never reads the buffers (they hold data only)."""
     buffer_sha256: tuple[str, ...] = ()
     """Format 2: each out-of-band buffer's sha256 (``verify`` checks them)."""
+    version: str = ""
+    """The version id daman gave this write when it keeps the key's versions itself (see
+    ``daman.history``: the object was recorded under ``.daman-history/`` under this id before
+    it became the key's); empty otherwise, and in objects written before versions existed."""
+    restored_from: str = ""
+    """The version this one restored (``dm.restore``): its bytes but for this footer."""
 
     @property
     def file_size(self) -> int:
@@ -153,10 +159,32 @@ class Footer:
             )
 
 
-_LATER_FIELDS = ("key", "code", "libraries", "readonly", "stream_sha256", "buffer_sha256")
+_LATER_FIELDS = (
+    "key", "code", "libraries", "readonly", "stream_sha256", "buffer_sha256", "version",
+    "restored_from",
+)  # fmt: skip
 """Footer fields added after signing existed: a signature covers them only when they are
 set, so that objects signed before they existed still verify."""
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(Footer)}
+
+
+def new_version_id(moment: datetime, push_id: str) -> str:
+    """``20261130T123456.789Z-1a2b3c4d``: the write's time (UTC, to the millisecond), for
+    people and for ordering, and the start of its random ``push_id``, for uniqueness."""
+    return f"{moment:%Y%m%dT%H%M%S}.{moment.microsecond // 1000:03d}Z-{push_id[:8]}"
+
+
+def _stamp(versioned: bool) -> dict[str, str]:
+    """The footer fields that make one write unique: who, when, its random id and, when
+    daman keeps the key's versions itself, its version id."""
+    moment = datetime.now(timezone.utc)
+    push_id = secrets.token_hex(8)
+    return dict(
+        pushed_by=_writer_identity(),
+        pushed_at=moment.isoformat(timespec="seconds"),
+        push_id=push_id,
+        version=new_version_id(moment, push_id) if versioned else "",
+    )
 
 
 def _writer_identity() -> str:
@@ -290,9 +318,11 @@ def write_object(
     f: IO[bytes],
     signing_key: bytes | None = None,
     key: str = "",
+    *,
+    versioned: bool = False,
 ) -> Footer:
     """Write ``obj`` and pickled meta to the binary file ``f``; return the footer written
-    (signed when a ``signing_key`` is given)."""
+    (signed when a ``signing_key`` is given; with a new version id when ``versioned``)."""
     out = _HashingWriter(f)
     buffers: list[pickle.PickleBuffer] = []
     out.part = hashlib.sha256()
@@ -342,10 +372,8 @@ def write_object(
         meta=meta_span,
         payload_size=out.pos,
         sha256=out.sha.hexdigest(),
-        pushed_by=_writer_identity(),
-        pushed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         meta_sha256=hashlib.sha256(meta_bytes).hexdigest(),
-        push_id=secrets.token_hex(8),
+        **_stamp(versioned),
         key=key,
         code=out.saw_code,
         libraries=library_versions(obj),
@@ -358,6 +386,41 @@ def write_object(
     encoded = footer.encode()
     f.write(encoded)
     f.write(TRAILER.pack(MAGIC, len(encoded)))
+    return footer
+
+
+def restamp(
+    stored: StoredFile,
+    out: IO[bytes],
+    *,
+    key: str,
+    signing_key: bytes | None,
+    versioned: bool,
+    restored_from: str,
+) -> Footer:
+    """Write ``stored`` (a checked object file of ``key``) to ``out`` as a new write of it:
+    the same payload, byte for byte (copied in the kernel where it can), under a footer
+    that says who wrote it now, with a new random id (and version id), and which version
+    it restores; signed again with ``signing_key`` (unsigned without one)."""
+    footer = dataclasses.replace(
+        stored.footer, **_stamp(versioned), key=key, signature="", restored_from=restored_from
+    )
+    if signing_key is not None:
+        footer = footer.signed(signing_key, key)
+    out.flush()
+    done, size, fd = 0, footer.payload_size, out.fileno()
+    while done < size:
+        try:
+            n = os.copy_file_range(stored.fd, fd, size - done, done, done)
+        except (AttributeError, OSError):  # not on this platform or file system: read it
+            n = os.pwrite(fd, stored.read_at(done, min(_FILE_CHUNK, size - done)), done)
+        if n == 0:
+            raise IntegrityError(f"{key!r} came short while it was copied; try again.")
+        done += n
+    out.seek(size)
+    encoded = footer.encode()
+    out.write(encoded)
+    out.write(TRAILER.pack(MAGIC, len(encoded)))
     return footer
 
 

@@ -24,8 +24,8 @@ class CountingStore(Store):
     def check(self):
         return self._call("check")
 
-    def head(self, key):
-        return self._call("head", key)
+    def head(self, key, **kw):
+        return self._call("head", key, **kw)
 
     def head_current(self, key):
         return self._call("head", key)
@@ -36,11 +36,26 @@ class CountingStore(Store):
     def get(self, key, dest, **kw):
         return self._call("get", key, dest, **kw)
 
-    def read_tail(self, key, length):
-        return self._call("read_tail", key, length)
+    def read_tail(self, key, length, **kw):
+        return self._call("read_tail", key, length, **kw)
 
-    def read_range(self, key, offset, length):
-        return self._call("read_range", key, offset, length)
+    def read_range(self, key, offset, length, **kw):
+        return self._call("read_range", key, offset, length, **kw)
+
+    def put_copy(self, key, path, **kw):
+        return self._call("put_copy", key, path, **kw)
+
+    def copies(self, size, **kw):
+        return self.inner.copies(size, **kw)
+
+    def keeps_versions(self):
+        return self._call("keeps_versions")
+
+    def versions(self, key):
+        return self._call("versions", key)
+
+    def delete_version(self, key, version):
+        return self._call("delete_version", key, version)
 
     def delete(self, key):
         return self._call("delete", key)

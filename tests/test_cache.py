@@ -100,7 +100,8 @@ def assert_consistent(cache: Cache) -> None:
     assert files_on_disc(cache) == referenced
     for entry in entries:
         assert entry.path.parent == cache.objects_dir
-        assert entry.path.name.startswith(key_digest(entry.key) + ".")
+        named = f"{entry.key}\0{entry.version}" if entry.version else entry.key
+        assert entry.path.name.startswith(key_digest(named) + ".")  # a version: its own name
     assert cache.usage().used == sum(entry.size for entry in entries)
     assert cache.usage().count == len(entries)
     assert list(cache.tmp_dir.glob("*.incomplete")) == []
@@ -1116,7 +1117,9 @@ def _crashed_add(cache: Cache, key: str, *, committed: bool) -> tuple[Path, Path
     marker.touch()
     if committed:
         cache._db().execute(
-            "INSERT INTO entries VALUES (?, ?, 100, 'e', 's', 0, 1, 0, '')", (key, file)
+            "INSERT INTO entries (key, file, size, etag, sha256, created, accessed, persist, "
+            "store) VALUES (?, ?, 100, 'e', 's', 0, 1, 0, '')",
+            (key, file),
         )
     return final, marker
 
@@ -1291,6 +1294,83 @@ def test_states_under_a_prefix(root: Path) -> None:
         found = cache.states_under(prefix)
         assert sorted(found) == sorted(key for key in keys if key.startswith(prefix)), prefix
     assert cache.states_under("a/")["a/b"].persist and not cache.states_under("a/")["a/c/d"].persist
+
+
+# -- upgrading an index made by the previous release -------------------------------------------
+
+
+def release_schema(version: int) -> list[str]:
+    """The index of a release before versions: one entry per key; ``SCHEMA_VERSION`` 3 (the
+    release before this one) names each entry's store, 2 does not."""
+    store = ", store TEXT NOT NULL DEFAULT ''" if version == 3 else ""
+    return [
+        f"""CREATE TABLE entries (
+            key TEXT PRIMARY KEY, file TEXT NOT NULL, size INTEGER NOT NULL,
+            etag TEXT NOT NULL, sha256 TEXT NOT NULL, created REAL NOT NULL,
+            accessed INTEGER NOT NULL, persist INTEGER NOT NULL DEFAULT 0{store})""",
+        "CREATE INDEX entries_lru ON entries (persist, accessed)",
+        "CREATE TABLE journal (file TEXT PRIMARY KEY, key TEXT NOT NULL)",
+        """CREATE TABLE totals (id INTEGER PRIMARY KEY CHECK (id = 0), size INTEGER NOT NULL,
+            count INTEGER NOT NULL, seq INTEGER NOT NULL DEFAULT 0)""",
+        "INSERT INTO totals (id, size, count) VALUES (0, 0, 0)",
+        """CREATE TRIGGER entries_insert AFTER INSERT ON entries BEGIN
+            UPDATE totals SET size = size + NEW.size, count = count + 1; END""",
+        """CREATE TRIGGER entries_delete AFTER DELETE ON entries BEGIN
+            UPDATE totals SET size = size - OLD.size, count = count - 1; END""",
+        """CREATE TRIGGER entries_resize AFTER UPDATE OF size ON entries BEGIN
+            UPDATE totals SET size = size - OLD.size + NEW.size; END""",
+        "CREATE TABLE retired (file TEXT PRIMARY KEY, key TEXT NOT NULL, size INTEGER NOT NULL)",
+        """CREATE TRIGGER retired_insert AFTER INSERT ON retired BEGIN
+            UPDATE totals SET size = size + NEW.size; END""",
+        """CREATE TRIGGER retired_delete AFTER DELETE ON retired BEGIN
+            UPDATE totals SET size = size - OLD.size; END""",
+        f"PRAGMA user_version = {version}",
+    ]
+
+
+@pytest.mark.parametrize("release", [3, 2])
+def test_an_index_of_a_release_before_versions_keeps_its_entries_pins_and_order(
+    root: Path, release: int
+) -> None:
+    (root / "objects").mkdir(parents=True)
+    db = sqlite3.connect(root / "index.sqlite3")
+    for statement in release_schema(release):
+        db.execute(statement)
+    for use, (key, persist) in enumerate([("b", 1), ("a", 0), ("c", 0)], start=1):
+        file = f"{key_digest(key)}.{'0' * 12}"
+        (root / "objects" / file).write_bytes(b"x" * 1000)
+        columns = "key, file, size, etag, sha256, created, accessed, persist"
+        values = [key, file, 1000, f"etag-{key}", "sha", 1.7e9, use, persist]
+        if release == 3:
+            columns, values = columns + ", store", [*values, "s3://team/"]
+        marks = ", ".join("?" * len(values))
+        db.execute(f"INSERT INTO entries ({columns}) VALUES ({marks})", values)
+    db.execute("UPDATE totals SET seq = 3")
+    db.commit()
+    db.close()
+
+    cache = Cache(root, 5000, store="s3://team/")
+    assert cache._query("PRAGMA user_version") == [(cache_module.SCHEMA_VERSION,)]
+    assert cache_module.SCHEMA_VERSION == 4
+    entries = cache.entries()
+    assert [(e.key, e.version) for e in entries] == [("c", ""), ("a", ""), ("b", "")]  # LRU kept
+    assert [e.key for e in entries if e.persist] == ["b"]  # pins kept
+    assert {e.store for e in entries} == {"s3://team/"}  # (release 2: adopted by the opener)
+    assert cache.get("a") is not None and cache.get("a").etag == "etag-a"
+    assert cache.usage().used == 3000 and cache.usage().count == 3
+    # A version by id is cached beside the current one; eviction takes the least used (b is
+    # pinned: a goes), and the totals stay right.
+    with cache.temp_file() as tmp:
+        tmp.write_bytes(b"y" * 2500)
+        cache.add("c", tmp, etag="v1", sha256="s", version="20261130T000000.000Z-1a2b3c4d")
+    assert sorted((e.key, e.version) for e in cache.entries()) == [
+        ("b", ""), ("c", ""), ("c", "20261130T000000.000Z-1a2b3c4d")
+    ]  # fmt: skip
+    assert cache.usage().used == 4500 and cache.usage().count == 3
+    assert_consistent(cache)
+    cache.close()
+    again = Cache(root, 5000, store="s3://team/")  # opening it again changes nothing
+    assert again.usage().used == 4500 and len(again.entries()) == 3
 
 
 def test_the_index_needs_no_sqlite_newer_than_distributions_ship(root: Path) -> None:

@@ -158,7 +158,8 @@ def test_configure_keeps_the_settings_it_is_not_given(tmp_path: Path) -> None:
 # -- every command ---------------------------------------------------------------------------
 
 ALL_COMMANDS = ["dm_aws", "dm_configure", "dm_push", "dm_pull", "dm_delete", "dm_ls", "dm_info",
-                "dm_status", "dm_persist", "dm_clear", "dm_verify"]  # fmt: skip
+                "dm_status", "dm_persist", "dm_clear", "dm_verify", "dm_history",
+                "dm_restore"]  # fmt: skip
 
 
 def test_every_command_has_its_own_help() -> None:
@@ -485,6 +486,47 @@ def test_local_only_commands_with_an_s3_configuration_open_no_store(tmp_path: Pa
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False True"
+
+
+def test_history_pull_of_a_version_restore_and_delete_of_every_version(
+    config: Config, tmp_path: Path
+) -> None:
+    assert configure(config).returncode == 0
+    with Manager(config.replace(local_dir=str(tmp_path / "pusher"))) as pusher:
+        pusher.push(b"one", "team/x", meta={"n": 1})
+        pusher.push(b"two", "team/x", meta={"n": 2}, force=True)
+        old, new = pusher.history("team/x")[1].version, pusher.history("team/x")[0].version
+    result = run("dm_history", "--key", "team/x")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "team/x: 2 versions, newest first"
+    assert lines[1].startswith(f"* {new}") and lines[2].startswith(f"  {old}")
+    assert "{'n': 1}" in lines[2]
+    data = json.loads(run("dm_history", "--key", "team/x", "--json").stdout)
+    assert [v["version"] for v in data["versions"]] == [new, old]
+    assert [v["current"] for v in data["versions"]] == [True, False] and not data["deleted"]
+
+    out = tmp_path / "old.bin"
+    result = run("dm_pull", "--key", "team/x", "--version", old, "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == b"one"
+    result = run("dm_pull", "--key", "team/x", "--version", "20200101T000000.000Z-0")
+    assert result.returncode == 1 and "dm_history" in result.stderr
+
+    result = run("dm_restore", "--key", "team/x", "--version", old)
+    assert result.returncode == 0, result.stderr
+    assert f"restored team/x to version {old}" in result.stdout
+    with Manager(config) as manager:
+        assert manager.pull("team/x", force=True)[0] == b"one"
+
+    assert run("dm_delete", "--key", "team/x", "--remote").returncode == 0
+    result = run("dm_history", "--key", "team/x")
+    assert "3 versions" in result.stdout and "deleted from the store" in result.stdout
+    result = run("dm_delete", "--key", "team/x", "--all-versions")
+    assert result.returncode == 1 and "remote=True" in result.stderr
+    assert run("dm_delete", "--key", "team/x", "--remote", "--all-versions").returncode == 0
+    result = run("dm_history", "--key", "team/x")
+    assert result.returncode == 1 and "not found" in result.stderr
 
 
 def test_ctrl_c_while_a_command_starts_is_one_line(daman_home: Path) -> None:

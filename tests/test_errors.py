@@ -14,6 +14,7 @@ SAMPLES: dict[type, tuple[object, ...]] = {
     errors.InvalidKeyError: ("a//b", "a key cannot contain empty parts"),
     errors.KeyNotFoundError: ("team/x", "the local cache"),
     errors.KeyExistsError: ("team/x",),
+    errors.VersionNotFoundError: ("team/x", "20261130T000000.000Z-1a2b3c4d", "the store"),
 }
 CLASSES = [
     cls

@@ -24,7 +24,8 @@ import daman as dm
 from daman.magics import COMPLETION_TTL, key_fragment, variable_name
 from daman.store import open_store
 
-LINE_MAGICS = {"dm_push", "dm_pull", "dm_ls", "dm_info", "dm_delete", "dm_status", "dm_panel"}
+LINE_MAGICS = {"dm_push", "dm_pull", "dm_ls", "dm_info", "dm_delete", "dm_status", "dm_panel",
+               "dm_history"}  # fmt: skip
 
 
 @pytest.fixture
@@ -122,7 +123,8 @@ def test_unload_removes_the_magics_and_the_completer(shell, capsys) -> None:
 def test_help_shows_the_flags(shell, capsys) -> None:
     run(shell, "%dm_pull?")
     out = capsys.readouterr().out
-    assert "%dm_pull [--as VAR] [--force] [--persist] [--memory-only] [--mmap] key" in out
+    assert "%dm_pull [--as VAR] [--force] [--persist] [--memory-only] [--mmap]" in out
+    assert "[--version ID]" in out
 
 
 # -- %dm_push and %dm_pull ---------------------------------------------------------------------
@@ -617,3 +619,19 @@ def test_a_daman_02_object_is_pulled_described_and_marked(
     assert "daman 0.2" in capsys.readouterr().out
     run(shell, "%dm_ls team/ --legacy")
     assert "daman 0.2" in capsys.readouterr().out
+
+
+def test_history_and_pull_of_an_older_version(shell, local, capsys) -> None:
+    dm.push([1], "team/a", meta="first")
+    dm.push([2], "team/a", meta="second", force=True)
+    newest, oldest = (v.version for v in dm.history("team/a"))
+    capsys.readouterr()
+    run(shell, "%dm_history team/a")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "team/a: 2 versions, newest first"
+    assert lines[1].startswith(f"* {newest}") and "meta 'second'" in lines[1]
+    assert lines[2].startswith(f"  {oldest}") and "meta 'first'" in lines[2]
+    run(shell, f"%dm_pull team/a --version {oldest} --as a_old")
+    assert shell.user_ns["a_old"] == [1] and shell.user_ns["a_old_meta"] == "first"
+    error = fail(shell, "%dm_pull team/a --version 20200101T000000.000Z-0", capsys)
+    assert "dm_history" in error

@@ -601,7 +601,13 @@ def test_requests_sent_by_a_small_push_and_a_cached_pull(manager: Manager) -> No
             "before-send.s3", lambda request, **_: sent.append(request.method)
         )
     manager.push({"small": 1}, "k")
-    assert sent == ["PUT"]  # one conditional PUT
+    # whether the bucket keeps versions (asked once per store), the version's record, then
+    # the key (both conditional)
+    assert sent == ["GET", "PUT", "PUT"]
+    sent.clear()
+    manager.push({"small": 2}, "k", force=True)
+    # the replaced version's footer (it has its record), the record, a copy on S3's side
+    assert sent == ["GET", "PUT", "PUT"]
     sent.clear()
     manager.pull("k")
     assert sent == ["HEAD"]  # the current-check, nothing else
@@ -789,11 +795,14 @@ def test_ls_level_lists_one_level_with_cache_states(counting) -> None:
 def test_ls_level_pages(counting) -> None:
     m, _ = counting
     for n in range(5):
-        m.push(n, f"k{n}")
-    first = m.ls_level(limit=2)
-    assert [k.key for k in first.keys] == ["k0", "k1"] and first.token is not None
-    second = m.ls_level(limit=2, token=first.token)
-    assert [k.key for k in second.keys] == ["k2", "k3"]
+        m.push(n, f"p/k{n}")
+    # (under a prefix: at the root, daman's .daman-history/ takes a place in a store's page,
+    # and is left out of it, so that a root page may show one name fewer)
+    first = m.ls_level("p/", limit=2)
+    assert [k.key for k in first.keys] == ["p/k0", "p/k1"] and first.token is not None
+    second = m.ls_level("p/", limit=2, token=first.token)
+    assert [k.key for k in second.keys] == ["p/k2", "p/k3"]
+    assert m.ls_level("").prefixes == ["p/"]
     with pytest.raises(InvalidKeyError):
         m.ls_level("../")
 

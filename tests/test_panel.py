@@ -535,3 +535,59 @@ def test_the_widget_draws_the_model_and_forwards_clicks(counted) -> None:
             assert "team/model/v3" in button.description
     finally:
         panel.close()
+
+
+# -- versions --------------------------------------------------------------------------------
+
+
+def test_the_details_list_versions_with_pull_and_restore(counted) -> None:
+    manager, _ = counted()
+    manager.push(blob(KiB), "team/m", meta="first")
+    manager.push(blob(2 * KiB), "team/m", meta="second", force=True)
+    model = model_of(manager)
+    model.open("team/")
+    model.show("team/m")
+    assert model.version_lines() == []  # asked for only: a key may have many versions
+    model.show_versions("team/m")
+    lines = model.version_lines()
+    newest, oldest = (version for version, _ in lines)
+    assert lines[0][1].startswith(f"* {newest}") and "'second'" in lines[0][1]
+    assert lines[1][1].startswith(f"  {oldest}") and "'first'" in lines[1][1]
+
+    model.pull_version("team/m", oldest)
+    assert manager.cache.get("team/m", oldest) is not None and "pulled version" in model.message
+    assert not model.error
+
+    model.restore("team/m", oldest)
+    assert not model.error and f"restored team/m to version {oldest}" in model.message
+    assert manager.pull("team/m") == (blob(KiB), "first")
+    lines = model.version_lines()  # read again: the restore is the newest, and current
+    assert len(lines) == 3 and lines[0][1].startswith("* ") and f"from {oldest}" in lines[0][1]
+    assert model.details is not None and model.details.meta == "first"
+
+    model.show("other")  # another key's details: its versions are not those
+    assert model.version_lines() == []
+
+
+def test_the_widget_lists_versions_with_their_buttons(counted) -> None:
+    from daman.panel import Panel
+
+    manager, _ = counted()
+    manager.push(blob(KiB), "k", meta="first")
+    manager.push(blob(KiB), "k", meta="second", force=True)
+    oldest = manager.history("k")[1].version
+    panel = Panel(manager, threaded=False)
+    try:
+        panel._table.children[0].children[1].click()  # the key's details
+        assert panel._versions.children == ()
+        panel._show_versions.click()
+        rows = panel._versions.children
+        assert len(rows) == 2 and oldest in rows[1].children[0].value
+        pull, restore = rows[1].children[1:]
+        assert pull.description == "pull" and oldest in pull.tooltip
+        pull.click()
+        assert manager.cache.get("k", oldest) is not None
+        restore.click()
+        assert manager.pull("k")[1] == "first" and len(panel._versions.children) == 3
+    finally:
+        panel.close()

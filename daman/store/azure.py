@@ -45,7 +45,7 @@ from ..errors import (
     StorageNotFoundError,
     StoreUnavailableError,
 )
-from ..keys import validate_key, validate_prefix
+from ..keys import listed, validate_key, validate_listing, validate_name, validate_prefix
 from ._transfer import (
     TRANSFER_THREADS,
     MiB,
@@ -205,7 +205,7 @@ class AzureStore(Store):
         return self.client.get_container_client(self.container_name)
 
     def _blob(self, key: str) -> Any:
-        return self._container().get_blob_client(self.prefix + validate_key(key))
+        return self._container().get_blob_client(self.prefix + validate_name(key))
 
     # -- errors --------------------------------------------------------------------------
 
@@ -380,11 +380,14 @@ class AzureStore(Store):
             return None
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        validate_prefix(prefix)
+        """Azure lists from a prefix only (no start-after): a listing of the whole container
+        also reads the names of daman's versions (``.daman-history/``), 5,000 a request,
+        and leaves them out."""
+        validate_listing(prefix)
         with self._errors():
             for props in self._container().list_blobs(name_starts_with=self.prefix + prefix):
-                key = self._key_of(props.name)
-                if key is not None:
+                key = props.name[len(self.prefix) :]
+                if listed(key, prefix):  # not "folder/" placeholders other tools make
                     yield self._info(key, props)
 
     def list_level(self, prefix: str = "", *, token: str | None = None, limit: int = 1000) -> Level:

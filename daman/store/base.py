@@ -8,6 +8,12 @@ safely. Both backends promise the same things:
   even when another machine creates it at the same moment;
 - a reader never sees a partly written object;
 - expected failures surface as daman errors, never as backend tracebacks.
+
+Besides keys, a store reads and writes *record names* (``daman.keys.record_name``: the
+versions daman keeps itself, under ``.daman-history/``), and lists them only when asked for a
+record folder. A store that keeps every version itself (S3 with bucket versioning) says so
+with :meth:`Store.keeps_versions`, and then also takes ``version=`` in ``head``, ``get``,
+``read_tail`` and ``read_range`` (see ``daman.history``).
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ class ObjectInfo:
     """The object's user metadata when the request that made this info returned it (S3: HEAD
     and GET, not listings); None when not known, and always for a folder, which keeps none.
     Only daman 0.2 objects carry any (``md5``)."""
+    version: str = dataclasses.field(default="", compare=False)
+    """The store's own id of this version (S3 with bucket versioning: its VersionId), when
+    the answer gave one; else empty."""
 
     @classmethod
     def listed(cls, key: str, size: int, etag: str, last_modified: datetime | None) -> ObjectInfo:
@@ -55,7 +64,22 @@ class ObjectInfo:
         fields = info.__dict__
         fields["key"], fields["size"], fields["etag"] = key, size, etag
         fields["last_modified"], fields["metadata"] = last_modified, None
+        fields["version"] = ""
         return info
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredVersion:
+    """One version of a key as a store that keeps versions lists it (S3 bucket versioning)."""
+
+    version: str
+    size: int
+    etag: str
+    last_modified: datetime | None
+    latest: bool
+    """The version a plain read of the key gives (or, for a deletion, that the key is gone)."""
+    deleted: bool = False
+    """A deletion (S3's delete marker), not a version holding bytes."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +203,40 @@ class Store(abc.ABC):
             elif not prefixes or prefixes[-1] != name:
                 prefixes.append(name)
         return Level(prefix, prefixes, objects, None)
+
+    def put_copy(
+        self,
+        key: str,
+        path: Path,
+        *,
+        source: str,
+        overwrite: bool,
+        progress: Progress = _no_progress,
+    ) -> ObjectInfo:
+        """:meth:`put` of the file at ``path``, which the store holds already, whole, as
+        ``source`` (a record name): a backend that can copies it on its side instead of
+        sending the bytes again (this default sends them)."""
+        return self.put(key, path, overwrite=overwrite, progress=progress)
+
+    def copies(self, size: int, *, overwrite: bool) -> bool:
+        """Whether :meth:`put_copy` of ``size`` bytes copies on the store's side (sends no
+        bytes): for progress bars."""
+        return False
+
+    def keeps_versions(self) -> bool:
+        """Whether the store itself keeps every version of every key (S3 with bucket
+        versioning enabled): then daman asks it for them instead of keeping records."""
+        return False
+
+    def versions(self, key: str) -> list[StoredVersion]:
+        """Every version of ``key`` the store keeps, deletions included, newest first
+        (only when :meth:`keeps_versions`)."""
+        raise DamanError(f"{self.describe()} keeps no versions of its own.")
+
+    def delete_version(self, key: str, version: str) -> None:
+        """Remove one version (or deletion) of ``key`` for good (only when
+        :meth:`keeps_versions`)."""
+        raise DamanError(f"{self.describe()} keeps no versions of its own.")
 
     def put_if_match(
         self, key: str, path: Path, etag: str, *, progress: Progress = _no_progress

@@ -45,7 +45,15 @@ from ..errors import (
     StorageNotFoundError,
     StoreUnavailableError,
 )
-from ..keys import validate_key, validate_prefix
+from ..keys import (
+    HISTORY,
+    SKIP_HISTORY_AFTER,
+    listed,
+    validate_key,
+    validate_listing,
+    validate_name,
+    validate_prefix,
+)
 from ._transfer import (
     MiB,
     ObjectChangedError,
@@ -175,7 +183,8 @@ class GCSStore(Store):
         return self.client.bucket(self.bucket_name)
 
     def _blob(self, key: str, generation: int | None = None) -> Any:
-        return _blob_class()(self.prefix + validate_key(key), self._bucket(), generation=generation)
+        name = self.prefix + validate_name(key)
+        return _blob_class()(name, self._bucket(), generation=generation)
 
     def _retry(self, requests: int = 1) -> Any:
         """The SDK's retry policy (its own test of which errors are transient), bounded: at
@@ -501,19 +510,31 @@ class GCSStore(Store):
             return None
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        validate_prefix(prefix)
+        validate_listing(prefix)
+        records, after = f"{HISTORY}/", SKIP_HISTORY_AFTER
+        skip = not prefix.startswith(records)  # daman's versions, unless they are asked for
+        start: str | None = None
         with self._errors():
-            blobs = self.client.list_blobs(
-                self.bucket_name,
-                prefix=self.prefix + prefix,
-                fields="items(name,size,generation,updated),nextPageToken",
-                timeout=self.timeout,
-                retry=self._retry(),
-            )
-            for blob in blobs:
-                key = self._key_of(blob.name)
-                if key is not None:
-                    yield self._info(key, blob)
+            while True:
+                blobs = self.client.list_blobs(
+                    self.bucket_name,
+                    prefix=self.prefix + prefix,
+                    fields="items(name,size,generation,updated),nextPageToken",
+                    timeout=self.timeout,
+                    retry=self._retry(),
+                    **({"start_offset": self.prefix + start} if start else {}),
+                )
+                for blob in blobs:
+                    key = blob.name[len(self.prefix) :]
+                    if skip and key.startswith(records) and start is None:
+                        start = after  # GCS sorts them among the keys: go on after them
+                        break
+                    if start is not None and key < start:
+                        continue  # from a server that ignores start_offset: seen already
+                    if listed(key, prefix):  # not "folder/" placeholders of the console
+                        yield self._info(key, blob)
+                else:
+                    return
 
     def list_level(self, prefix: str = "", *, token: str | None = None, limit: int = 1000) -> Level:
         """One request per page in the usual case. The token is the last name returned (a

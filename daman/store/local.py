@@ -40,8 +40,8 @@ from ..errors import (
     StoreUnavailableError,
     map_os_error,
 )
-from ..files import TEMP_NAME, atomic_write, open_empty
-from ..keys import is_valid_key, validate_key, validate_prefix
+from ..files import TEMP_NAME, atomic_write, open_empty, temp_path, unlink_quietly
+from ..keys import HISTORY, is_valid_key, listed, validate_listing, validate_name, validate_prefix
 from ..serialize import TRAILER, file_reader, read_footer
 from .base import Level, ObjectInfo, Progress, Store, Written, _no_progress, _no_range
 
@@ -195,7 +195,7 @@ class LocalStore(Store):
             )
 
     def _path(self, key: str) -> Path:
-        validate_key(key)
+        validate_name(key)
         parts = key.split("/")
         if any(part.endswith(SUFFIX) for part in parts[:-1]):
             raise InvalidKeyError(key, f"in a local store only the last part may end in {SUFFIX!r}")
@@ -278,6 +278,56 @@ class LocalStore(Store):
                 key, f"the store folder holds a folder named {dest.name!r} in the way"
             ) from None
         return info
+
+    def copies(self, size: int, *, overwrite: bool) -> bool:
+        return True
+
+    @_mapped
+    def put_copy(
+        self,
+        key: str,
+        path: Path,
+        *,
+        source: str,
+        overwrite: bool,
+        progress: Progress = _no_progress,
+    ) -> ObjectInfo:
+        """A second name for ``source``'s file (a hard link; no byte is copied): stored files
+        are never changed in place, only replaced or unlinked, so two names may share one.
+        Created with ``os.link`` (``KeyExistsError`` if the key exists) or, to overwrite,
+        linked under a temp name and renamed over the key."""
+        dest = self._path(key)
+        src = self._path(source)
+        self._require_root()
+        for attempt in range(3):  # a concurrent delete may prune the folder we just made
+            self._make_folder(key, dest.parent)
+            tmp = temp_path(dest)
+            try:
+                os.link(src, tmp)
+                try:
+                    with open(tmp, "rb") as f:
+                        info = _info(key, f)
+                    if overwrite:
+                        os.replace(tmp, dest)
+                    else:
+                        os.link(tmp, dest)
+                finally:
+                    unlink_quietly(tmp)
+            except FileExistsError:
+                raise KeyExistsError(key) from None
+            except IsADirectoryError:
+                raise InvalidKeyError(
+                    key, f"the store folder holds a folder named {dest.name!r} in the way"
+                ) from None
+            except FileNotFoundError:
+                if not src.exists():
+                    raise KeyNotFoundError(source, self.describe()) from None
+                if attempt == 2:
+                    raise
+                continue
+            progress(info.size)
+            return info
+        raise AssertionError("unreachable")
 
     @_mapped
     def put_if_match(
@@ -428,9 +478,10 @@ class LocalStore(Store):
     def _files(self, prefix: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
         """``(key, entry)`` of the object files whose keys start with ``prefix``: a walk of
         the folders as ``os.walk`` does (symbolic links to folders are not followed)."""
-        validate_prefix(prefix)
+        validate_listing(prefix)
         self._require_root()
         folders = ["/".join(prefix.split("/")[:-1])]  # relative to the root, "" for the root
+        records = prefix.startswith(f"{HISTORY}/")
         while folders:
             rel = folders.pop()
             if any(part.endswith(SUFFIX) for part in rel.split("/")):
@@ -444,11 +495,11 @@ class LocalStore(Store):
             for entry in entries:
                 name = entry.name
                 if entry.is_dir():  # a link to a folder is not walked into, nor listed
-                    if not entry.is_symlink():
-                        folders.append(head + name)
+                    if not entry.is_symlink() and (head or name != HISTORY or records):
+                        folders.append(head + name)  # (the versions: only when asked)
                 elif name.endswith(SUFFIX):  # temp files end in .incomplete
                     key = head + name[: -len(SUFFIX)]
-                    if (within or key.startswith(prefix)) and is_valid_key(key):
+                    if (within or key.startswith(prefix)) and listed(key, prefix):
                         yield key, entry
 
     @_mapped
@@ -477,6 +528,7 @@ class LocalStore(Store):
             elif (
                 entry.is_dir(follow_symlinks=False)  # as list() does: os.walk does not follow
                 and not entry.name.endswith(SUFFIX)
+                and (level or entry.name != HISTORY)  # daman's versions: not a prefix
                 and _valid(level + entry.name)
                 and _holds_objects(entry.path)
             ):

@@ -59,7 +59,15 @@ from ..errors import (
     StoreUnavailableError,
 )
 from ..files import open_empty
-from ..keys import validate_key, validate_prefix
+from ..keys import (
+    HISTORY,
+    SKIP_HISTORY_AFTER,
+    listed,
+    validate_key,
+    validate_listing,
+    validate_name,
+    validate_prefix,
+)
 from ._transfer import (
     TRANSFER_THREADS,
     ObjectChangedError,
@@ -76,6 +84,7 @@ from .base import (
     ObjectInfo,
     Progress,
     Store,
+    StoredVersion,
     WriteUnconfirmedError,
     Written,
     _no_progress,
@@ -144,6 +153,16 @@ def _whole(path: Path, size: int) -> bytes:
     return data
 
 
+def _part_spans(key: str, fd: int, total: int, first: int) -> list[tuple[str, int, int, int]]:
+    """``(key, fd, start, end)`` of each part of a download after its first ``first`` bytes."""
+    return [(key, fd, s, s + n - 1) for s, n in split(total - first, start=first)]
+
+
+def _pinned(version: str | None) -> dict[str, str]:
+    """The request parameter that reads one version of a key (none: the current one)."""
+    return {"VersionId": version} if version else {}
+
+
 def _error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
@@ -168,6 +187,8 @@ class S3Store(Store):
         self.prefix = prefix
         self.max_attempts = max_attempts
         self._bucket_exists = False  # once seen, a bare 404 can only mean a missing key
+        self._versioning: bool | None = None  # asked once: see keeps_versions
+        self._versioning_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: Config) -> S3Store:
@@ -223,7 +244,7 @@ class S3Store(Store):
         return describe_s3(self.bucket, self.prefix)
 
     def _name(self, key: str) -> str:
-        return self.prefix + validate_key(key)
+        return self.prefix + validate_name(key)
 
     # -- errors --------------------------------------------------------------------------
 
@@ -239,7 +260,7 @@ class S3Store(Store):
                 return self._bucket_missing()
             if code == "InvalidRange":
                 return _RangeNotSatisfiable(message)
-            if code in ("NoSuchKey", "404", "NotFound") and key is not None:
+            if code in ("NoSuchKey", "NoSuchVersion", "404", "NotFound") and key is not None:
                 return KeyNotFoundError(key, where)
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict") and key:
                 return KeyExistsError(key)
@@ -313,22 +334,23 @@ class S3Store(Store):
                     raise
         raise AssertionError("unreachable")
 
-    def head(self, key: str) -> ObjectInfo:
-        return self._head(key, self.client)
+    def head(self, key: str, *, version: str | None = None) -> ObjectInfo:
+        return self._head(key, self.client, version)
 
     def head_current(self, key: str) -> ObjectInfo:
-        return self._head(key, self._quick_client.get())
+        return self._head(key, self._quick_client.get(), None)
 
-    def _head(self, key: str, client: Any) -> ObjectInfo:
+    def _head(self, key: str, client: Any, version: str | None) -> ObjectInfo:
         def once() -> dict[str, Any]:
             with self._errors(key):
-                r = client.head_object(Bucket=self.bucket, Key=self._name(key))
+                r = client.head_object(Bucket=self.bucket, Key=self._name(key), **_pinned(version))
             return _complete(r, "ContentLength", "ETag")
 
         r = self._idempotent(once)
         return ObjectInfo(
-            key, r["ContentLength"], r["ETag"], r.get("LastModified"), r.get("Metadata") or {}
-        )
+            key, r["ContentLength"], r["ETag"], r.get("LastModified"), r.get("Metadata") or {},
+            r.get("VersionId") or "",
+        )  # fmt: skip
 
     def put(
         self, key: str, path: Path, *, overwrite: bool, progress: Progress = _no_progress
@@ -343,7 +365,7 @@ class S3Store(Store):
                 )
             progress(size)
             # Written, but the answer was cut: an unknown version makes the next pull fetch it.
-            return ObjectInfo(key, size, r.get("ETag", ""))
+            return ObjectInfo(key, size, r.get("ETag", ""), version=r.get("VersionId") or "")
         # The conditional completion settles whether the key exists; a HEAD run beside the
         # parts (no wait added) refuses an existing key before it is completed, on servers
         # that ignore If-None-Match there (some S3-compatible ones do).
@@ -382,12 +404,18 @@ class S3Store(Store):
         size: int,
         condition: dict[str, str],
         progress: Progress,
+        *,
+        copy_from: str | None = None,
     ) -> ObjectInfo:
+        """A multipart upload of the file at ``path``, or, with ``copy_from`` (a name in this
+        bucket holding the same bytes), of parts S3 copies from it on its side."""
         # As boto3's managed transfer does: name the part checksum up front and list each
-        # part's checksum on completion, so the store checks every part end to end.
+        # part's checksum on completion, so the store checks every part end to end. (Parts
+        # copied on S3's side carry none: S3 copies what it holds.)
         checksum = (
             {"ChecksumAlgorithm": "CRC32"}
             if self.client.meta.config.request_checksum_calculation == "when_supported"
+            and copy_from is None
             else {}
         )
         with self._errors(key):
@@ -404,22 +432,37 @@ class S3Store(Store):
                 ) -> dict[str, Any]:
                     if stop.is_set():
                         raise Stopped
-                    body = os.pread(fd, length, offset)
+                    if copy_from is not None:
 
-                    def upload() -> dict[str, Any]:
-                        with self._errors(key):
-                            r = self.client.upload_part(
-                                Bucket=self.bucket,
-                                Key=name,
-                                UploadId=upload_id,
-                                PartNumber=number,
-                                Body=body,
-                                **checksum,
-                            )
-                        return _complete(r, "ETag")
+                        def upload() -> dict[str, Any]:
+                            with self._errors(key):
+                                r = self.client.upload_part_copy(
+                                    Bucket=self.bucket,
+                                    Key=name,
+                                    UploadId=upload_id,
+                                    PartNumber=number,
+                                    CopySource={"Bucket": self.bucket, "Key": copy_from},
+                                    CopySourceRange=f"bytes={offset}-{offset + length - 1}",
+                                )
+                            return _complete(r.get("CopyPartResult", {}), "ETag")
+
+                    else:
+                        body = os.pread(fd, length, offset)
+
+                        def upload() -> dict[str, Any]:
+                            with self._errors(key):
+                                r = self.client.upload_part(
+                                    Bucket=self.bucket,
+                                    Key=name,
+                                    UploadId=upload_id,
+                                    PartNumber=number,
+                                    Body=body,
+                                    **checksum,
+                                )
+                            return _complete(r, "ETag")
 
                     r = self._idempotent(upload)
-                    progress(len(body))
+                    progress(length)
                     done = {"PartNumber": number, "ETag": r["ETag"]}
                     if "ChecksumCRC32" in r:
                         done["ChecksumCRC32"] = r["ChecksumCRC32"]
@@ -462,7 +505,7 @@ class S3Store(Store):
                         f"{self.describe()} lost track of the upload of {key!r} (NoSuchUpload)"
                     ) from None
             completed = True
-            return ObjectInfo(key, size, r.get("ETag", ""))
+            return ObjectInfo(key, size, r.get("ETag", ""), version=r.get("VersionId") or "")
         finally:
             if not completed:  # never leave a half-upload behind (it costs money on S3)
                 with contextlib.suppress(ClientError, BotoCoreError):
@@ -471,11 +514,13 @@ class S3Store(Store):
                     )
 
     def _get_range(
-        self, key: str, start: int, end: int | None, etag: str | None
+        self, key: str, start: int, end: int | None, etag: str | None, version: str | None = None
     ) -> tuple[dict[str, Any], Iterator[bytes]]:
-        """GET bytes ``start..end`` (inclusive; ``end=None``: ``start`` is a suffix length)."""
+        """GET bytes ``start..end`` (inclusive; ``end=None``: ``start`` is a suffix length) of
+        the key's current version, or of ``version``."""
         byte_range = f"bytes=-{start}" if end is None else f"bytes={start}-{end}"
         extra = {"IfMatch": etag} if etag else {}
+        extra.update(_pinned(version))
 
         def once() -> dict[str, Any]:
             with self._errors(key):
@@ -504,6 +549,8 @@ class S3Store(Store):
         progress: Progress,
         on_written: Written = _no_range,
         stop: threading.Event | None = None,
+        *,
+        version: str | None = None,
     ) -> None:
         """Fetch bytes ``start..end`` into ``fd``. A stream that breaks, or an answer shorter
         than asked (a server may send less than the range), is resumed where it stopped, up
@@ -514,7 +561,7 @@ class S3Store(Store):
                 raise Stopped
             try:
                 if offset <= end:
-                    r, chunks = self._get_range(key, offset, end, etag)
+                    r, chunks = self._get_range(key, offset, end, etag, version)
                     answered = _CONTENT_RANGE.match(r.get("ContentRange") or "")
                     if answered is None or int(answered.group(1)) != offset:
                         raise StoreUnavailableError(
@@ -552,19 +599,26 @@ class S3Store(Store):
         progress: Progress = _no_progress,
         on_size: Progress = _no_progress,
         on_written: Written = _no_range,
+        version: str | None = None,
     ) -> ObjectInfo:
         return restarting_on_change(
-            key, lambda: self._get_once(key, dest, progress, on_size, on_written)
+            key, lambda: self._get_once(key, dest, progress, on_size, on_written, version)
         )
 
     def _get_once(
-        self, key: str, dest: Path, progress: Progress, on_size: Progress, on_written: Written
+        self,
+        key: str,
+        dest: Path,
+        progress: Progress,
+        on_size: Progress,
+        on_written: Written,
+        version: str | None,
     ) -> ObjectInfo:
         first_end = MULTIPART_THRESHOLD - 1
         try:
-            r, chunks = self._get_range(key, 0, first_end, None)
+            r, chunks = self._get_range(key, 0, first_end, None, version)
         except _RangeNotSatisfiable:  # an empty object has no byte 0
-            info = self.head(key)
+            info = self.head(key, version=version)
             if info.size:
                 raise
             dest.write_bytes(b"")
@@ -574,7 +628,10 @@ class S3Store(Store):
         total = int(match.group(3)) if match else r["ContentLength"]
         first_len = min(total, first_end + 1) if match else total
         # S3 always keeps user metadata: {} (not None) says an object has none.
-        info = ObjectInfo(key, total, r["ETag"], r.get("LastModified"), r.get("Metadata") or {})
+        info = ObjectInfo(
+            key, total, r["ETag"], r.get("LastModified"), r.get("Metadata") or {},
+            r.get("VersionId") or "",
+        )  # fmt: skip
         on_size(total)
         with open_empty(dest) as out:
             fd = out.fileno()
@@ -586,8 +643,8 @@ class S3Store(Store):
                 rest = Parts(
                     self._pool.get(),
                     [  # each called with the transfer's stop event as its last argument
-                        functools.partial(fetch, key, fd, s, s + n - 1, etag, progress, on_written)
-                        for s, n in split(total - first_len, start=first_len)
+                        functools.partial(fetch, *part, etag, progress, on_written, version=version)
+                        for part in _part_spans(key, fd, total, first_len)
                     ],
                 )
             try:
@@ -605,7 +662,7 @@ class S3Store(Store):
                     # The first stream broke (or came short): fetch what it missed, with retries.
                     self._fetch_part(
                         key, fd, offset, first_len - 1, info.etag, progress, on_written,
-                        rest.stop if rest is not None else None,
+                        rest.stop if rest is not None else None, version=version,
                     )  # fmt: skip
                 if rest is not None:
                     rest.wait()
@@ -615,30 +672,47 @@ class S3Store(Store):
                 raise
         return info
 
-    def read_tail(self, key: str, length: int) -> tuple[bytes, ObjectInfo]:
+    def _read_small(
+        self, key: str, start: int, end: int | None, version: str | None
+    ) -> tuple[dict[str, Any], bytes]:
+        """GET a small range whole, asked again (up to max_attempts) when its stream breaks
+        midway (tails and footers: small enough to read again from their start)."""
+        for attempt in range(1, self.max_attempts + 1):
+            r, chunks = self._get_range(key, start, end, None, version)
+            try:
+                with self._errors(key):
+                    return r, b"".join(chunks)
+            except StoreUnavailableError:
+                if attempt == self.max_attempts:
+                    raise
+        raise AssertionError("unreachable")
+
+    def read_tail(
+        self, key: str, length: int, *, version: str | None = None
+    ) -> tuple[bytes, ObjectInfo]:
         try:
             if length <= 0:
                 raise _RangeNotSatisfiable("empty range")
-            r, chunks = self._get_range(key, length, None, None)
+            r, data = self._read_small(key, length, None, version)
         except _RangeNotSatisfiable:
-            return b"", self.head(key)
-        with self._errors(key):
-            data = b"".join(chunks)
+            return b"", self.head(key, version=version)
         match = _CONTENT_RANGE.match(r.get("ContentRange", ""))
         total = int(match.group(3)) if match else len(data)
         metadata = r.get("Metadata") or {}
-        return data, ObjectInfo(key, total, r["ETag"], r.get("LastModified"), metadata)
+        return data, ObjectInfo(
+            key, total, r["ETag"], r.get("LastModified"), metadata, r.get("VersionId") or ""
+        )
 
-    def read_range(self, key: str, offset: int, length: int) -> bytes:
+    def read_range(
+        self, key: str, offset: int, length: int, *, version: str | None = None
+    ) -> bytes:
         if length <= 0:
-            self.head(key)  # still a KeyNotFoundError for a missing key
+            self.head(key, version=version)  # still a KeyNotFoundError for a missing key
             return b""
         try:
-            _, chunks = self._get_range(key, offset, offset + length - 1, None)
+            return self._read_small(key, offset, offset + length - 1, version)[1]
         except _RangeNotSatisfiable:  # starts past the end, as reading a file there would
             return b""
-        with self._errors(key):
-            return b"".join(chunks)
 
     def delete(self, key: str) -> None:
         self.head(key)  # S3 deletes of missing keys succeed silently; we must say so
@@ -646,17 +720,119 @@ class S3Store(Store):
             self.client.delete_object(Bucket=self.bucket, Key=self._name(key))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        validate_prefix(prefix)
+        validate_listing(prefix)
         paginator = self.client.get_paginator("list_objects_v2")
+        request = dict(Bucket=self.bucket, Prefix=self.prefix + prefix)
+        records, after = f"{HISTORY}/", SKIP_HISTORY_AFTER
+        skip = not prefix.startswith(records)  # daman's versions, unless they are asked for
+        resumed = False
         with self._errors():
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
-                for item in page.get("Contents", []):
-                    key = item["Key"][len(self.prefix) :]
-                    try:
-                        validate_key(key)
-                    except InvalidKeyError:  # e.g. "folder/" markers made by other S3 tools
-                        continue
-                    yield ObjectInfo(key, item["Size"], item["ETag"], item.get("LastModified"))
+            pages: Any = paginator.paginate(**request)
+            while pages is not None:
+                current, pages = pages, None
+                for page in current:
+                    for item in page.get("Contents", []):
+                        key = item["Key"][len(self.prefix) :]
+                        if skip and key.startswith(records) and not resumed:
+                            # S3 sorts them among the keys: go on after the last of them
+                            # rather than read their names
+                            resumed = True
+                            pages = paginator.paginate(**request, StartAfter=self.prefix + after)
+                            break
+                        if resumed and key < after:
+                            continue  # from a server that ignores StartAfter: seen already
+                        if not listed(key, prefix):  # e.g. "folder/" markers of other tools
+                            continue
+                        yield ObjectInfo(key, item["Size"], item["ETag"], item.get("LastModified"))
+                    if pages is not None:
+                        break
+
+    # -- versions, when the bucket keeps them ----------------------------------------------
+
+    def keeps_versions(self) -> bool:
+        """Whether the bucket's versioning is enabled (asked once per store: one request).
+        A server that will not say (no permission, not implemented) is taken to keep none:
+        daman then keeps the versions itself, which is right in either case."""
+        with self._versioning_lock:
+            if self._versioning is None:
+                try:
+                    with self._errors():
+                        r = self.client.get_bucket_versioning(Bucket=self.bucket)
+                    self._versioning = r.get("Status") == "Enabled"
+                except (StoreUnavailableError, StorageNotFoundError):
+                    raise
+                except DamanError:
+                    self._versioning = False
+            return self._versioning
+
+    def versions(self, key: str) -> list[StoredVersion]:
+        """One ``list_object_versions`` request per 1,000 versions: S3 lists a key's versions
+        (newest first) before those of the keys it is a prefix of, so the listing stops at
+        the first other key."""
+        name = self._name(key)
+        found: list[tuple[Any, int, StoredVersion]] = []
+        paginator = self.client.get_paginator("list_object_versions")
+        with self._errors(key):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=name):
+                others = False
+                for deleted, kind in ((False, "Versions"), (True, "DeleteMarkers")):
+                    for item in page.get(kind, []):
+                        if item["Key"] != name:
+                            others = True
+                            continue
+                        version = StoredVersion(
+                            version=item["VersionId"],
+                            size=0 if deleted else item["Size"],
+                            etag="" if deleted else item["ETag"],
+                            last_modified=item.get("LastModified"),
+                            latest=bool(item.get("IsLatest")),
+                            deleted=deleted,
+                        )
+                        found.append((item.get("LastModified"), len(found), version))
+                if others:
+                    break
+        # Newest first: the latest, then by time (each list came newest first; S3's times
+        # are to the second, so within one second the order is S3's).
+        found.sort(key=lambda f: (not f[2].latest, -(f[0].timestamp() if f[0] else 0), f[1]))
+        return [version for _, _, version in found]
+
+    def delete_version(self, key: str, version: str) -> None:
+        with self._errors(key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._name(key), VersionId=version)
+
+    # -- copies on S3's side ---------------------------------------------------------------
+
+    def copies(self, size: int, *, overwrite: bool) -> bool:
+        return overwrite or size > MULTIPART_THRESHOLD
+
+    def put_copy(
+        self,
+        key: str,
+        path: Path,
+        *,
+        source: str,
+        overwrite: bool,
+        progress: Progress = _no_progress,
+    ) -> ObjectInfo:
+        """Up to MULTIPART_THRESHOLD: ``copy_object`` to overwrite (no condition, which every
+        S3-compatible server knows), and a conditional PUT of the bytes to create (the
+        condition daman relies on already; not every server checks one on a copy). Above:
+        a multipart upload whose parts are copied on S3's side, in parallel, completed as a
+        push's is (``IfNoneMatch`` to create)."""
+        size = os.path.getsize(path)
+        name, src = self._name(key), self._name(source)
+        if size <= MULTIPART_THRESHOLD:
+            if not overwrite:
+                return self.put(key, path, overwrite=False, progress=progress)
+            with self._errors(key):
+                r = self.client.copy_object(
+                    Bucket=self.bucket, Key=name, CopySource={"Bucket": self.bucket, "Key": src}
+                )
+            progress(size)
+            etag = r.get("CopyObjectResult", {}).get("ETag", "")
+            return ObjectInfo(key, size, etag, version=r.get("VersionId") or "")
+        condition = {} if overwrite else {"IfNoneMatch": "*"}
+        return self._put_multipart(key, name, path, size, condition, progress, copy_from=src)
 
     def list_level(self, prefix: str = "", *, token: str | None = None, limit: int = 1000) -> Level:
         """One ``list_objects_v2`` request with ``Delimiter="/"``: S3 rolls every key below

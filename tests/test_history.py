@@ -1,0 +1,353 @@
+"""Version history (daman/history.py): every overwrite keeps the version it replaced, on the
+local-folder store, on moto's S3 server with and without bucket versioning, and on the GCS and
+Azure emulators."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import s3_client
+from counting_store import CountingStore
+from test_concurrency import spawn, wait_all
+
+from daman import (
+    Config,
+    ConfigError,
+    InvalidKeyError,
+    KeyNotFoundError,
+    Manager,
+)
+from daman.errors import VersionNotFoundError
+from daman.history import version_of
+from daman.keys import HISTORY, record_folder, validate_key
+from daman.serialize import StoredFile, dumps_meta, write_object
+from daman.store import open_store
+
+STORES = ["local", "s3", "s3-versioned", "gcs", "azure"]
+
+
+@pytest.fixture(params=STORES)
+def config(request: pytest.FixtureRequest, tmp_path: Path) -> Config:
+    kind = request.param
+    if kind == "local":
+        (tmp_path / "store").mkdir()
+        base: dict[str, object] = dict(service="local", storage_name=str(tmp_path / "store"))
+    elif kind in ("gcs", "azure"):  # daman's records: the same code as any store without
+        base = dict(  # versions of its own
+            service=kind,
+            storage_name=request.getfixturevalue(
+                "gcs_bucket" if kind == "gcs" else "azure_container"
+            ),
+            endpoint_url=request.getfixturevalue(f"{kind}_endpoint"),
+            max_attempts=3,
+        )
+    else:
+        endpoint = request.getfixturevalue("s3_endpoint")
+        bucket = request.getfixturevalue("bucket")
+        if kind == "s3-versioned":
+            s3_client(endpoint).put_bucket_versioning(
+                Bucket=bucket.partition("/")[0],
+                VersioningConfiguration={"Status": "Enabled"},
+            )
+        base = dict(
+            service="aws",
+            storage_name=bucket,
+            endpoint_url=endpoint,
+            region="us-east-1",
+            max_attempts=3,
+        )
+    return Config(**base, local_dir=str(tmp_path / "cache"), progress=False)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def manager(config: Config) -> Iterator[Manager]:
+    with Manager(config) as m:
+        yield m
+
+
+def other_machine(config: Config, tmp_path: Path, name: str = "other", **fields) -> Manager:
+    return Manager(config.replace(local_dir=str(tmp_path / name), **fields))
+
+
+def push_unversioned(manager: Manager, obj: object, key: str, meta: object = None) -> str:
+    """Push ``obj`` as daman did before versions existed: no record, no version in the
+    footer. Returns the version id it shows under (a bucket that keeps versions names it)."""
+    path = manager.cache.root / "old-push"
+    with open(path, "wb") as f:
+        footer = write_object(obj, dumps_meta(meta), f, None, key)
+    assert footer.version == ""
+    info = manager.store.put(key, path, overwrite=True)
+    path.unlink()
+    return info.version or version_of(footer)
+
+
+def test_history_lists_every_version_newest_first(manager: Manager) -> None:
+    for n in range(3):
+        manager.push(np.full(10, n), "team/data", meta={"n": n}, force=True)
+    history = manager.history("team/data")
+    assert not history.deleted
+    assert [v.meta for v in history] == [{"n": 2}, {"n": 1}, {"n": 0}]
+    assert [v.current for v in history] == [True, False, False]
+    assert history.current is history[0]
+    assert len({v.version for v in history}) == 3
+    for v in history:
+        assert v.size > 80 and v.pushed_by and v.pushed_at and v.python and v.cloudpickle
+        assert v.meta_preview.startswith("{'n': ")
+    assert [k.key for k in manager.ls()] == ["team/data"]  # the records are not keys
+
+
+def test_an_old_version_is_pulled_and_cached_beside_the_current(
+    config: Config, manager: Manager, tmp_path: Path
+) -> None:
+    manager.push(b"first", "k", meta="one")
+    manager.push(b"second", "k", meta="two", force=True)
+    old = manager.history("k")[1].version
+    counting = CountingStore(open_store(config))
+    with Manager(config.replace(local_dir=str(tmp_path / "reader")), store=counting) as reader:
+        assert reader.pull("k", version=old) == (b"first", "one")
+        assert reader.pull("k") == (b"second", "two")
+        counting.calls.clear()
+        # a version never changes: its cached copy is used without asking the store
+        assert reader.load("k", version=old).source == "cache"
+        assert reader.pull("k", version=old) == (b"first", "one")
+        assert counting.calls == {}
+        assert sorted((e.key, e.version) for e in reader.cache.entries()) == [("k", ""), ("k", old)]
+        assert reader.usage().count == 2
+        assert reader.verify("k").checked == 2
+        assert reader.info("k", version=old).meta == "one"
+        out = tmp_path / "out.bin"
+        assert reader.pull_file("k", out, version=old) == 5 and out.read_bytes() == b"first"
+        assert reader.fetch("k", version=old).version == old
+        reader.delete("k")  # the local copies of every version
+        assert reader.cache.entries() == []
+    with pytest.raises(VersionNotFoundError):
+        manager.pull("k", version="20200101T000000.000Z-00000000")
+    with pytest.raises(KeyNotFoundError):  # a VersionNotFoundError is a KeyNotFoundError
+        manager.pull("k", version="not/an id")
+
+
+def test_restore_makes_an_old_version_current_as_a_new_version(
+    config: Config, manager: Manager, tmp_path: Path
+) -> None:
+    manager.push({"v": 1}, "k", meta="one")
+    manager.push({"v": 2}, "k", meta="two", force=True)
+    first = manager.history("k")[1].version
+    manager.restore("k", version=first)
+    history = manager.history("k")
+    assert len(history) == 3
+    assert history[0].current and history[0].restored_from == first
+    assert history[0].meta == "one"
+    assert manager.pull("k") == ({"v": 1}, "one")
+    with other_machine(config, tmp_path) as other:  # for everyone, not only here
+        assert other.pull("k") == ({"v": 1}, "one")
+        assert other.pull("k", version=history[1].version) == ({"v": 2}, "two")
+
+
+def test_a_deleted_key_keeps_its_history_and_can_be_restored(
+    config: Config, manager: Manager, tmp_path: Path
+) -> None:
+    manager.push([1], "k")
+    manager.push([2], "k", force=True)
+    manager.delete("k", remote=True)
+    with other_machine(config, tmp_path) as other:
+        with pytest.raises(KeyNotFoundError):
+            other.pull("k")
+        assert other.ls() == []
+        history = other.history("k")
+        assert history.deleted and history.current is None and len(history) == 2
+        other.restore("k", version=history[0].version)
+    assert manager.pull("k") == ([2], None)
+    assert len(manager.history("k")) == 3
+
+
+def test_deleting_all_versions_removes_every_record(manager: Manager) -> None:
+    manager.push(1, "k")
+    manager.push(2, "k", force=True)
+    manager.delete("k", remote=True, all_versions=True)
+    with pytest.raises(KeyNotFoundError):
+        manager.history("k")
+    assert list(manager.store.list(record_folder("k"))) == []
+
+
+def test_keep_versions_removes_the_oldest(config: Config, tmp_path: Path) -> None:
+    with Manager(config.replace(keep_versions=3)) as manager:
+        for n in range(5):
+            manager.push(n, "k", force=True)
+        history = manager.history("k")
+        assert [manager.pull("k", version=v.version)[0] for v in history] == [4, 3, 2]
+        assert history[0].current
+    with pytest.raises(ConfigError):
+        config.replace(keep_versions=0)
+    with pytest.raises(ConfigError):
+        config.replace(keep_versions="3")
+
+
+def test_an_object_pushed_before_versions_is_a_history_of_one_and_is_kept(
+    config: Config, manager: Manager, tmp_path: Path
+) -> None:
+    old = push_unversioned(manager, "before", "k", meta="old")
+    history = manager.history("k")
+    assert [(v.version, v.current, v.meta) for v in history] == [(old, True, "old")]
+    assert manager.pull("k", version=old) == ("before", "old")
+    manager.push("after", "k", force=True)  # records the version it replaces first
+    history = manager.history("k")
+    assert [v.version for v in history][1] == old and len(history) == 2
+    with other_machine(config, tmp_path) as other:
+        assert other.pull("k", version=old) == ("before", "old")
+    # and a delete keeps an unrecorded version too
+    push_unversioned(manager, "again", "j")
+    manager.delete("j", remote=True)
+    assert [v.meta for v in manager.history("j")] == [None]
+    assert manager.history("j").deleted
+
+
+def test_keys_under_the_reserved_folder_are_refused_and_hidden(manager: Manager) -> None:
+    for key in (HISTORY, f"{HISTORY}/x", f"{HISTORY}/{'a' * 64}/20261130T000000.000Z-1"):
+        with pytest.raises(InvalidKeyError, match="reserved"):
+            validate_key(key)
+        with pytest.raises(InvalidKeyError):
+            manager.push(1, key)
+    manager.push(1, "a/b")
+    manager.push(2, "a/b", force=True)
+    assert [k.key for k in manager.ls()] == ["a/b"]
+    level = manager.ls_level("")
+    assert level.prefixes == ["a/"] and level.keys == []
+
+
+RACER = """
+    from daman.store import open_store
+    import os, time
+    go = sys.argv[2]
+    with Manager(config) as manager:
+        open(go + "-ready-" + str(os.getpid()), "w").close()
+        while not os.path.exists(go):  # start together
+            time.sleep(0.005)
+        for n in range(10):
+            manager.push((sys.argv[3], n), "race", force=True)
+"""
+
+
+def test_two_processes_force_pushing_ten_times_each_keep_every_version(
+    config: Config, manager: Manager, tmp_path: Path
+) -> None:
+    original = push_unversioned(manager, ("original", 0), "race")
+    go = tmp_path / "go"
+    procs = [
+        spawn(config.replace(local_dir=str(tmp_path / name)), RACER, go, name)
+        for name in ("a", "b")
+    ]
+    while len(list(tmp_path.glob("go-ready-*"))) < 2:
+        assert all(p.poll() is None for p in procs)
+    go.touch()
+    wait_all(procs)
+    history = manager.history("race")
+    assert len(history) == 21 and len({v.version for v in history}) == 21
+    assert history[-1].version == original  # the oldest
+    pulled = {manager.pull("race", version=v.version)[0] for v in history}
+    expected = {("original", 0)} | {(name, n) for name in ("a", "b") for n in range(10)}
+    assert pulled == expected
+    (current,) = [v for v in history if v.current]
+    assert manager.pull("race", force=True)[0] == manager.pull("race", version=current.version)[0]
+
+
+def test_a_cached_pull_of_the_current_version_is_one_request(config: Config) -> None:
+    counting = CountingStore(open_store(config))
+    with Manager(config, store=counting) as manager:
+        manager.push(np.arange(10), "k")
+        manager.push(np.arange(20), "k", force=True)
+        counting.calls.clear()
+        assert len(manager.pull("k")[0]) == 20
+        assert counting.calls == {"head": 1}
+
+
+def test_history_of_a_key_never_pushed_is_key_not_found(manager: Manager) -> None:
+    with pytest.raises(KeyNotFoundError):
+        manager.history("nothing")
+
+
+def test_a_versioned_bucket_keeps_the_versions_and_daman_keeps_them_elsewhere(
+    config: Config, manager: Manager
+) -> None:
+    manager.push(1, "k")
+    manager.push(2, "k", force=True)
+    entry = manager.cache.get("k")
+    assert entry is not None
+    with open(entry.path, "rb") as f:
+        footer = StoredFile(f).footer
+    history = manager.history("k")
+    recorded = list(manager.store.list(record_folder("k")))
+    if manager.store.keeps_versions():  # S3's version ids; daman writes nothing more
+        assert recorded == [] and footer.version != history[0].version
+        assert history[0].version == manager.store.head("k").version
+    else:  # daman's records, one per version, named by the id in the footer
+        assert footer.version == history[0].version and len(recorded) == 2
+
+
+@pytest.mark.parametrize("config", ["local", "s3", "s3-versioned"], indirect=True)
+def test_large_versions_are_kept_whole(config: Config, manager: Manager, tmp_path: Path) -> None:
+    """Above the multipart threshold (17 MiB): the key is written from the record by copies
+    of parts on S3's side (S3 without bucket versioning). (The emulators' large writes are
+    tested in test_store_clouds.)"""
+    first = np.arange(3_000_000, dtype=np.float64)  # 24 MB
+    manager.push(first, "big", force=True)
+    manager.push(first + 1, "big", force=True)
+    history = manager.history("big")
+    assert len(history) == 2 and history[0].size > 24_000_000
+    with other_machine(config, tmp_path) as other:
+        np.testing.assert_array_equal(other.pull("big")[0], first + 1)
+        np.testing.assert_array_equal(other.pull("big", version=history[1].version)[0], first)
+        assert other.verify().damaged == []
+
+
+def test_racing_pushes_with_keep_versions_never_lose_the_current_version(
+    config: Config, tmp_path: Path
+) -> None:
+    capped = config.replace(keep_versions=3)
+    go = tmp_path / "go"
+    procs = [
+        spawn(capped.replace(local_dir=str(tmp_path / name)), RACER, go, name)
+        for name in ("a", "b")
+    ]
+    while len(list(tmp_path.glob("go-ready-*"))) < 2:
+        assert all(p.poll() is None for p in procs)
+    go.touch()
+    wait_all(procs)
+    with Manager(capped) as manager:
+        history = manager.history("race")
+        assert 1 <= len(history) <= 4  # 3, or one more when the last two pushes raced
+        (current,) = [v for v in history if v.current]
+        assert manager.pull("race", version=current.version) == manager.pull("race")
+        for v in history:
+            assert manager.pull("race", version=v.version)[0][1] in range(10)
+
+
+@pytest.mark.parametrize("config", ["local", "s3"], indirect=True)
+def test_an_old_version_can_be_mapped(manager: Manager) -> None:
+    manager.push(np.arange(1000), "k")
+    manager.push(np.arange(2000), "k", force=True)
+    old = manager.history("k")[1].version
+    arr, _ = manager.pull("k", version=old, mmap=True)
+    assert not arr.flags.writeable and arr[-1] == 999
+    mapped = manager.mapped()
+    assert [(m.key, m.current, m.version) for m in mapped] == [("k", True, old)]
+    manager.delete("k")  # the local copies: the mapped one stays on disc while mapped
+    assert manager.mapped()[0].current is False and arr[-1] == 999
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+def test_a_version_pulled_with_persist_is_pinned_and_shown_as_such(manager: Manager) -> None:
+    from daman import report
+
+    manager.push(1, "k")
+    manager.push(2, "k", force=True)
+    old = manager.history("k")[1].version
+    manager.pull("k", version=old, persist=True)
+    assert manager.cache.get("k", old).persist and not manager.cache.get("k").persist
+    lines = report.usage_lines(manager.usage(), manager.cache.root)
+    assert lines[-1].endswith(f"k  (version {old})")
+    assert manager.cache.set_persist("k", False, version=old)
+    manager.clear()
+    assert manager.cache.entries() == []  # unpinned versions are evicted like any entry
