@@ -202,6 +202,36 @@ class _ProgressBar:
             self.bar = None
 
 
+def _details(
+    key: str,
+    footer: Footer,
+    meta: Any,
+    remote: ObjectInfo,
+    *,
+    cached: bool,
+    persist: bool,
+    outdated: bool,
+) -> ObjectDetails:
+    """What ``info`` tells of a stored object, from its footer and the store's answer."""
+    return ObjectDetails(
+        key=key,
+        size=remote.size,
+        etag=remote.etag,
+        last_modified=remote.last_modified,
+        sha256=footer.sha256,
+        pushed_by=footer.pushed_by,
+        pushed_at=footer.pushed_at,
+        python=footer.python,
+        cloudpickle=footer.cloudpickle,
+        meta=meta,
+        cached=cached,
+        persist=persist,
+        libraries=dict(footer.libraries),
+        holds_code=footer.code,
+        outdated=outdated,
+    )
+
+
 class Manager:
     """One store plus one local cache. Several managers may live in one process."""
 
@@ -971,21 +1001,13 @@ class Manager:
                 meta = stored.meta()
             remote = ObjectInfo(key, entry.size, entry.etag, None)
         states = self.cache.states([key])
-        return ObjectDetails(
-            key=key,
-            size=remote.size,
-            etag=remote.etag,
-            last_modified=remote.last_modified,
-            sha256=footer.sha256,
-            pushed_by=footer.pushed_by,
-            pushed_at=footer.pushed_at,
-            python=footer.python,
-            cloudpickle=footer.cloudpickle,
-            meta=meta,
+        return _details(
+            key,
+            footer,
+            meta,
+            remote,
             cached=key in states,
             persist=key in states and states[key].persist,
-            libraries=dict(footer.libraries),
-            holds_code=footer.code,
             outdated=key in states and bool(remote.etag) and states[key].etag != remote.etag,
         )
 
@@ -999,21 +1021,14 @@ class Manager:
                 raise VersionNotFoundError(key, version, self.store.describe()) from None
             footer, meta, remote = found
         entry = self.cache.get(key, version)
-        return ObjectDetails(
-            key=key,
-            size=remote.size,
-            etag=remote.etag,
-            last_modified=remote.last_modified,
-            sha256=footer.sha256,
-            pushed_by=footer.pushed_by,
-            pushed_at=footer.pushed_at,
-            python=footer.python,
-            cloudpickle=footer.cloudpickle,
-            meta=meta,
+        return _details(
+            key,
+            footer,
+            meta,
+            remote,
             cached=entry is not None,
             persist=entry is not None and entry.persist,
-            libraries=dict(footer.libraries),
-            holds_code=footer.code,
+            outdated=False,  # a version never changes
         )
 
     def _footer_and_meta(
