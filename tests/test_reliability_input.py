@@ -115,7 +115,7 @@ def test_any_accepted_key_round_trips_and_stays_inside_its_folders(
         assert bob.info(key).meta == {"key": key, "version": "v1"}
         assert check_object(*bob.pull(key), key) == "v1"
     for key in batch:
-        bob.delete(key, remote=True)
+        bob.delete(key, remote=True, all_versions=True)  # its history too
         alice.delete(key)
         assert not alice.exists(key)
     assert alice.ls() == [] and store_files(config) == set()
