@@ -49,7 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import legacy as legacy_format
-from .errors import DamanError, KeyExistsError, KeyNotFoundError
+from .errors import DamanError, KeyExistsError, KeyNotFoundError, StoreUnavailableError
 from .keys import VERSION_ID, record_folder, record_name
 from .serialize import TAIL_GUESS, Footer, new_version_id, read_footer
 from .store import ObjectInfo, Progress, Store, WriteUnconfirmedError
@@ -275,7 +275,12 @@ def record_unrecorded(
     record (an object pushed before versions existed). ``download`` brings the key's
     object, checked, into ``tmp`` and returns its footer. A record made by a racing
     process under the same id holds the same object."""
-    found = current_footer(store, key)
+    try:
+        found = current_footer(store, key)
+    except StoreUnavailableError:
+        # Replaced again and again while its tail was read (other pushes, which record what
+        # they write), or the store is unreachable, which the write that follows will say.
+        return
     if found is None or (isinstance(found[0], Footer) and found[0].version):
         return  # nothing stored, or pushed with its record
     footer = download(tmp)  # the object itself (a 0.2 one converted to today's format)

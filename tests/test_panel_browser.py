@@ -344,6 +344,7 @@ def _run_all_cells(page: Any) -> None:
     raise AssertionError("Run All never started the notebook's cell:\n" + page.content()[:2000])
 
 
+@pytest.mark.timeout(600)  # a whole Jupyter server and its kernel on a busy machine
 @pytest.mark.parametrize("app", list(APPS))
 def test_the_panel_renders_in_jupyterlab_and_notebook_7(
     app: str, browser: Any, site: dict[str, Any], tmp_path: Path
