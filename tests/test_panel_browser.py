@@ -335,7 +335,9 @@ def _run_all_cells(page: Any) -> None:
 
     prompt = page.locator(".jp-Notebook .jp-InputPrompt").first
     for _ in range(8):
-        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        # Not awaited: the command's promise ends when the cells do, or never if it did not
+        # start them (the prompt below tells).
+        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
         try:
             expect(prompt).not_to_have_text(re.compile(r"^\[\s*\]:?$"), timeout=15_000)
             return
