@@ -397,7 +397,11 @@ def fill_index(cache_dir: Path, count: int, size: int, persisted_every: int = 10
         for i in range(count)
     ]
     with cache._write() as db:
-        db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        db.executemany(
+            "INSERT INTO entries (key, file, size, etag, sha256, created, accessed, persist) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
         db.execute("UPDATE totals SET seq = seq + ?", (count,))
     cache.close()
 
@@ -692,7 +696,7 @@ config = Config(storage_name=spec["store"], service="local", local_dir=spec["cac
                 progress=False, check_current=False)
 manager = Manager(config)
 if spec["mode"] == "read":  # the same pull, its use not recorded: what a read-only hit costs
-    Cache.touch = lambda self, key: None
+    Cache.touch = lambda self, key, version="": None
 keys = spec["keys"]
 for key in keys:
     manager.pull(key)

@@ -45,7 +45,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -917,22 +919,27 @@ def main() -> None:
         parser.error(f"--candidate {candidate}: no daman package in it")
     ctx = Context(QUICK if args.quick else FULL, args.quick, server, work, candidate)
     ctx.log(f"moto at {server.endpoint}; scratch {work}")
+    runners = {
+        "large": lambda: section_large(ctx, args.profile),
+        "keys": lambda: section_keys(ctx),
+        "evict": lambda: section_evict(ctx),
+        "rss": lambda: section_rss(ctx),
+        "panel": lambda: section_panel(ctx),
+        "mapped": lambda: run_mapped(ctx),
+        **{name: partial(everyday.run_section, ctx, name) for name in everyday.SECTIONS},
+    }
+    failed = []
+    server_rss = (0, 0)
     try:
-        if "large" in sections:
-            section_large(ctx, args.profile)
-        if "keys" in sections:
-            section_keys(ctx)
-        if "evict" in sections:
-            section_evict(ctx)
-        if "rss" in sections:
-            section_rss(ctx)
-        if "panel" in sections:
-            section_panel(ctx)
-        if "mapped" in sections:
-            run_mapped(ctx)
-        for name in everyday.SECTIONS:
-            if name in sections:
-                everyday.run_section(ctx, name)
+        for name in SECTIONS:
+            if name not in sections:
+                continue
+            try:
+                runners[name]()
+            except Exception:  # the other sections' figures are still worth the report
+                traceback.print_exc()
+                ctx.log(f"{name}: FAILED (traceback above); its rows are missing")
+                failed.append(name)
         server_rss = server.rss()
     finally:
         server.stop()
@@ -944,6 +951,8 @@ def main() -> None:
     print()
     print(text)
     print(f"written to {out}; {elapsed / 60:.1f} minutes")
+    if failed:
+        sys.exit(f"sections that failed (missing from the report): {', '.join(failed)}")
 
 
 if __name__ == "__main__":

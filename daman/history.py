@@ -8,28 +8,37 @@ Two keepers behind one interface (:data:`Keeper`, chosen per store by :func:`kee
 - :class:`Records`: anywhere else (S3 without versioning, GCS, Azure, a folder), daman
   keeps them, as follows.
 
-Every push writes its object twice, by name: first as an immutable *record*
-``.daman-history/<sha256 of the key>/<version id>`` (``daman.keys.record_name``), created
-with the store's conditional create, then under the key (a copy on the store's side where it
-can make one: a hard link in a folder store, a server-side copy on S3). The version id is in
-the object's footer (``Footer.version``), so the key's current version is known from its
-tail alone. Two processes force-pushing the same key at once each create their own record
-(ids hold a random part: no create can meet another's), so no version is ever dropped, even
-when one overwrite of the key wins over the other.
+A push of a new key (``force=False``) writes the key alone, one request, as fast as a
+plain upload: its footer holds no version id (``Footer.version`` empty), which says "not
+recorded". Its version id is made from its push's time (to the millisecond) and random id
+(:func:`version_of`, the same for every reader), and whoever replaces or deletes that
+version records it first (:func:`record_unrecorded`: from this machine's cached copy when
+it is the same object, else downloaded and checked).
+
+A force push (and a restore) writes its object twice, by name: first as an immutable
+*record* ``.daman-history/<sha256 of the key>/<version id>`` (``daman.keys.record_name``),
+created with the store's conditional create, then under the key (a copy on the store's side
+where it can make one: a hard link in a folder store, a server-side copy on S3), its version
+id in the footer. Two processes force-pushing the same key at once each create their own
+record (ids hold a random part: no create can meet another's), so no version is ever
+dropped, even when one overwrite of the key wins over the other.
 
 ::
 
     store/
       team/data                               the current version (a plain object)
       .daman-history/<sha256("team/data")>/
-        20261130T101500.000Z-1a2b3c4d         every version pushed, the current one included
-        20261130T120001.250Z-9f8e7d6c
+        20261130T101500.000Z-1a2b3c4d         every version replaced, and every version
+        20261130T120001.250Z-9f8e7d6c         force-pushed (the current one, then)
 
-An object pushed before versions existed has no record and an empty ``Footer.version``: its
-id is made from its push's time and random id (:func:`version_of`, the same for every
-reader), it shows as a history of one, and the first push, restore or delete that replaces
-it records it first (:func:`record_unrecorded`). A key deleted from the store keeps its
-records: its history shows it deleted, and any version can be restored.
+An object pushed before versions existed is unrecorded in the same way: it shows as a
+history of one until it is replaced. A key deleted from the store keeps its records (its
+unrecorded version is recorded first): its history shows it deleted, and any version can be
+restored.
+
+The one race this leaves open: a new-key push that lands between a force push's look at the
+key and its overwrite (possible only if the key was deleted in between) is replaced without
+a record; the force push's own version is the current one, as it would be anyway.
 
 Ids sort by the time of their push (to the millisecond, then the random part), so the newest
 is the greatest; the clocks of the machines that push decide that order.
@@ -145,6 +154,8 @@ class Records:
 
     def sends(self, size: int, *, overwrite: bool) -> int:
         """The bytes a write of ``size`` bytes counts in its progress."""
+        if not overwrite:
+            return size  # the key alone: recorded when it is replaced
         return 2 * size  # the record, then the key (copied on the store's side if it can)
 
     def write(
@@ -157,9 +168,12 @@ class Records:
         progress: Progress,
         keep_replaced: Callable[[], None],
     ) -> ObjectInfo:
-        """The record first, then the key (see the module's docstring)."""
-        if force:
-            keep_replaced()
+        """A new key alone; a force push's record first, then the key (see the module's
+        docstring)."""
+        if not force:
+            assert not footer.version, "a new key's version is recorded when it is replaced"
+            return self.store.put(key, tmp, overwrite=False, progress=progress)
+        keep_replaced()
         record(self.store, key, footer, tmp, progress=progress)
         return self.store.put_copy(
             key, tmp, source=record_name(key, footer.version), overwrite=force, progress=progress
@@ -167,6 +181,8 @@ class Records:
 
     def withdraw(self, key: str, footer: Footer) -> None:
         """A create that lost to another push: its record never became a version."""
+        if not footer.version:
+            return  # it wrote no record
         with contextlib.suppress(DamanError):
             self.store.delete(record_name(key, footer.version))
 
@@ -175,7 +191,7 @@ class Records:
         key's current one (a racing push may have replaced ours meanwhile)."""
         if keep is None:
             return
-        protect = {footer.version}
+        protect = {version_of(footer)}
         current = current_footer(self.store, key)
         if current is not None and isinstance(current[0], Footer):
             protect.add(version_of(current[0]))
@@ -269,11 +285,12 @@ def keeper(store: Store) -> Keeper:
 
 
 def record_unrecorded(
-    store: Store, key: str, download: Callable[[Path], Footer], tmp: Path
+    store: Store, key: str, download: Callable[[Path, ObjectInfo], Footer], tmp: Path
 ) -> None:
     """Before ``key`` is replaced or deleted: record its current version if it has no
-    record (an object pushed before versions existed). ``download`` brings the key's
-    object, checked, into ``tmp`` and returns its footer. A record made by a racing
+    record (a new key's push, or an object pushed before versions existed).
+    ``download(tmp, info)`` brings the key's object (``info``: what the store said of it
+    just now), checked, into ``tmp`` and returns its footer. A record made by a racing
     process under the same id holds the same object."""
     try:
         found = current_footer(store, key)
@@ -283,7 +300,7 @@ def record_unrecorded(
         return
     if found is None or (isinstance(found[0], Footer) and found[0].version):
         return  # nothing stored, or pushed with its record
-    footer = download(tmp)  # the object itself (a 0.2 one converted to today's format)
+    footer = download(tmp, found[1])  # the object itself (a 0.2 one converted to today's format)
     with contextlib.suppress(KeyExistsError):
         store.put(record_name(key, version_of(footer)), tmp, overwrite=False)
 

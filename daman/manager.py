@@ -12,8 +12,10 @@ import dataclasses
 import enum
 import gc
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -358,7 +360,8 @@ class Manager:
         meta_bytes = dumps_meta(meta)
         with self.cache.temp_file() as tmp:
             with _disc_errors(self.cache.root), open_empty(tmp, buffering=_WRITE_BUFFER) as f:
-                footer = write_object(obj, meta_bytes, f, self.signing_key, key, versioned=True)
+                # A new key's version is recorded when it is replaced (daman.history).
+                footer = write_object(obj, meta_bytes, f, self.signing_key, key, versioned=force)
             info = self._publish(key, tmp, footer, force=force)
             try:
                 self._keep(
@@ -378,12 +381,25 @@ class Manager:
         return keeper
 
     def _keep_replaced(self, key: str) -> None:
-        """Record ``key``'s current version if it has no record yet (pushed before
-        versions existed), before it is replaced or deleted."""
+        """Record ``key``'s current version if it has no record yet (a new key's push, or
+        one from before versions existed), before it is replaced or deleted."""
         with self.cache.temp_file() as old:
-            versions.record_unrecorded(
-                self.store, key, lambda dest: self._download_footer(key, dest), old
-            )
+            versions.record_unrecorded(self.store, key, partial(self._replaced_copy, key), old)
+
+    def _replaced_copy(self, key: str, dest: Path, info: ObjectInfo) -> Footer:
+        """``key``'s current object (``info``) in ``dest``: this machine's cached copy when
+        it is that object (the usual case: it was pushed here), else downloaded, checked."""
+        entry = self.cache.get(key)
+        if entry is not None and info.etag and entry.etag == info.etag:
+            with _disc_errors(self.cache.root):
+                try:
+                    shutil.copyfile(entry.path, dest)  # cached files never change in place
+                except FileNotFoundError:
+                    pass  # evicted meanwhile
+                else:
+                    with open(dest, "rb") as f:
+                        return StoredFile(f).footer
+        return self._download_footer(key, dest)
 
     def _publish(self, key: str, tmp: Path, footer: Footer, *, force: bool) -> ObjectInfo:
         """Store the finished file ``tmp`` (written with ``footer``, which holds its version

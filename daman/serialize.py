@@ -181,7 +181,7 @@ def _stamp(versioned: bool) -> dict[str, str]:
     push_id = secrets.token_hex(8)
     return dict(
         pushed_by=_writer_identity(),
-        pushed_at=moment.isoformat(timespec="seconds"),
+        pushed_at=moment.isoformat(timespec="milliseconds"),  # a new key's version id (history)
         push_id=push_id,
         version=new_version_id(moment, push_id) if versioned else "",
     )

@@ -263,6 +263,45 @@ def test_a_cached_pull_of_the_current_version_is_one_request(config: Config) -> 
         assert counting.calls == {"head": 1}
 
 
+def test_a_new_key_is_one_write_and_is_recorded_when_replaced(
+    config: Config, tmp_path: Path
+) -> None:
+    """A push of a new key writes the key alone (as fast as a plain upload); the push that
+    replaces it records it first, from this machine's cached copy (nothing downloaded), and
+    a replacement on a machine without that copy downloads it."""
+    counting = CountingStore(open_store(config))
+    with Manager(config, store=counting) as manager:
+        manager.push(0, "warm")  # asks once whether the bucket keeps versions
+        keeps = manager.store.keeps_versions()
+        counting.calls.clear()
+        manager.push({"n": 1}, "k", meta="first")
+        assert counting.calls == {"put": 1}  # no record, no copy, no HEAD
+        if not keeps:
+            assert list(manager.store.list(record_folder("k"))) == []
+        (only,) = manager.history("k")
+        assert only.current and only.meta == "first"
+        counting.calls.clear()
+        manager.push({"n": 2}, "k", meta="second", force=True)
+        assert counting.calls["get"] == 0  # the replaced version came from the cache
+        history = manager.history("k")
+        assert [(v.meta, v.current) for v in history] == [("second", True), ("first", False)]
+        assert history[1].version == only.version  # the id it had while unrecorded
+        manager.push({"n": 3}, "j")
+    with other_machine(config, tmp_path) as other:  # j is not cached there
+        other.push({"n": 4}, "j", force=True)
+        assert [v.meta for v in other.history("j")] == [None, None]
+        assert other.pull("j", version=other.history("j")[1].version)[0] == {"n": 3}
+        assert other.pull("k", version=only.version) == ({"n": 1}, "first")
+
+
+def test_versions_pushed_within_a_second_keep_their_order(manager: Manager) -> None:
+    manager.push(0, "k")  # unrecorded: its id comes from its footer's time, to the ms
+    for n in range(1, 4):
+        manager.push(n, "k", force=True)
+    history = manager.history("k")
+    assert [manager.pull("k", version=v.version)[0] for v in history] == [3, 2, 1, 0]
+
+
 def test_history_of_a_key_never_pushed_is_key_not_found(manager: Manager) -> None:
     with pytest.raises(KeyNotFoundError):
         manager.history("nothing")
