@@ -1224,13 +1224,14 @@ class Cache:
         rebuilt = None if healthy else self.rebuild(announce=False)
         self.recover()
         dropped = 0
-        for entry in self.entries():
+        objects = str(self.objects_dir)
+        for row in self._query(f"SELECT {_COLUMNS} FROM entries"):
             try:
-                ok = entry.path.stat().st_size == entry.size
+                ok = os.stat(os.path.join(objects, row[2])).st_size == row[3]
             except FileNotFoundError:
                 ok = False
             if not ok:
-                self.discard(entry)
+                self.discard(self._entry(row))
                 dropped += 1
         known = {
             row[0]
@@ -1241,10 +1242,10 @@ class Cache:
         }
         orphans = 0
         for path in self.objects_dir.iterdir():
-            if not _OBJECT_FILE.fullmatch(path.name):
-                continue  # not a name this cache gives: not ours to delete
+            if path.name in known or not _OBJECT_FILE.fullmatch(path.name):
+                continue  # in use, or not a name this cache gives: not ours to delete
             adding = (self.tmp_dir / f"{path.name}{_ADDING}").exists()  # recover() decides
-            if path.name not in known and not adding:
+            if not adding:
                 # Re-check under the index lock: an add may have committed since we looked.
                 with self._write() as db:
                     still_orphan = not db.execute(

@@ -68,6 +68,7 @@ from .serialize import (
     Footer,
     PrefixHasher,
     StoredFile,
+    check_file,
     dumps_meta,
     load_meta,
     read_footer,
@@ -1162,22 +1163,22 @@ class Manager:
         damaged, untrusted, checked_bytes = [], [], 0
         for entry in entries:
             try:
-                f = open(entry.path, "rb")  # noqa: SIM115 - closed below
+                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue  # evicted or replaced since the listing
-            with f:
-                try:
-                    stored = StoredFile(f)
-                    stored.verify()
-                    if stored.footer.sha256 != entry.sha256:
-                        raise IntegrityError("not the version the index recorded")
-                    self._check_identity(stored.footer, entry.key, last=True)
-                except UntrustedObjectError:
-                    untrusted.append(entry.key)
-                    self.cache.discard(entry)
-                except IntegrityError:
-                    damaged.append(entry.key)
-                    self.cache.discard(entry)
+            try:
+                footer = check_file(fd, entry.size)
+                if footer.sha256 != entry.sha256:
+                    raise IntegrityError("not the version the index recorded")
+                self._check_identity(footer, entry.key, last=True)
+            except UntrustedObjectError:
+                untrusted.append(entry.key)
+                self.cache.discard(entry)
+            except IntegrityError:
+                damaged.append(entry.key)
+                self.cache.discard(entry)
+            finally:
+                os.close(fd)
             checked_bytes += entry.size
         return VerifyReport(
             checked=len(entries),

@@ -448,9 +448,9 @@ def parse_footer(tail: bytes, file_size: int) -> Footer | int:
     try:
         # Fields a later daman adds (within the same format) are ignored, not fatal.
         known = {
-            field.name: data[field.name]
-            for field in dataclasses.fields(Footer)
-            if field.name in data or field.default is dataclasses.MISSING  # else: older file
+            name: data[name]
+            for name, required in _FOOTER_FIELDS
+            if required or name in data  # else: an older file
         }
         footer = Footer(
             **{
@@ -483,6 +483,12 @@ def parse_footer(tail: bytes, file_size: int) -> Footer | int:
 
 
 _TEXT_FIELDS = tuple(f.name for f in dataclasses.fields(Footer) if f.type in (str, "str"))
+_FOOTER_FIELDS = tuple(
+    (f.name, f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    for f in dataclasses.fields(Footer)
+)
+"""Each footer field's name and whether every footer has it (computed once: it is asked on
+every cache hit)."""
 
 
 def _span(value: Any) -> tuple[int, int]:
@@ -633,6 +639,25 @@ def sha256_range(fd: int, offset: int, length: int, *, sha: Any = None) -> str |
         offset += len(chunk)
         length -= len(chunk)
     return sha.hexdigest()
+
+
+def check_file(fd: int, size: int) -> Footer:
+    """The footer of the object file open at ``fd`` (``size`` bytes), after checking every
+    payload byte against its sha256: ``verify()``'s check of one cached copy. A file of up
+    to ``_INLINE_HASH_BYTES`` is read in one call (most cached entries are small: their
+    reads, not their hashing, are what a check costs)."""
+    if size > _INLINE_HASH_BYTES:
+        stored = StoredFile(os.fdopen(os.dup(fd), "rb"))
+        with stored.f:
+            stored.verify()
+            return stored.footer
+    data = os.pread(fd, size, 0)
+    if len(data) != size:
+        raise IntegrityError("the file is shorter than the index says: it was truncated.")
+    footer = read_footer(lambda offset, length: data[offset : offset + length], size, data)
+    if hashlib.sha256(memoryview(data)[: footer.payload_size]).hexdigest() != footer.sha256:
+        raise _mismatch("the object")
+    return footer
 
 
 def _mismatch(what: str) -> IntegrityError:

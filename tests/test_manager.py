@@ -693,6 +693,27 @@ def test_verify_finds_and_removes_damaged_copies(manager: Manager) -> None:
         manager.verify("never/cached")
 
 
+def test_verify_checks_large_copies_in_chunks_and_small_ones_in_one_read(
+    manager: Manager,
+) -> None:
+    """Copies above 1 MiB are hashed in chunks, smaller ones from one read: both find a
+    flipped byte anywhere in the payload, and one in the footer."""
+    manager.push(np.arange(300_000, dtype=np.float64), "big")  # 2.4 MB
+    manager.push(np.arange(100), "small")
+    manager.push(np.arange(100) + 1, "footer")
+    for key, where in (("big", -5_000), ("small", 150)):
+        path = manager.cache.get(key).path
+        data = bytearray(path.read_bytes())
+        data[where] ^= 0x01
+        path.write_bytes(bytes(data))
+    path = manager.cache.get("footer").path
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'"payload_size": ', b'"payload_size":-'))  # same size
+    report = manager.verify()
+    assert sorted(report.damaged) == ["big", "footer", "small"] and report.checked == 3
+    assert manager.cache.entries() == []
+
+
 def test_a_memory_only_pull_of_a_newer_version_evicts_nothing(make_config, tmp_path: Path) -> None:
     """An outdated copy is cached and a colleague pushed a larger version: a memory-only pull
     returns it, drops the outdated copy, and keeps the new one only if it fits in free space
