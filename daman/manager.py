@@ -38,6 +38,7 @@ from .errors import (
     UntrustedObjectError,
     VersionNotFoundError,
     a,
+    disc_errors,
     first_sentence,
     os_errors,
     warn,
@@ -122,12 +123,6 @@ def decide_pull(*, cached_etag: str | None, remote: str | Remote, force: bool) -
     return PullAction.DOWNLOAD
 
 
-def _disc_errors(where: Path) -> contextlib.AbstractContextManager[None]:
-    return os_errors(
-        where, "Free some space, or lower allocated_space / move local_dir with dm_configure"
-    )
-
-
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
     """No garbage collection passes while a long listing is built: 100,000 keys make several
@@ -141,11 +136,6 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def _pin(version: str | None) -> dict[str, str]:
-    """The keyword that reads one version a bucket keeps (none: the name as it is now)."""
-    return {"version": version} if version else {}
 
 
 def _check_key(footer: Footer, key: str) -> None:
@@ -357,7 +347,7 @@ class Manager:
         validate_key(key)
         meta_bytes = dumps_meta(meta)
         with self.cache.temp_file() as tmp:
-            with _disc_errors(self.cache.root), open_empty(tmp, buffering=_WRITE_BUFFER) as f:
+            with disc_errors(self.cache.root), open_empty(tmp, buffering=_WRITE_BUFFER) as f:
                 footer = write_object(obj, meta_bytes, f, self.signing_key, key, versioned=True)
             info = self._publish(key, tmp, footer, force=force)
             try:
@@ -778,7 +768,7 @@ class Manager:
             f = open(tmp, "rb")  # noqa: SIM115 - returned open, or closed below
             hasher = PrefixHasher(f.fileno())  # hashes the file while it arrives
             try:
-                with _disc_errors(self.cache.root), self._progress(f"pull {key}") as progress:
+                with disc_errors(self.cache.root), self._progress(f"pull {key}") as progress:
 
                     def on_size(
                         size: int, progress: _ProgressBar = progress, hasher: PrefixHasher = hasher
@@ -792,7 +782,7 @@ class Manager:
                         progress=progress,
                         on_size=on_size,
                         on_written=hasher.written,
-                        **_pin(pinned),
+                        **versions.pinned(pinned),
                     )
                 # A daman 0.2 object is checked and rewritten in today's format here, so that
                 # the cache never holds the old format.
@@ -911,7 +901,7 @@ class Manager:
         with self._open_version(key, version, force=False, persist=False, keep=True) as opened:
             stored = opened[0]
             with self.cache.temp_file() as tmp:
-                with _disc_errors(self.cache.root), open_empty(tmp) as out:
+                with disc_errors(self.cache.root), open_empty(tmp) as out:
                     footer = restamp(
                         stored,
                         out,
@@ -1037,7 +1027,7 @@ class Manager:
         """One version's footer and meta, read from its tail: the record ``name``, or
         ``key``'s version ``pinned`` in a bucket that keeps versions. Checked to be
         ``key``'s (and signed, with signing on)."""
-        pin = _pin(pinned)
+        pin = versions.pinned(pinned)
 
         def read_at(offset: int, length: int) -> bytes:
             return self.store.read_range(name, offset, length, **pin)
