@@ -13,7 +13,7 @@ import getpass
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from . import __version__, api, report
 from .config import CHECKSUM_MODES, DEFAULTS, SERVICES, load_config
@@ -23,6 +23,7 @@ from .manager import Manager
 from .results import LevelListing
 from .serialize import FileBytes
 
+T = TypeVar("T")
 Main = Callable[[Sequence[str] | None], int]
 COMMANDS: dict[str, Main] = {}
 
@@ -430,19 +431,39 @@ def history_main(argv: Sequence[str] | None = None) -> int:
         "  dm_pull --key team/model/v3 --version ID\n"
         "  dm_restore --key team/model/v3 --version ID",
     )
+    return _show_key(
+        "dm_history",
+        parser,
+        argv,
+        lambda manager, key: manager.history(key),
+        report.history_data,
+        report.history_lines,
+    )
+
+
+def _show_key(
+    prog: str,
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    read: Callable[[Manager, str], T],
+    data: Callable[[T], Any],
+    lines: Callable[[T], list[str]],
+) -> int:
+    """A command that shows what ``read`` tells of ``--key``: lines for people, or with
+    ``--json`` the ``data`` for scripts (dm_history, dm_info)."""
     _add_key(parser)
     _add_json(parser)
     args = parser.parse_args(argv)
 
     def action() -> None:
         with _manager(args.quiet) as manager:
-            history = manager.history(args.key)
+            found = read(manager, args.key)
         if args.json:
-            _print_json(report.history_data(history))
+            _print_json(data(found))
         else:
-            print("\n".join(report.history_lines(history)))
+            print("\n".join(lines(found)))
 
-    return _run("dm_history", action)
+    return _run(prog, action)
 
 
 @_command("restore")
@@ -612,19 +633,14 @@ def info_main(argv: Sequence[str] | None = None) -> int:
         "  dm_info --key team/model/v3\n"
         "  dm_info --key team/model/v3 --json | jq .meta",
     )
-    _add_key(parser)
-    _add_json(parser)
-    args = parser.parse_args(argv)
-
-    def action() -> None:
-        with _manager(args.quiet) as manager:
-            details = manager.info(args.key)
-        if args.json:
-            _print_json(report.details_data(details))
-        else:
-            print("\n".join(report.details_lines(details)))
-
-    return _run("dm_info", action)
+    return _show_key(
+        "dm_info",
+        parser,
+        argv,
+        lambda manager, key: manager.info(key),
+        report.details_data,
+        report.details_lines,
+    )
 
 
 @_command("status")

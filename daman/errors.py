@@ -248,3 +248,10 @@ def os_errors(where: object, advice: str = "") -> Iterator[None]:
         if isinstance(exc, DamanError):
             raise
         raise map_os_error(exc, where, advice) from exc
+
+
+def disc_errors(where: object) -> contextlib.AbstractContextManager[None]:
+    """:func:`os_errors` for writing into the local cache's folder ``where``."""
+    return os_errors(
+        where, "Free some space, or lower allocated_space / move local_dir with dm_configure"
+    )

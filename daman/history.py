@@ -118,6 +118,11 @@ class Listed:
     """The store's own version id to read (bucket versioning), None for a name."""
 
 
+def pinned(version: str | None) -> dict[str, str]:
+    """The keyword that reads one version a bucket keeps (none: the name as it is now)."""
+    return {"version": version} if version else {}
+
+
 class Records:
     """The versions daman keeps itself (see the module's docstring): any store."""
 

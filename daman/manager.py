@@ -12,10 +12,8 @@ import dataclasses
 import enum
 import gc
 import os
-import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +36,8 @@ from .errors import (
     StorageNotFoundError,
     StoreUnavailableError,
     UntrustedObjectError,
-    VersionNotFoundError,
     a,
+    disc_errors,
     first_sentence,
     os_errors,
     warn,
@@ -60,7 +58,6 @@ from .results import (
     Source,
     Usage,
     VerifyReport,
-    VersionInfo,
 )
 from .serialize import (
     TAIL_GUESS,
@@ -72,10 +69,10 @@ from .serialize import (
     dumps_meta,
     load_meta,
     read_footer,
-    restamp,
     write_object,
 )
 from .store import ObjectInfo, Store, WriteUnconfirmedError, describe_store, open_store
+from .versioning import Versioning
 
 if TYPE_CHECKING:
     from .panel import Panel
@@ -125,12 +122,6 @@ def decide_pull(*, cached_etag: str | None, remote: str | Remote, force: bool) -
     return PullAction.DOWNLOAD
 
 
-def _disc_errors(where: Path) -> contextlib.AbstractContextManager[None]:
-    return os_errors(
-        where, "Free some space, or lower allocated_space / move local_dir with dm_configure"
-    )
-
-
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
     """No garbage collection passes while a long listing is built: 100,000 keys make several
@@ -144,11 +135,6 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def _pin(version: str | None) -> dict[str, str]:
-    """The keyword that reads one version a bucket keeps (none: the name as it is now)."""
-    return {"version": version} if version else {}
 
 
 def _check_key(footer: Footer, key: str) -> None:
@@ -253,6 +239,7 @@ class Manager:
             config.cache_dir, config.allocated_space, store=describe_store(config)
         )
         self.signing_key = config.signing_secret
+        self._versioning = Versioning(self)
         self.listings = ListingCache()
         """Level listings kept a few seconds, shared by the panel and key completion."""
 
@@ -360,7 +347,7 @@ class Manager:
         validate_key(key)
         meta_bytes = dumps_meta(meta)
         with self.cache.temp_file() as tmp:
-            with _disc_errors(self.cache.root), open_empty(tmp, buffering=_WRITE_BUFFER) as f:
+            with disc_errors(self.cache.root), open_empty(tmp, buffering=_WRITE_BUFFER) as f:
                 # A new key's version is recorded when it is replaced (daman.history).
                 footer = write_object(obj, meta_bytes, f, self.signing_key, key, versioned=force)
             info = self._publish(key, tmp, footer, force=force)
@@ -374,40 +361,12 @@ class Manager:
                 )
         return info
 
-    def _versions(self) -> versions.Keeper:
-        """Who keeps the store's versions: the bucket (S3 versioning) or daman."""
-        keeper = self.__dict__.get("_keeper")
-        if keeper is None or keeper.store is not self.store:
-            keeper = self.__dict__["_keeper"] = versions.keeper(self.store)
-        return keeper
-
-    def _keep_replaced(self, key: str) -> None:
-        """Record ``key``'s current version if it has no record yet (a new key's push, or
-        one from before versions existed), before it is replaced or deleted."""
-        with self.cache.temp_file() as old:
-            versions.record_unrecorded(self.store, key, partial(self._replaced_copy, key), old)
-
-    def _replaced_copy(self, key: str, dest: Path, info: ObjectInfo) -> Footer:
-        """``key``'s current object (``info``) in ``dest``: this machine's cached copy when
-        it is that object (the usual case: it was pushed here), else downloaded, checked."""
-        entry = self.cache.get(key)
-        if entry is not None and info.etag and entry.etag == info.etag:
-            with _disc_errors(self.cache.root):
-                try:
-                    shutil.copyfile(entry.path, dest)  # cached files never change in place
-                except FileNotFoundError:
-                    pass  # evicted meanwhile
-                else:
-                    with open(dest, "rb") as f:
-                        return StoredFile(f).footer
-        return self._download_footer(key, dest)
-
     def _publish(self, key: str, tmp: Path, footer: Footer, *, force: bool) -> ObjectInfo:
         """Store the finished file ``tmp`` (written with ``footer``, which holds its version
         id) as a new version of ``key`` (see ``daman.history``: its record first, then the
         key, unless the bucket keeps versions itself). The oldest versions beyond
         ``keep_versions`` go last."""
-        keeper = self._versions()
+        keeper = self._versioning.keeper()
         size = tmp.stat().st_size
         try:
             with self._progress(f"push {key}") as progress:
@@ -415,7 +374,7 @@ class Manager:
                 try:
                     info = keeper.write(
                         key, tmp, footer, force=force, progress=progress,
-                        keep_replaced=lambda: self._keep_replaced(key),
+                        keep_replaced=lambda: self._versioning.keep_replaced(key),
                     )  # fmt: skip
                 except (KeyExistsError, WriteUnconfirmedError) as exc:
                     # A retry met our own write (its first answer was lost): look at what
@@ -434,12 +393,6 @@ class Manager:
         finally:
             self.listings.forget()  # even a failed put may have changed the store
         return info
-
-    def _download_footer(self, key: str, dest: Path) -> Footer:
-        """Download ``key``'s current object into ``dest``, checked; its footer."""
-        stored, _ = self._fetch_verified(key, dest)
-        stored.f.close()
-        return stored.footer
 
     def push_file(
         self,
@@ -517,7 +470,7 @@ class Manager:
         opened = (
             self._open_current(key, force=force, persist=persist, keep=not memory_only, mapped=mmap)
             if version is None
-            else self._open_version(
+            else self._versioning.open(
                 key, version, force=force, persist=persist, keep=not memory_only, mapped=mmap
             )
         )
@@ -585,7 +538,9 @@ class Manager:
                 opening = (
                     self._open_current(key, force=force, persist=persist, keep=True)
                     if version is None
-                    else self._open_version(key, version, force=force, persist=persist, keep=True)
+                    else self._versioning.open(
+                        key, version, force=force, persist=persist, keep=True
+                    )
                 )
                 with opening as opened:
                     kept = opened[2]
@@ -649,72 +604,6 @@ class Manager:
             key, entry, force=force, persist=persist, keep=keep, mapped=mapped
         ) as opened:
             yield opened
-
-    @contextlib.contextmanager
-    def _open_version(
-        self,
-        key: str,
-        version: str,
-        *,
-        force: bool,
-        persist: bool,
-        keep: bool,
-        mapped: bool = False,
-    ) -> Iterator[tuple[StoredFile, Source, CacheEntry | None]]:
-        """:meth:`_open_current` for one version of ``key``: a version never changes, so a
-        cached copy is used without asking the store (``force``: downloaded again)."""
-        validate_key(key)
-        self._source(key, version)  # a valid id
-        entry = None if force else self.cache.get(key, version)
-        stored = None if entry is None else self._open_cached(entry, persist, mapped=mapped)
-        if stored is not None:
-            with stored.f:
-                yield stored, "cache", entry
-            return
-        with self.cache.temp_file() as tmp:
-            with self.cache.key_lock(key):
-                kept = None if force else self.cache.get(key, version)
-                if kept is not None:  # fetched by another process while we waited
-                    stored = self._open_cached(kept, persist, mapped=mapped)
-                source: Source = "cache"
-                if stored is None:
-                    stored, info = self._fetch_version(key, version, tmp)
-                    source = "store"
-                    if keep:
-                        try:
-                            kept = self._keep(
-                                key, tmp, etag=info.etag, sha256=stored.footer.sha256,
-                                persist=persist, verb="pulled", version=version,
-                            )  # fmt: skip
-                        except BaseException:
-                            stored.f.close()
-                            raise
-            with stored.f:
-                yield stored, source, kept
-
-    def _source(self, key: str, version: object) -> versions.Listed:
-        """Where ``version`` of ``key`` is read (a VersionNotFoundError for an id that
-        cannot be one)."""
-        keeper = self._versions()
-        if not isinstance(version, str) or not keeper.valid(version):
-            raise VersionNotFoundError(key, str(version), self.store.describe())
-        return keeper.source(key, version)
-
-    def _fetch_version(self, key: str, version: str, tmp: Path) -> tuple[StoredFile, ObjectInfo]:
-        """Download ``version`` of ``key``, checked: its record (or the bucket's version),
-        or, for a version pushed before versions existed (no record), the key itself while
-        it is still that one."""
-        source = self._source(key, version)
-        try:
-            return self._fetch_verified(key, tmp, name=source.name, pinned=source.pinned)
-        except KeyNotFoundError:
-            if not self._versions().unrecorded(key, version):
-                raise VersionNotFoundError(key, version, self.store.describe()) from None
-        stored, info = self._fetch_verified(key, tmp)
-        if versions.version_of(stored.footer) != version:  # replaced meanwhile
-            stored.f.close()
-            raise VersionNotFoundError(key, version, self.store.describe())
-        return stored, info
 
     def _open_cached(
         self, entry: CacheEntry, persist: bool, *, mapped: bool = False
@@ -795,7 +684,7 @@ class Manager:
             f = open(tmp, "rb")  # noqa: SIM115 - returned open, or closed below
             hasher = PrefixHasher(f.fileno())  # hashes the file while it arrives
             try:
-                with _disc_errors(self.cache.root), self._progress(f"pull {key}") as progress:
+                with disc_errors(self.cache.root), self._progress(f"pull {key}") as progress:
 
                     def on_size(
                         size: int, progress: _ProgressBar = progress, hasher: PrefixHasher = hasher
@@ -809,7 +698,7 @@ class Manager:
                         progress=progress,
                         on_size=on_size,
                         on_written=hasher.written,
-                        **_pin(pinned),
+                        **versions.pinned(pinned),
                     )
                 # A daman 0.2 object is checked and rewritten in today's format here, so that
                 # the cache never holds the old format.
@@ -851,12 +740,14 @@ class Manager:
         from_store = from_cache = False
         if remote:  # first: if the store fails, nothing changed here either
             try:
-                keeper = self._versions()
+                keeper = self._versioning.keeper()
                 if all_versions:
                     from_store = keeper.delete_all(key)
                 else:
                     with contextlib.suppress(KeyNotFoundError):
-                        keeper.delete(key, keep_replaced=lambda: self._keep_replaced(key))
+                        keeper.delete(
+                            key, keep_replaced=lambda: self._versioning.keep_replaced(key)
+                        )
                         from_store = True
             finally:
                 self.listings.forget()
@@ -884,65 +775,14 @@ class Manager:
         """The versions of ``key`` in the store, newest first, and which one is current (none
         when the key was deleted: any version can be restored). One listing request, then
         one small ranged read per version (8 at a time) for its writer, time and meta."""
-        validate_key(key)
-        found, current_id, exists = self._versions().versions(key)
-
-        def read(version: versions.Listed) -> tuple[Footer, Any]:
-            footer, meta, _ = self._footer_and_meta(key, version.name, version.pinned)
-            return footer, meta
-
-        listed: list[VersionInfo] = []
-        for version, got in zip(found, versions.read_all(read, found), strict=True):
-            if isinstance(got, tuple):
-                footer, meta = got
-                listed.append(self._version_info(version.version, footer, meta, current_id))
-            else:  # damaged or untrusted: listed with what the listing says
-                unread = VersionInfo(
-                    version.version, version.size, "", "", "", "", None,
-                    version.version == current_id, readable=False,
-                )  # fmt: skip
-                listed.append(unread)
-        if not listed and not exists:
-            raise KeyNotFoundError(key, self.store.describe())
-        return KeyHistory(key, tuple(listed), deleted=not exists)
-
-    @staticmethod
-    def _version_info(version: str, footer: Footer, meta: Any, current: str | None) -> VersionInfo:
-        return VersionInfo(
-            version=version,
-            size=footer.file_size,
-            pushed_by=footer.pushed_by,
-            pushed_at=footer.pushed_at,
-            python=footer.python,
-            cloudpickle=footer.cloudpickle,
-            meta=meta,
-            current=version == current,
-            restored_from=footer.restored_from,
-        )
+        return self._versioning.history(key)
 
     def restore(self, key: str, *, version: str, persist: bool = False) -> ObjectInfo:
         """Make ``version`` of ``key`` its current version again, also after the key was
         deleted. The restore is itself a new version (its bytes, a new footer saying who
         restored it and from which version), so the version it replaces stays in the
         history too."""
-        with self._open_version(key, version, force=False, persist=False, keep=True) as opened:
-            stored = opened[0]
-            with self.cache.temp_file() as tmp:
-                with _disc_errors(self.cache.root), open_empty(tmp) as out:
-                    footer = restamp(
-                        stored,
-                        out,
-                        key=key,
-                        signing_key=self.signing_key,
-                        versioned=True,
-                        restored_from=version,
-                    )
-                info = self._publish(key, tmp, footer, force=True)
-                self._keep(
-                    key, tmp, etag=info.etag, sha256=footer.sha256, persist=persist,
-                    verb="restored",
-                )  # fmt: skip
-        return info
+        return self._versioning.restore(key, version=version, persist=persist)
 
     def cached_cell(self, key: str, names: Sequence[str]) -> tuple[dict[str, Any], Pulled] | None:
         """``%%dm_cache``'s question: the variables ``names`` stored under ``key`` (and where
@@ -997,7 +837,17 @@ class Manager:
         ranged read of its tail."""
         validate_key(key)
         if version is not None:
-            return self._version_details(key, version)
+            footer, meta, remote = self._versioning.details(key, version)
+            entry = self.cache.get(key, version)
+            return _details(
+                key,
+                footer,
+                meta,
+                remote,
+                cached=entry is not None,
+                persist=entry is not None and entry.persist,
+                outdated=False,  # a version never changes
+            )
         try:
             found = self._remote_details(key)
             if isinstance(found, ObjectDetails):  # a daman 0.2 object
@@ -1027,42 +877,6 @@ class Manager:
             persist=key in states and states[key].persist,
             outdated=key in states and bool(remote.etag) and states[key].etag != remote.etag,
         )
-
-    def _version_details(self, key: str, version: str) -> ObjectDetails:
-        source = self._source(key, version)
-        try:
-            footer, meta, remote = self._footer_and_meta(key, source.name, source.pinned)
-        except KeyNotFoundError:  # no record: the current version, if pushed before versions
-            found = self._remote_details(key)
-            if isinstance(found, ObjectDetails) or versions.version_of(found[0]) != version:
-                raise VersionNotFoundError(key, version, self.store.describe()) from None
-            footer, meta, remote = found
-        entry = self.cache.get(key, version)
-        return _details(
-            key,
-            footer,
-            meta,
-            remote,
-            cached=entry is not None,
-            persist=entry is not None and entry.persist,
-            outdated=False,  # a version never changes
-        )
-
-    def _footer_and_meta(
-        self, key: str, name: str, pinned: str | None
-    ) -> tuple[Footer, Any, ObjectInfo]:
-        """One version's footer and meta, read from its tail: the record ``name``, or
-        ``key``'s version ``pinned`` in a bucket that keeps versions. Checked to be
-        ``key``'s (and signed, with signing on)."""
-        pin = _pin(pinned)
-
-        def read_at(offset: int, length: int) -> bytes:
-            return self.store.read_range(name, offset, length, **pin)
-
-        tail, remote = self.store.read_tail(name, TAIL_GUESS, **pin)
-        footer = read_footer(read_at, remote.size, tail)
-        self._check_identity(footer, key, last=True)
-        return footer, load_meta(read_at, footer, tail, remote.size), remote
 
     def _remote_details(self, key: str) -> tuple[Footer, Any, ObjectInfo] | ObjectDetails:
         """The stored object's footer and meta, read from its tail (asked again when the

@@ -5,15 +5,17 @@ stream downloads into at positions."""
 
 from __future__ import annotations
 
+import abc
 import math
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import DamanError, StoreUnavailableError
-from .base import ObjectInfo
+from .base import ObjectInfo, Progress, Store, Written, _no_progress, _no_range
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -127,6 +129,35 @@ def restarting_on_change(key: str, get_once: Callable[[], ObjectInfo]) -> Object
                     f"{key!r} kept changing while it was downloaded. Try again."
                 ) from None
     raise AssertionError("unreachable")
+
+
+class PartedStore(Store):
+    """A cloud store whose ``get`` reads an object in parts: each backend reads it once
+    (``_get_once``, raising ObjectChangedError when it is replaced under it), and every
+    backend starts over the same way (:func:`restarting_on_change`)."""
+
+    def get(
+        self,
+        key: str,
+        dest: Path,
+        *,
+        progress: Progress = _no_progress,
+        on_size: Progress = _no_progress,
+        on_written: Written = _no_range,
+        **pin: str | None,
+    ) -> ObjectInfo:
+        """:meth:`Store.get`; ``pin`` is what a backend reads one version with (S3's
+        ``version``)."""
+        return restarting_on_change(
+            key, lambda: self._get_once(key, dest, progress, on_size, on_written, **pin)
+        )
+
+    @abc.abstractmethod
+    def _get_once(
+        self, key: str, dest: Path, progress: Progress, on_size: Progress, on_written: Written
+    ) -> ObjectInfo:
+        """One reading of ``key`` into ``dest``, from its first byte (a backend that reads
+        versions takes ``pin``'s keywords too)."""
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

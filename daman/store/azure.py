@@ -50,17 +50,15 @@ from ._transfer import (
     TRANSFER_THREADS,
     MiB,
     ObjectChangedError,
+    PartedStore,
     PositionalWriter,
-    restarting_on_change,
 )
 from .base import (
     Level,
     ObjectInfo,
     Progress,
-    Store,
     Written,
     _no_progress,
-    _no_range,
     bucket_and_prefix,
 )
 
@@ -179,7 +177,7 @@ class _RangeNotSatisfiable(DamanError):
     """A ranged read beyond the blob's end."""
 
 
-class AzureStore(Store):
+class AzureStore(PartedStore):
     def __init__(self, config: Config) -> None:
         _sdk()  # a missing extra is said at once, not at the first request
         self.config = config
@@ -301,19 +299,6 @@ class AzureStore(Store):
             )
         told(size, size)
         return ObjectInfo(key, size, _etag(r.get("etag")), r.get("last_modified"))
-
-    def get(
-        self,
-        key: str,
-        dest: Path,
-        *,
-        progress: Progress = _no_progress,
-        on_size: Progress = _no_progress,
-        on_written: Written = _no_range,
-    ) -> ObjectInfo:
-        return restarting_on_change(
-            key, lambda: self._get_once(key, dest, progress, on_size, on_written)
-        )
 
     def _get_once(
         self, key: str, dest: Path, progress: Progress, on_size: Progress, on_written: Written

@@ -57,19 +57,17 @@ from ..keys import (
 from ._transfer import (
     MiB,
     ObjectChangedError,
+    PartedStore,
     PositionalWriter,
     ranges,
-    restarting_on_change,
     run_parallel,
 )
 from .base import (
     Level,
     ObjectInfo,
     Progress,
-    Store,
     Written,
     _no_progress,
-    _no_range,
     bucket_and_prefix,
 )
 
@@ -156,7 +154,7 @@ class _RangeNotSatisfiable(DamanError):
     """A ranged read beyond the object's end (or of an empty object)."""
 
 
-class GCSStore(Store):
+class GCSStore(PartedStore):
     def __init__(self, config: Config) -> None:
         _sdk()  # a missing extra is said at once, not at the first request
         self.config = config
@@ -391,19 +389,6 @@ class GCSStore(Store):
                     raise ObjectChangedError(f"{key!r} changed while it was being read") from None
                 raise
         return blob
-
-    def get(
-        self,
-        key: str,
-        dest: Path,
-        *,
-        progress: Progress = _no_progress,
-        on_size: Progress = _no_progress,
-        on_written: Written = _no_range,
-    ) -> ObjectInfo:
-        return restarting_on_change(
-            key, lambda: self._get_once(key, dest, progress, on_size, on_written)
-        )
 
     def _get_once(
         self, key: str, dest: Path, progress: Progress, on_size: Progress, on_written: Written

@@ -71,11 +71,11 @@ from ..keys import (
 from ._transfer import (
     TRANSFER_THREADS,
     ObjectChangedError,
+    PartedStore,
     Parts,
     Stopped,
     new_pool,
     pwrite_all,
-    restarting_on_change,
     run_parallel,
     split,
 )
@@ -83,7 +83,6 @@ from .base import (
     Level,
     ObjectInfo,
     Progress,
-    Store,
     StoredVersion,
     WriteUnconfirmedError,
     Written,
@@ -167,7 +166,7 @@ def _error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-class S3Store(Store):
+class S3Store(PartedStore):
     def __init__(
         self,
         make_client: Callable[[], Any],
@@ -591,20 +590,6 @@ class S3Store(Store):
                 else:
                     time.sleep(delay)
 
-    def get(
-        self,
-        key: str,
-        dest: Path,
-        *,
-        progress: Progress = _no_progress,
-        on_size: Progress = _no_progress,
-        on_written: Written = _no_range,
-        version: str | None = None,
-    ) -> ObjectInfo:
-        return restarting_on_change(
-            key, lambda: self._get_once(key, dest, progress, on_size, on_written, version)
-        )
-
     def _get_once(
         self,
         key: str,
@@ -612,7 +597,7 @@ class S3Store(Store):
         progress: Progress,
         on_size: Progress,
         on_written: Written,
-        version: str | None,
+        version: str | None = None,
     ) -> ObjectInfo:
         first_end = MULTIPART_THRESHOLD - 1
         try:
