@@ -236,14 +236,20 @@ class _HashingWriter:
             self._watch(data)
         view = memoryview(data)
         if view.nbytes >= _PARALLEL_HASH_BYTES:
-            # hashlib and file writes both release the GIL: hash a large buffer on a second
-            # core while the first copies it to the file.
-            hasher = threading.Thread(target=self._hash, args=(view,))
-            hasher.start()
+            # hashlib and file writes release the GIL: a large buffer's two hashes (the
+            # payload's, the part's) run on other cores while this one copies it to the file.
+            hashers = [
+                threading.Thread(target=hash_.update, args=(view,))
+                for hash_ in (self.sha, self.part)
+                if hash_ is not None
+            ]
+            for hasher in hashers:
+                hasher.start()
             try:
                 self._f.write(view)
             finally:
-                hasher.join()
+                for hasher in hashers:
+                    hasher.join()
         else:
             self._f.write(view)
             self._hash(view)
