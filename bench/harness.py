@@ -62,6 +62,8 @@ class Context:
     server: MotoServer
     work: Path
     candidate: Path | None = None
+    file_creation_us: float = 0.0
+    """CPU to create a file in ``work`` (see ``run.file_creation_cost``)."""
     rows: list[Row] = dataclasses.field(default_factory=list)
     requests: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     notes: dict[str, list[str]] = dataclasses.field(

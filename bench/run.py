@@ -769,6 +769,19 @@ def machine() -> list[str]:
     ]
 
 
+def file_creation_cost(folder: Path, count: int = 300) -> float:
+    """CPU microseconds to create (and close) one empty file in ``folder``: every cached
+    push and pull creates files, and what that costs depends on the folder on some machines."""
+    probe = Path(tempfile.mkdtemp(prefix="probe-", dir=folder))
+    try:
+        started = time.process_time()
+        for n in range(count):
+            os.close(os.open(probe / str(n), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return (time.process_time() - started) / count * 1e6
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
 def write_report(
     ctx: Context,
     path: Path,
@@ -797,6 +810,9 @@ def write_report(
         ),
         f"- moto's server: RSS at the end {server_rss[0] / MiB:.0f} MiB, peak "
         f"{server_rss[1] / MiB:.0f} MiB",
+        f"- creating a file in the scratch folder (where the caches are): "
+        f"{ctx.file_creation_us:.0f} us of CPU (it has been 10 us or 200 us on this machine, "
+        "depending on the folder and the day; a cached push or pull creates two)",
         "",
         "## Targets",
         "",
@@ -918,7 +934,8 @@ def main() -> None:
     if candidate and not (candidate / "daman" / "__init__.py").exists():
         parser.error(f"--candidate {candidate}: no daman package in it")
     ctx = Context(QUICK if args.quick else FULL, args.quick, server, work, candidate)
-    ctx.log(f"moto at {server.endpoint}; scratch {work}")
+    ctx.file_creation_us = file_creation_cost(work)
+    ctx.log(f"moto at {server.endpoint}; scratch {work} ({ctx.file_creation_us:.0f} us a file)")
     runners = {
         "large": lambda: section_large(ctx, args.profile),
         "keys": lambda: section_keys(ctx),

@@ -63,6 +63,7 @@ from .serialize import (
     TAIL_GUESS,
     FileBytes,
     Footer,
+    KnownFooters,
     PrefixHasher,
     StoredFile,
     check_file,
@@ -242,6 +243,7 @@ class Manager:
         self._versioning = Versioning(self)
         self.listings = ListingCache()
         """Level listings kept a few seconds, shared by the panel and key completion."""
+        self._footers = KnownFooters()
 
     @property
     def store(self) -> Store:
@@ -615,7 +617,12 @@ class Manager:
         except FileNotFoundError:
             return None
         try:
-            stored = StoredFile(f)  # the size, footer and meta are checked on every hit
+            # A cached file never changes (a new version is a new name): its footer, read
+            # once, is known again by its name, inode, size and time.
+            st = os.fstat(f.fileno())
+            seen = (entry.path.name, st.st_ino, st.st_size, st.st_mtime_ns)
+            stored = StoredFile(f, self._footers.get(seen))
+            self._footers.remember(seen, stored.footer)
             if self.signing_key is None:
                 stored.check_meta()
             elif mapped:  # what unpickling can run; the mapped buffers are data only

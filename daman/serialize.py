@@ -704,6 +704,25 @@ def load_meta(
     return unpickle_meta(data, footer, allow_version_mismatch=allow_version_mismatch)
 
 
+class KnownFooters:
+    """The footers of files that never change (cached copies), by what identifies such a
+    file (its name, inode, size and time): a cache hit's footer is parsed once per process.
+    Bounded: the oldest are forgotten first."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._known: dict[tuple[object, ...], Footer] = {}
+        self._limit = limit
+
+    def get(self, seen: tuple[object, ...]) -> Footer | None:
+        return self._known.get(seen)
+
+    def remember(self, seen: tuple[object, ...], footer: Footer) -> None:
+        if len(self._known) >= self._limit:
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):  # other threads
+                del self._known[next(iter(self._known))]
+        self._known[seen] = footer
+
+
 class StoredFile:
     """An object file, opened once: its footer is read once (the trailer, then exactly the
     footer: two small reads), then the file is checked and loaded as the caller asks. The

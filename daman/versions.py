@@ -47,6 +47,8 @@ def version_problem(footer: Footer) -> str | None:
     """A sentence describing a writer/reader version gap that can break loading code pickled
     by value, or None."""
     here_py = sys.version.split()[0]
+    if footer.python == here_py and footer.cloudpickle == cloudpickle.__version__:
+        return None  # written here, or by the same versions: most objects, every cache hit
     gaps = []
     if _minor(footer.python) != _minor(here_py):
         gaps.append(f"Python {footer.python} (here {here_py})")

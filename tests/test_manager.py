@@ -714,6 +714,26 @@ def test_verify_checks_large_copies_in_chunks_and_small_ones_in_one_read(
     assert manager.cache.entries() == []
 
 
+def test_a_hit_reads_a_cached_files_footer_once_and_again_once_the_file_changed(
+    manager: Manager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager.push({"n": 1}, "k", meta="m")
+    # (a local store reads a footer for its current-check: without it, the hits alone count)
+    manager = Manager(manager.config.replace(check_current=False))
+    parsed = []
+    real = ser.parse_footer
+    monkeypatch.setattr(ser, "parse_footer", lambda *a: parsed.append(1) or real(*a))
+    for _ in range(3):
+        assert manager.pull("k") == ({"n": 1}, "m")
+    assert len(parsed) == 2  # the trailer, then the footer: once, for three hits
+    path = manager.cache.get("k").path
+    data = path.read_bytes()
+    path.write_bytes(data[:-1])  # damaged after it was read: another size
+    assert manager.pull("k") == ({"n": 1}, "m")  # noticed, and fetched again
+    assert manager.cache.get("k").path.read_bytes() == data
+    manager.close()
+
+
 def test_a_memory_only_pull_of_a_newer_version_evicts_nothing(make_config, tmp_path: Path) -> None:
     """An outdated copy is cached and a colleague pushed a larger version: a memory-only pull
     returns it, drops the outdated copy, and keeps the new one only if it fits in free space
