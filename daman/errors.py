@@ -105,6 +105,11 @@ class StoreUnavailableError(DamanError, ConnectionError):
     """The store could not be reached (network, timeout, server errors after retries)."""
 
 
+class KeptChangingError(StoreUnavailableError):
+    """An object was replaced again and again while it was read (other processes pushing
+    it): no one version of it could be read whole."""
+
+
 class SerializationError(DamanError, TypeError):
     """An object or its meta could not be pickled."""
 

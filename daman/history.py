@@ -36,9 +36,12 @@ history of one until it is replaced. A key deleted from the store keeps its reco
 unrecorded version is recorded first): its history shows it deleted, and any version can be
 restored.
 
-The one race this leaves open: a new-key push that lands between a force push's look at the
-key and its overwrite (possible only if the key was deleted in between) is replaced without
-a record; the force push's own version is the current one, as it would be anyway.
+The races this leaves open, each needing a push of a new key to land inside another
+process's few milliseconds: a force push looks at the key (to record it) just before it
+writes it, and a remote delete just before it deletes it; a new key's push landing between
+the look and the write (the key absent at the look, or deleted meanwhile) is replaced or
+deleted without a record. The current version is then the force push's, or none, as it would
+be anyway. A daman client from before version history records nothing before it overwrites.
 
 Ids sort by the time of their push (to the millisecond, then the random part), so the newest
 is the greatest; the clocks of the machines that push decide that order.
@@ -58,7 +61,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import legacy as legacy_format
-from .errors import DamanError, KeyExistsError, KeyNotFoundError, StoreUnavailableError
+from .errors import DamanError, KeptChangingError, KeyExistsError, KeyNotFoundError
 from .keys import VERSION_ID, record_folder, record_name
 from .serialize import TAIL_GUESS, Footer, new_version_id, read_footer
 from .store import ObjectInfo, Progress, Store, WriteUnconfirmedError
@@ -178,8 +181,12 @@ class Records:
         if not force:
             assert not footer.version, "a new key's version is recorded when it is replaced"
             return self.store.put(key, tmp, overwrite=False, progress=progress)
-        keep_replaced()
         record(self.store, key, footer, tmp, progress=progress)
+        try:
+            keep_replaced()  # last, right before the key is written: the race's window is small
+        except BaseException:
+            self.withdraw(key, footer)  # the key was not written: never one of its versions
+            raise
         return self.store.put_copy(
             key, tmp, source=record_name(key, footer.version), overwrite=force, progress=progress
         )
@@ -290,22 +297,29 @@ def keeper(store: Store) -> Keeper:
 
 
 def record_unrecorded(
-    store: Store, key: str, download: Callable[[Path, ObjectInfo], Footer], tmp: Path
+    store: Store,
+    key: str,
+    copy: Callable[[Path, Footer | str], Footer | None],
+    tmp: Path,
 ) -> None:
     """Before ``key`` is replaced or deleted: record its current version if it has no
     record (a new key's push, or an object pushed before versions existed).
-    ``download(tmp, info)`` brings the key's object (``info``: what the store said of it
-    just now), checked, into ``tmp`` and returns its footer. A record made by a racing
-    process under the same id holds the same object."""
+    ``copy(tmp, footer)`` brings the key's object (``footer``: what its tail said just
+    now, or :data:`LEGACY`) into ``tmp`` and returns the footer of what it brought, or None
+    if there is nothing to record (gone meanwhile). The record is named after the bytes it
+    holds; one made by a racing process under the same id holds the same object. An
+    unreachable store raises: the replace or delete must not go on without the record."""
     try:
         found = current_footer(store, key)
-    except StoreUnavailableError:
-        # Replaced again and again while its tail was read (other pushes, which record what
-        # they write), or the store is unreachable, which the write that follows will say.
+    except KeptChangingError:
+        # Replaced again and again while its tail was read: by pushes that each recorded the
+        # version they replaced first, the first of them this one (it was stable then).
         return
     if found is None or (isinstance(found[0], Footer) and found[0].version):
         return  # nothing stored, or pushed with its record
-    footer = download(tmp, found[1])  # the object itself (a 0.2 one converted to today's format)
+    footer = copy(tmp, found[0])  # a 0.2 object comes converted to today's format
+    if footer is None:
+        return
     with contextlib.suppress(KeyExistsError):
         store.put(record_name(key, version_of(footer)), tmp, overwrite=False)
 

@@ -348,10 +348,10 @@ class Manager:
         machine creates it at the same moment; nothing is uploaded if pickling fails."""
         validate_key(key)
         meta_bytes = dumps_meta(meta)
+        numbered = self._versioning.records_first(force=force)  # see daman.history
         with self.cache.temp_file() as tmp:
             with disc_errors(self.cache.root), open_empty(tmp, buffering=_WRITE_BUFFER) as f:
-                # A new key's version is recorded when it is replaced (daman.history).
-                footer = write_object(obj, meta_bytes, f, self.signing_key, key, versioned=force)
+                footer = write_object(obj, meta_bytes, f, self.signing_key, key, versioned=numbered)
             info = self._publish(key, tmp, footer, force=force)
             try:
                 self._keep(

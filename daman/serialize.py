@@ -657,6 +657,9 @@ def check_file(fd: int, size: int) -> Footer:
     payload byte against its sha256: ``verify()``'s check of one cached copy. A file of up
     to ``_INLINE_HASH_BYTES`` is read in one call (most cached entries are small: their
     reads, not their hashing, are what a check costs)."""
+    actual = os.fstat(fd).st_size
+    if actual != size:
+        raise IntegrityError(f"the file is {actual} bytes, not the {size} it was when cached.")
     if size > _INLINE_HASH_BYTES:
         stored = StoredFile(os.fdopen(os.dup(fd), "rb"))
         with stored.f:

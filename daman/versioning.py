@@ -9,6 +9,7 @@ so that a version is downloaded, checked, cached and pushed again as any object 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Iterator
 from functools import partial
@@ -16,11 +17,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import history as versions
-from .errors import KeyNotFoundError, VersionNotFoundError, disc_errors
+from .errors import (
+    IntegrityError,
+    KeyNotFoundError,
+    RepairWarning,
+    UntrustedObjectError,
+    VersionNotFoundError,
+    disc_errors,
+    warn,
+)
 from .files import open_empty
 from .keys import validate_key
 from .results import KeyHistory, ObjectDetails, Source, VersionInfo
-from .serialize import TAIL_GUESS, Footer, StoredFile, load_meta, read_footer, restamp
+from .serialize import (
+    TAIL_GUESS,
+    Footer,
+    StoredFile,
+    check_file,
+    load_meta,
+    read_footer,
+    restamp,
+)
 from .store import ObjectInfo, Store
 
 if TYPE_CHECKING:
@@ -79,29 +96,69 @@ class Versioning:
             keeper = self._keeper = versions.keeper(self.host.store)
         return keeper
 
+    def records_first(self, *, force: bool) -> bool:
+        """Whether a write (a push with ``force``, or a restore) records its version before
+        it writes the key, so that its footer holds its version id: only daman's records,
+        and only over an existing key (a new key's version is recorded when replaced). A
+        bucket's own versions leave the id empty: if versioning is suspended later, those
+        objects are recorded before they are replaced."""
+        return force and isinstance(self.keeper(), versions.Records)
+
     def keep_replaced(self, key: str) -> None:
         """Record ``key``'s current version if it has no record yet (a new key's push, or
         one from before versions existed), before it is replaced or deleted."""
         with self.host.cache.temp_file() as old:
             versions.record_unrecorded(self.host.store, key, partial(self._replaced_copy, key), old)
 
-    def _replaced_copy(self, key: str, dest: Path, info: ObjectInfo) -> Footer:
-        """``key``'s current object (``info``) in ``dest``: this machine's cached copy when
-        it is that object (the usual case: it was pushed here), else downloaded, checked."""
-        cache = self.host.cache
-        entry = cache.get(key)
-        if entry is not None and info.etag and entry.etag == info.etag:
-            with disc_errors(cache.root):
-                try:
-                    shutil.copyfile(entry.path, dest)  # cached files never change in place
-                except FileNotFoundError:
-                    pass  # evicted meanwhile
-                else:
-                    with open(dest, "rb") as f:
-                        return StoredFile(f).footer
-        stored, _ = self.host._fetch_verified(key, dest)  # downloaded, checked
+    def _replaced_copy(self, key: str, dest: Path, current: Footer | str) -> Footer | None:
+        """The object now under ``key`` (``current``: its footer, just read) in ``dest``:
+        this machine's cached copy when it is that very push's (its footer holds a random
+        push_id) and whole, else downloaded and checked. An object that fails the checks
+        (damaged in the store, or unsigned under a signing key) is copied as it is stored:
+        still a version, and the push replacing it must not be refused for it. None if the
+        key is gone meanwhile (whoever removed it recorded it) or its footer is unreadable."""
+        if isinstance(current, Footer) and self._cached_copy(key, dest) == current:
+            return current
+        try:
+            stored, _ = self.host._fetch_verified(key, dest)
+        except KeyNotFoundError:
+            return None
+        except (UntrustedObjectError, IntegrityError):
+            try:
+                self.host.store.get(key, dest)
+                with open(dest, "rb") as f:
+                    return StoredFile(f).footer
+            except KeyNotFoundError:
+                return None
+            except IntegrityError as exc:
+                warn(
+                    f"the object replaced under {key!r} is damaged beyond reading ({exc}): it "
+                    "is not kept in the key's history.",
+                    RepairWarning,
+                )
+                return None
         stored.f.close()
         return stored.footer
+
+    def _cached_copy(self, key: str, dest: Path) -> Footer | None:
+        """``key``'s cached copy (its current version as last seen here) copied to ``dest``,
+        if whole: its footer; None if there is none, or it is damaged."""
+        cache = self.host.cache
+        entry = cache.get(key)
+        if entry is None:
+            return None
+        with disc_errors(cache.root):
+            try:
+                shutil.copyfile(entry.path, dest)  # cached files never change in place
+            except FileNotFoundError:
+                return None  # evicted meanwhile
+            fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return check_file(fd, os.fstat(fd).st_size)  # every byte, as it will be kept
+            except IntegrityError:
+                return None
+            finally:
+                os.close(fd)
 
     def history(self, key: str) -> KeyHistory:
         """See :meth:`Manager.history`."""
@@ -139,7 +196,7 @@ class Versioning:
                         out,
                         key=key,
                         signing_key=host.signing_key,
-                        versioned=True,
+                        versioned=self.records_first(force=True),
                         restored_from=version,
                     )
                 info = host._publish(key, tmp, footer, force=True)

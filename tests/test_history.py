@@ -20,7 +20,7 @@ from daman import (
     KeyNotFoundError,
     Manager,
 )
-from daman.errors import VersionNotFoundError
+from daman.errors import StoreUnavailableError, UntrustedObjectError, VersionNotFoundError
 from daman.history import version_of
 from daman.keys import HISTORY, record_folder, validate_key
 from daman.serialize import StoredFile, dumps_meta, write_object
@@ -302,6 +302,123 @@ def test_versions_pushed_within_a_second_keep_their_order(manager: Manager) -> N
     assert [manager.pull("k", version=v.version)[0] for v in history] == [3, 2, 1, 0]
 
 
+def test_the_same_bytes_pushed_again_are_another_version(
+    config: Config, manager: Manager, tmp_path: Path
+) -> None:
+    """Two pushes of equal objects are two versions (their footers differ: who, when, a
+    random id), even where the store's etag covers only the bytes (a folder store): the
+    cached copy of the first is never recorded in place of the second."""
+    manager.push({"x": 1}, "k", meta="first")
+    with other_machine(config, tmp_path) as other:
+        other.delete("k", local=False, remote=True)  # records the first
+        other.push({"x": 1}, "k", meta="second")  # a new key again: unrecorded
+    manager.push({"x": 2}, "k", meta="third", force=True)
+    history = manager.history("k")
+    assert [v.meta for v in history] == ["third", "second", "first"]
+    assert [manager.pull("k", version=v.version) for v in history][1:] == [
+        ({"x": 1}, "second"),
+        ({"x": 1}, "first"),
+    ]
+
+
+def test_a_damaged_cached_copy_is_never_what_is_recorded(
+    config: Config, manager: Manager, tmp_path: Path
+) -> None:
+    manager.push(np.arange(1000), "k")
+    path = manager.cache.get("k").path
+    data = bytearray(path.read_bytes())
+    data[300] ^= 0x01  # the copy here rots; the store's is whole
+    path.write_bytes(bytes(data))
+    manager.push(np.arange(5), "k", force=True)
+    old = manager.history("k")[1].version
+    with other_machine(config, tmp_path) as other:
+        np.testing.assert_array_equal(other.pull("k", version=old)[0], np.arange(1000))
+
+
+class _UnreachableOnce(CountingStore):
+    """A real store whose first tail read fails as an unreachable store's would."""
+
+    def read_tail(self, key, length, **kw):
+        if not self.calls["read_tail"]:
+            self.calls["read_tail"] += 1
+            raise StoreUnavailableError("the store did not answer (a test's first read)")
+        return super().read_tail(key, length, **kw)
+
+
+def test_a_delete_or_force_push_that_cannot_look_at_the_key_changes_nothing(
+    config: Config, manager: Manager, tmp_path: Path
+) -> None:
+    """An unrecorded version must be recorded before it is replaced or deleted: if the
+    store cannot be asked, the replace or delete is refused, not done without the record."""
+    manager.push({"v": 1}, "k")
+    other_config = config.replace(local_dir=str(tmp_path / "other"))
+    for act in (
+        lambda m: m.delete("k", local=False, remote=True),
+        lambda m: m.push({"v": 2}, "k", force=True),
+    ):
+        with Manager(other_config, store=_UnreachableOnce(open_store(config))) as other:
+            if other.store.keeps_versions():
+                return  # the bucket keeps every version itself: nothing to record first
+            with pytest.raises(StoreUnavailableError):
+                act(other)
+        assert manager.pull("k", force=True)[0] == {"v": 1}
+        assert [v.current for v in manager.history("k")] == [True]
+
+
+@pytest.mark.parametrize("config", ["local", "s3"], indirect=True)
+def test_an_unsigned_or_damaged_version_does_not_block_the_push_replacing_it(
+    config: Config, manager: Manager, tmp_path: Path
+) -> None:
+    """Pushing a good object is how one mends a key holding an unsigned or damaged one:
+    the version replaced is kept as it is stored (reading it fails as before)."""
+    manager.push({"v": 1}, "k")  # unsigned
+    signing = config.replace(local_dir=str(tmp_path / "signed"), signing_key="s" * 40)
+    with Manager(signing) as signed:
+        signed.push({"v": 2}, "k", force=True)
+        (_, old) = signed.history("k")
+        assert signed.pull("k")[0] == {"v": 2}
+        with pytest.raises(UntrustedObjectError):
+            signed.pull("k", version=old.version)
+    assert manager.pull("k", version=old.version)[0] == {"v": 1}
+    if config.service == "local":  # one flipped byte in the store's own copy
+        manager.push(np.arange(1000), "d")
+        (stored,) = Path(config.storage_name).rglob("d.daman")
+        data = bytearray(stored.read_bytes())
+        data[300] ^= 0x01
+        stored.write_bytes(bytes(data))
+        with other_machine(config, tmp_path, "mender") as mender:
+            mender.push(np.arange(3), "d", force=True)
+            assert len(mender.history("d")) == 2 and mender.pull("d")[0].tolist() == [0, 1, 2]
+
+
+class _DeletedAfterTheLook(CountingStore):
+    """A real store in which another machine deletes ``k`` right after this one read its
+    tail (between the look at the version to record and its download)."""
+
+    def __init__(self, inner, deleter: Manager) -> None:
+        super().__init__(inner)
+        self.deleter = deleter
+
+    def read_tail(self, key, length, **kw):
+        found = super().read_tail(key, length, **kw)
+        if self.calls["read_tail"] == 1:
+            self.deleter.delete(key, local=False, remote=True)
+        return found
+
+
+def test_a_key_deleted_while_its_version_is_recorded_is_still_pushed(
+    config: Config, manager: Manager, tmp_path: Path
+) -> None:
+    manager.push({"v": 1}, "k")
+    with other_machine(config, tmp_path, "deleter") as deleter:
+        store = _DeletedAfterTheLook(open_store(config), deleter)
+        with Manager(config.replace(local_dir=str(tmp_path / "late")), store=store) as late:
+            late.push({"v": 2}, "k", force=True)
+            assert late.pull("k")[0] == {"v": 2}
+            if not store.keeps_versions():
+                assert [v.current for v in late.history("k")] == [True, False]
+
+
 def test_history_of_a_key_never_pushed_is_key_not_found(manager: Manager) -> None:
     with pytest.raises(KeyNotFoundError):
         manager.history("nothing")
@@ -319,7 +436,7 @@ def test_a_versioned_bucket_keeps_the_versions_and_daman_keeps_them_elsewhere(
     history = manager.history("k")
     recorded = list(manager.store.list(record_folder("k")))
     if manager.store.keeps_versions():  # S3's version ids; daman writes nothing more
-        assert recorded == [] and footer.version != history[0].version
+        assert recorded == [] and footer.version == ""  # no id of daman's: S3 names them
         assert history[0].version == manager.store.head("k").version
     else:  # daman's records, one per version, named by the id in the footer
         assert footer.version == history[0].version and len(recorded) == 2

@@ -606,12 +606,12 @@ def test_requests_sent_by_a_small_push_and_a_cached_pull(manager: Manager) -> No
     assert sent == ["GET", "PUT"]
     sent.clear()
     manager.push({"small": 2}, "k", force=True)
-    # the replaced version's footer (no record), its record (from the cached copy), this
-    # version's record, then the key: a copy on S3's side
-    assert sent == ["GET", "PUT", "PUT", "PUT"]
+    # this version's record, the replaced version's footer (no record), its record (from
+    # the cached copy), then the key: a copy on S3's side
+    assert sent == ["PUT", "GET", "PUT", "PUT"]
     sent.clear()
     manager.push({"small": 3}, "k", force=True)
-    assert sent == ["GET", "PUT", "PUT"]  # the replaced version has its record
+    assert sent == ["PUT", "GET", "PUT"]  # the replaced version has its record
     sent.clear()
     manager.pull("k")
     assert sent == ["HEAD"]  # the current-check, nothing else
@@ -712,6 +712,10 @@ def test_verify_checks_large_copies_in_chunks_and_small_ones_in_one_read(
     report = manager.verify()
     assert sorted(report.damaged) == ["big", "footer", "small"] and report.checked == 3
     assert manager.cache.entries() == []
+    manager.push(np.arange(10), "grown", force=True)
+    with open(manager.cache.get("grown").path, "ab") as f:
+        f.write(b"JUNK")  # a file that grew: what it holds is not what was cached
+    assert manager.verify("grown").damaged == ["grown"]
 
 
 def test_a_hit_reads_a_cached_files_footer_once_and_again_once_the_file_changed(

@@ -14,7 +14,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import DamanError, StoreUnavailableError
+from ..errors import DamanError, KeptChangingError
 from .base import ObjectInfo, Progress, Store, Written, _no_progress, _no_range
 
 T = TypeVar("T")
@@ -125,7 +125,7 @@ def restarting_on_change(key: str, get_once: Callable[[], ObjectInfo]) -> Object
             return get_once()
         except ObjectChangedError:
             if attempt == _DOWNLOAD_STARTS:
-                raise StoreUnavailableError(
+                raise KeptChangingError(
                     f"{key!r} kept changing while it was downloaded. Try again."
                 ) from None
     raise AssertionError("unreachable")

@@ -40,6 +40,7 @@ from ..errors import (
     CredentialsError,
     DamanError,
     InvalidKeyError,
+    KeptChangingError,
     KeyExistsError,
     KeyNotFoundError,
     StorageNotFoundError,
@@ -340,7 +341,7 @@ class AzureStore(PartedStore):
             except ObjectChangedError:
                 continue  # replaced between the two requests: ask again
             return data, info
-        raise StoreUnavailableError(f"{key!r} kept changing while it was read. Try again.")
+        raise KeptChangingError(f"{key!r} kept changing while it was read. Try again.")
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
         if length <= 0:
