@@ -61,7 +61,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import legacy as legacy_format
-from .errors import DamanError, KeptChangingError, KeyExistsError, KeyNotFoundError
+from .errors import (
+    DamanError,
+    IntegrityError,
+    KeptChangingError,
+    KeyExistsError,
+    KeyNotFoundError,
+    RepairWarning,
+    UntrustedObjectError,
+    warn,
+)
 from .keys import VERSION_ID, record_folder, record_name
 from .serialize import TAIL_GUESS, Footer, new_version_id, read_footer
 from .store import ObjectInfo, Progress, Store, WriteUnconfirmedError
@@ -187,9 +196,12 @@ class Records:
         except BaseException:
             self.withdraw(key, footer)  # the key was not written: never one of its versions
             raise
-        return self.store.put_copy(
-            key, tmp, source=record_name(key, footer.version), overwrite=force, progress=progress
-        )
+        source = record_name(key, footer.version)
+        try:
+            return self.store.put_copy(key, tmp, source=source, overwrite=force, progress=progress)
+        except KeyNotFoundError:  # a racing prune (keep_versions) took the record meanwhile
+            record(self.store, key, footer, tmp, progress=progress)
+            return self.store.put_copy(key, tmp, source=source, overwrite=force, progress=progress)
 
     def withdraw(self, key: str, footer: Footer) -> None:
         """A create that lost to another push: its record never became a version."""
@@ -311,13 +323,24 @@ def record_unrecorded(
     unreachable store raises: the replace or delete must not go on without the record."""
     try:
         found = current_footer(store, key)
+        if found is None or (isinstance(found[0], Footer) and found[0].version):
+            return  # nothing stored, or pushed with its record
+        footer = copy(tmp, found[0])  # a 0.2 object comes converted to today's format
     except KeptChangingError:
-        # Replaced again and again while its tail was read: by pushes that each recorded the
+        # Replaced again and again while it was read: by pushes that each recorded the
         # version they replaced first, the first of them this one (it was stable then).
         return
-    if found is None or (isinstance(found[0], Footer) and found[0].version):
-        return  # nothing stored, or pushed with its record
-    footer = copy(tmp, found[0])  # a 0.2 object comes converted to today's format
+    except IntegrityError as exc:
+        if isinstance(exc, UntrustedObjectError):
+            raise
+        # Not a daman object any more (truncated, its footer garbled): nothing to keep it
+        # by, and the push or delete mending the key must not be refused for it.
+        warn(
+            f"the object under {key!r} is damaged beyond reading ({exc}); it is replaced "
+            "without a copy in the key's history.",
+            RepairWarning,
+        )
+        return
     if footer is None:
         return
     with contextlib.suppress(KeyExistsError):

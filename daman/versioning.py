@@ -20,11 +20,9 @@ from . import history as versions
 from .errors import (
     IntegrityError,
     KeyNotFoundError,
-    RepairWarning,
     UntrustedObjectError,
     VersionNotFoundError,
     disc_errors,
-    warn,
 )
 from .files import open_empty
 from .keys import validate_key
@@ -98,10 +96,10 @@ class Versioning:
 
     def records_first(self, *, force: bool) -> bool:
         """Whether a write (a push with ``force``, or a restore) records its version before
-        it writes the key, so that its footer holds its version id: only daman's records,
-        and only over an existing key (a new key's version is recorded when replaced). A
-        bucket's own versions leave the id empty: if versioning is suspended later, those
-        objects are recorded before they are replaced."""
+        it writes the key, so that its footer holds its version id: only with daman's
+        records, and only for writes that may replace a version (a new key's is recorded
+        when it is replaced). A bucket's own versions leave the id empty: if versioning is
+        suspended later, those objects are recorded before they are replaced."""
         return force and isinstance(self.keeper(), versions.Records)
 
     def keep_replaced(self, key: str) -> None:
@@ -111,52 +109,53 @@ class Versioning:
             versions.record_unrecorded(self.host.store, key, partial(self._replaced_copy, key), old)
 
     def _replaced_copy(self, key: str, dest: Path, current: Footer | str) -> Footer | None:
-        """The object now under ``key`` (``current``: its footer, just read) in ``dest``:
-        this machine's cached copy when it is that very push's (its footer holds a random
-        push_id) and whole, else downloaded and checked. An object that fails the checks
-        (damaged in the store, or unsigned under a signing key) is copied as it is stored:
-        still a version, and the push replacing it must not be refused for it. None if the
-        key is gone meanwhile (whoever removed it recorded it) or its footer is unreadable."""
-        if isinstance(current, Footer) and self._cached_copy(key, dest) == current:
+        """The object now under ``key`` (``current``: its footer, just read, or
+        ``LEGACY``) in ``dest``: this machine's cached copy when it is that very push's (its
+        footer holds a random push_id) and whole, else downloaded and checked. A daman
+        object that fails the checks (damaged in the store, or unsigned under a signing
+        key) is copied as it is stored: still a version, and the push mending it must not be
+        refused for it. None if the key is gone meanwhile (whoever removed it recorded it)."""
+        if isinstance(current, Footer) and self._cached_copy(key, dest, current):
             return current
         try:
             stored, _ = self.host._fetch_verified(key, dest)
         except KeyNotFoundError:
             return None
         except (UntrustedObjectError, IntegrityError):
+            if not isinstance(current, Footer):
+                raise  # a daman 0.2 object has no footer to keep it by: dm_migrate it first
             try:
                 self.host.store.get(key, dest)
                 with open(dest, "rb") as f:
-                    return StoredFile(f).footer
+                    footer = StoredFile(f).footer
             except KeyNotFoundError:
                 return None
-            except IntegrityError as exc:
-                warn(
-                    f"the object replaced under {key!r} is damaged beyond reading ({exc}): it "
-                    "is not kept in the key's history.",
-                    RepairWarning,
-                )
-                return None
+            if footer.key and footer.key != key:
+                raise
+            return footer
         stored.f.close()
         return stored.footer
 
-    def _cached_copy(self, key: str, dest: Path) -> Footer | None:
-        """``key``'s cached copy (its current version as last seen here) copied to ``dest``,
-        if whole: its footer; None if there is none, or it is damaged."""
+    def _cached_copy(self, key: str, dest: Path, current: Footer) -> bool:
+        """Whether ``key``'s cached copy is the push ``current`` describes and whole; if it
+        is, it is copied to ``dest``."""
         cache = self.host.cache
         entry = cache.get(key)
         if entry is None:
-            return None
+            return False
         with disc_errors(cache.root):
             try:
-                shutil.copyfile(entry.path, dest)  # cached files never change in place
-            except FileNotFoundError:
-                return None  # evicted meanwhile
+                with open(entry.path, "rb") as f:
+                    if StoredFile(f).footer != current:
+                        return False  # another version (two small reads told)
+                    shutil.copyfile(entry.path, dest)  # cached files never change in place
+            except (FileNotFoundError, IntegrityError):
+                return False  # evicted meanwhile, or damaged
             fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                return check_file(fd, os.fstat(fd).st_size)  # every byte, as it will be kept
+                return check_file(fd, os.fstat(fd).st_size) == current  # every byte
             except IntegrityError:
-                return None
+                return False
             finally:
                 os.close(fd)
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import s3_client
 from counting_store import CountingStore
+from legacy_helpers import put_02
 from test_concurrency import spawn, wait_all
 
 from daman import (
@@ -20,7 +21,12 @@ from daman import (
     KeyNotFoundError,
     Manager,
 )
-from daman.errors import StoreUnavailableError, UntrustedObjectError, VersionNotFoundError
+from daman.errors import (
+    RepairWarning,
+    StoreUnavailableError,
+    UntrustedObjectError,
+    VersionNotFoundError,
+)
 from daman.history import version_of
 from daman.keys import HISTORY, record_folder, validate_key
 from daman.serialize import StoredFile, dumps_meta, write_object
@@ -417,6 +423,69 @@ def test_a_key_deleted_while_its_version_is_recorded_is_still_pushed(
             assert late.pull("k")[0] == {"v": 2}
             if not store.keeps_versions():
                 assert [v.current for v in late.history("k")] == [True, False]
+
+
+class _PushedMeanwhile(CountingStore):
+    """A real store in which another machine's whole force push (and its prune) lands
+    while this one looks at the version it replaces (after its own record, before the key)."""
+
+    def __init__(self, inner, other: Manager) -> None:
+        super().__init__(inner)
+        self.other = other
+
+    def read_tail(self, key, length, **kw):
+        if not self.calls["read_tail"]:
+            self.other.push({"v": "other"}, key, force=True)
+        return super().read_tail(key, length, **kw)
+
+
+@pytest.mark.parametrize("config", ["local", "s3", "gcs", "azure"], indirect=True)  # records
+def test_a_prune_racing_a_force_push_does_not_fail_it(
+    config: Config, manager: Manager, tmp_path: Path
+) -> None:
+    """With keep_versions=1 another machine's prune may remove a record this push made a
+    moment ago, before the key was copied from it: the push makes it again."""
+    manager.push({"v": 0}, "k", force=True)
+    one = config.replace(keep_versions=1)
+    with other_machine(one, tmp_path) as other:
+        store = _PushedMeanwhile(open_store(config), other)
+        with Manager(one.replace(local_dir=str(tmp_path / "late")), store=store) as late:
+            late.push({"v": "late"}, "k", force=True)
+            assert late.pull("k", force=True)[0] == {"v": "late"}
+            history = late.history("k")
+            assert history[0].current
+            assert late.pull("k", version=history[0].version)[0] == {"v": "late"}
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+def test_a_key_holding_no_readable_object_is_mended_with_a_warning(
+    config: Config, manager: Manager, tmp_path: Path
+) -> None:
+    manager.push({"v": 1}, "k")
+    (stored,) = Path(config.storage_name).rglob("k.daman")
+    stored.write_bytes(stored.read_bytes()[:-20])  # truncated in the store: no footer
+    with other_machine(config, tmp_path, "mender") as mender:
+        with pytest.warns(RepairWarning, match="damaged beyond reading") as caught:
+            mender.push({"v": 2}, "k", force=True)
+        assert caught[0].filename == __file__  # the user's line
+        assert mender.pull("k")[0] == {"v": 2}
+        assert [v.current for v in mender.history("k")] == [True]
+
+
+@pytest.mark.parametrize("config", ["local"], indirect=True)
+def test_a_daman_02_object_is_kept_until_it_is_migrated(config: Config, tmp_path: Path) -> None:
+    """Under a signing key a 0.2 object (unsigned, no footer to keep it by) is neither
+    replaced nor deleted: dm_migrate converts and signs it first."""
+    put_02(config, "old", {"v": 0.2}, meta="m")
+    with Manager(config.replace(signing_key="s" * 40)) as signed:
+        with pytest.raises(UntrustedObjectError, match="dm_migrate"):
+            signed.push({"v": 3}, "old", force=True)
+        with pytest.raises(UntrustedObjectError, match="dm_migrate"):
+            signed.delete("old", local=False, remote=True)
+    with other_machine(config, tmp_path) as unsigned:
+        assert unsigned.pull("old") == ({"v": 0.2}, "m")
+        unsigned.push({"v": 3}, "old", force=True)  # without signing: recorded, converted
+        assert unsigned.pull("old", version=unsigned.history("old")[1].version)[0] == {"v": 0.2}
 
 
 def test_history_of_a_key_never_pushed_is_key_not_found(manager: Manager) -> None:
