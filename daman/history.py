@@ -18,10 +18,10 @@ it is the same object, else downloaded and checked).
 A force push (and a restore) writes its object twice, by name: first as an immutable
 *record* ``.daman-history/<sha256 of the key>/<version id>`` (``daman.keys.record_name``),
 created with the store's conditional create, then under the key (a copy on the store's side
-where it can make one: a hard link in a folder store, a server-side copy on S3), its version
-id in the footer. Two processes force-pushing the same key at once each create their own
-record (ids hold a random part: no create can meet another's), so no version is ever
-dropped, even when one overwrite of the key wins over the other.
+where it can make one: a hard link in a folder store, a server-side copy on S3 and GCS),
+its version id in the footer. Two processes force-pushing the same key at once each create
+their own record (ids hold a random part: no create can meet another's), so no version is
+ever dropped, even when one overwrite of the key wins over the other.
 
 ::
 

@@ -313,6 +313,32 @@ def test_put_existing_key(
     assert leftovers() == []
 
 
+@pytest.mark.parametrize("size", [1000, BIG], ids=["1000B", "20MiB"])
+def test_put_copy_writes_the_key_from_the_stored_source(
+    store: Store, tmp_path: Path, big_files: tuple[Path, Path], size: int
+) -> None:
+    """A force push's key is written from its record (a copy on the store's side where the
+    store can make one): the key holds the source's bytes whole, to overwrite or to create;
+    a create over an existing key is refused; a source gone meanwhile is KeyNotFoundError."""
+    first = big_files[0] if size == BIG else _write(tmp_path / "a", os.urandom(size))
+    second = big_files[1] if size == BIG else _write(tmp_path / "b", os.urandom(size))
+    store.put("rec/1", first, overwrite=False)
+    store.put("k", second, overwrite=False)
+    info = store.put_copy("k", first, source="rec/1", overwrite=True)
+    assert info.size == size and store.head("k").etag == info.etag
+    store.get("k", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == first.read_bytes()
+    with pytest.raises(KeyExistsError):
+        store.put_copy("k", second, source="rec/1", overwrite=False)
+    store.put_copy("new", first, source="rec/1", overwrite=False)
+    store.get("new", tmp_path / "out2")
+    assert (tmp_path / "out2").read_bytes() == first.read_bytes()
+    store.delete("rec/1")
+    if store.copies(size, overwrite=True):  # sending the bytes needs no source
+        with pytest.raises(KeyNotFoundError):
+            store.put_copy("k", first, source="rec/1", overwrite=True)
+
+
 def test_overwrite_of_missing_key_creates_it(store: Store, tmp_path: Path) -> None:
     info = store.put("fresh", _write(tmp_path / "src", b"xyz"), overwrite=True)
     assert store.head("fresh").etag == info.etag
