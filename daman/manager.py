@@ -621,7 +621,7 @@ class Manager:
             # once, is known again by its name, inode, size and time.
             st = os.fstat(f.fileno())
             seen = (entry.path.name, st.st_ino, st.st_size, st.st_mtime_ns)
-            stored = StoredFile(f, self._footers.get(seen))
+            stored = StoredFile(f, self._footers.get(seen), size=st.st_size)
             self._footers.remember(seen, stored.footer)
             if self.signing_key is None:
                 stored.check_meta()

@@ -661,7 +661,7 @@ def check_file(fd: int, size: int) -> Footer:
     if actual != size:
         raise IntegrityError(f"the file is {actual} bytes, not the {size} it was when cached.")
     if size > _INLINE_HASH_BYTES:
-        stored = StoredFile(os.fdopen(os.dup(fd), "rb"))
+        stored = StoredFile(os.fdopen(os.dup(fd), "rb"), size=size)
         with stored.f:
             stored.verify()
             return stored.footer
@@ -737,10 +737,13 @@ class StoredFile:
     - :meth:`verify`: every payload byte (downloads, ``verify()``, signed hits of format 1).
     """
 
-    def __init__(self, f: IO[bytes], footer: Footer | None = None) -> None:
+    def __init__(
+        self, f: IO[bytes], footer: Footer | None = None, *, size: int | None = None
+    ) -> None:
+        """``size``: the file's, if the caller has just asked (a cache hit): not asked again."""
         self.f = f
         self.fd = f.fileno()
-        self.size = os.fstat(self.fd).st_size
+        self.size = os.fstat(self.fd).st_size if size is None else size
         self.footer = footer or read_footer(self.read_at, self.size, guess=TRAILER.size)
 
     def read_at(self, offset: int, length: int) -> bytes:
