@@ -8,13 +8,33 @@ anything inside it runs ``daman/__init__.py``, which loads most of daman, before
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Hold SIGINT back while daman loads and deliver it after, where it is caught.
+
+    Python's import machinery runs weakref callbacks, and a KeyboardInterrupt raised in one
+    is printed ("Exception ignored in ... cb") and dropped: the command would go on.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:  # a Ctrl-C held meanwhile is raised by this call
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _main(name: str) -> int:
     try:
-        from daman import cli
+        with _ctrl_c_held():
+            from daman import cli
 
         code = getattr(cli, f"{name}_main")()
     except KeyboardInterrupt:

@@ -552,6 +552,32 @@ def test_ctrl_c_while_a_command_starts_is_one_line(daman_home: Path) -> None:
     assert interrupted > 0  # at least one signal landed while daman loaded
 
 
+_CTRL_C_IN_A_WEAKREF_CALLBACK = """
+import os, signal, sys, weakref
+
+class CtrlCInAnImportCallback:  # as a Ctrl-C landing in importlib's own weakref callbacks
+    def find_spec(self, name, path=None, target=None):
+        if name == "daman.cli":
+            class Thing: pass
+            thing = Thing()
+            ref = weakref.ref(thing, lambda _: os.kill(os.getpid(), signal.SIGINT))
+            del thing
+        return None
+
+sys.meta_path.insert(0, CtrlCInAnImportCallback())
+import daman_scripts
+sys.exit(daman_scripts.status_main())
+"""
+
+
+def test_ctrl_c_in_an_import_callback_is_not_lost(daman_home: Path) -> None:
+    """Python drops a KeyboardInterrupt raised in a weakref callback ("Exception ignored
+    in ... cb") and goes on: while daman loads, Ctrl-C is held back, then raised and caught."""
+    result = subprocess.run([sys.executable, "-c", _CTRL_C_IN_A_WEAKREF_CALLBACK],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert (result.returncode, result.stderr) == (130, "dm_status: interrupted\n")
+
+
 # -- what the front-end review found -----------------------------------------------------------
 
 
