@@ -67,7 +67,7 @@ import uuid
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 from . import forksafe
 from .errors import DamanError, LocalFileError, RepairWarning, map_os_error, os_errors, warn
@@ -166,6 +166,24 @@ class CacheEntry:
     """The store it came from (``Cache.store`` of the handle that added it); '' if unknown."""
     version: str = CURRENT
     """``""``: the key's current version, as last seen; else the id of the version held."""
+
+
+class CachedCopy(NamedTuple):
+    """A cached file as ``verify`` checks it: a plain row (thousands are listed at once, and
+    an entry object with a Path cost as much as the check of a small file)."""
+
+    key: str
+    path: str
+    size: int
+    sha256: str
+
+
+class Reconciled(NamedTuple):
+    """What ``Cache.reconcile`` repaired (counts, and how many rows a rebuilt index got) and
+    the copies it kept, for ``verify`` to hash."""
+
+    repaired: dict[str, int | None]
+    kept: list[CachedCopy]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -762,11 +780,11 @@ class Cache:
             return None
         return entry
 
-    def discard(self, entry: CacheEntry) -> None:
+    def discard(self, entry: CacheEntry | CachedCopy) -> None:
         """Forget ``entry`` (a damaged copy) unless its key has moved on to another file
         meanwhile (a file name is unique to one version, so journaling it is safe either way)."""
         with self._write() as db:
-            files = self._forget(db, [(entry.key, entry.path.name)])
+            files = self._forget(db, [(entry.key, os.path.basename(entry.path))])
         self._unlink_journaled(files)
 
     def _forget(self, db: sqlite3.Connection, rows: list[tuple[str, str]]) -> list[str]:
@@ -1213,10 +1231,10 @@ class Cache:
         finally:
             os.close(fd)
 
-    def reconcile(self) -> dict[str, int | None]:
+    def reconcile(self) -> Reconciled:
         """Full check (a scan of the index and the folder): rebuild a damaged index, drop
         rows whose file is missing or has the wrong size, unlink files of the cache's naming
-        that nothing refers to. Returns what it repaired."""
+        that nothing refers to. Returns what it repaired, and the copies it kept."""
         try:
             healthy = self._query("PRAGMA quick_check") == [("ok",)]
         except IndexDamagedError:
@@ -1225,13 +1243,17 @@ class Cache:
         self.recover()
         dropped = 0
         objects = str(self.objects_dir)
-        for row in self._query(f"SELECT {_COLUMNS} FROM entries"):
+        kept: list[CachedCopy] = []
+        for key, file, size, sha256 in self._query("SELECT key, file, size, sha256 FROM entries"):
+            copy = CachedCopy(key, os.path.join(objects, file), size, sha256)
             try:
-                ok = os.stat(os.path.join(objects, row[2])).st_size == row[3]
+                ok = os.stat(copy.path).st_size == size
             except FileNotFoundError:
                 ok = False
-            if not ok:
-                self.discard(self._entry(row))
+            if ok:
+                kept.append(copy)
+            else:
+                self.discard(copy)
                 dropped += 1
         known = {
             row[0]
@@ -1258,7 +1280,8 @@ class Cache:
                         path.unlink(missing_ok=True)
                         orphans += 1
                     self._release_claim(path.name)
-        return {"dropped_rows": dropped, "orphan_files": orphans, "rebuilt_index": rebuilt}
+        repaired = {"dropped_rows": dropped, "orphan_files": orphans, "rebuilt_index": rebuilt}
+        return Reconciled(repaired, kept)
 
     def close(self) -> None:
         """Write the hits recorded in memory, and close this thread's connection (if this

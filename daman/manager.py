@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from . import forksafe
 from . import history as versions
 from . import legacy as legacy_format
-from .cache import Cache, CacheEntry
+from .cache import Cache, CachedCopy, CacheEntry
 from .cells import assigned_names, cell_outputs, stored_variables
 from .config import Config, format_size
 from .errors import (
@@ -972,9 +972,9 @@ class Manager:
         """Hash every cached copy (or ``key``'s) against its sha256, and its signature when
         signing is on; remove the copies that fail. Without ``key``, also reconcile the
         index with the files on disc. Reads only local files."""
+        entries: Sequence[CacheEntry | CachedCopy]
         if key is None:
-            repaired = self.cache.reconcile()
-            entries = self.cache.entries()
+            repaired, entries = self.cache.reconcile()
         else:
             validate_key(key)
             entries = self.cache.entries_of(key)  # its current version and versions by id

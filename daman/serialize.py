@@ -448,7 +448,7 @@ def parse_footer(tail: bytes, file_size: int) -> Footer | int:
         return footer_len + TRAILER.size
     raw = tail[-TRAILER.size - footer_len : -TRAILER.size]
     try:
-        data = json.loads(raw)
+        data = json.loads(str(raw, "utf-8"))  # daman writes UTF-8: no encoding to detect
         version = int(data["format"])
     except (ValueError, TypeError, KeyError) as exc:
         raise IntegrityError(f"corrupt daman object: unreadable footer ({exc}).") from None
@@ -457,32 +457,7 @@ def parse_footer(tail: bytes, file_size: int) -> Footer | int:
             f"this object uses daman format {version}; upgrade daman to read it."
         )
     try:
-        # Fields a later daman adds (within the same format) are ignored, not fatal.
-        known = {
-            name: data[name]
-            for name, required in _FOOTER_FIELDS
-            if required or name in data  # else: an older file
-        }
-        footer = Footer(
-            **{
-                **known,
-                "stream": _span(known["stream"]),
-                "buffers": tuple(_span(b) for b in known["buffers"]),
-                "meta": _span(known["meta"]),
-                "libraries": tuple(
-                    (str(name), str(version)) for name, version in known.get("libraries", ())
-                ),
-                "readonly": tuple(int(index) for index in known.get("readonly", ())),
-                "buffer_sha256": tuple(str(h) for h in known.get("buffer_sha256", ())),
-            }
-        )
-        if not isinstance(footer.key, str) or footer.code not in (None, True, False):
-            raise TypeError("key or code has the wrong type")
-        if type(footer.payload_size) is not int:
-            raise TypeError("payload_size is not an integer")
-        for name in _TEXT_FIELDS:
-            if not isinstance(getattr(footer, name), str):
-                raise TypeError(f"{name} is not a string")
+        footer = _footer_from(data)
     except (ValueError, TypeError, KeyError) as exc:
         raise IntegrityError(f"corrupt daman object: unreadable footer ({exc}).") from None
     spans = [footer.stream, footer.meta, *footer.buffers]
@@ -502,16 +477,52 @@ _FOOTER_FIELDS = tuple(
 every cache hit)."""
 
 
+def _footer_from(data: Any) -> Footer:
+    """A Footer from its decoded JSON, every field's type checked (a foreign or damaged
+    footer is not hashed: it must fail here, not deep in a read). Fields a later daman adds
+    within the same format are ignored; those an older one lacked take their defaults."""
+    if type(data) is not dict:
+        raise TypeError("not a JSON object")
+    # Keyed by the fields' own (interned) names, not JSON's copies of them: every attribute
+    # read of the footer then finds its name by identity.
+    known = {name: data[name] for name, required in _FOOTER_FIELDS if required or name in data}
+    known["stream"] = _span(known["stream"])
+    known["meta"] = _span(known["meta"])
+    known["buffers"] = tuple(map(_span, known["buffers"]))
+    if "libraries" in known:
+        known["libraries"] = tuple(map(_library, known["libraries"]))
+    if "readonly" in known:
+        known["readonly"] = tuple(map(int, known["readonly"]))
+    if "buffer_sha256" in known:
+        known["buffer_sha256"] = tuple(map(str, known["buffer_sha256"]))
+    for name in _TEXT_FIELDS:
+        if type(known.get(name, "")) is not str:
+            raise TypeError(f"{name} is not a string")
+    if known.get("code") not in (None, True, False):
+        raise TypeError("code is not a boolean")
+    if type(known["payload_size"]) is not int:
+        raise TypeError("payload_size is not an integer")
+    # Built as a frozen dataclass is unpickled: its __init__ sets each of 21 fields through
+    # object.__setattr__ (a third of a parse). The types were checked above; a field an
+    # older file lacks reads its default from the class.
+    footer = object.__new__(Footer)
+    footer.__dict__.update(known)
+    return footer
+
+
 def _span(value: Any) -> tuple[int, int]:
     """A footer's ``[offset, length]``, checked: a foreign or damaged footer (it is not
     hashed) must be an IntegrityError, not a TypeError deep in a read."""
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) != 2
-        or not all(type(v) is int for v in value)
-    ):
-        raise TypeError(f"{value!r} is not an [offset, length] pair")
-    return (value[0], value[1])
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        offset, length = value
+        if type(offset) is int and type(length) is int:
+            return (offset, length)
+    raise TypeError(f"{value!r} is not an [offset, length] pair")
+
+
+def _library(value: Any) -> tuple[str, str]:
+    name, version = value
+    return (str(name), str(version))
 
 
 def read_footer(
@@ -657,17 +668,20 @@ def check_file(fd: int, size: int) -> Footer:
     payload byte against its sha256: ``verify()``'s check of one cached copy. A file of up
     to ``_INLINE_HASH_BYTES`` is read in one call (most cached entries are small: their
     reads, not their hashing, are what a check costs)."""
-    actual = os.fstat(fd).st_size
-    if actual != size:
-        raise IntegrityError(f"the file is {actual} bytes, not the {size} it was when cached.")
     if size > _INLINE_HASH_BYTES:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise IntegrityError(f"the file is {actual} bytes, not the {size} it was when cached.")
         stored = StoredFile(os.fdopen(os.dup(fd), "rb"), size=size)
         with stored.f:
             stored.verify()
             return stored.footer
-    data = os.pread(fd, size, 0)
+    data = os.pread(fd, size + 1, 0)  # one byte more: a file that has grown shows here
     if len(data) != size:
-        raise IntegrityError("the file is shorter than the index says: it was truncated.")
+        raise IntegrityError(
+            f"the file is {'longer' if len(data) > size else 'shorter'} than the {size} bytes "
+            "it was when cached."
+        )
     footer = read_footer(lambda offset, length: data[offset : offset + length], size, data)
     if hashlib.sha256(memoryview(data)[: footer.payload_size]).hexdigest() != footer.sha256:
         raise _mismatch("the object")

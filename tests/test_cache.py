@@ -860,6 +860,8 @@ def test_random_sigkills_leave_a_folder_that_opens_consistent(root: Path) -> Non
 
 # -- reconcile ------------------------------------------------------------------------------------
 
+NOTHING_REPAIRED = {"dropped_rows": 0, "orphan_files": 0, "rebuilt_index": None}
+
 
 def test_reconcile_repairs_missing_files_and_orphans(root: Path) -> None:
     cache = Cache(root)
@@ -872,7 +874,9 @@ def test_reconcile_repairs_missing_files_and_orphans(root: Path) -> None:
     (cache.objects_dir / journaled).write_bytes(b"journaled")
     add_journal_row(cache, journaled, "j")  # recovery's to unlink, not counted as an orphan
 
-    assert cache.reconcile() == {"dropped_rows": 2, "orphan_files": 1, "rebuilt_index": None}
+    reconciled = cache.reconcile()
+    assert reconciled.repaired == {"dropped_rows": 2, "orphan_files": 1, "rebuilt_index": None}
+    assert [(c.key, c.path, c.size) for c in reconciled.kept] == [("intact", str(intact.path), 10)]
 
     # Only a file named as the cache names its files is an orphan of the cache's to delete.
     assert (cache.objects_dir / "stray-file").read_bytes() == b"nobody's"
@@ -880,7 +884,11 @@ def test_reconcile_repairs_missing_files_and_orphans(root: Path) -> None:
     assert sizes(cache) == {"intact": 10}
     assert cache.get("intact") == intact
     assert_consistent(cache)
-    assert cache.reconcile() == {"dropped_rows": 0, "orphan_files": 0, "rebuilt_index": None}
+    assert cache.reconcile().repaired == {
+        "dropped_rows": 0,
+        "orphan_files": 0,
+        "rebuilt_index": None,
+    }
 
 
 def test_reconcile_of_a_healthy_cache_changes_nothing(root: Path) -> None:
@@ -888,7 +896,11 @@ def test_reconcile_of_a_healthy_cache_changes_nothing(root: Path) -> None:
     put(cache, "a", 10)
     put(cache, "b", 20, persist=True)
     before = snapshot(cache)
-    assert cache.reconcile() == {"dropped_rows": 0, "orphan_files": 0, "rebuilt_index": None}
+    assert cache.reconcile().repaired == {
+        "dropped_rows": 0,
+        "orphan_files": 0,
+        "rebuilt_index": None,
+    }
     assert snapshot(cache) == before
 
 
@@ -1494,7 +1506,7 @@ def test_a_rebuilt_index_is_the_one_every_sharing_process_uses_afterwards(root: 
     _garble_index(root)
     with pytest.raises(IndexDamagedError):
         b.entries()  # b's connection is open on the damaged file
-    assert a.reconcile()["rebuilt_index"] == 3
+    assert a.reconcile().repaired["rebuilt_index"] == 3
     _put_object(b, "k3", 3000)
     _put_object(a, "k4", 3000)
     assert sorted(e.key for e in a.entries()) == sorted(e.key for e in b.entries())

@@ -305,6 +305,12 @@ def test_a_footer_written_before_signing_existed_still_reads() -> None:
         ("buffers", [[0, 1.5]]),
         ("sha256", 7),
         ("signature", ["x"]),
+        ("key", 3),
+        ("code", "yes"),
+        ("libraries", [["numpy"]]),
+        ("libraries", 5),
+        ("readonly", ["first"]),
+        ("buffer_sha256", 5),
     ],
 )
 def test_a_footer_with_values_of_the_wrong_type_is_an_integrity_error(
@@ -318,6 +324,34 @@ def test_a_footer_with_values_of_the_wrong_type_is_an_integrity_error(
     broken = data[: footer.payload_size] + encoded + ser.TRAILER.pack(ser.MAGIC, len(encoded))
     with pytest.raises(IntegrityError, match="unreadable footer"):
         ser.parse_footer(broken, len(broken))
+
+
+def test_a_footer_that_is_not_a_json_object_is_an_integrity_error() -> None:
+    data = ser.dump_to_bytes({"x": 1})
+    footer = ser.parse_footer(data, len(data))
+    encoded = json.dumps([ser.FORMAT_VERSION]).encode()
+    broken = data[: footer.payload_size] + encoded + ser.TRAILER.pack(ser.MAGIC, len(encoded))
+    with pytest.raises(IntegrityError, match="unreadable footer"):
+        ser.parse_footer(broken, len(broken))
+
+
+def test_a_parsed_footer_is_the_footer_written() -> None:
+    """Parsing builds the footer without its __init__: it must still be the same value
+    (equal, same hash, the same encoding), with later fields ignored and older ones absent
+    read as their defaults."""
+    data = ser.dump_to_bytes([1], meta="m")
+    parsed = ser.parse_footer(data, len(data))
+    written = ser.Footer(**parsed._fields())  # through __init__
+    assert parsed == written and hash(parsed) == hash(written)
+    assert parsed.encode() == written.encode() and parsed.file_size == len(data)
+    assert dataclasses.replace(parsed, key="k").key == "k"
+    fields = {**json.loads(parsed.encode()), "added_by_a_later_daman": 1}
+    del fields["restored_from"], fields["libraries"]
+    encoded = json.dumps(fields).encode()
+    older = data[: parsed.payload_size] + encoded + ser.TRAILER.pack(ser.MAGIC, len(encoded))
+    footer = ser.parse_footer(older, len(older))
+    assert (footer.restored_from, footer.libraries) == ("", ())
+    assert footer == dataclasses.replace(parsed, libraries=())
 
 
 def test_the_prefix_hasher_checks_a_file_written_in_any_order(tmp_path: Path) -> None:
