@@ -4,7 +4,8 @@
 
     local_dir/
       index.sqlite3            entries (one row per cached (key, version), naming its
-                               store), journal, totals
+                               store, and for a small file the sha256 of all its bytes),
+                               journal, totals
       objects/<sha256(key)>.<random>      the file of a key's current version, as last seen
       objects/<sha256(key NUL version)>.<random>
                                           the file of one version pulled by its id
@@ -58,6 +59,7 @@ import atexit
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import os
 import re
 import sqlite3
@@ -84,6 +86,7 @@ _ENTRIES = """CREATE TABLE IF NOT EXISTS {name} (
         accessed INTEGER NOT NULL,  -- totals.seq at the last use: LRU order, not a time
         persist INTEGER NOT NULL DEFAULT 0,
         store TEXT NOT NULL DEFAULT '',  -- the store it came from ('': adopted by any)
+        file_sha256 TEXT NOT NULL DEFAULT '',  -- '<file> <sha256 of all its bytes>' or ''
         PRIMARY KEY (key, version)
     )"""
 _SCHEMA = (
@@ -118,10 +121,15 @@ _SCHEMA = (
     END""",
 )
 _COLUMNS = "key, version, file, size, etag, sha256, created, accessed, persist, store"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """``PRAGMA user_version``: 0 = before the use sequence (``accessed`` held wall-clock times),
 1 = before mapped versions were kept (``retired``), 2 = before entries named their store,
-3 = one entry per key (before versions)."""
+3 = one entry per key (before versions), 4 = before whole-file hashes (``file_sha256``).
+Upgrades look at the columns, not at this number: a release before one sets it back."""
+WHOLE_HASH_BYTES = 1024 * 1024
+"""Files up to this size get the sha256 of all their bytes recorded when added (about 5 us
+for a small one): ``verify`` then checks them with one read and one hash, footer included,
+without parsing it. A larger file's check is the hashing of its payload anyway."""
 _MARKS = ", ".join("?" * len(_COLUMNS.split(", ")))
 CURRENT = ""
 """The ``version`` of a key's current-version entry."""
@@ -176,6 +184,30 @@ class CachedCopy(NamedTuple):
     path: str
     size: int
     sha256: str
+    file_sha256: str
+    """The sha256 of all the file's bytes, recorded when it was added; '' if none was (a
+    large file, a row from an older daman or a rebuilt index)."""
+
+
+_COPY_COLUMNS = "key, file, size, sha256, file_sha256"
+
+
+def _copy(objects: str, row: tuple[str, str, int, str, str]) -> CachedCopy:
+    key, file, size, sha256, tagged = row
+    # The hash names its file: an older daman that replaces the row's file leaves the
+    # column as it was, and the hash is then another file's.
+    hashed_file, _, file_sha256 = tagged.partition(" ")
+    path = os.path.join(objects, file)
+    return CachedCopy(key, path, size, sha256, file_sha256 if hashed_file == file else "")
+
+
+def _file_sha256(path: Path, size: int) -> str:
+    """The sha256 of all the bytes of a file of at most ``WHOLE_HASH_BYTES`` (else '')."""
+    if size > WHOLE_HASH_BYTES:
+        return ""
+    with open(path, "rb", buffering=0) as f:
+        data = f.read(size + 1)
+    return hashlib.sha256(data).hexdigest() if len(data) == size else ""
 
 
 class Reconciled(NamedTuple):
@@ -333,6 +365,8 @@ class Cache:
                 db.execute("ALTER TABLE entries ADD COLUMN store TEXT NOT NULL DEFAULT ''")
                 # Most likely the store configured then and now: the first to open adopts them.
                 db.execute("UPDATE entries SET store = ?", (self.store,))
+            if columns and "file_sha256" not in columns:  # rows added before: verify parses
+                db.execute("ALTER TABLE entries ADD COLUMN file_sha256 TEXT NOT NULL DEFAULT ''")
             if columns and "version" not in columns:
                 # An index of one entry per key: every entry becomes its key's current
                 # version. The primary key changes, so the table is made again (its rows
@@ -805,13 +839,14 @@ class Cache:
         )
         return [file for _, file in unlink]
 
-    def entries_of(self, key: str) -> list[CacheEntry]:
-        """Every entry of ``key``: its current version and the versions pulled by id."""
+    def copies_of(self, key: str) -> list[CachedCopy]:
+        """Every cached file of ``key`` (its current version and versions by id), as
+        ``verify`` checks them."""
         rows = self._query(
-            f"SELECT {_COLUMNS} FROM entries WHERE key = ? AND {_MINE} ORDER BY version",
+            f"SELECT {_COPY_COLUMNS} FROM entries WHERE key = ? AND {_MINE} ORDER BY version",
             (key, self.store),
         )
-        return [self._entry(row) for row in rows]
+        return [_copy(str(self.objects_dir), row) for row in rows]
 
     def states(self, keys: list[str]) -> dict[str, CachedState]:
         """What is cached of ``keys``' current versions (those that are): pinned or not,
@@ -942,6 +977,8 @@ class Cache:
         named = key if version == CURRENT else f"{key}\0{version}"
         file = f"{key_digest(named)}.{uuid.uuid4().hex[:12]}"
         final = self.objects_dir / file
+        file_sha256 = _file_sha256(tmp_path, size)
+        tagged_sha256 = f"{file} {file_sha256}" if file_sha256 else ""
         with self.key_lock(key), self._marked(file) as marked:
             if not marked:  # journaled first: a crash after the rename leaves no orphan
                 with self._write() as db:
@@ -966,7 +1003,7 @@ class Cache:
                     if old:
                         db.execute(
                             "UPDATE entries SET file = ?, size = ?, etag = ?, sha256 = ?, "
-                            "created = ?, accessed = ?, persist = ?, store = ? "
+                            "created = ?, accessed = ?, persist = ?, store = ?, file_sha256 = ? "
                             "WHERE key = ? AND version = ?",
                             (
                                 file,
@@ -977,6 +1014,7 @@ class Cache:
                                 use,
                                 int(persist),
                                 self.store,
+                                tagged_sha256,
                                 key,
                                 version,
                             ),
@@ -994,7 +1032,7 @@ class Cache:
                             evicted.append(old[0])
                     else:
                         db.execute(
-                            f"INSERT INTO entries ({_COLUMNS}) VALUES ({_MARKS})",
+                            f"INSERT INTO entries ({_COLUMNS}, file_sha256) VALUES ({_MARKS}, ?)",
                             (
                                 key,
                                 version,
@@ -1006,6 +1044,7 @@ class Cache:
                                 use,
                                 int(persist),
                                 self.store,
+                                tagged_sha256,
                             ),
                         )
                     if not marked:
@@ -1244,10 +1283,10 @@ class Cache:
         dropped = 0
         objects = str(self.objects_dir)
         kept: list[CachedCopy] = []
-        for key, file, size, sha256 in self._query("SELECT key, file, size, sha256 FROM entries"):
-            copy = CachedCopy(key, os.path.join(objects, file), size, sha256)
+        for row in self._query(f"SELECT {_COPY_COLUMNS} FROM entries"):
+            copy = _copy(objects, row)
             try:
-                ok = os.stat(copy.path).st_size == size
+                ok = os.stat(copy.path).st_size == copy.size
             except FileNotFoundError:
                 ok = False
             if ok:
@@ -1263,9 +1302,10 @@ class Cache:
             )
         }
         orphans = 0
-        for path in self.objects_dir.iterdir():
-            if path.name in known or not _OBJECT_FILE.fullmatch(path.name):
+        for name in os.listdir(objects):
+            if name in known or not _OBJECT_FILE.fullmatch(name):
                 continue  # in use, or not a name this cache gives: not ours to delete
+            path = self.objects_dir / name
             adding = (self.tmp_dir / f"{path.name}{_ADDING}").exists()  # recover() decides
             if not adding:
                 # Re-check under the index lock: an add may have committed since we looked.

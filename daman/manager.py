@@ -67,6 +67,7 @@ from .serialize import (
     PrefixHasher,
     StoredFile,
     check_file,
+    check_whole_file,
     dumps_meta,
     load_meta,
     read_footer,
@@ -972,37 +973,40 @@ class Manager:
         """Hash every cached copy (or ``key``'s) against its sha256, and its signature when
         signing is on; remove the copies that fail. Without ``key``, also reconcile the
         index with the files on disc. Reads only local files."""
-        entries: Sequence[CacheEntry | CachedCopy]
+        copies: list[CachedCopy]
         if key is None:
-            repaired, entries = self.cache.reconcile()
+            repaired, copies = self.cache.reconcile()
         else:
             validate_key(key)
-            entries = self.cache.entries_of(key)  # its current version and versions by id
-            if not entries:
+            copies = self.cache.copies_of(key)  # its current version and versions by id
+            if not copies:
                 raise KeyNotFoundError(key, "the local cache")
             repaired = {"dropped_rows": 0, "orphan_files": 0, "rebuilt_index": None}
         damaged, untrusted, checked_bytes = [], [], 0
-        for entry in entries:
+        for copy in copies:
             try:
-                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(copy.path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue  # evicted or replaced since the listing
             try:
-                footer = check_file(fd, entry.size)
-                if footer.sha256 != entry.sha256:
-                    raise IntegrityError("not the version the index recorded")
-                self._check_identity(footer, entry.key, last=True)
+                if copy.file_sha256 and self.signing_key is None:
+                    check_whole_file(fd, copy.size, copy.file_sha256)  # footer included
+                else:
+                    footer = check_file(fd, copy.size)
+                    if footer.sha256 != copy.sha256:
+                        raise IntegrityError("not the version the index recorded")
+                    self._check_identity(footer, copy.key, last=True)
             except UntrustedObjectError:
-                untrusted.append(entry.key)
-                self.cache.discard(entry)
+                untrusted.append(copy.key)
+                self.cache.discard(copy)
             except IntegrityError:
-                damaged.append(entry.key)
-                self.cache.discard(entry)
+                damaged.append(copy.key)
+                self.cache.discard(copy)
             finally:
                 os.close(fd)
-            checked_bytes += entry.size
+            checked_bytes += copy.size
         return VerifyReport(
-            checked=len(entries),
+            checked=len(copies),
             checked_bytes=checked_bytes,
             damaged=damaged,
             untrusted=untrusted,

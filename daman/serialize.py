@@ -676,16 +676,30 @@ def check_file(fd: int, size: int) -> Footer:
         with stored.f:
             stored.verify()
             return stored.footer
-    data = os.pread(fd, size + 1, 0)  # one byte more: a file that has grown shows here
+    data = _read_whole(fd, size)
+    footer = read_footer(lambda offset, length: data[offset : offset + length], size, data)
+    if hashlib.sha256(memoryview(data)[: footer.payload_size]).hexdigest() != footer.sha256:
+        raise _mismatch("the object")
+    return footer
+
+
+def check_whole_file(fd: int, size: int, sha256: str) -> None:
+    """``verify()``'s check of a small cached copy whose every byte's sha256 (its footer's
+    too) the cache recorded when it was added: one read and one hash, no footer to parse."""
+    if hashlib.sha256(_read_whole(fd, size)).hexdigest() != sha256:
+        raise _mismatch("the file")
+
+
+def _read_whole(fd: int, size: int) -> bytes:
+    """All ``size`` bytes of a small file, in one read of one byte more: a file that has
+    grown (or shrunk) since it was cached shows here."""
+    data = os.pread(fd, size + 1, 0)
     if len(data) != size:
         raise IntegrityError(
             f"the file is {'longer' if len(data) > size else 'shorter'} than the {size} bytes "
             "it was when cached."
         )
-    footer = read_footer(lambda offset, length: data[offset : offset + length], size, data)
-    if hashlib.sha256(memoryview(data)[: footer.payload_size]).hexdigest() != footer.sha256:
-        raise _mismatch("the object")
-    return footer
+    return data
 
 
 def _mismatch(what: str) -> IntegrityError:

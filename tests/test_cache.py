@@ -1340,6 +1340,43 @@ def release_schema(version: int) -> list[str]:
     ]
 
 
+def test_an_index_before_whole_file_hashes_gets_them_for_new_copies(root: Path) -> None:
+    """Schema 4 had no ``file_sha256``: opening adds the column, its rows keep '' (verify
+    parses their footers) and each new copy gets its hash. A release before it, opening the
+    index later, sets ``user_version`` back: the upgrade looks at the columns, not at it."""
+    cache = Cache(root)
+    put(cache, "old", 10)
+    cache.close()
+    db = sqlite3.connect(root / "index.sqlite3")
+    db.execute("ALTER TABLE entries DROP COLUMN file_sha256")
+    db.execute("PRAGMA user_version = 4")
+    db.commit()
+    db.close()
+    for _ in range(2):
+        cache = Cache(root)
+        assert cache._query("PRAGMA user_version") == [(cache_module.SCHEMA_VERSION,)]
+        assert [c.file_sha256 for c in cache.copies_of("old")] == [""]
+        cache.close()
+        db = sqlite3.connect(root / "index.sqlite3")
+        db.execute("PRAGMA user_version = 4")  # as the older release's open leaves it
+        db.commit()
+        db.close()
+    cache = Cache(root)
+    new = put(cache, "new", 10)
+    (copy,) = cache.copies_of("new")
+    assert copy.file_sha256 == hashlib.sha256(new.path.read_bytes()).hexdigest()
+    assert sizes(cache) == {"old": 10, "new": 10}
+    assert_consistent(cache)
+
+
+def test_only_files_up_to_whole_hash_bytes_get_a_whole_file_hash(root: Path) -> None:
+    cache = Cache(root)
+    put(cache, "small", cache_module.WHOLE_HASH_BYTES)
+    put(cache, "large", cache_module.WHOLE_HASH_BYTES + 1)
+    assert [len(c.file_sha256) for c in cache.copies_of("small")] == [64]
+    assert [c.file_sha256 for c in cache.copies_of("large")] == [""]
+
+
 @pytest.mark.parametrize("release", [3, 2])
 def test_an_index_of_a_release_before_versions_keeps_its_entries_pins_and_order(
     root: Path, release: int
@@ -1363,7 +1400,7 @@ def test_an_index_of_a_release_before_versions_keeps_its_entries_pins_and_order(
 
     cache = Cache(root, 5000, store="s3://team/")
     assert cache._query("PRAGMA user_version") == [(cache_module.SCHEMA_VERSION,)]
-    assert cache_module.SCHEMA_VERSION == 4
+    assert cache_module.SCHEMA_VERSION == 5
     entries = cache.entries()
     assert [(e.key, e.version) for e in entries] == [("c", ""), ("a", ""), ("b", "")]  # LRU kept
     assert [e.key for e in entries if e.persist] == ["b"]  # pins kept

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import socket
 import threading
@@ -716,6 +718,58 @@ def test_verify_checks_large_copies_in_chunks_and_small_ones_in_one_read(
     with open(manager.cache.get("grown").path, "ab") as f:
         f.write(b"JUNK")  # a file that grew: what it holds is not what was cached
     assert manager.verify("grown").damaged == ["grown"]
+
+
+def _edit_footer(path: Path, field: str, value: str) -> None:
+    """Give a footer's text field another value of the same length: the file still parses,
+    its payload is intact, and only a hash of its footer can tell."""
+    data = path.read_bytes()
+    footer = ser.parse_footer(data, len(data))
+    old = json.dumps({field: getattr(footer, field)})[1:-1].encode()
+    new = json.dumps({field: value.ljust(len(getattr(footer, field)), "x")})[1:-1].encode()
+    assert len(new) == len(old) and data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+
+
+def test_verify_checks_every_byte_of_a_small_copy_its_footer_too(manager: Manager) -> None:
+    """A small copy's sha256 of all its bytes is recorded when it is cached: verify() checks
+    it with one read, and finds a footer altered in a way that still parses."""
+    manager.push({"n": 1}, "k")
+    manager.push({"n": 2}, "kept")
+    copy = manager.cache.copies_of("k")[0]
+    assert copy.file_sha256 == hashlib.sha256(Path(copy.path).read_bytes()).hexdigest()
+    _edit_footer(Path(copy.path), "pushed_by", "mallory")
+    report = manager.verify()
+    assert report.damaged == ["k"] and report.checked == 2
+    assert [c.key for c in manager.cache.reconcile().kept] == ["kept"]
+    assert manager.pull("k")[0] == {"n": 1}  # fetched again
+
+
+def test_a_whole_file_hash_is_trusted_only_for_the_file_it_names(manager: Manager) -> None:
+    """A daman before whole-file hashes replaces a row's file and leaves the column as it
+    was: that hash names the old file, and verify() checks the new one by its footer. A row
+    without a hash (added before, or by a rebuilt index) is checked by its footer too."""
+    manager.push({"n": 1}, "k")
+    before = manager.cache._query("SELECT file_sha256 FROM entries WHERE key = 'k'")[0][0]
+    manager.push({"n": 2}, "k", force=True)
+    with manager.cache._write() as db:  # as the older daman's replacing add leaves it
+        db.execute("UPDATE entries SET file_sha256 = ? WHERE key = 'k'", (before,))
+    assert manager.cache.copies_of("k")[0].file_sha256 == ""
+    assert manager.verify().ok and manager.pull("k")[0] == {"n": 2}
+    path = Path(manager.cache.copies_of("k")[0].path)
+    with manager.cache._write() as db:
+        db.execute(
+            "UPDATE entries SET file_sha256 = ? WHERE key = 'k'", (f"{path.name} {'0' * 64}",)
+        )
+    assert manager.verify().damaged == ["k"]  # a hash naming this file is the one checked
+    manager.pull("k")
+    with manager.cache._write() as db:
+        db.execute("UPDATE entries SET file_sha256 = '' WHERE key = 'k'")
+    path = Path(manager.cache.copies_of("k")[0].path)
+    data = bytearray(path.read_bytes())
+    data[20] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert manager.verify().damaged == ["k"]  # the footer's payload hash
 
 
 def test_a_hit_reads_a_cached_files_footer_once_and_again_once_the_file_changed(
