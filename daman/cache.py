@@ -408,6 +408,7 @@ class Cache:
     def _db(self) -> sqlite3.Connection:
         """This thread's connection (made in this process: never one a parent made)."""
         db = getattr(self._local, "db", None)
+        followed = False
         if db is not None and self._local.pid == os.getpid():
             if self._local.index == _identity(self.index_path):
                 return db
@@ -417,6 +418,7 @@ class Cache:
                 db.close()
             with self._rebuilding(exclusive=False):
                 pass
+            followed = True
         db = sqlite3.connect(
             self.root / "index.sqlite3", timeout=60, isolation_level=None,
             check_same_thread=False,
@@ -435,6 +437,9 @@ class Cache:
         db.execute("PRAGMA synchronous=NORMAL")
         self._local.db, self._local.pid = db, os.getpid()
         self._local.index = _identity(self.index_path)
+        if followed:  # an older build's rebuild makes its own tables, without later columns
+            with self._rebuilding(exclusive=False):
+                self._migrate()
         return db
 
     @contextlib.contextmanager

@@ -1369,6 +1369,27 @@ def test_an_index_before_whole_file_hashes_gets_them_for_new_copies(root: Path) 
     assert_consistent(cache)
 
 
+def test_an_index_rebuilt_by_an_older_build_is_upgraded_by_a_process_that_follows_it(
+    root: Path,
+) -> None:
+    """A process that had the index open follows a rebuilt one; an older build rebuilds it
+    with its own tables (no ``file_sha256``): the follower upgrades them before using them."""
+    cache, older = Cache(root), Cache(root)
+    _put_object(cache, "a", 10)  # a daman object: the rebuild reads its key
+    with older._rebuilding(exclusive=True):  # as rebuild() does once it found damage
+        assert older._rebuild(announce=False) == 1
+    db = sqlite3.connect(root / "index.sqlite3")
+    db.execute("ALTER TABLE entries DROP COLUMN file_sha256")  # as the older build made it
+    db.execute("PRAGMA user_version = 4")
+    db.commit()
+    db.close()
+    put(cache, "b", 10)
+    assert [c.file_sha256 for c in cache.copies_of("a")] == [""]  # rebuilt: no hash
+    assert len(cache.copies_of("b")[0].file_sha256) == 64
+    assert sorted(c.key for c in cache.reconcile().kept) == ["a", "b"]
+    assert_consistent(cache)
+
+
 def test_only_files_up_to_whole_hash_bytes_get_a_whole_file_hash(root: Path) -> None:
     cache = Cache(root)
     put(cache, "small", cache_module.WHOLE_HASH_BYTES)

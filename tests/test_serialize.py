@@ -339,10 +339,17 @@ def test_a_parsed_footer_is_the_footer_written() -> None:
     """Parsing builds the footer without its __init__: it must still be the same value
     (equal, same hash, the same encoding), with later fields ignored and older ones absent
     read as their defaults."""
-    data = ser.dump_to_bytes([1], meta="m")
+    readonly = np.arange(50_000)
+    readonly.flags.writeable = False
+    buf = io.BytesIO()
+    written = ser.write_object(  # every kind of field filled: buffers, readonly, libraries
+        {"a": np.arange(50_000), "r": readonly}, ser.dumps_meta("m"), buf, None, "k"
+    )
+    assert written.readonly and written.libraries and len(written.buffer_sha256) == 2
+    data = buf.getvalue()
     parsed = ser.parse_footer(data, len(data))
-    written = ser.Footer(**parsed._fields())  # through __init__
     assert parsed == written and hash(parsed) == hash(written)
+    assert parsed == ser.Footer(**parsed._fields())  # as __init__ builds it
     assert parsed.encode() == written.encode() and parsed.file_size == len(data)
     assert dataclasses.replace(parsed, key="k").key == "k"
     fields = {**json.loads(parsed.encode()), "added_by_a_later_daman": 1}
@@ -352,6 +359,15 @@ def test_a_parsed_footer_is_the_footer_written() -> None:
     footer = ser.parse_footer(older, len(older))
     assert (footer.restored_from, footer.libraries) == ("", ())
     assert footer == dataclasses.replace(parsed, libraries=())
+
+
+def test_every_footer_default_is_on_the_class() -> None:
+    """A parsed footer reads the fields an older file lacks from the class: a field given a
+    default_factory would have none there."""
+    for field in dataclasses.fields(ser.Footer):
+        assert field.default_factory is dataclasses.MISSING, field.name
+        if field.default is not dataclasses.MISSING:
+            assert getattr(ser.Footer, field.name) == field.default, field.name
 
 
 def test_the_prefix_hasher_checks_a_file_written_in_any_order(tmp_path: Path) -> None:
