@@ -1340,6 +1340,17 @@ def release_schema(version: int) -> list[str]:
     ]
 
 
+def as_an_older_schema(root: Path, version: int, *, without: str = "") -> None:
+    """Make the index at ``root`` look as a release with schema ``version`` left it: its
+    ``user_version``, and without the entries' column ``without`` (one added since)."""
+    db = sqlite3.connect(root / "index.sqlite3")
+    if without:
+        db.execute(f"ALTER TABLE entries DROP COLUMN {without}")
+    db.execute(f"PRAGMA user_version = {version}")
+    db.commit()
+    db.close()
+
+
 def test_an_index_before_whole_file_hashes_gets_them_for_new_copies(root: Path) -> None:
     """Schema 4 had no ``file_sha256``: opening adds the column, its rows keep '' (verify
     parses their footers) and each new copy gets its hash. A release before it, opening the
@@ -1347,20 +1358,13 @@ def test_an_index_before_whole_file_hashes_gets_them_for_new_copies(root: Path) 
     cache = Cache(root)
     put(cache, "old", 10)
     cache.close()
-    db = sqlite3.connect(root / "index.sqlite3")
-    db.execute("ALTER TABLE entries DROP COLUMN file_sha256")
-    db.execute("PRAGMA user_version = 4")
-    db.commit()
-    db.close()
+    as_an_older_schema(root, 4, without="file_sha256")
     for _ in range(2):
         cache = Cache(root)
         assert cache._query("PRAGMA user_version") == [(cache_module.SCHEMA_VERSION,)]
         assert [c.file_sha256 for c in cache.copies_of("old")] == [""]
         cache.close()
-        db = sqlite3.connect(root / "index.sqlite3")
-        db.execute("PRAGMA user_version = 4")  # as the older release's open leaves it
-        db.commit()
-        db.close()
+        as_an_older_schema(root, 4)  # as the older release's open leaves it
     cache = Cache(root)
     new = put(cache, "new", 10)
     (copy,) = cache.copies_of("new")
@@ -1378,11 +1382,7 @@ def test_an_index_rebuilt_by_an_older_build_is_upgraded_by_a_process_that_follow
     _put_object(cache, "a", 10)  # a daman object: the rebuild reads its key
     with older._rebuilding(exclusive=True):  # as rebuild() does once it found damage
         assert older._rebuild(announce=False) == 1
-    db = sqlite3.connect(root / "index.sqlite3")
-    db.execute("ALTER TABLE entries DROP COLUMN file_sha256")  # as the older build made it
-    db.execute("PRAGMA user_version = 4")
-    db.commit()
-    db.close()
+    as_an_older_schema(root, 4, without="file_sha256")  # as the older build made it
     put(cache, "b", 10)
     assert [c.file_sha256 for c in cache.copies_of("a")] == [""]  # rebuilt: no hash
     assert len(cache.copies_of("b")[0].file_sha256) == 64
@@ -1475,11 +1475,7 @@ def test_an_index_from_before_entries_named_their_store_is_adopted_by_the_first_
     put(cache, "a", 100, persist=True)
     put(cache, "b", 200)
     cache.close()
-    db = sqlite3.connect(root / "index.sqlite3")
-    db.execute("ALTER TABLE entries DROP COLUMN store")
-    db.execute("PRAGMA user_version = 2")
-    db.commit()
-    db.close()
+    as_an_older_schema(root, 2, without="store")
     upgraded = Cache(root, store="s3://team/")
     assert sorted(upgraded.states(["a", "b"])) == ["a", "b"] and upgraded.get("a").persist
     assert {e.store for e in upgraded.entries()} == {"s3://team/"}
