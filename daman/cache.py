@@ -127,7 +127,7 @@ SCHEMA_VERSION = 5
 3 = one entry per key (before versions), 4 = before whole-file hashes (``file_sha256``).
 Upgrades look at the columns, not at this number: a release before one sets it back."""
 WHOLE_HASH_BYTES = 1024 * 1024
-"""Files up to this size get the sha256 of all their bytes recorded when added (about 5 us
+"""Files up to this size get the sha256 of all their bytes recorded when added (about 3 us
 for a small one): ``verify`` then checks them with one read and one hash, footer included,
 without parsing it. A larger file's check is the hashing of its payload anyway."""
 _MARKS = ", ".join("?" * len(_COLUMNS.split(", ")))
