@@ -884,11 +884,7 @@ def test_reconcile_repairs_missing_files_and_orphans(root: Path) -> None:
     assert sizes(cache) == {"intact": 10}
     assert cache.get("intact") == intact
     assert_consistent(cache)
-    assert cache.reconcile().repaired == {
-        "dropped_rows": 0,
-        "orphan_files": 0,
-        "rebuilt_index": None,
-    }
+    assert cache.reconcile().repaired == NOTHING_REPAIRED
 
 
 def test_reconcile_of_a_healthy_cache_changes_nothing(root: Path) -> None:
@@ -896,11 +892,7 @@ def test_reconcile_of_a_healthy_cache_changes_nothing(root: Path) -> None:
     put(cache, "a", 10)
     put(cache, "b", 20, persist=True)
     before = snapshot(cache)
-    assert cache.reconcile().repaired == {
-        "dropped_rows": 0,
-        "orphan_files": 0,
-        "rebuilt_index": None,
-    }
+    assert cache.reconcile().repaired == NOTHING_REPAIRED
     assert snapshot(cache) == before
 
 
