@@ -408,17 +408,22 @@ class Cache:
     def _db(self) -> sqlite3.Connection:
         """This thread's connection (made in this process: never one a parent made)."""
         db = getattr(self._local, "db", None)
-        followed = False
-        if db is not None and self._local.pid == os.getpid():
-            if self._local.index == _identity(self.index_path):
-                return db
-            # Another process rebuilt the index (this one was set aside): use the new one,
-            # once that rebuild is over.
-            with contextlib.suppress(sqlite3.Error):
-                db.close()
-            with self._rebuilding(exclusive=False):
-                pass
-            followed = True
+        if db is None or self._local.pid != os.getpid():
+            return self._connect()
+        if self._local.index == _identity(self.index_path):
+            return db
+        # Another process rebuilt the index (this one was set aside): use the new one once
+        # that rebuild is over, its tables upgraded (an older build's rebuild makes its own,
+        # without the columns added since).
+        with contextlib.suppress(sqlite3.Error):
+            db.close()
+        with self._rebuilding(exclusive=False):
+            db = self._connect()
+            self._migrate()
+        return db
+
+    def _connect(self) -> sqlite3.Connection:
+        """A new connection to the index, made this thread's."""
         db = sqlite3.connect(
             self.root / "index.sqlite3", timeout=60, isolation_level=None,
             check_same_thread=False,
@@ -437,9 +442,6 @@ class Cache:
         db.execute("PRAGMA synchronous=NORMAL")
         self._local.db, self._local.pid = db, os.getpid()
         self._local.index = _identity(self.index_path)
-        if followed:  # an older build's rebuild makes its own tables, without later columns
-            with self._rebuilding(exclusive=False):
-                self._migrate()
         return db
 
     @contextlib.contextmanager
