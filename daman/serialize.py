@@ -50,7 +50,8 @@ from .errors import (
 from .versions import CODE_MARK, check_code, describe_failure, library_versions
 
 FORMAT_VERSION = 2
-"""2 adds the hashes of the pickle stream and of each buffer; format 1 objects still load."""
+"""2 adds the hashes of the pickle stream (and, until 2026-12-01, of each buffer); format 1
+objects still load."""
 MAGIC = b"DAMAN\x00v1"
 TRAILER = struct.Struct("<8sQ")
 ALIGN = 64
@@ -107,7 +108,10 @@ class Footer:
     code when unpickled, so a signed, mapped cache hit checks these and the signature and
     never reads the buffers (they hold data only)."""
     buffer_sha256: tuple[str, ...] = ()
-    """Format 2: each out-of-band buffer's sha256 (``verify`` checks them)."""
+    """Each out-of-band buffer's sha256, in format 2 objects written before 2026-12-01;
+    empty since. Nothing read them (``verify`` checks every payload byte through ``sha256``,
+    a mapped hit the stream), and they cost every push a second hash of each array. Kept
+    as read, so that such an object's signature, which covers them, still holds."""
     version: str = ""
     """The version id daman gave this write when it keeps the key's versions itself (see
     ``daman.history``: the object was recorded under ``.daman-history/`` under this id before
@@ -207,7 +211,7 @@ class _HashingWriter:
         self._f = f
         self.sha = hashlib.sha256()
         self.part: Any = None
-        """A second hash of the part being written (the stream, one buffer), or None."""
+        """A second hash of the part being written (the pickle stream), or None."""
         self.pos = 0
         self.error: OSError | None = None
         """What writing the file raised, to tell it from what the object's pickling raised."""
@@ -236,8 +240,8 @@ class _HashingWriter:
             self._watch(data)
         view = memoryview(data)
         if view.nbytes >= _PARALLEL_HASH_BYTES:
-            # hashlib and file writes release the GIL: a large buffer's two hashes (the
-            # payload's, the part's) run on other cores while this one copies it to the file.
+            # hashlib and file writes release the GIL: a large buffer's hash runs on another
+            # core while this one copies it to the file.
             hashers = [
                 threading.Thread(target=hash_.update, args=(view,))
                 for hash_ in (self.sha, self.part)
@@ -353,13 +357,12 @@ def write_object(
     stream = (0, out.pos)
     stream_sha256 = out.part.hexdigest()
     out.watching = False
-    spans, buffer_sha256, readonly = [], [], []
+    out.part = None  # the buffers are hashed once, into the payload's sha256
+    spans, readonly = [], []
     files = {id(obj.placeholder): obj} if isinstance(obj, FileBytes) else {}
     for index, buf in enumerate(buffers):
-        out.part = None
         out.pad_to(ALIGN)
         start = out.pos
-        out.part = hashlib.sha256()
         if id(buf) in files:
             spans.append((start, files[id(buf)].copy_to(out.write)))
         else:
@@ -369,8 +372,6 @@ def write_object(
                 readonly.append(index)
             out.write(raw)
             raw.release()
-        buffer_sha256.append(out.part.hexdigest())
-    out.part = None
     buffers.clear()
     meta_span = (out.pos, len(meta_bytes))
     out.write(meta_bytes)
@@ -390,7 +391,6 @@ def write_object(
         libraries=library_versions(obj),
         readonly=tuple(readonly),
         stream_sha256=stream_sha256,
-        buffer_sha256=tuple(buffer_sha256),
     )
     if signing_key is not None:
         footer = footer.signed(signing_key, key)

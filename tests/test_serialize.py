@@ -20,6 +20,7 @@ from daman.errors import (
     DeserializationError,
     IntegrityError,
     SerializationError,
+    UntrustedObjectError,
     VersionMismatchWarning,
 )
 
@@ -326,6 +327,59 @@ def test_a_footer_with_values_of_the_wrong_type_is_an_integrity_error(
         ser.parse_footer(broken, len(broken))
 
 
+class _CountingSha256:
+    """hashlib.sha256 that adds the bytes it is fed to a shared count."""
+
+    def __init__(self, counted: list[int], data: bytes = b"") -> None:
+        self._sha, self._counted = hashlib.sha256(), counted
+        self.update(data)
+
+    def update(self, data: object) -> None:
+        self._counted[0] += memoryview(data).nbytes  # type: ignore[arg-type]
+        self._sha.update(data)  # type: ignore[arg-type]
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def test_a_push_hashes_each_byte_of_an_array_once(monkeypatch, tmp_path: Path) -> None:
+    """The payload's sha256 covers every buffer: a second hash per buffer cost every push
+    of an array a full pass more, for a field nothing read."""
+    counted = [0]
+    fake = type(sys)("hashlib")
+    fake.sha256 = lambda data=b"": _CountingSha256(counted, data)  # type: ignore[attr-defined]
+    monkeypatch.setattr(ser, "hashlib", fake)
+    array = np.arange(1_000_000, dtype=np.float64)  # 8 MB: hashed beside the file write
+    footer = write(tmp_path / "obj", {"a": array, "b": np.arange(10)}, meta="m")
+    stream, meta = footer.stream[1], footer.meta[1]
+    assert counted[0] == footer.payload_size + stream + meta  # stream and meta: their own too
+    assert footer.buffer_sha256 == ()
+    monkeypatch.undo()
+    obj, _ = read(tmp_path / "obj")  # verified
+    np.testing.assert_array_equal(obj["a"], array)  # type: ignore[index]
+
+
+def test_a_signed_object_with_buffer_hashes_from_an_older_daman_still_verifies() -> None:
+    """Objects pushed before 2026-12-01 carry each buffer's sha256, and their signature
+    covers it: a reader keeps the field as read, or their signature would fail."""
+    key, signing_key = "team/frame", b"k" * 32
+    buf = io.BytesIO()
+    ser.write_object({"a": np.arange(100_000)}, ser.dumps_meta("m"), buf, None, key)
+    data = buf.getvalue()
+    plain = ser.parse_footer(data, len(data))
+    ((offset, length),) = plain.buffers
+    older = dataclasses.replace(
+        plain, buffer_sha256=(hashlib.sha256(data[offset : offset + length]).hexdigest(),)
+    ).signed(signing_key, key)
+    encoded = older.encode()
+    old_file = data[: plain.payload_size] + encoded + ser.TRAILER.pack(ser.MAGIC, len(encoded))
+    parsed = ser.parse_footer(old_file, len(old_file))
+    assert parsed.buffer_sha256 == older.buffer_sha256
+    parsed.check_signature(signing_key, key)
+    with pytest.raises(UntrustedObjectError):  # the field is signed: dropping it is noticed
+        dataclasses.replace(parsed, buffer_sha256=()).check_signature(signing_key, key)
+
+
 def test_a_footer_that_is_not_a_json_object_is_an_integrity_error() -> None:
     data = ser.dump_to_bytes({"x": 1})
     footer = ser.parse_footer(data, len(data))
@@ -345,8 +399,10 @@ def test_a_parsed_footer_is_the_footer_written() -> None:
     written = ser.write_object(  # every kind of field filled: buffers, readonly, libraries
         {"a": np.arange(50_000), "r": readonly}, ser.dumps_meta("m"), buf, None, "k"
     )
-    assert written.readonly and written.libraries and len(written.buffer_sha256) == 2
-    data = buf.getvalue()
+    written = dataclasses.replace(written, buffer_sha256=("a" * 64, "b" * 64))  # as before
+    assert written.readonly and written.libraries
+    payload = buf.getvalue()[: written.payload_size]
+    data = payload + written.encode() + ser.TRAILER.pack(ser.MAGIC, len(written.encode()))
     parsed = ser.parse_footer(data, len(data))
     assert parsed == written and hash(parsed) == hash(written)
     assert parsed == ser.Footer(**parsed._fields())  # as __init__ builds it
