@@ -566,13 +566,16 @@ def file_reader(f: IO[bytes]) -> ReadAt:
 class PrefixHasher:
     """The sha256 of a file while a download writes it, ranges in any order.
 
-    ``written(offset, length)`` says a range is on disc (from any thread); a thread hashes
-    the contiguous prefix as it grows, stopping ``TAIL_GUESS`` bytes short of the end, where
-    the footer usually starts. Once the file is whole, ``digest(footer)`` hashes what is left
-    of the payload, so the check costs a few MiB after the download instead of a second pass
-    over the whole file. ``start(size)`` begins (or, for a download that restarted, begins
-    again); ``close()`` stops the thread. A file of at most ``_INLINE_HASH_BYTES`` gets no
-    thread: ``digest`` hashes all of it."""
+    ``written(offset, length, data)`` says a range is on disc (from any thread). A range
+    that continues the hashed prefix and comes with its bytes is hashed at once, from
+    memory, by the thread that wrote it (a single-stream download: no thread started, no
+    byte read back). Otherwise a thread, started then, hashes the contiguous prefix from the
+    file as it grows. Both stop ``TAIL_GUESS`` bytes short of the end, where the footer
+    usually starts. Once the file is whole, ``digest(footer)`` hashes what is left of the
+    payload, so the check costs a few MiB after the download instead of a second pass over
+    the whole file. ``start(size)`` begins (or, for a download that restarted, begins
+    again); ``close()`` stops the thread. A file of at most ``_INLINE_HASH_BYTES`` is left
+    to ``digest``, which hashes all of it."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -582,10 +585,11 @@ class PrefixHasher:
 
     def _reset(self, size: int) -> None:
         self._sha = hashlib.sha256()
-        self._limit = max(0, size - TAIL_GUESS)
+        self._limit = max(0, size - TAIL_GUESS) if size > _INLINE_HASH_BYTES else 0
         self._prefix = 0  # bytes [0, prefix) are on disc
         self._pending: dict[int, int] = {}  # start -> end of ranges past the prefix
         self._hashed = 0
+        self._hashing = False  # someone (the thread, or a writer from memory) is at it
         self._stop = False
         self._failed = False
 
@@ -593,29 +597,56 @@ class PrefixHasher:
         self.close()
         with self._cond:
             self._reset(size)
-        if size > _INLINE_HASH_BYTES:
-            self._thread = threading.Thread(target=self._run, name="daman-hash", daemon=True)
-            self._thread.start()
 
-    def written(self, offset: int, length: int) -> None:
+    def written(self, offset: int, length: int, data: bytes | memoryview | None = None) -> None:
+        end = offset + length
         with self._cond:
-            end = offset + length
-            if offset > self._prefix:
-                self._pending[offset] = max(end, self._pending.get(offset, end))
+            inline = (
+                data is not None
+                and offset == self._hashed == self._prefix < self._limit
+                and not self._hashing
+            )
+            if inline:
+                self._hashing = True
+            else:
+                self._extend(offset, end)
+                if self._thread is None and min(self._prefix, self._limit) > self._hashed:
+                    self._thread = threading.Thread(
+                        target=self._run, name="daman-hash", daemon=True
+                    )
+                    self._thread.start()
+                self._cond.notify()
                 return
-            self._prefix = max(self._prefix, end)
-            while self._prefix in self._pending:  # ranges that now adjoin the prefix
-                self._prefix = max(self._prefix, self._pending.pop(self._prefix))
-            self._cond.notify()
+        assert data is not None
+        upto = min(end, self._limit)
+        try:
+            self._sha.update(memoryview(data)[: upto - offset])
+        finally:
+            with self._cond:
+                self._hashed, self._hashing = upto, False
+                self._extend(offset, end)
+                self._cond.notify()
+
+    def _extend(self, offset: int, end: int) -> None:
+        """Record ``[offset, end)`` as on disc (the condition's lock held)."""
+        if offset > self._prefix:
+            self._pending[offset] = max(end, self._pending.get(offset, end))
+            return
+        self._prefix = max(self._prefix, end)
+        while self._prefix in self._pending:  # ranges that now adjoin the prefix
+            self._prefix = max(self._prefix, self._pending.pop(self._prefix))
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and min(self._prefix, self._limit) <= self._hashed:
+                while not self._stop and (
+                    self._hashing or min(self._prefix, self._limit) <= self._hashed
+                ):
                     self._cond.wait()
                 if self._stop:
                     return
                 pos, end = self._hashed, min(self._prefix, self._limit)
+                self._hashing = True
             try:
                 while pos < end and not self._stop:
                     chunk = os.pread(self._fd, min(_HASH_CHUNK, end - pos), pos)
@@ -628,7 +659,8 @@ class PrefixHasher:
                 return
             finally:
                 with self._cond:
-                    self._hashed = pos
+                    self._hashed, self._hashing = pos, False
+                    self._cond.notify()
 
     def close(self) -> None:
         if self._thread is not None:

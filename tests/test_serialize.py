@@ -457,7 +457,9 @@ def test_the_prefix_hasher_checks_a_file_written_in_any_order(tmp_path: Path) ->
                 if flip and offset == 0:
                     chunk[10] ^= 0x01
                 os.pwrite(out.fileno(), chunk, offset)
-                hasher.written(offset, length)
+                # Some writers still hold the bytes (hashed from memory when they continue
+                # the prefix), others say only where they wrote (hashed from the file).
+                hasher.written(offset, length, chunk if rng.random() < 0.5 else None)
             try:
                 if flip:
                     with pytest.raises(IntegrityError, match="checksum mismatch"):
@@ -471,10 +473,15 @@ def test_the_prefix_hasher_checks_a_file_written_in_any_order(tmp_path: Path) ->
                 hasher.close()
 
 
+@pytest.mark.parametrize("with_bytes", [True, False])
 @pytest.mark.parametrize("nbytes", [1_000, 3 * 1024 * 1024])
-def test_the_prefix_hasher_hashes_small_files_inline(tmp_path: Path, nbytes: int) -> None:
-    """A small download arrives in one piece: nothing for a thread to overlap, and starting
-    one costs more than the hash. Larger ones are hashed by a thread as their ranges land."""
+def test_the_prefix_hasher_hashes_what_it_can_without_a_thread(
+    tmp_path: Path, nbytes: int, with_bytes: bool
+) -> None:
+    """A small download is left to ``digest`` (one hash of the file: nothing to overlap). A
+    larger one that arrives in order with its bytes (one stream) is hashed from memory as
+    it arrives: no thread, no byte read back. Ranges told without their bytes start a
+    thread that hashes them from the file."""
     data = ser.dump_to_bytes(np.frombuffer(os.urandom(nbytes), np.uint8))
     path = tmp_path / "o"
     path.write_bytes(data)
@@ -482,10 +489,61 @@ def test_the_prefix_hasher_hashes_small_files_inline(tmp_path: Path, nbytes: int
         hasher = ser.PrefixHasher(f.fileno())
         hasher.start(len(data))
         try:
-            assert (hasher._thread is None) == (len(data) <= ser._INLINE_HASH_BYTES)
-            hasher.written(0, len(data))
+            for offset in range(0, len(data), 1024 * 1024):
+                chunk = data[offset : offset + 1024 * 1024]
+                hasher.written(offset, len(chunk), chunk if with_bytes else None)
+            large = len(data) > ser._INLINE_HASH_BYTES
+            assert (hasher._thread is not None) == (large and not with_bytes)
+            if large and with_bytes:  # all but the tail, where the footer starts
+                assert hasher._hashed == len(data) - ser.TAIL_GUESS
             footer = ser.parse_footer(data, len(data))
             assert hasher.digest(footer) == hashlib.sha256(data[: footer.payload_size]).hexdigest()
             assert ser.StoredFile(f).footer == footer
         finally:
             hasher.close()
+
+
+def test_the_prefix_hasher_follows_parts_written_by_many_threads(tmp_path: Path) -> None:
+    """A parallel download: the first range streams in order with its bytes while other
+    threads write later parts; what is hashed from memory and from the file never overlaps
+    or leaves a gap."""
+    import random
+    import threading
+
+    data = ser.dump_to_bytes(np.frombuffer(os.urandom(6 * 1024 * 1024), np.uint8))
+    footer = ser.parse_footer(data, len(data))
+    expected = hashlib.sha256(data[: footer.payload_size]).hexdigest()
+    chunk = 64 * 1024
+    for trial in range(8):
+        rng = random.Random(trial)
+        with open(tmp_path / f"o{trial}", "w+b") as out:
+            out.truncate(len(data))
+            hasher = ser.PrefixHasher(out.fileno())
+            hasher.start(len(data))
+
+            def write(
+                start: int, end: int, *, with_bytes: bool, fd: int, hasher: ser.PrefixHasher
+            ) -> None:
+                for offset in range(start, end, chunk):
+                    piece = data[offset : min(end, offset + chunk)]
+                    os.pwrite(fd, piece, offset)
+                    hasher.written(offset, len(piece), piece if with_bytes else None)
+
+            cuts = sorted(rng.sample(range(chunk, len(data), chunk), 3))
+            spans = list(zip([0, *cuts], [*cuts, len(data)], strict=True))
+            threads = [
+                threading.Thread(
+                    target=write,
+                    args=span,
+                    kwargs={"with_bytes": i == 0, "fd": out.fileno(), "hasher": hasher},
+                )
+                for i, span in enumerate(spans)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            try:
+                assert hasher.digest(footer) == expected
+            finally:
+                hasher.close()

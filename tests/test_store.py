@@ -1346,7 +1346,7 @@ def test_the_rest_of_a_download_starts_with_the_first_answer(
 
     store.client.meta.events.register("before-send.s3.GetObject", record)
 
-    def on_written(offset: int, length: int) -> None:
+    def on_written(offset: int, length: int, data: bytes | memoryview | None = None) -> None:
         if offset == 0:  # the first chunk of the first range: wait for the rest to be asked
             first_range_done.append(asked.wait(30))
 

@@ -190,15 +190,20 @@ def test_get_tells_the_size_first_and_every_range_once(
     data = os.urandom(size)
     store.put("k", _write(tmp_path / "src", data), overwrite=False)
     events: list[tuple[str, int, int]] = []
+    told_bytes: list[tuple[int, bytes]] = []
 
     def on_size(n: int) -> None:
         events.append(("size", n, 0))
 
-    def on_written(offset: int, length: int) -> None:
+    def on_written(offset: int, length: int, data: bytes | memoryview | None = None) -> None:
         events.append(("written", offset, length))
+        if data is not None:  # a writer that still holds the range's bytes passes them on
+            assert len(data) == length
+            told_bytes.append((offset, bytes(data)))
 
     store.get("k", tmp_path / "dest", on_size=on_size, on_written=on_written)
     assert (tmp_path / "dest").read_bytes() == data
+    assert all(data[offset : offset + len(told)] == told for offset, told in told_bytes)
     if size == 0 and not events:  # no bytes arrive: hearing the size is optional (S3 does not)
         return
     assert events[0] == ("size", size, 0)

@@ -23,6 +23,7 @@ import dataclasses
 from collections.abc import Callable, Collection, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 from ..errors import DamanError, StoreUnavailableError
 
@@ -35,8 +36,16 @@ class WriteUnconfirmedError(StoreUnavailableError):
 
 Progress = Callable[[int], object]
 """Called with a number of bytes just transferred."""
-Written = Callable[[int, int], object]
-"""Called with ``(offset, length)`` of a range of the destination file now written."""
+
+
+class Written(Protocol):
+    """Told ``(offset, length)`` of a range of the destination file now written, and the
+    range's bytes when the writer still holds them (the caller may hash them from memory
+    rather than read them back)."""
+
+    def __call__(
+        self, offset: int, length: int, data: bytes | memoryview | None = None, /
+    ) -> object: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +120,7 @@ def _no_progress(_: int) -> None:
     return None
 
 
-def _no_range(_: int, __: int) -> None:
+def _no_range(_: int, __: int, ___: bytes | memoryview | None = None, /) -> None:
     return None
 
 

@@ -442,8 +442,8 @@ class GCSStore(PartedStore):
         with open(dest, "wb") as out:
             out.write(first.data)
             out.flush()
+            on_written(0, first_len, first.data)
             del first
-            on_written(0, first_len)
             progress(first_len)
             if total > first_len:
                 fd = out.fileno()

@@ -640,7 +640,7 @@ class S3Store(PartedStore):
                             break  # a part failed: its error is raised below
                         chunk = chunk[: first_len - offset]  # never past the range
                         pwrite_all(fd, chunk, offset)
-                        on_written(offset, len(chunk))  # hashed as it arrives
+                        on_written(offset, len(chunk), chunk)  # hashed as it arrives
                         progress(len(chunk))
                         offset += len(chunk)
                 if offset != first_len and not (rest is not None and rest.failed.is_set()):
