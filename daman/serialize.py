@@ -610,12 +610,7 @@ class PrefixHasher:
                 self._hashing = True
             else:
                 self._extend(offset, end)
-                if self._thread is None and min(self._prefix, self._limit) > self._hashed:
-                    self._thread = threading.Thread(
-                        target=self._run, name="daman-hash", daemon=True
-                    )
-                    self._thread.start()
-                self._cond.notify()
+                self._hand_over()
                 return
         assert data is not None
         upto = min(end, self._limit)
@@ -624,8 +619,16 @@ class PrefixHasher:
         finally:
             with self._cond:
                 self._hashed, self._hashing = upto, False
-                self._extend(offset, end)
-                self._cond.notify()
+                self._extend(offset, end)  # may join ranges that arrived out of order
+                self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Wake the thread for what is on disc and not hashed, starting it the first time
+        (the condition's lock held)."""
+        if self._thread is None and min(self._prefix, self._limit) > self._hashed:
+            self._thread = threading.Thread(target=self._run, name="daman-hash", daemon=True)
+            self._thread.start()
+        self._cond.notify()
 
     def _extend(self, offset: int, end: int) -> None:
         """Record ``[offset, end)`` as on disc (the condition's lock held)."""

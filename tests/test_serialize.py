@@ -503,6 +503,34 @@ def test_the_prefix_hasher_hashes_what_it_can_without_a_thread(
             hasher.close()
 
 
+def test_a_range_hashed_from_memory_hands_what_it_joins_to_the_thread(tmp_path: Path) -> None:
+    """Later parts arrive first (told without their bytes); the first range's bytes then
+    join them to the prefix: the thread hashes them while the download goes on, rather than
+    ``digest`` afterwards."""
+    import time
+
+    data = ser.dump_to_bytes(np.frombuffer(os.urandom(4 * 1024 * 1024), np.uint8))
+    footer = ser.parse_footer(data, len(data))
+    cut = 1024 * 1024
+    path = tmp_path / "o"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        hasher = ser.PrefixHasher(f.fileno())
+        hasher.start(len(data))
+        try:
+            hasher.written(cut, len(data) - cut)  # the rest, on disc before the start
+            assert hasher._thread is None  # nothing contiguous to hash yet
+            hasher.written(0, cut, data[:cut])  # hashed from memory, then the rest joins
+            assert hasher._thread is not None
+            deadline = time.monotonic() + 30
+            while hasher._hashed < len(data) - ser.TAIL_GUESS and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert hasher._hashed == len(data) - ser.TAIL_GUESS
+            assert hasher.digest(footer) == hashlib.sha256(data[: footer.payload_size]).hexdigest()
+        finally:
+            hasher.close()
+
+
 def test_the_prefix_hasher_follows_parts_written_by_many_threads(tmp_path: Path) -> None:
     """A parallel download: the first range streams in order with its bytes while other
     threads write later parts; what is hashed from memory and from the file never overlaps
