@@ -38,6 +38,7 @@ from daman.errors import (
     StoreUnavailableError,
 )
 from daman.store import open_store
+from daman.store.azure import AzureStore
 from daman.store.base import Level, ObjectInfo, Store
 
 MiB = 1024 * 1024
@@ -401,6 +402,60 @@ def test_azure_https_account_without_any_sign_in(no_cloud_credentials: None) -> 
     message = _one_line(caught.value)
     if isinstance(caught.value, CredentialsError):
         assert "az login" in message
+
+
+def test_an_azure_force_push_copies_its_record_on_azures_side(
+    azure_endpoint: str | None, azure_container: str, tmp_path: Path
+) -> None:
+    """A force push writes the key from its version record with Copy Blob: its bytes are
+    not sent a second time (the blob says it was copied, and from the record)."""
+    store = open_store(_config("azure", azure_container, azure_endpoint))
+    try:
+        data = os.urandom(3 * MiB)
+        src = _write(tmp_path / "a", data)
+        store.put("rec/1", src, overwrite=False)
+        store.put("k", _write(tmp_path / "b", b"older"), overwrite=False)
+        told: list[int] = []
+        assert store.copies(len(data), overwrite=True)
+        info = store.put_copy("k", src, source="rec/1", overwrite=True, progress=told.append)
+        copy = store._blob("k").get_blob_properties().copy  # type: ignore[attr-defined]
+        assert copy.status == "success" and copy.source.endswith("/rec/1")
+        assert (info.size, info.etag) == (len(data), store.head("k").etag)
+        assert sum(told) == len(data)  # a progress bar still reaches its end
+        store.get("k", tmp_path / "out")
+        assert (tmp_path / "out").read_bytes() == data
+    finally:
+        store.close()
+
+
+class _RefusedCopySource(AzureStore):
+    """Names a copy's source with a signature the account refuses: what a sign-in that may
+    not read a copy's source meets (Azure answers 403 CannotVerifyCopySource)."""
+
+    def _copy_source(self, source: str) -> str:
+        return super()._copy_source(source) + "?sv=2021-08-06&sr=b&sp=r&sig=bm90LXZhbGlk"
+
+
+def test_an_azure_force_push_sends_the_bytes_when_the_copy_is_refused(
+    azure_endpoint: str | None, azure_container: str, tmp_path: Path
+) -> None:
+    """A refused copy is not a missing record (the same error code, another status; a
+    missing one is KeyNotFoundError: tests/test_store.py): the push sends the bytes
+    instead, and the key holds them."""
+    store = _RefusedCopySource(_config("azure", azure_container, azure_endpoint))
+    try:
+        data = os.urandom(1000)
+        src = _write(tmp_path / "a", data)
+        store.put("rec/1", src, overwrite=False)
+        store.put("k", _write(tmp_path / "b", b"older"), overwrite=False)
+        info = store.put_copy("k", src, source="rec/1", overwrite=True)
+        copy = store._blob("k").get_blob_properties().copy
+        assert copy.status is None  # uploaded, not copied
+        assert info.etag == store.head("k").etag
+        store.get("k", tmp_path / "out")
+        assert (tmp_path / "out").read_bytes() == data
+    finally:
+        store.close()
 
 
 @pytest.mark.skipif(bool(clouds.AZURE_CONTAINER), reason="needs Azurite's shared-key check")

@@ -14,6 +14,8 @@ in this order:
 - New keys are created with ``If-None-Match: *`` (the SDK's ``overwrite=False``): one PUT up to
   8 MiB, above that 8 MiB blocks staged in parallel and committed with the same condition, so
   of two machines pushing the same new key exactly one wins.
+- A force push writes the key from its version record with Copy Blob (no byte sent twice),
+  falling back to sending the bytes when the account refuses the copy.
 - The version (``ObjectInfo.etag``) is the blob's ETag, which changes on every write.
 - Downloads read the first 8 MiB, then the rest in parallel ranges that the SDK pins to the
   first answer's ETag (``If-Match``): a blob replaced meanwhile answers 412 and the download
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +69,9 @@ from .base import (
 BLOCK_SIZE = 8 * MiB
 """Single PUT up to this size; above it, staged blocks of this size. Also the first read and
 each parallel range of a download."""
+COPY_WAIT_SECONDS = 600.0
+"""How long a force push waits for a copy on Azure's side that did not finish at once (rare
+within one account) before it aborts it and sends the bytes."""
 _NO_CREDENTIALS = (
     "Set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_KEY for the account, or sign in "
     "for DefaultAzureCredential (`az login`)"
@@ -300,6 +306,79 @@ class AzureStore(PartedStore):
             )
         told(size, size)
         return ObjectInfo(key, size, _etag(r.get("etag")), r.get("last_modified"))
+
+    def copies(self, size: int, *, overwrite: bool) -> bool:
+        return overwrite
+
+    def put_copy(
+        self,
+        key: str,
+        path: Path,
+        *,
+        source: str,
+        overwrite: bool,
+        progress: Progress = _no_progress,
+    ) -> ObjectInfo:
+        """To overwrite: Copy Blob from ``source`` (a blob of this account, which the
+        request's own credentials read), no byte sent; a copy within one account is usually
+        done when it is answered, and is waited for otherwise. To create: the bytes, under
+        the condition daman relies on (``If-None-Match: *``). A copy the account refuses (a
+        sign-in that may not read a copy's source) or that does not finish sends the bytes."""
+        if not overwrite:
+            return self.put(key, path, overwrite=False, progress=progress)
+        size = os.path.getsize(path)
+        blob = self._blob(key)
+        copied = self._start_copy(blob, source)
+        if copied is None:
+            return self.put(key, path, overwrite=True, progress=progress)
+        if copied.get("copy_status") == "success":
+            info = ObjectInfo(key, size, _etag(copied.get("etag")), copied.get("last_modified"))
+        else:
+            props = self._finished_copy(blob, str(copied.get("copy_id") or ""))
+            if props is None:
+                return self.put(key, path, overwrite=True, progress=progress)
+            info = self._info(key, props, size)
+        progress(size)
+        return info
+
+    def _start_copy(self, blob: Any, source: str) -> dict[str, Any] | None:
+        """Copy Blob's answer; None if the account refused to read the source for this
+        sign-in (403: Azure answers CannotVerifyCopySource, as for a missing source, but
+        with another status). A missing source is KeyNotFoundError (for the record)."""
+        from azure.core.exceptions import HttpResponseError
+
+        with self._errors(source):
+            try:
+                return dict(blob.start_copy_from_url(self._copy_source(source)))
+            except HttpResponseError as exc:
+                if exc.status_code in (401, 403):
+                    return None
+                raise
+
+    def _copy_source(self, source: str) -> str:
+        """The URL Copy Blob reads ``source`` from."""
+        return str(self._blob(source).url)
+
+    def _finished_copy(self, blob: Any, copy_id: str) -> Any | None:
+        """The blob's properties once a pending copy succeeded; None if it failed, was
+        aborted, or is still pending after ``COPY_WAIT_SECONDS`` (then it is aborted: a blob
+        being copied to cannot be written)."""
+        deadline = time.monotonic() + COPY_WAIT_SECONDS
+        delay = 0.05
+        while True:
+            with self._errors():
+                props = blob.get_blob_properties()
+            status = props.copy.status if props.copy is not None else None
+            if status == "success" and (props.copy.id or "") == copy_id:
+                return props
+            if status != "pending" or time.monotonic() > deadline:
+                break
+            time.sleep(delay)
+            delay = min(1.0, delay * 2)
+        if status == "pending":
+            with contextlib.suppress(DamanError), self._errors():
+                blob.abort_copy(copy_id)
+        return None
 
     def _get_once(
         self, key: str, dest: Path, progress: Progress, on_size: Progress, on_written: Written
