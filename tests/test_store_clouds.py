@@ -458,6 +458,31 @@ def test_an_azure_force_push_sends_the_bytes_when_the_copy_is_refused(
         store.close()
 
 
+class _PendingCopy(AzureStore):
+    """Reports each copy as pending, as Azure may answer one: daman must wait for it (here
+    it is done, as Azurite's are) and read the result from the blob's properties."""
+
+    def _start_copy(self, blob: Any, source: str) -> dict[str, Any] | None:
+        copied = super()._start_copy(blob, source)
+        assert copied is not None
+        return {**copied, "copy_status": "pending", "etag": None}
+
+
+def test_an_azure_copy_answered_pending_is_waited_for(
+    azure_endpoint: str | None, azure_container: str, tmp_path: Path
+) -> None:
+    store = _PendingCopy(_config("azure", azure_container, azure_endpoint))
+    try:
+        data = os.urandom(1000)
+        src = _write(tmp_path / "a", data)
+        store.put("rec/1", src, overwrite=False)
+        info = store.put_copy("k", src, source="rec/1", overwrite=True)
+        assert store._blob("k").get_blob_properties().copy.status == "success"
+        assert (info.size, info.etag) == (len(data), store.head("k").etag)
+    finally:
+        store.close()
+
+
 @pytest.mark.skipif(bool(clouds.AZURE_CONTAINER), reason="needs Azurite's shared-key check")
 def test_azure_wrong_account_key(
     azure_endpoint: str, azure_container: str, monkeypatch: pytest.MonkeyPatch
