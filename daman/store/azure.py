@@ -334,7 +334,7 @@ class AzureStore(PartedStore):
         if copied.get("copy_status") == "success":
             info = ObjectInfo(key, size, _etag(copied.get("etag")), copied.get("last_modified"))
         else:
-            props = self._finished_copy(blob, str(copied.get("copy_id") or ""))
+            props = self._finished_copy(key, blob, str(copied.get("copy_id") or ""))
             if props is None:
                 return self.put(key, path, overwrite=True, progress=progress)
             info = self._info(key, props, size)
@@ -359,14 +359,14 @@ class AzureStore(PartedStore):
         """The URL Copy Blob reads ``source`` from."""
         return str(self._blob(source).url)
 
-    def _finished_copy(self, blob: Any, copy_id: str) -> Any | None:
+    def _finished_copy(self, key: str, blob: Any, copy_id: str) -> Any | None:
         """The blob's properties once a pending copy succeeded; None if it failed, was
         aborted, or is still pending after ``COPY_WAIT_SECONDS`` (then it is aborted: a blob
         being copied to cannot be written)."""
         deadline = time.monotonic() + COPY_WAIT_SECONDS
         delay = 0.05
         while True:
-            with self._errors():
+            with self._errors(key):
                 props = blob.get_blob_properties()
             status = props.copy.status if props.copy is not None else None
             if status == "success" and (props.copy.id or "") == copy_id:
@@ -376,7 +376,7 @@ class AzureStore(PartedStore):
             time.sleep(delay)
             delay = min(1.0, delay * 2)
         if status == "pending":
-            with contextlib.suppress(DamanError), self._errors():
+            with contextlib.suppress(DamanError), self._errors(key):
                 blob.abort_copy(copy_id)
         return None
 
