@@ -62,9 +62,8 @@ _HASH_CHUNK = 8 * 1024 * 1024
 _MAP_MIN_BYTES = 1024 * 1024  # out-of-band buffers this large are read into fresh mappings
 _PARALLEL_HASH_BYTES = 4 * 1024 * 1024
 _INLINE_HASH_BYTES = 1024 * 1024
-"""Downloads up to this size are hashed inline once whole (``PrefixHasher.digest``): they
-arrive in one piece, so a thread could not overlap anything, and starting one costs more
-than hashing them."""
+"""Downloads up to this size are hashed in one pass once whole (``PrefixHasher.digest``):
+they arrive in one piece, so hashing them as they arrive would overlap nothing."""
 _FILE_CHUNK = 8 * 1024 * 1024
 
 
@@ -568,8 +567,8 @@ class PrefixHasher:
 
     ``written(offset, length, data)`` says a range is on disc (from any thread). A range
     that continues the hashed prefix and comes with its bytes is hashed at once, from
-    memory, by the thread that wrote it (a single-stream download: no thread started, no
-    byte read back). Otherwise a thread, started then, hashes the contiguous prefix from the
+    memory, by the thread that wrote it (a single-stream download: no thread started, only
+    the tail read back). Otherwise a thread, started then, hashes the contiguous prefix from the
     file as it grows. Both stop ``TAIL_GUESS`` bytes short of the end, where the footer
     usually starts. Once the file is whole, ``digest(footer)`` hashes what is left of the
     payload, so the check costs a few MiB after the download instead of a second pass over
@@ -603,6 +602,7 @@ class PrefixHasher:
         with self._cond:
             inline = (
                 data is not None
+                and len(data) == length
                 and offset == self._hashed == self._prefix < self._limit
                 and not self._hashing
             )
@@ -674,8 +674,9 @@ class PrefixHasher:
             self._thread = None
 
     def digest(self, footer: Footer) -> str | None:
-        """The payload's sha256 once the file is whole, or None if it cannot tell (nothing
-        was reported, a read failed, or the footer starts before the hashed prefix ends)."""
+        """The payload's sha256 once the file is whole (call it once), or None if it cannot
+        tell (a read failed, the file is shorter than the payload, or the footer starts
+        before the hashed prefix ends)."""
         self.close()
         if self._failed or self._hashed > footer.payload_size:
             return None

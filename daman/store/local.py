@@ -405,7 +405,7 @@ class LocalStore(Store):
                     break
                 out.write(chunk)
                 out.flush()
-                on_written(offset, len(chunk), chunk)
+                on_written(offset, len(chunk))  # hashed beside the copy, from the file
                 offset += len(chunk)
                 progress(len(chunk))
         return info
