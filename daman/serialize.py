@@ -573,8 +573,9 @@ class PrefixHasher:
     usually starts. Once the file is whole, ``digest(footer)`` hashes what is left of the
     payload, so the check costs a few MiB after the download instead of a second pass over
     the whole file. ``start(size)`` begins (or, for a download that restarted, begins
-    again); ``close()`` stops the thread. A file of at most ``_INLINE_HASH_BYTES`` is left
-    to ``digest``, which hashes all of it."""
+    again, once a writer hashing from memory is done); ``close()`` stops the thread. A file
+    of at most ``_INLINE_HASH_BYTES`` is left to ``digest``, which hashes all of it; after
+    it, ranges told are ignored and ``digest`` answers the same again."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -591,15 +592,20 @@ class PrefixHasher:
         self._hashing = False  # someone (the thread, or a writer from memory) is at it
         self._stop = False
         self._failed = False
+        self._digest: tuple[str | None] | None = None  # digest()'s answer, once given
 
     def start(self, size: int) -> None:
         self.close()
         with self._cond:
+            while self._hashing:  # a writer still hashing from memory: its hash goes too
+                self._cond.wait()
             self._reset(size)
 
     def written(self, offset: int, length: int, data: bytes | memoryview | None = None) -> None:
         end = offset + length
         with self._cond:
+            if self._digest is not None:
+                return  # too late to count: the file was taken as whole
             inline = (
                 data is not None
                 and len(data) == length
@@ -628,7 +634,7 @@ class PrefixHasher:
         if self._thread is None and min(self._prefix, self._limit) > self._hashed:
             self._thread = threading.Thread(target=self._run, name="daman-hash", daemon=True)
             self._thread.start()
-        self._cond.notify()
+        self._cond.notify_all()  # the thread, and a start() or digest() waiting for a writer
 
     def _extend(self, offset: int, end: int) -> None:
         """Record ``[offset, end)`` as on disc (the condition's lock held)."""
@@ -663,7 +669,7 @@ class PrefixHasher:
             finally:
                 with self._cond:
                     self._hashed, self._hashing = pos, False
-                    self._cond.notify()
+                    self._cond.notify_all()
 
     def close(self) -> None:
         if self._thread is not None:
@@ -674,10 +680,18 @@ class PrefixHasher:
             self._thread = None
 
     def digest(self, footer: Footer) -> str | None:
-        """The payload's sha256 once the file is whole (call it once), or None if it cannot
-        tell (a read failed, the file is shorter than the payload, or the footer starts
-        before the hashed prefix ends)."""
+        """The payload's sha256 once the file is whole (the same answer if asked again), or
+        None if it cannot tell (a read failed, the file is shorter than the payload, or the
+        footer starts before the hashed prefix ends)."""
         self.close()
+        with self._cond:
+            while self._hashing:
+                self._cond.wait()
+            if self._digest is None:
+                self._digest = (self._rest(footer),)
+            return self._digest[0]
+
+    def _rest(self, footer: Footer) -> str | None:
         if self._failed or self._hashed > footer.payload_size:
             return None
         return sha256_range(

@@ -8,8 +8,10 @@ import mmap
 import os
 import pickle
 import sys
+import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -575,3 +577,78 @@ def test_the_prefix_hasher_follows_parts_written_by_many_threads(tmp_path: Path)
                 assert hasher.digest(footer) == expected
             finally:
                 hasher.close()
+
+
+class _HeldSha:
+    """A sha256 whose next ``update`` waits until ``release`` is set: a writer caught
+    hashing from memory."""
+
+    def __init__(self, sha: Any) -> None:
+        self.sha = sha
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def update(self, data: Any) -> None:
+        self.entered.set()
+        assert self.release.wait(30)
+        self.sha.update(data)
+
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
+
+
+def test_a_restart_waits_for_a_writer_still_hashing_from_memory(tmp_path: Path) -> None:
+    """A download that starts over while a writer of its first attempt is hashing from
+    memory: the restart waits for it, so that the new attempt's hash is not the old one's
+    and its position is not the old writer's."""
+    data = ser.dump_to_bytes(np.frombuffer(os.urandom(3 * 1024 * 1024), np.uint8))
+    footer = ser.parse_footer(data, len(data))
+    path = tmp_path / "o"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        hasher = ser.PrefixHasher(f.fileno())
+        hasher.start(len(data))
+        held = hasher._sha = _HeldSha(hasher._sha)
+        cut = 1024 * 1024
+        writer = threading.Thread(target=hasher.written, args=(0, cut, data[:cut]))
+        writer.start()
+        assert held.entered.wait(30)
+        restart = threading.Thread(target=hasher.start, args=(len(data),))
+        restart.start()
+        try:
+            restart.join(0.3)
+            assert restart.is_alive()  # waits for the writer
+        finally:
+            held.release.set()
+            writer.join(30)
+        restart.join(30)
+        assert not restart.is_alive()
+        try:
+            assert hasher._hashed == 0 and hasher._sha is not held
+            for offset in range(0, len(data), cut):
+                chunk = data[offset : offset + cut]
+                hasher.written(offset, len(chunk), chunk)
+            assert hasher.digest(footer) == hashlib.sha256(data[: footer.payload_size]).hexdigest()
+        finally:
+            hasher.close()
+
+
+def test_the_prefix_hasher_answers_the_same_after_its_digest(tmp_path: Path) -> None:
+    """``digest`` asked twice gives the same answer (not the hash of the tail hashed again),
+    and a range told after it is ignored: no thread is started for a finished file."""
+    data = ser.dump_to_bytes(np.frombuffer(os.urandom(3 * 1024 * 1024), np.uint8))
+    footer = ser.parse_footer(data, len(data))
+    expected = hashlib.sha256(data[: footer.payload_size]).hexdigest()
+    path = tmp_path / "o"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        hasher = ser.PrefixHasher(f.fileno())
+        hasher.start(len(data))
+        try:
+            hasher.written(0, 1024 * 1024, data[: 1024 * 1024])
+            assert hasher.digest(footer) == expected
+            hasher.written(1024 * 1024, len(data) - 1024 * 1024)
+            assert hasher._thread is None
+            assert hasher.digest(footer) == expected
+        finally:
+            hasher.close()
