@@ -64,6 +64,8 @@ class Context:
     candidate: Path | None = None
     file_creation_us: float = 0.0
     """CPU to create a file in ``work`` (see ``run.file_creation_cost``)."""
+    new_pages_ms: tuple[float, float] = (0.0, 0.0)
+    """CPU per MiB written into new / used page-cache pages (``run.page_cache_cost``)."""
     rows: list[Row] = dataclasses.field(default_factory=list)
     requests: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     notes: dict[str, list[str]] = dataclasses.field(
