@@ -1195,6 +1195,113 @@ def test_the_mark_of_an_add_in_progress_is_left_alone(root: Path) -> None:
     assert_consistent(cache)
 
 
+def _locked_elsewhere(path: Path) -> bool:
+    """Whether another holder has ``path`` flock-ed (asked through a new descriptor)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+class _MarkWatched(Cache):
+    """Looks at ``tmp/`` from inside an add's transaction, once its mark is made."""
+
+    seen: list[tuple[Path, os.stat_result, bool]]
+
+    def _evict(self, db: sqlite3.Connection, need: int, exclude: tuple[str, str], **kw):  # type: ignore[no-untyped-def]
+        for marker in self.tmp_dir.glob("*.adding"):  # not when opening: no add then
+            self.seen.append((marker, marker.stat(), _locked_elsewhere(marker)))
+        return super()._evict(db, need, exclude, **kw)
+
+
+def test_an_adds_mark_is_a_second_name_of_its_keys_lock(root: Path, writes: list[int]) -> None:
+    """The mark creates no file (creating one costs up to 200 us in some folders): it is a
+    hard link to the key's lock stripe, locked as long as the add holds the key, and gone
+    (the stripe's own name alone again) once the add is over."""
+    cache = _MarkWatched(root, 10_000)
+    cache.seen = []
+    writes.clear()
+    put(cache, "k", 100)
+    ((marker, seen, locked),) = cache.seen
+    stripe = cache.locks_dir / f"{key_digest('k')[:2]}.lock"
+    assert marker.name.endswith(".adding") and locked
+    assert (seen.st_ino, seen.st_dev) == (stripe.stat().st_ino, stripe.stat().st_dev)
+    assert len(writes) == 1 and stripe.stat().st_nlink == 1
+    assert sorted(path.name for path in cache.tmp_dir.iterdir()) == []
+    assert_consistent(cache)
+
+
+def test_where_hard_links_are_refused_the_mark_is_a_file_of_its_own(
+    root: Path, writes: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system without hard links (some FUSE and network ones): the add makes its
+    mark as a small locked file, still in one write transaction."""
+
+    def refused(src: object, dst: object, *args: object, **kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    cache = _MarkWatched(root, 10_000)
+    cache.seen = []
+    monkeypatch.setattr(os, "link", refused)
+    writes.clear()
+    put(cache, "k", 100)
+    ((marker, seen, locked),) = cache.seen
+    stripe = cache.locks_dir / f"{key_digest('k')[:2]}.lock"
+    assert marker.name.endswith(".adding") and locked and seen.st_ino != stripe.stat().st_ino
+    assert len(writes) == 1
+    assert sorted(path.name for path in cache.tmp_dir.iterdir()) == []
+    assert_consistent(cache)
+
+
+ADD_HELD_INSIDE = """
+    import os, sys
+    from pathlib import Path
+    from daman.cache import Cache
+
+    class Held(Cache):
+        def _temp_lock(self, tmp, *, held):  # renamed into objects/, not yet committed
+            super()._temp_lock(tmp, held=held)
+            if not held:
+                print("inside", flush=True)
+                sys.stdin.readline()  # killed here
+
+    cache = Held(Path(sys.argv[1]), 10_000)
+    with cache.temp_file() as tmp:
+        tmp.write_bytes(b"x" * 100)
+        cache.add("k", tmp, etag="e", sha256="s")
+"""
+
+
+def test_an_add_killed_with_its_linked_mark_is_recovered(root: Path) -> None:
+    """While the add's process lives, its mark (the key's stripe, which it holds) keeps
+    recovery away; once it is killed, recovery removes the mark's name and the file it was
+    adding, and leaves the stripe's own name."""
+    here = Cache(root, 10_000)
+    child = run_python(ADD_HELD_INSIDE, root, stdin=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "inside\n"
+        (marker,) = (root / "tmp").glob("*.adding")
+        added = root / "objects" / marker.name.removesuffix(".adding")
+        assert added.exists()
+        here.recover()  # the add is in progress (its transaction open: no new Cache now)
+        assert marker.exists() and added.exists()
+    finally:
+        child.kill()
+        child.communicate()
+    cache = Cache(root, 10_000)
+    stripe = cache.locks_dir / f"{key_digest('k')[:2]}.lock"
+    assert not marker.exists() and not added.exists()
+    assert stripe.exists() and stripe.stat().st_nlink == 1
+    assert cache.get("k") is None
+    assert_consistent(cache)
+
+
 def _accessed(root: Path) -> dict[str, int]:
     """The index's order of use, as another process reads it."""
     import sqlite3
