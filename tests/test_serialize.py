@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -10,8 +11,9 @@ import pickle
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pytest
@@ -475,6 +477,24 @@ def test_the_prefix_hasher_checks_a_file_written_in_any_order(tmp_path: Path) ->
                 hasher.close()
 
 
+@contextlib.contextmanager
+def _hashed_object(
+    tmp_path: Path, nbytes: int
+) -> Iterator[tuple[bytes, ser.Footer, IO[bytes], ser.PrefixHasher]]:
+    """An object file of ``nbytes`` random bytes on disc, its footer, the file open, and a
+    hasher started on it (closed afterwards)."""
+    data = ser.dump_to_bytes(np.frombuffer(os.urandom(nbytes), np.uint8))
+    path = tmp_path / "o"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        hasher = ser.PrefixHasher(f.fileno())
+        hasher.start(len(data))
+        try:
+            yield data, ser.parse_footer(data, len(data)), f, hasher
+        finally:
+            hasher.close()
+
+
 @pytest.mark.parametrize("with_bytes", [True, False])
 @pytest.mark.parametrize("nbytes", [1_000, 3 * 1024 * 1024])
 def test_the_prefix_hasher_hashes_what_it_can_without_a_thread(
@@ -484,25 +504,16 @@ def test_the_prefix_hasher_hashes_what_it_can_without_a_thread(
     larger one that arrives in order with its bytes (one stream) is hashed from memory as
     it arrives: no thread, no byte read back. Ranges told without their bytes start a
     thread that hashes them from the file."""
-    data = ser.dump_to_bytes(np.frombuffer(os.urandom(nbytes), np.uint8))
-    path = tmp_path / "o"
-    path.write_bytes(data)
-    with open(path, "rb") as f:
-        hasher = ser.PrefixHasher(f.fileno())
-        hasher.start(len(data))
-        try:
-            for offset in range(0, len(data), 1024 * 1024):
-                chunk = data[offset : offset + 1024 * 1024]
-                hasher.written(offset, len(chunk), chunk if with_bytes else None)
-            large = len(data) > ser._INLINE_HASH_BYTES
-            assert (hasher._thread is not None) == (large and not with_bytes)
-            if large and with_bytes:  # all but the tail, where the footer starts
-                assert hasher._hashed == len(data) - ser.TAIL_GUESS
-            footer = ser.parse_footer(data, len(data))
-            assert hasher.digest(footer) == hashlib.sha256(data[: footer.payload_size]).hexdigest()
-            assert ser.StoredFile(f).footer == footer
-        finally:
-            hasher.close()
+    with _hashed_object(tmp_path, nbytes) as (data, footer, f, hasher):
+        for offset in range(0, len(data), 1024 * 1024):
+            chunk = data[offset : offset + 1024 * 1024]
+            hasher.written(offset, len(chunk), chunk if with_bytes else None)
+        large = len(data) > ser._INLINE_HASH_BYTES
+        assert (hasher._thread is not None) == (large and not with_bytes)
+        if large and with_bytes:  # all but the tail, where the footer starts
+            assert hasher._hashed == len(data) - ser.TAIL_GUESS
+        assert hasher.digest(footer) == hashlib.sha256(data[: footer.payload_size]).hexdigest()
+        assert ser.StoredFile(f).footer == footer
 
 
 def test_a_range_hashed_from_memory_hands_what_it_joins_to_the_thread(tmp_path: Path) -> None:
@@ -511,26 +522,17 @@ def test_a_range_hashed_from_memory_hands_what_it_joins_to_the_thread(tmp_path: 
     ``digest`` afterwards."""
     import time
 
-    data = ser.dump_to_bytes(np.frombuffer(os.urandom(4 * 1024 * 1024), np.uint8))
-    footer = ser.parse_footer(data, len(data))
     cut = 1024 * 1024
-    path = tmp_path / "o"
-    path.write_bytes(data)
-    with open(path, "rb") as f:
-        hasher = ser.PrefixHasher(f.fileno())
-        hasher.start(len(data))
-        try:
-            hasher.written(cut, len(data) - cut)  # the rest, on disc before the start
-            assert hasher._thread is None  # nothing contiguous to hash yet
-            hasher.written(0, cut, data[:cut])  # hashed from memory, then the rest joins
-            assert hasher._thread is not None
-            deadline = time.monotonic() + 30
-            while hasher._hashed < len(data) - ser.TAIL_GUESS and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert hasher._hashed == len(data) - ser.TAIL_GUESS
-            assert hasher.digest(footer) == hashlib.sha256(data[: footer.payload_size]).hexdigest()
-        finally:
-            hasher.close()
+    with _hashed_object(tmp_path, 4 * 1024 * 1024) as (data, footer, _, hasher):
+        hasher.written(cut, len(data) - cut)  # the rest, on disc before the start
+        assert hasher._thread is None  # nothing contiguous to hash yet
+        hasher.written(0, cut, data[:cut])  # hashed from memory, then the rest joins
+        assert hasher._thread is not None
+        deadline = time.monotonic() + 30
+        while hasher._hashed < len(data) - ser.TAIL_GUESS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert hasher._hashed == len(data) - ser.TAIL_GUESS
+        assert hasher.digest(footer) == hashlib.sha256(data[: footer.payload_size]).hexdigest()
 
 
 def test_the_prefix_hasher_follows_parts_written_by_many_threads(tmp_path: Path) -> None:
@@ -601,13 +603,7 @@ def test_a_restart_waits_for_a_writer_still_hashing_from_memory(tmp_path: Path) 
     """A download that starts over while a writer of its first attempt is hashing from
     memory: the restart waits for it, so that the new attempt's hash is not the old one's
     and its position is not the old writer's."""
-    data = ser.dump_to_bytes(np.frombuffer(os.urandom(3 * 1024 * 1024), np.uint8))
-    footer = ser.parse_footer(data, len(data))
-    path = tmp_path / "o"
-    path.write_bytes(data)
-    with open(path, "rb") as f:
-        hasher = ser.PrefixHasher(f.fileno())
-        hasher.start(len(data))
+    with _hashed_object(tmp_path, 3 * 1024 * 1024) as (data, footer, _, hasher):
         held = hasher._sha = _HeldSha(hasher._sha)
         cut = 1024 * 1024
         writer = threading.Thread(target=hasher.written, args=(0, cut, data[:cut]))
@@ -623,32 +619,20 @@ def test_a_restart_waits_for_a_writer_still_hashing_from_memory(tmp_path: Path) 
             writer.join(30)
         restart.join(30)
         assert not restart.is_alive()
-        try:
-            assert hasher._hashed == 0 and hasher._sha is not held
-            for offset in range(0, len(data), cut):
-                chunk = data[offset : offset + cut]
-                hasher.written(offset, len(chunk), chunk)
-            assert hasher.digest(footer) == hashlib.sha256(data[: footer.payload_size]).hexdigest()
-        finally:
-            hasher.close()
+        assert hasher._hashed == 0 and hasher._sha is not held
+        for offset in range(0, len(data), cut):
+            chunk = data[offset : offset + cut]
+            hasher.written(offset, len(chunk), chunk)
+        assert hasher.digest(footer) == hashlib.sha256(data[: footer.payload_size]).hexdigest()
 
 
 def test_the_prefix_hasher_answers_the_same_after_its_digest(tmp_path: Path) -> None:
     """``digest`` asked twice gives the same answer (not the hash of the tail hashed again),
     and a range told after it is ignored: no thread is started for a finished file."""
-    data = ser.dump_to_bytes(np.frombuffer(os.urandom(3 * 1024 * 1024), np.uint8))
-    footer = ser.parse_footer(data, len(data))
-    expected = hashlib.sha256(data[: footer.payload_size]).hexdigest()
-    path = tmp_path / "o"
-    path.write_bytes(data)
-    with open(path, "rb") as f:
-        hasher = ser.PrefixHasher(f.fileno())
-        hasher.start(len(data))
-        try:
-            hasher.written(0, 1024 * 1024, data[: 1024 * 1024])
-            assert hasher.digest(footer) == expected
-            hasher.written(1024 * 1024, len(data) - 1024 * 1024)
-            assert hasher._thread is None
-            assert hasher.digest(footer) == expected
-        finally:
-            hasher.close()
+    with _hashed_object(tmp_path, 3 * 1024 * 1024) as (data, footer, _, hasher):
+        expected = hashlib.sha256(data[: footer.payload_size]).hexdigest()
+        hasher.written(0, 1024 * 1024, data[: 1024 * 1024])
+        assert hasher.digest(footer) == expected
+        hasher.written(1024 * 1024, len(data) - 1024 * 1024)
+        assert hasher._thread is None
+        assert hasher.digest(footer) == expected
