@@ -1282,9 +1282,13 @@ class Cache:
 
     def _recover_add(self, marker: Path, file: str) -> None:
         """The mark of an add (see ``_marked``) that nobody holds locked: its process is
-        gone. The file it renamed into ``objects/`` stays only if its row was committed."""
+        gone. The file it renamed into ``objects/`` stays only if its row was committed.
+        Taking the mark's lock takes its key's stripe: a child forked meanwhile closes its
+        copy of the descriptor (tracked), or it would hold the stripe for as long as it lives."""
         try:
-            fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC)
+            with forksafe.sqlite_section():  # no fork between opening and tracking
+                fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC)
+                forksafe.track_fd(fd)
         except OSError:
             return  # removed meanwhile
         try:
@@ -1296,6 +1300,7 @@ class Cache:
                 (self.objects_dir / file).unlink(missing_ok=True)
             marker.unlink(missing_ok=True)
         finally:
+            forksafe.untrack_fd(fd)
             os.close(fd)
 
     def reconcile(self) -> Reconciled:

@@ -1302,6 +1302,48 @@ def test_an_add_killed_with_its_linked_mark_is_recovered(root: Path) -> None:
     assert_consistent(cache)
 
 
+def test_a_child_forked_while_recovery_holds_a_mark_does_not_keep_its_stripe(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recovery takes a dead add's mark, which is its key's stripe; a process forked at that
+    moment (a worker pool started by another thread) must not keep the stripe locked, and
+    with it every key of the stripe, for as long as it lives."""
+    cache = Cache(root, 10_000)
+    final, marker = _crashed_add(cache, "k", committed=False)
+    stripe = cache.locks_dir / f"{key_digest('k')[:2]}.lock"
+    with cache.key_lock("k"):
+        pass  # the stripe's file exists
+    marker.unlink()
+    os.link(stripe, marker)  # what an add killed between its rename and its commit leaves
+    children: list[int] = []
+    started, ready = os.pipe()
+    real_unlink = Path.unlink
+
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        if path == marker and not children:  # recovery holds the mark's lock now
+            pid = os.fork()
+            if pid == 0:  # the fork's handlers have run: the child is as it will stay
+                os.write(ready, b"!")
+                time.sleep(30)
+                os._exit(0)
+            children.append(pid)
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    try:
+        cache.recover()
+        assert children and not marker.exists() and not final.exists()
+        assert os.read(started, 1) == b"!"
+        assert not _locked_elsewhere(stripe)  # the child lives on, without the stripe
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(started)
+        os.close(ready)
+    assert_consistent(cache)
+
+
 def _accessed(root: Path) -> dict[str, int]:
     """The index's order of use, as another process reads it."""
     import sqlite3
