@@ -40,7 +40,8 @@ Invariants, restored on open after any crash:
   a ``tmp/<file>.adding`` mark: a file being added gets that mark (its key's locked stripe)
   before it is renamed into place and loses it once the row is committed (one write
   transaction), files whose row is deleted are journaled in the same transaction, so a
-  SIGKILL at any point leaves only files the next open can find without scanning the cache;
+  SIGKILL at any point leaves only files the next open can find without scanning the cache
+  (a mark whose stripe another process holds is left to a later open);
 - a file in ``objects/`` is locked only by zero-copy mappings (shared) and by the process
   forgetting it (exclusive, from its transaction until the unlink): a lock anything else
   held would pass for a mapping, and keep the file as ``retired``;
@@ -1112,7 +1113,9 @@ class Cache:
         in between, the next ``recover`` finds the file by the mark's name (``objects/`` is
         never scanned). The mark is a second name (a hard link) of ``key``'s stripe lock,
         which the caller holds: no file is created (that costs 3 to 200 us, depending on the
-        folder), and its lock ends with the add's, or with its process. Where the file system
+        folder), and its lock ends with the add's, or with its process. What that costs: a
+        dead add's mark is recovered by an open that finds its stripe free (one holding it
+        for another key of the stripe cannot be told from the add). Where the file system
         refuses hard links it is a small locked file of its own. Never the added file's lock
         (see the invariants). Yields False when no mark can be made (a full disc): the caller
         then journals the file first, in a transaction of its own."""

@@ -1302,6 +1302,32 @@ def test_an_add_killed_with_its_linked_mark_is_recovered(root: Path) -> None:
     assert_consistent(cache)
 
 
+def test_a_dead_adds_mark_waits_while_its_stripe_is_busy_with_another_key(root: Path) -> None:
+    """The mark's lock is its key's stripe, so recovery cannot tell a dead add from a live one
+    while another process holds the stripe (for another key of it): it leaves the mark and
+    the uncommitted file to a later open, which removes them once the stripe is free."""
+    cache = Cache(root, 10_000)
+    final, marker = _crashed_add(cache, "k", committed=False)
+    stripe = cache.locks_dir / f"{key_digest('k')[:2]}.lock"
+    with cache.key_lock("k"):
+        pass  # the stripe's file exists
+    marker.unlink()
+    os.link(stripe, marker)  # what an add killed between its rename and its commit leaves
+    cache.close()
+    holder = run_python(HOLD_MARK, stripe, stdin=subprocess.PIPE)  # a pull of another key
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        Cache(root, 10_000).close()
+        assert marker.exists() and final.exists()
+    finally:
+        holder.stdin.write("\n")  # type: ignore[union-attr]
+        holder.stdin.flush()  # type: ignore[union-attr]
+    finish(holder)
+    again = Cache(root, 10_000)
+    assert not marker.exists() and not final.exists()
+    assert_consistent(again)
+
+
 def test_a_child_forked_while_recovery_holds_a_mark_does_not_keep_its_stripe(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
