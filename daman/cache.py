@@ -13,7 +13,7 @@
                                           flock-ed by its writer from birth to removal
       tmp/<objects file>.adding           the mark of a file ``add`` is moving into
                                           objects/: a hard link to its key's lock stripe,
-                                          locked until its transaction is over
+                                          locked while the add holds the key
       locks/ab.lock            256 lock stripes; a key's stripe is ab = sha256(key)[:2]
 
 An entry is a key's *current* version (``version = ''``: the copy a pull of the key uses when
@@ -1113,7 +1113,8 @@ class Cache:
         in between, the next ``recover`` finds the file by the mark's name (``objects/`` is
         never scanned). The mark is a second name (a hard link) of ``key``'s stripe lock,
         which the caller holds: no file is created (that costs 3 to 200 us, depending on the
-        folder), and its lock ends with the add's, or with its process. What that costs: a
+        folder), and the mark is locked as long as the caller holds the key (never past its
+        process), and removed before the caller lets the key go. What that costs: a
         dead add's mark is recovered by an open that finds its stripe free (one holding it
         for another key of the stripe cannot be told from the add). Where the file system
         refuses hard links it is a small locked file of its own. Never the added file's lock
@@ -1287,7 +1288,8 @@ class Cache:
         """The mark of an add (see ``_marked``) that nobody holds locked: its process is
         gone. The file it renamed into ``objects/`` stays only if its row was committed.
         Taking the mark's lock takes its key's stripe: a child forked meanwhile closes its
-        copy of the descriptor (tracked), or it would hold the stripe for as long as it lives."""
+        copy of the descriptor (tracked until the lock is released), or it would hold the
+        stripe for as long as it lives."""
         try:
             with forksafe.sqlite_section():  # no fork between opening and tracking
                 fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC)
@@ -1298,11 +1300,12 @@ class Cache:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return  # the add is in progress
+                return  # the add is in progress, or another key of its stripe is in use
             if not self._query("SELECT 1 FROM entries WHERE file = ?", (file,)):
                 (self.objects_dir / file).unlink(missing_ok=True)
             marker.unlink(missing_ok=True)
         finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)  # first: a child forked from here on holds nothing
             forksafe.untrack_fd(fd)
             os.close(fd)
 

@@ -630,8 +630,13 @@ class PrefixHasher:
 
     def _hand_over(self) -> None:
         """Wake the thread for what is on disc and not hashed, starting it the first time
-        (the condition's lock held)."""
-        if self._thread is None and min(self._prefix, self._limit) > self._hashed:
+        (the condition's lock held); none is started once stopped (a ``start`` or ``digest``
+        waiting for this writer: the thread would end at once, and be taken for running)."""
+        if (
+            self._thread is None
+            and not self._stop
+            and min(self._prefix, self._limit) > self._hashed
+        ):
             self._thread = threading.Thread(target=self._run, name="daman-hash", daemon=True)
             self._thread.start()
         self._cond.notify_all()  # the thread, and a start() or digest() waiting for a writer

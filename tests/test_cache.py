@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 import daman.cache as cache_module
+from daman import forksafe
 from daman.cache import Cache, CacheEntry, CacheUsage, IndexDamagedError
 from daman.errors import LocalFileError, RepairWarning
 from daman.keys import key_digest
@@ -1095,8 +1096,8 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @pytest.mark.parametrize("source", ["temp_file", "another file"])
 def test_an_add_is_one_write_transaction(root: Path, writes: list[int], source: str) -> None:
-    """The new file is marked by a locked file in tmp/ (not a journal row committed in a
-    transaction of its own) before it is renamed into objects/."""
+    """The new file is marked in tmp/ (a link to its key's held lock; not a journal row
+    committed in a transaction of its own) before it is renamed into objects/."""
     cache = Cache(root, 10_000)
     put(cache, "old", 100)
     writes.clear()
@@ -1328,12 +1329,13 @@ def test_a_dead_adds_mark_waits_while_its_stripe_is_busy_with_another_key(root: 
     assert_consistent(again)
 
 
+@pytest.mark.parametrize("moment", ["holding", "letting-go"])
 def test_a_child_forked_while_recovery_holds_a_mark_does_not_keep_its_stripe(
-    root: Path, monkeypatch: pytest.MonkeyPatch
+    root: Path, monkeypatch: pytest.MonkeyPatch, moment: str
 ) -> None:
-    """Recovery takes a dead add's mark, which is its key's stripe; a process forked at that
-    moment (a worker pool started by another thread) must not keep the stripe locked, and
-    with it every key of the stripe, for as long as it lives."""
+    """Recovery takes a dead add's mark, which is its key's stripe; a process forked while
+    it holds it, or as it lets it go (a worker pool started by another thread), must not
+    keep the stripe locked, and with it every key of the stripe, for as long as it lives."""
     cache = Cache(root, 10_000)
     final, marker = _crashed_add(cache, "k", committed=False)
     stripe = cache.locks_dir / f"{key_digest('k')[:2]}.lock"
@@ -1355,7 +1357,16 @@ def test_a_child_forked_while_recovery_holds_a_mark_does_not_keep_its_stripe(
             children.append(pid)
         real_unlink(path, missing_ok=missing_ok)
 
-    monkeypatch.setattr(Path, "unlink", unlink)
+    real_untrack = forksafe.untrack_fd
+
+    def untrack_fd(fd: int) -> None:  # the descriptor's last moment, before its close
+        real_untrack(fd)
+        unlink(marker, missing_ok=True)
+
+    if moment == "holding":
+        monkeypatch.setattr(Path, "unlink", unlink)
+    else:
+        monkeypatch.setattr(forksafe, "untrack_fd", untrack_fd)
     try:
         cache.recover()
         assert children and not marker.exists() and not final.exists()

@@ -602,13 +602,18 @@ class _HeldSha:
 def test_a_restart_waits_for_a_writer_still_hashing_from_memory(tmp_path: Path) -> None:
     """A download that starts over while a writer of its first attempt is hashing from
     memory: the restart waits for it, so that the new attempt's hash is not the old one's
-    and its position is not the old writer's."""
+    and its position is not the old writer's, and the new attempt is hashed as it arrives."""
+    import time
+
     with _hashed_object(tmp_path, 3 * 1024 * 1024) as (data, footer, _, hasher):
         held = hasher._sha = _HeldSha(hasher._sha)
         cut = 1024 * 1024
+        hasher.written(cut, len(data) - cut)  # later parts: the writer's range joins them
         writer = threading.Thread(target=hasher.written, args=(0, cut, data[:cut]))
         writer.start()
         assert held.entered.wait(30)
+        hasher.written(0, cut // 2)  # said again without bytes: a thread waits to hash it
+        assert hasher._thread is not None
         restart = threading.Thread(target=hasher.start, args=(len(data),))
         restart.start()
         try:
@@ -620,9 +625,30 @@ def test_a_restart_waits_for_a_writer_still_hashing_from_memory(tmp_path: Path) 
         restart.join(30)
         assert not restart.is_alive()
         assert hasher._hashed == 0 and hasher._sha is not held
+        for offset in range(0, len(data), cut):  # told without bytes: a thread hashes them
+            hasher.written(offset, min(cut, len(data) - offset))
+        deadline = time.monotonic() + 30  # (not a thread the stopped writer started, ended)
+        while hasher._hashed < len(data) - ser.TAIL_GUESS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert hasher._hashed == len(data) - ser.TAIL_GUESS
+        assert hasher.digest(footer) == hashlib.sha256(data[: footer.payload_size]).hexdigest()
+
+
+def test_a_stopped_prefix_hasher_starts_no_thread(tmp_path: Path) -> None:
+    """A writer that finishes after the hasher was stopped (by a ``start`` or a ``digest``
+    waiting for it) starts no thread: one would end at once and, still named, keep the next
+    attempt from getting its own."""
+    cut = 1024 * 1024
+    with _hashed_object(tmp_path, 3 * 1024 * 1024) as (data, footer, _, hasher):
+        hasher.written(0, cut)  # without its bytes: a thread hashes it
+        assert hasher._thread is not None
+        hasher.close()
+        hasher.written(cut, cut)
+        assert hasher._thread is None
+        hasher.start(len(data))
         for offset in range(0, len(data), cut):
-            chunk = data[offset : offset + cut]
-            hasher.written(offset, len(chunk), chunk)
+            hasher.written(offset, min(cut, len(data) - offset))
+        assert hasher._thread is not None and hasher._thread.is_alive()
         assert hasher.digest(footer) == hashlib.sha256(data[: footer.payload_size]).hexdigest()
 
 
