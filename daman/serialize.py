@@ -677,10 +677,12 @@ class PrefixHasher:
                     self._cond.notify_all()
 
     def close(self) -> None:
+        """Stop: the thread ends, and none starts until ``start`` (a writer still at work
+        would otherwise start one for a file being started over or already whole)."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
         if self._thread is not None:
-            with self._cond:
-                self._stop = True
-                self._cond.notify()
             self._thread.join()
             self._thread = None
 

@@ -646,6 +646,10 @@ def test_a_stopped_prefix_hasher_starts_no_thread(tmp_path: Path) -> None:
         hasher.written(cut, cut)
         assert hasher._thread is None
         hasher.start(len(data))
+        hasher.close()  # stopped before any thread ran
+        hasher.written(0, cut)
+        assert hasher._thread is None
+        hasher.start(len(data))
         for offset in range(0, len(data), cut):
             hasher.written(offset, min(cut, len(data) - offset))
         assert hasher._thread is not None and hasher._thread.is_alive()
