@@ -1303,17 +1303,24 @@ def test_an_add_killed_with_its_linked_mark_is_recovered(root: Path) -> None:
     assert_consistent(cache)
 
 
+def _crashed_linked_add(cache: Cache, key: str) -> tuple[Path, Path, Path]:
+    """What an add killed between its rename and its commit leaves, its mark a link to the
+    key's stripe; returns the added file, the mark and the stripe."""
+    final, marker = _crashed_add(cache, key, committed=False)
+    stripe = cache.locks_dir / f"{key_digest(key)[:2]}.lock"
+    with cache.key_lock(key):
+        pass  # the stripe's file exists
+    marker.unlink()
+    os.link(stripe, marker)
+    return final, marker, stripe
+
+
 def test_a_dead_adds_mark_waits_while_its_stripe_is_busy_with_another_key(root: Path) -> None:
     """The mark's lock is its key's stripe, so recovery cannot tell a dead add from a live one
     while another process holds the stripe (for another key of it): it leaves the mark and
     the uncommitted file to a later open, which removes them once the stripe is free."""
     cache = Cache(root, 10_000)
-    final, marker = _crashed_add(cache, "k", committed=False)
-    stripe = cache.locks_dir / f"{key_digest('k')[:2]}.lock"
-    with cache.key_lock("k"):
-        pass  # the stripe's file exists
-    marker.unlink()
-    os.link(stripe, marker)  # what an add killed between its rename and its commit leaves
+    final, marker, stripe = _crashed_linked_add(cache, "k")
     cache.close()
     holder = run_python(HOLD_MARK, stripe, stdin=subprocess.PIPE)  # a pull of another key
     try:
@@ -1337,12 +1344,7 @@ def test_a_child_forked_while_recovery_holds_a_mark_does_not_keep_its_stripe(
     it holds it, or as it lets it go (a worker pool started by another thread), must not
     keep the stripe locked, and with it every key of the stripe, for as long as it lives."""
     cache = Cache(root, 10_000)
-    final, marker = _crashed_add(cache, "k", committed=False)
-    stripe = cache.locks_dir / f"{key_digest('k')[:2]}.lock"
-    with cache.key_lock("k"):
-        pass  # the stripe's file exists
-    marker.unlink()
-    os.link(stripe, marker)  # what an add killed between its rename and its commit leaves
+    final, marker, stripe = _crashed_linked_add(cache, "k")
     children: list[int] = []
     started, ready = os.pipe()
     real_unlink = Path.unlink
