@@ -833,7 +833,8 @@ def write_report(
         f"{server_rss[1] / MiB:.0f} MiB",
         f"- creating a file in the scratch folder (where the caches are): "
         f"{ctx.file_creation_us:.0f} us of CPU (it has been 10 us or 200 us on this machine, "
-        "depending on the folder and the day; a cached push or pull creates two)",
+        "depending on the folder and the day; a cached push or pull creates one, and "
+        "created two before 2026-12-02)",
         f"- writing into new page-cache pages (a file that stays, as a cached copy does): "
         f"{ctx.new_pages_ms[0]:.2f} ms of CPU per MiB; over pages in use (a file rewritten in "
         f"place): {ctx.new_pages_ms[1]:.2f} ms per MiB",
