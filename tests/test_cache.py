@@ -1210,6 +1210,11 @@ def _locked_elsewhere(path: Path) -> bool:
     return False
 
 
+def _stripe_path(cache: Cache, key: str) -> Path:
+    """``locks/<stripe>.lock`` of ``key``, as the cache names it."""
+    return cache._stripe_file(cache_module._stripe(key))
+
+
 class _MarkWatched(Cache):
     """Looks at ``tmp/`` from inside an add's transaction, once its mark is made."""
 
@@ -1230,7 +1235,7 @@ def test_an_adds_mark_is_a_second_name_of_its_keys_lock(root: Path, writes: list
     writes.clear()
     put(cache, "k", 100)
     ((marker, seen, locked),) = cache.seen
-    stripe = cache.locks_dir / f"{key_digest('k')[:2]}.lock"
+    stripe = _stripe_path(cache, "k")
     assert marker.name.endswith(".adding") and locked
     assert (seen.st_ino, seen.st_dev) == (stripe.stat().st_ino, stripe.stat().st_dev)
     assert len(writes) == 1 and stripe.stat().st_nlink == 1
@@ -1253,7 +1258,7 @@ def test_where_hard_links_are_refused_the_mark_is_a_file_of_its_own(
     writes.clear()
     put(cache, "k", 100)
     ((marker, seen, locked),) = cache.seen
-    stripe = cache.locks_dir / f"{key_digest('k')[:2]}.lock"
+    stripe = _stripe_path(cache, "k")
     assert marker.name.endswith(".adding") and locked and seen.st_ino != stripe.stat().st_ino
     assert len(writes) == 1
     assert sorted(path.name for path in cache.tmp_dir.iterdir()) == []
@@ -1296,7 +1301,7 @@ def test_an_add_killed_with_its_linked_mark_is_recovered(root: Path) -> None:
         child.kill()
         child.communicate()
     cache = Cache(root, 10_000)
-    stripe = cache.locks_dir / f"{key_digest('k')[:2]}.lock"
+    stripe = _stripe_path(cache, "k")
     assert not marker.exists() and not added.exists()
     assert stripe.exists() and stripe.stat().st_nlink == 1
     assert cache.get("k") is None
@@ -1307,7 +1312,7 @@ def _crashed_linked_add(cache: Cache, key: str) -> tuple[Path, Path, Path]:
     """What an add killed between its rename and its commit leaves, its mark a link to the
     key's stripe; returns the added file, the mark and the stripe."""
     final, marker = _crashed_add(cache, key, committed=False)
-    stripe = cache.locks_dir / f"{key_digest(key)[:2]}.lock"
+    stripe = _stripe_path(cache, key)
     with cache.key_lock(key):
         pass  # the stripe's file exists
     marker.unlink()
