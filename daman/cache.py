@@ -831,12 +831,18 @@ class Cache:
             return None
         return entry
 
-    def discard(self, entry: CacheEntry | CachedCopy) -> None:
+    def discard(self, entry: CacheEntry | CachedCopy) -> bool:
         """Forget ``entry`` (a damaged copy) unless its key has moved on to another file
-        meanwhile (a file name is unique to one version, so journaling it is safe either way)."""
+        meanwhile (a file name is unique to one version, so journaling it is safe either way).
+        Whether its row was still there to drop."""
+        row = (entry.key, os.path.basename(entry.path))
         with self._write() as db:
-            files = self._forget(db, [(entry.key, os.path.basename(entry.path))])
+            dropped = bool(
+                db.execute("SELECT 1 FROM entries WHERE key = ? AND file = ?", row).fetchone()
+            )
+            files = self._forget(db, [row])
         self._unlink_journaled(files)
+        return dropped
 
     def _forget(self, db: sqlite3.Connection, rows: list[tuple[str, str]]) -> list[str]:
         """Delete these ``(key, file)`` entries inside the open transaction; their files are
@@ -1330,8 +1336,7 @@ class Cache:
                 ok = False
             if ok:
                 kept.append(copy)
-            else:
-                self.discard(copy)
+            elif self.discard(copy):  # not when another process replaced it meanwhile
                 dropped += 1
         known = {
             row[0]

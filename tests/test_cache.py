@@ -897,6 +897,32 @@ def test_reconcile_of_a_healthy_cache_changes_nothing(root: Path) -> None:
     assert snapshot(cache) == before
 
 
+def test_reconcile_counts_no_row_dropped_for_an_entry_replaced_meanwhile(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process replaces an entry between reconcile's listing and its look at the
+    file: the old file is gone, but its row had moved on; nothing was dropped, and the new
+    copy stays."""
+    cache, other = Cache(root), Cache(root)
+    old = put(cache, "k", 10)
+    real_stat = os.stat
+    replaced: list[CacheEntry] = []
+
+    def stat_after_a_replacement(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if str(path) == str(old.path) and not replaced:
+            replaced.append(put(other, "k", 20))  # unlinks the old file once committed
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat_after_a_replacement)
+    reconciled = cache.reconcile()
+    monkeypatch.undo()
+
+    assert replaced and not old.path.exists()
+    assert reconciled.repaired == NOTHING_REPAIRED
+    assert cache.get("k") == replaced[0]
+    assert_consistent(cache)
+
+
 # -- key_lock -------------------------------------------------------------------------------------
 
 
