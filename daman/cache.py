@@ -282,6 +282,31 @@ class _DoesNotFit(Exception):
     pass
 
 
+class _ThreadConnection:
+    """A thread's connection to the index, the process that made it and the index file it
+    opened. Let go unclosed (its thread ended, its cache was dropped), it is closed in the
+    next fork-safe section, not by its finalizer: a close is a use of SQLite, and one run by
+    a finalizer beside a fork left the child waiting for ever on SQLite's memory lock."""
+
+    __slots__ = ("db", "index", "pid")
+
+    def __init__(self, db: sqlite3.Connection, index: tuple[int, int] | None) -> None:
+        self.db: sqlite3.Connection | None = db
+        self.pid = os.getpid()
+        self.index = index
+
+    def close(self) -> None:
+        """Close it now (inside a fork-safe section, or in a child before it has threads)."""
+        db, self.db = self.db, None
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+
+    def __del__(self) -> None:
+        if self.db is not None:
+            forksafe.close_later(self.db)
+
+
 class IndexDamagedError(LocalFileError):
     """The cache's index cannot be read; ``Cache.rebuild`` makes a new one."""
 
@@ -396,14 +421,13 @@ class Cache:
 
     def _after_fork_in_child(self) -> None:
         """In a forked child: the parent's connection and locks stay the parent's."""
-        db = self._local.__dict__.pop("db", None)
+        conn = self._local.__dict__.pop("conn", None)
         self._local.__dict__.pop("held", None)
-        if db is not None:
+        if conn is not None:
             # Closing releases SQLite's in-process record of the parent's locks (the child
             # holds none: fcntl locks are not inherited); the parent's connections keep the
             # WAL from being checkpointed away by this close.
-            with contextlib.suppress(sqlite3.Error):
-                db.close()
+            conn.close()
         self._stripes = {}
         self._stripes_lock = threading.Lock()
         self._temp_locks = {}  # their locks are the parent's
@@ -414,16 +438,15 @@ class Cache:
 
     def _db(self) -> sqlite3.Connection:
         """This thread's connection (made in this process: never one a parent made)."""
-        db = getattr(self._local, "db", None)
-        if db is None or self._local.pid != os.getpid():
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.db is None or conn.pid != os.getpid():
             return self._connect()
-        if self._local.index == _identity(self.index_path):
-            return db
+        if conn.index == _identity(self.index_path):
+            return conn.db
         # Another process rebuilt the index (this one was set aside): use the new one once
         # that rebuild is over, its tables upgraded (an older build's rebuild makes its own,
         # without the columns added since).
-        with contextlib.suppress(sqlite3.Error):
-            db.close()
+        conn.close()
         with self._rebuilding(exclusive=False):
             db = self._connect()
             self._migrate()
@@ -447,8 +470,7 @@ class Cache:
                     raise
                 time.sleep(0.05)
         db.execute("PRAGMA synchronous=NORMAL")
-        self._local.db, self._local.pid = db, os.getpid()
-        self._local.index = _identity(self.index_path)
+        self._local.conn = _ThreadConnection(db, _identity(self.index_path))
         return db
 
     @contextlib.contextmanager
@@ -1372,7 +1394,7 @@ class Cache:
         process made it)."""
         with contextlib.suppress(DamanError):  # a damaged index: rebuild() keeps them
             self.flush_uses()
-        db = self._local.__dict__.pop("db", None)
-        if db is not None and self._local.pid == os.getpid():
+        conn = self._local.__dict__.pop("conn", None)
+        if conn is not None:
             with forksafe.sqlite_section():
-                db.close()
+                conn.close()

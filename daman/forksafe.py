@@ -13,7 +13,10 @@ the child's locks. So:
 - :func:`track_fd` / :func:`untrack_fd` list the descriptors that hold ``flock`` locks: a
   child closes its copies, so that a lock its parent takes or releases stays the parent's;
 - :func:`at_fork_in_child` registers what else a child must reset (caches drop the SQLite
-  connections they inherited, locks are made anew).
+  connections they inherited, locks are made anew);
+- :func:`close_later` is for finalizers (a thread's connection let go when the thread ends):
+  closing a connection is a use of SQLite too, so it waits for the next section. A close that
+  ran beside a fork once left the child waiting for ever on SQLite's memory lock, copied held.
 
 The child works as if it had just started; the parent is untouched and keeps working.
 """
@@ -50,6 +53,7 @@ class _Gate:
                 self.inside += 1
         self.depth.n = depth + 1
         try:
+            _close_released()
             yield
         finally:
             self.depth.n = depth
@@ -74,6 +78,7 @@ class _Gate:
 
 
 _gate = _Gate()
+_released: list[Any] = []
 _fds: set[int] = set()
 _fds_lock = threading.Lock()
 _child_hooks: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = weakref.WeakKeyDictionary()
@@ -83,6 +88,23 @@ _plain_hooks: list[Callable[[], None]] = []
 def sqlite_section() -> contextlib.AbstractContextManager[None]:
     """Enter around any use of an SQLite connection (see the module docstring)."""
     return _gate.enter()
+
+
+def close_later(resource: Any) -> None:
+    """``resource.close()`` in the next section any thread enters, never now: for finalizers,
+    which may run anywhere, even in a thread that is forking. Only appends (never waits)."""
+    _released.append(resource)
+
+
+def _close_released() -> None:
+    """Close what finalizers let go (inside a section: no fork meanwhile)."""
+    while _released:
+        try:
+            resource = _released.pop()
+        except IndexError:  # another thread took the last one
+            return
+        with contextlib.suppress(Exception):
+            resource.close()
 
 
 def track_fd(fd: int) -> None:
@@ -162,6 +184,9 @@ def _after_in_child() -> None:
     for fd in inherited:
         with contextlib.suppress(OSError):
             os.close(fd)  # the parent's lock lives on in the parent's descriptor
+    # What the parent had let go, and what its other threads held (let go as the child
+    # dropped them): closed now, while no other thread exists, not by a garbage collection.
+    _close_released()
     for owner, hook in list(_child_hooks.items()):
         hook(owner)
     for plain in _plain_hooks:
