@@ -304,7 +304,10 @@ class _ThreadConnection:
 
     def __del__(self) -> None:
         if self.db is not None:
-            forksafe.close_later(self.db)
+            try:  # noqa: SIM105 - not contextlib: at interpreter exit, modules may be gone
+                forksafe.close_later(self.db)
+            except Exception:  # torn down: the OS closes it
+                pass
 
 
 class IndexDamagedError(LocalFileError):
