@@ -1393,8 +1393,8 @@ class Cache:
         return Reconciled(repaired, kept)
 
     def close(self) -> None:
-        """Write the hits recorded in memory, and close this thread's connection (if this
-        process made it)."""
+        """Write the hits recorded in memory, and close this thread's connection (and those
+        that ended threads let go)."""
         with contextlib.suppress(DamanError):  # a damaged index: rebuild() keeps them
             self.flush_uses()
         conn = self._local.__dict__.pop("conn", None)
