@@ -531,11 +531,17 @@ class Cache:
     def _rebuilding(self, *, exclusive: bool) -> Iterator[None]:
         """``locks/rebuild.lock``: held exclusively by a rebuild, shared by a process that
         opens the index (or follows a rebuilt one), which so waits for a rebuild to end."""
-        fd = os.open(self.locks_dir / "rebuild.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with forksafe.sqlite_section():  # no fork between opening and tracking
+            fd = os.open(
+                self.locks_dir / "rebuild.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+            forksafe.track_fd(fd)  # a child forked meanwhile never holds the rebuild
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield
         finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)  # first: a child forked from here on holds nothing
+            forksafe.untrack_fd(fd)
             os.close(fd)
 
     def _rebuild(self, announce: bool) -> int:
@@ -780,6 +786,7 @@ class Cache:
         for name in [file] if file is not None else list(claims):
             fd = claims.pop(name, None)
             if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)  # first: a child forked from here on holds nothing
                 forksafe.untrack_fd(fd)
                 os.close(fd)
 

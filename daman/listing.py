@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from . import forksafe
 from .store import Level, ObjectInfo
 
 LISTING_TTL = 10.0
@@ -34,6 +35,10 @@ class ListingCache:
         self._pages: dict[_Slot, tuple[float, Level]] = {}
         self._lock = threading.Lock()
         self._generation = 0
+        forksafe.at_fork_in_child(self, ListingCache._after_fork_in_child)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # another thread may have held it at the fork
 
     @property
     def generation(self) -> int:

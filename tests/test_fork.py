@@ -13,6 +13,7 @@ in front of it: the proxy keeps connections alive, as real S3, MinIO and Ceph do
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import multiprocessing
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from faultproxy import FaultProxy
+from faultproxy import FaultProxy, Request
 from reliability_helpers import check_object, make_object
 
 import daman as dm
@@ -215,6 +216,19 @@ def _open_connections(cache: Cache) -> int:
     return count
 
 
+def _wait_or_kill(pid: int, seconds: float) -> int | None:
+    """The forked child's exit code, or None if it was still running after ``seconds``
+    (then it is killed)."""
+    deadline = time.monotonic() + seconds
+    while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.001)
+    return os.waitstatus_to_exitcode(done[1])
+
+
 def _put(cache: Cache, key: str) -> None:
     with cache.temp_file() as tmp:
         tmp.write_bytes(os.urandom(64))
@@ -284,18 +298,86 @@ def test_children_forked_while_threads_come_and_go_never_hang(tmp_path: Path) ->
                     code = 0
                 finally:
                     os._exit(code)
-            deadline = time.monotonic() + 20
-            while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
-                time.sleep(0.001)
-            if not done[0]:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+            code = _wait_or_kill(pid, 20)
+            if code is None:
                 hung.append(n)
                 break
-            assert os.waitstatus_to_exitcode(done[1]) == 0, f"child {n} failed"
+            assert code == 0, f"child {n} failed"
     finally:
         stop.set()
         for churner in churners:
             churner.join()
     assert not hung, f"child {hung[0]} hung"
     assert cache.reconcile().repaired["dropped_rows"] == 0
+
+
+# -- locks a child must not inherit held ----------------------------------------------------------
+
+
+def test_a_child_forked_during_a_rebuild_never_holds_the_rebuild_lock(tmp_path: Path) -> None:
+    """A fork while a thread rebuilds the index (holding ``locks/rebuild.lock``): once the
+    rebuild is over the lock is free, though the child lives on. Before, the child inherited
+    the descriptor, and every process opening the cache waited for the child to end."""
+    cache = Cache(tmp_path / "cache")
+    inside, leave = threading.Event(), threading.Event()
+
+    def rebuild() -> None:
+        with cache._rebuilding(exclusive=True):
+            inside.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=rebuild)
+    thread.start()
+    assert inside.wait(10)
+    pid = os.fork()
+    if pid == 0:  # an idle pool worker
+        time.sleep(60)
+        os._exit(0)
+    try:
+        leave.set()
+        thread.join()
+        fd = os.open(cache.locks_dir / "rebuild.lock", os.O_RDWR)  # as another process would
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: the child held it
+        finally:
+            os.close(fd)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize("backend", ["s3"])
+def test_a_child_forked_while_a_thread_asks_about_versions_pushes(make_config) -> None:
+    """A store's first push asks the bucket whether it keeps versions; a fork while that
+    question is in flight on another thread: the child's own push goes through. Before, the
+    question was asked under a lock, which the child inherited held and waited on for ever."""
+    config = make_config()
+    endpoint = urlsplit(config.endpoint_url)
+    asking, answer = threading.Event(), threading.Event()
+
+    def hold_the_question(request: Request) -> None:
+        if "versioning" in request.query and not answer.is_set():
+            asking.set()
+            answer.wait(20)
+
+    with FaultProxy(f"{endpoint.scheme}://{endpoint.netloc}", hold_the_question) as proxy:
+        manager = Manager(make_config(endpoint_url=proxy.url + endpoint.path))
+        first = threading.Thread(target=manager.push, args=({"n": 1}, "parent"))
+        first.start()
+        try:
+            assert asking.wait(20)
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    manager.push({"n": 2}, "child")
+                    code = 0
+                finally:
+                    os._exit(code)
+            answer.set()
+            assert _wait_or_kill(pid, 30) == 0, "the child's push hung or failed"
+        finally:
+            answer.set()
+            first.join()
+        assert manager.pull("child", force=True)[0] == {"n": 2}
+        manager.close()

@@ -258,16 +258,20 @@ class LocalStore(Store):
     ) -> ObjectInfo:
         try:
             with atomic_write(dest, create_only=not overwrite) as out:
-                with contextlib.suppress(OSError):  # a file system without locks
-                    fcntl.flock(out.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                forksafe.track_fd(out.file.fileno())
+                fd = out.file.fileno()
+                with forksafe.sqlite_section():  # no fork between locking and tracking
+                    with contextlib.suppress(OSError):  # a file system without locks
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    forksafe.track_fd(fd)
                 try:
                     _copy(src, out.file, progress)
                     out.file.flush()
                     info = _info(key, out.file)  # the same inode becomes the key
-                    now = os.fstat(out.file.fileno()).st_mtime  # the file server's clock
+                    now = os.fstat(fd).st_mtime  # the file server's clock
                 finally:
-                    forksafe.untrack_fd(out.file.fileno())
+                    with contextlib.suppress(OSError):  # first: a child forked from here on
+                        fcntl.flock(fd, fcntl.LOCK_UN)  # holds nothing
+                    forksafe.untrack_fd(fd)
                 for other in dest.parent.iterdir():  # pushes that died in this folder
                     if other != out.path:
                         _remove_if_abandoned(other, now)

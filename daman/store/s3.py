@@ -187,7 +187,6 @@ class S3Store(PartedStore):
         self.max_attempts = max_attempts
         self._bucket_exists = False  # once seen, a bare 404 can only mean a missing key
         self._versioning: bool | None = None  # asked once: see keeps_versions
-        self._versioning_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: Config) -> S3Store:
@@ -735,20 +734,21 @@ class S3Store(PartedStore):
     # -- versions, when the bucket keeps them ----------------------------------------------
 
     def keeps_versions(self) -> bool:
-        """Whether the bucket's versioning is enabled (asked once per store: one request).
-        A server that will not say (no permission, not implemented) is taken to keep none:
-        daman then keeps the versions itself, which is right in either case."""
-        with self._versioning_lock:
-            if self._versioning is None:
-                try:
-                    with self._errors():
-                        r = self.client.get_bucket_versioning(Bucket=self.bucket)
-                    self._versioning = r.get("Status") == "Enabled"
-                except (StoreUnavailableError, StorageNotFoundError):
-                    raise
-                except DamanError:
-                    self._versioning = False
-            return self._versioning
+        """Whether the bucket's versioning is enabled (asked once per store: one request, or
+        one per thread asking at the same moment). A server that will not say (no permission,
+        not implemented) is taken to keep none: daman then keeps the versions itself, which is
+        right in either case. No lock is held across the request: a child forked meanwhile
+        would have inherited it held, and waited for ever."""
+        if self._versioning is None:
+            try:
+                with self._errors():
+                    r = self.client.get_bucket_versioning(Bucket=self.bucket)
+                self._versioning = r.get("Status") == "Enabled"
+            except (StoreUnavailableError, StorageNotFoundError):
+                raise
+            except DamanError:
+                self._versioning = False
+        return self._versioning
 
     def versions(self, key: str) -> list[StoredVersion]:
         """One ``list_object_versions`` request per 1,000 versions: S3 lists a key's versions
