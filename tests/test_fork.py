@@ -237,9 +237,10 @@ def _put(cache: Cache, key: str) -> None:
 
 def test_a_thread_that_ends_during_a_fork_closes_its_connection_after_it(tmp_path: Path) -> None:
     """A thread that used the cache ends while the main thread forks: its connection to the
-    index is closed once the fork is over, inside a section, not at the thread's end. A close
-    beside a fork copied SQLite's memory lock held into the child, which then waited on it
-    for ever (about one fork in 70 in the test below, before)."""
+    index is closed by the first section after the fork, not when the thread ends nor when
+    the garbage collector gets to it (before: the collector, at any moment). A close beside a
+    fork copied SQLite's memory lock held into the child, which then waited on it for ever
+    (about one fork in 70 in the test below, before)."""
     cache = Cache(tmp_path / "cache")
     _put(cache, "k")
     used, end = threading.Event(), threading.Event()
