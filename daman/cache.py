@@ -426,6 +426,7 @@ class Cache:
         """In a forked child: the parent's connection and locks stay the parent's."""
         conn = self._local.__dict__.pop("conn", None)
         self._local.__dict__.pop("held", None)
+        self._local.__dict__.pop("writing", None)
         if conn is not None:
             # Closing releases SQLite's in-process record of the parent's locks (the child
             # holds none: fcntl locks are not inherited); the parent's connections keep the
@@ -482,7 +483,12 @@ class Cache:
         errors come out as one-line daman errors."""
         with forksafe.sqlite_section():
             try:
-                yield self._db()
+                db = self._db()
+                if db.in_transaction and not getattr(self._local, "writing", False):
+                    # Left open by a write that Ctrl-C interrupted between two statements: it
+                    # would hold the index's write lock (every other process waiting) for ever.
+                    db.execute("ROLLBACK")
+                yield db
             except sqlite3.Error as exc:
                 raise self._index_error(exc) from exc
 
@@ -607,9 +613,10 @@ class Cache:
         that could deadlock between processes). The hits recorded in memory are written
         first, so that whatever the transaction decides (eviction) knows them."""
         with self._connection() as db:
-            db.execute("BEGIN IMMEDIATE")
             uses: list[tuple[str, str]] = []
             try:
+                self._local.writing = True
+                db.execute("BEGIN IMMEDIATE")
                 uses = self._take_uses()
                 if uses:
                     last = _advance_uses(db, len(uses))
@@ -625,6 +632,8 @@ class Cache:
                 self._release_claim()  # files it claimed stay as they were
                 self._restore_uses(uses)
                 raise
+            finally:
+                self._local.writing = False
 
     def _take_uses(self) -> list[tuple[str, str]]:
         with self._uses_lock:
@@ -704,32 +713,37 @@ class Cache:
         ``add`` moved it into the cache. It is flock-ed while in use, so that recovery in
         another process (or container) never deletes it; a crashed owner's lock is gone."""
         path = self.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.incomplete"
-        fd = self._create_locked(path)
-        try:
+        fd: int | None = None
+        try:  # from the start: a Ctrl-C at any point leaves no file behind
+            fd = self._create_locked(path)
             self._temp_locks[str(path)] = fd
             yield path
         finally:
             self._temp_locks.pop(str(path), None)
             path.unlink(missing_ok=True)
-            forksafe.untrack_fd(fd)
-            os.close(fd)
+            if fd is not None:
+                forksafe.untrack_fd(fd)
+                os.close(fd)
 
     def _create_locked(self, path: Path) -> int:
         """A new empty file at ``path`` in ``tmp/``, flock-ed from the moment it bears that
         name: made and locked under a ``.new`` name (which recovery spares a few seconds),
         then renamed, so that an unlocked ``*.incomplete`` or ``*.adding`` is abandoned."""
         born = self.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.new"
-        with forksafe.sqlite_section():  # no fork between opening and tracking
-            fd = os.open(born, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            forksafe.track_fd(fd)
-        try:
+        fd: int | None = None
+        try:  # from the start: a Ctrl-C at any point leaves no locked file, no descriptor
+            with forksafe.sqlite_section():  # no fork between opening and tracking
+                fd = os.open(born, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                forksafe.track_fd(fd)
             os.rename(born, path)
         except BaseException:
             born.unlink(missing_ok=True)
-            forksafe.untrack_fd(fd)
-            os.close(fd)
+            if fd is not None:
+                forksafe.untrack_fd(fd)
+                os.close(fd)
             raise
+        assert fd is not None
         return fd
 
     def _temp_lock(self, tmp: Path, *, held: bool) -> None:
@@ -1162,16 +1176,15 @@ class Cache:
         assert stripe in self._local.__dict__.get("held", {}), "mark without the key's lock"
         marker = self.tmp_dir / f"{file}{_ADDING}"
         fd: int | None = None
+        marked = True  # before the link: a Ctrl-C right after it still removes the mark
         try:
-            os.link(self._stripe_file(stripe), marker)
-            marked = True
-        except OSError:
             try:
-                fd = self._create_locked(marker)
+                os.link(self._stripe_file(stripe), marker)
             except OSError:
-                fd = None
-            marked = fd is not None
-        try:
+                marked = False
+                with contextlib.suppress(OSError):
+                    fd = self._create_locked(marker)
+                marked = fd is not None
             yield marked
         finally:
             if marked:

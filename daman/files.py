@@ -42,14 +42,21 @@ def open_empty(path: Path, *, buffering: int = -1) -> BinaryIO:
     to nothing marks it to be flushed to disc when it is closed (``auto_da_alloc``), which
     made closing a 700-byte temp file cost ten times what writing it did, and starts the
     writeback of a large one at once."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # The file object owns the descriptor from its first moment: a Ctrl-C between an os.open
+    # and the wrapping of its descriptor cannot make two owners that both close it (the
+    # second close failed, or closed another thread's newer file of the same number).
+    f = open(path, "r+b", buffering=buffering, opener=_open_rw)  # noqa: SIM115 - returned
     try:
-        if os.fstat(fd).st_size:  # a download starting over
-            os.ftruncate(fd, 0)
-        return open(fd, "r+b", buffering=buffering)
+        if os.fstat(f.fileno()).st_size:  # a download starting over
+            os.ftruncate(f.fileno(), 0)
     except BaseException:
-        os.close(fd)
+        f.close()
         raise
+    return f
+
+
+def _open_rw(path: str, _flags: int) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
 class AtomicFile:

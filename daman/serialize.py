@@ -683,7 +683,8 @@ class PrefixHasher:
             self._stop = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join()
+            if self._thread.ident is not None:  # started (a Ctrl-C may have come before)
+                self._thread.join()
             self._thread = None
 
     def digest(self, footer: Footer) -> str | None:

@@ -923,6 +923,28 @@ def test_reconcile_counts_no_row_dropped_for_an_entry_replaced_meanwhile(
     assert_consistent(cache)
 
 
+def test_a_write_left_open_by_an_interrupted_call_is_rolled_back_at_next_use(root: Path) -> None:
+    """Ctrl-C between two statements of a write can leave this thread's connection inside
+    its transaction, holding the index's write lock: the next use of the cache rolls it back,
+    so that this thread can write again and other processes are not kept waiting."""
+    cache = Cache(root)
+    put(cache, "k", 10)
+    left_open = cache._db()
+    left_open.execute("BEGIN IMMEDIATE")  # what the interrupted write left
+    left_open.execute("UPDATE totals SET count = count + 100")  # never committed
+
+    assert cache.get("k") is not None  # a read: the next use
+    other = sqlite3.connect(cache.index_path, timeout=0.5)  # as another process
+    try:
+        other.execute("BEGIN IMMEDIATE")  # before: 'database is locked'
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    put(cache, "j", 10)  # before: 'cannot start a transaction within a transaction'
+    assert cache.usage().count == 2
+    assert_consistent(cache)
+
+
 # -- key_lock -------------------------------------------------------------------------------------
 
 

@@ -78,11 +78,21 @@ class Parts:
         return [future.result() for future in self.futures]
 
     def cancel(self) -> None:
-        """Stop: cancel what has not started, and wait until what has is over."""
+        """Stop: cancel what has not started, and wait until what has is over, through any
+        Ctrl-C meanwhile (raised once they are: a running part still reads or writes the
+        caller's file, which the caller closes next). Told to stop, parts end within a chunk."""
         self.stop.set()
         for future in self.futures:
             future.cancel()
-        wait(self.futures)
+        interrupted: KeyboardInterrupt | None = None
+        while True:
+            try:
+                wait(self.futures)
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
 
 
 def run_parallel(
