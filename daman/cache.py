@@ -546,9 +546,7 @@ class Cache:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)  # first: a child forked from here on holds nothing
-            forksafe.untrack_fd(fd)
-            os.close(fd)
+            forksafe.release_locked(fd)
 
     def _rebuild(self, announce: bool) -> int:
         from .serialize import StoredFile  # the one place the cache reads the file format
@@ -800,9 +798,7 @@ class Cache:
         for name in [file] if file is not None else list(claims):
             fd = claims.pop(name, None)
             if fd is not None:
-                fcntl.flock(fd, fcntl.LOCK_UN)  # first: a child forked from here on holds nothing
-                forksafe.untrack_fd(fd)
-                os.close(fd)
+                forksafe.release_locked(fd)
 
     def lease(self, entry: CacheEntry, f: IO[bytes]) -> bool:
         """Hold ``entry``'s file (open as ``f``) for a zero-copy load: a shared lock on ``f``
@@ -1356,9 +1352,7 @@ class Cache:
                 (self.objects_dir / file).unlink(missing_ok=True)
             marker.unlink(missing_ok=True)
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)  # first: a child forked from here on holds nothing
-            forksafe.untrack_fd(fd)
-            os.close(fd)
+            forksafe.release_locked(fd)
 
     def reconcile(self) -> Reconciled:
         """Full check (a scan of the index and the folder): rebuild a damaged index, drop

@@ -24,6 +24,7 @@ The child works as if it had just started; the parent is untouched and keeps wor
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import threading
 import weakref
@@ -53,7 +54,8 @@ class _Gate:
                 self.inside += 1
         self.depth.n = depth + 1
         try:
-            _close_released()
+            if _released:  # a list's truth test: nothing more on the hot path
+                _close_released()
             yield
         finally:
             self.depth.n = depth
@@ -116,6 +118,14 @@ def track_fd(fd: int) -> None:
 def untrack_fd(fd: int) -> None:
     with _fds_lock:
         _fds.discard(fd)
+
+
+def release_locked(fd: int) -> None:
+    """Unlock, untrack and close a tracked descriptor holding an ``flock``: unlocked first,
+    so that a child forked at any moment of this holds nothing."""
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    untrack_fd(fd)
+    os.close(fd)
 
 
 def at_fork_in_child(owner: object, hook: Callable[[Any], None] | None = None) -> None:
